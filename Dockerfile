@@ -1,0 +1,65 @@
+# syntax=docker/dockerfile:1
+#
+# mcd-serve container image.
+#
+#   docker build -t mcd-serve .
+#   docker run --rm -p 8080:8080 mcd-serve
+#
+# Stage 1 compiles a release binary with the pinned Rust toolchain; stage 2 is
+# a slim Debian runtime with no compiler, no package manager cache and no root.
+
+# ---------------------------------------------------------------------------
+FROM rust:1.95.0-slim-bookworm AS builder
+WORKDIR /build
+
+# 1. Dependency layer: only the manifests, with stub sources, so that the
+#    (slow) compilation of all crates.io dependencies is cached until
+#    Cargo.toml / Cargo.lock change.
+COPY Cargo.toml Cargo.lock ./
+RUN mkdir -p src benches \
+ && echo 'fn main() {}' > src/main.rs \
+ && : > src/lib.rs \
+ && echo 'fn main() {}' > benches/engine.rs \
+ && cargo build --release --locked --bin mcd-serve \
+ && rm -rf src benches
+
+# 2. The real sources. Remove the stub build of our own crate so cargo cannot
+#    mistake it for up to date (COPY keeps the sources' old mtimes).
+COPY src ./src
+COPY benches ./benches
+RUN rm -rf target/release/.fingerprint/mcd-serve-* \
+           target/release/deps/mcd_serve-* \
+           target/release/deps/libmcd_serve-* \
+           target/release/mcd-serve \
+ && cargo build --release --locked --bin mcd-serve \
+ && install -D -m 0755 target/release/mcd-serve /out/mcd-serve
+
+# ---------------------------------------------------------------------------
+FROM debian:bookworm-slim AS runtime
+
+LABEL org.opencontainers.image.title="mcd-serve" \
+      org.opencontainers.image.description="ONNX model server with Monte-Carlo-dropout uncertainty" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+# Fixed numeric UID/GID so Kubernetes' runAsNonRoot can verify it.
+RUN groupadd --system --gid 10001 mcd \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home \
+            --home-dir /nonexistent --shell /usr/sbin/nologin mcd
+
+COPY --from=builder /out/mcd-serve /usr/local/bin/mcd-serve
+COPY --chown=root:root models /app/models
+
+ENV MCD_MODELS=/app/models \
+    MCD_ADDR=0.0.0.0:8080 \
+    MCD_LOG_FORMAT=json
+
+WORKDIR /app
+USER 10001:10001
+EXPOSE 8080
+
+# The binary probes itself; no curl in the image.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
+  CMD ["/usr/local/bin/mcd-serve", "healthcheck"]
+
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/mcd-serve"]

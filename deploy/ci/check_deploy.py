@@ -1,0 +1,466 @@
+#!/usr/bin/env python3
+"""Static checks of the deploy/ artefacts, run by .ci/deploy-checks.sh.
+
+    check_deploy.py k8s-split RENDERED OUT_BUILTIN OUT_CRDS
+    check_deploy.py k8s-policy RENDERED
+    check_deploy.py servicemonitor CRDS_YAML
+    check_deploy.py kustomize-files KUSTOMIZE_DIR
+    check_deploy.py grafana DASHBOARD_JSON PROVISIONING_DIR
+    check_deploy.py compose COMPOSE_YAML
+    check_deploy.py metric-names RULES_YAML DASHBOARD_JSON
+
+Needs PyYAML and jsonschema (installed into the CI venv). Each subcommand
+prints what it verified and exits 1 on the first list of problems.
+"""
+import json
+import os
+import re
+import sys
+
+import yaml
+
+# Metric names the server exposes (the binding contract). Histograms expand
+# to _bucket/_sum/_count.
+COUNTERS_GAUGES = {
+    "mcd_requests_total", "mcd_mode_checks_total", "mcd_mode_violations_total",
+    "mcd_inflight_requests", "mcd_rejected_requests_total", "mcd_model_info", "mcd_ready",
+}
+HISTOGRAMS = {
+    "mcd_request_duration_seconds", "mcd_inference_duration_seconds",
+    "mcd_mc_samples", "mcd_predictive_entropy",
+}
+PROM_BUILTIN = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
+
+BUILTIN_KINDS = {
+    ("v1", "ServiceAccount"), ("v1", "ConfigMap"), ("v1", "Service"),
+    ("apps/v1", "Deployment"), ("autoscaling/v2", "HorizontalPodAutoscaler"),
+    ("policy/v1", "PodDisruptionBudget"),
+}
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+
+
+def fail(what, problems):
+    for p in problems:
+        print(f"  - {p}", file=sys.stderr)
+    print(f"{what}: {len(problems)} problem(s)", file=sys.stderr)
+    sys.exit(1)
+
+
+def load_all(path):
+    with open(path, encoding="utf-8") as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+# --------------------------------------------------------------------------
+def k8s_split(rendered, out_builtin, out_crds):
+    docs = load_all(rendered)
+    builtin, crds, problems = [], [], []
+    for d in docs:
+        key = (d.get("apiVersion"), d.get("kind"))
+        if key in BUILTIN_KINDS:
+            builtin.append(d)
+        elif key in CRD_KINDS:
+            crds.append(d)
+        else:
+            problems.append(f"unexpected kind {key} (add it to BUILTIN_KINDS or CRD_KINDS)")
+    if problems:
+        fail("k8s-split", problems)
+    with open(out_builtin, "w", encoding="utf-8") as f:
+        yaml.safe_dump_all(builtin, f, sort_keys=False)
+    with open(out_crds, "w", encoding="utf-8") as f:
+        yaml.safe_dump_all(crds, f, sort_keys=False)
+    print(f"k8s-split: {len(builtin)} built-in, {len(crds)} CRD resources")
+
+
+def _env_from_configmaps(docs):
+    return {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
+
+
+def k8s_policy(rendered):
+    docs = load_all(rendered)
+    by_kind = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], []).append(d)
+    p = []
+    for kind in ("Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+                 "ConfigMap", "ServiceMonitor"):
+        if len(by_kind.get(kind, [])) != 1:
+            p.append(f"expected exactly one {kind}, found {len(by_kind.get(kind, []))}")
+    if p:
+        fail("k8s-policy", p)
+    dep = by_kind["Deployment"][0]
+    svc = by_kind["Service"][0]
+    hpa = by_kind["HorizontalPodAutoscaler"][0]
+    pdb = by_kind["PodDisruptionBudget"][0]
+    sm = by_kind["ServiceMonitor"][0]
+    cms = _env_from_configmaps(docs)
+
+    spec = dep["spec"]
+    pod = spec["template"]["spec"]
+    pod_labels = spec["template"]["metadata"]["labels"]
+    if spec.get("replicas", 1) < 2:
+        p.append("Deployment replicas < 2")
+    if not all(pod_labels.get(k) == v for k, v in spec["selector"]["matchLabels"].items()):
+        p.append("Deployment selector does not match its pod template labels")
+    psc = pod.get("securityContext", {})
+    if psc.get("runAsNonRoot") is not True:
+        p.append("pod securityContext.runAsNonRoot is not true")
+    if not psc.get("runAsUser"):
+        p.append("pod securityContext.runAsUser unset/0 (runAsNonRoot needs a numeric non-root UID)")
+    if psc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+        p.append("pod seccompProfile is not RuntimeDefault")
+
+    containers = pod["containers"]
+    if len(containers) != 1:
+        p.append("expected one container")
+    c = containers[0]
+    sc = c.get("securityContext", {})
+    if sc.get("readOnlyRootFilesystem") is not True:
+        p.append("readOnlyRootFilesystem is not true")
+    if sc.get("allowPrivilegeEscalation") is not False:
+        p.append("allowPrivilegeEscalation is not false")
+    if sc.get("capabilities", {}).get("drop") != ["ALL"]:
+        p.append("capabilities.drop is not [ALL]")
+    res = c.get("resources", {})
+    for k in ("requests", "limits"):
+        for r in ("cpu", "memory"):
+            if r not in res.get(k, {}):
+                p.append(f"resources.{k}.{r} missing")
+    ports = {pt["name"]: pt["containerPort"] for pt in c.get("ports", [])}
+    if ports.get("http") != 8080:
+        p.append("container port 'http' is not 8080")
+
+    def probe(name, path):
+        pr = c.get(name)
+        if not pr:
+            p.append(f"{name} missing")
+            return
+        hg = pr.get("httpGet", {})
+        if hg.get("path") != path:
+            p.append(f"{name} path is {hg.get('path')!r}, want {path!r}")
+        if hg.get("port") not in ("http", 8080):
+            p.append(f"{name} port is {hg.get('port')!r}")
+    probe("livenessProbe", "/health/live")
+    probe("readinessProbe", "/health/ready")
+    probe("startupProbe", "/health/ready")
+
+    pre = c.get("lifecycle", {}).get("preStop", {})
+    cmd = pre.get("exec", {}).get("command", [])
+    pre_sleep = 0
+    if cmd and cmd[0] == "sleep":
+        pre_sleep = int(cmd[1])
+    elif "sleep" in pre:
+        pre_sleep = int(pre["sleep"]["seconds"])
+    if pre_sleep <= 0:
+        p.append("no preStop sleep")
+
+    env = {}
+    for ef in c.get("envFrom", []):
+        name = ef.get("configMapRef", {}).get("name")
+        if name not in cms:
+            p.append(f"envFrom references ConfigMap {name!r}, not in the rendered output")
+        else:
+            env.update(cms[name])
+    for k in ("MCD_MODELS", "MCD_ADDR", "MCD_REQUEST_TIMEOUT_SECS"):
+        if k not in env:
+            p.append(f"{k} not set through the ConfigMap")
+    if not all(k.startswith("MCD_") for k in env):
+        p.append(f"ConfigMap has non-MCD_ keys: {sorted(k for k in env if not k.startswith('MCD_'))}")
+    timeout = int(env.get("MCD_REQUEST_TIMEOUT_SECS", 30))
+    grace = pod.get("terminationGracePeriodSeconds", 30)
+    if grace <= timeout + pre_sleep:
+        p.append(f"terminationGracePeriodSeconds {grace} <= preStop {pre_sleep}s + request timeout {timeout}s")
+    if not env.get("MCD_ADDR", "").endswith(":8080"):
+        p.append("MCD_ADDR does not listen on 8080")
+
+    # Service -> pods, port name
+    if not all(pod_labels.get(k) == v for k, v in svc["spec"]["selector"].items()):
+        p.append("Service selector does not select the pods")
+    if "http" not in [pt.get("name") for pt in svc["spec"]["ports"]]:
+        p.append("Service has no port named http")
+    # HPA
+    ref = hpa["spec"]["scaleTargetRef"]
+    if (ref["kind"], ref["name"]) != ("Deployment", dep["metadata"]["name"]):
+        p.append("HPA does not target the Deployment")
+    if hpa["spec"].get("minReplicas", 1) < 2:
+        p.append("HPA minReplicas < 2")
+    if not any(m.get("type") == "Resource" and m["resource"]["name"] == "cpu" for m in hpa["spec"]["metrics"]):
+        p.append("HPA has no CPU resource metric")
+    # PDB
+    if not all(pod_labels.get(k) == v for k, v in pdb["spec"]["selector"]["matchLabels"].items()):
+        p.append("PDB selector does not select the pods")
+    # ServiceMonitor -> Service
+    svc_labels = svc["metadata"].get("labels", {})
+    if not all(svc_labels.get(k) == v for k, v in sm["spec"]["selector"]["matchLabels"].items()):
+        p.append("ServiceMonitor selector does not select the Service")
+    for ep in sm["spec"]["endpoints"]:
+        if ep.get("port") != "http" or ep.get("path") != "/metrics":
+            p.append("ServiceMonitor endpoint is not port http, path /metrics")
+    job_label = sm["spec"].get("jobLabel")
+    if job_label and svc_labels.get(job_label) != "mcd-serve":
+        p.append(f"ServiceMonitor jobLabel {job_label} does not give job=mcd-serve (rules expect it)")
+    if p:
+        fail("k8s-policy", p)
+    print(f"k8s-policy: replicas={spec['replicas']}, grace={grace}s > preStop {pre_sleep}s + timeout {timeout}s, "
+          f"probes/securityContext/resources/selectors/HPA/PDB/ServiceMonitor consistent")
+
+
+# Subset of the prometheus-operator ServiceMonitor CRD schema (v1), strict on
+# the fields this repository uses; enough to catch typos and wrong types.
+SERVICEMONITOR_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "ServiceMonitor"},
+        "metadata": {
+            "type": "object", "required": ["name"],
+            "properties": {"name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
+                           "namespace": {"type": "string"},
+                           "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                           "annotations": {"type": "object", "additionalProperties": {"type": "string"}}},
+        },
+        "spec": {
+            "type": "object", "required": ["selector", "endpoints"], "additionalProperties": False,
+            "properties": {
+                "jobLabel": {"type": "string"},
+                "targetLabels": {"type": "array", "items": {"type": "string"}},
+                "podTargetLabels": {"type": "array", "items": {"type": "string"}},
+                "sampleLimit": {"type": "integer", "minimum": 0},
+                "namespaceSelector": {"type": "object", "additionalProperties": False,
+                                      "properties": {"any": {"type": "boolean"},
+                                                     "matchNames": {"type": "array", "items": {"type": "string"}}}},
+                "selector": {"type": "object", "additionalProperties": False, "minProperties": 1,
+                             "properties": {"matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+                                            "matchExpressions": {"type": "array"}}},
+                "endpoints": {
+                    "type": "array", "minItems": 1,
+                    "items": {
+                        "type": "object", "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string"}, "targetPort": {"type": ["string", "integer"]},
+                            "path": {"type": "string", "pattern": "^/"},
+                            "scheme": {"enum": ["http", "https"]},
+                            "interval": {"type": "string", "pattern": "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"},
+                            "scrapeTimeout": {"type": "string", "pattern": "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"},
+                            "honorLabels": {"type": "boolean"},
+                            "relabelings": {"type": "array"}, "metricRelabelings": {"type": "array"},
+                        },
+                        "anyOf": [{"required": ["port"]}, {"required": ["targetPort"]}],
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def servicemonitor(path):
+    import jsonschema
+    docs = load_all(path)
+    p = []
+    v = jsonschema.Draft7Validator(SERVICEMONITOR_SCHEMA)
+    for d in docs:
+        for e in v.iter_errors(d):
+            p.append(f"{d.get('kind')}/{d.get('metadata', {}).get('name')}: {'/'.join(map(str, e.path))}: {e.message}")
+    if not docs:
+        p.append("no ServiceMonitor found")
+    if p:
+        fail("servicemonitor", p)
+    print(f"servicemonitor: {len(docs)} ServiceMonitor(s) valid against the bundled v1 subset schema")
+
+
+def kustomize_files(kdir):
+    """Fallback when no kustomize/kubectl is available: every file that the
+    kustomization lists exists, and every YAML manifest is listed."""
+    with open(os.path.join(kdir, "kustomization.yaml"), encoding="utf-8") as f:
+        k = yaml.safe_load(f)
+    listed = set(k.get("resources", []))
+    for g in k.get("configMapGenerator", []):
+        listed.update(g.get("envs", []))
+        listed.update(x.split("=", 1)[-1] for x in g.get("files", []))
+    p = [f"{r} listed but missing" for r in sorted(listed) if not os.path.exists(os.path.join(kdir, r))]
+    for fn in sorted(os.listdir(kdir)):
+        if fn.endswith((".yaml", ".yml")) and fn != "kustomization.yaml" and fn not in listed:
+            p.append(f"{fn} exists but is not listed in kustomization.yaml")
+    if p:
+        fail("kustomize-files", p)
+    print(f"kustomize-files: {len(listed)} listed files present, no unlisted manifests")
+
+
+# --------------------------------------------------------------------------
+REQUIRED_PANELS = {
+    # panel purpose -> metric that must be queried by some panel
+    "traffic": "mcd_requests_total",
+    "latency by mode": "mcd_request_duration_seconds_bucket",
+    "MC sample counts": "mcd_mc_samples",
+    "entropy heatmap": "mcd_predictive_entropy_bucket",
+    "mode checks": "mcd_mode_checks_total",
+    "mode violations": "mcd_mode_violations_total",
+    "inflight": "mcd_inflight_requests",
+    "rejections": "mcd_rejected_requests_total",
+}
+
+
+def _panels(d):
+    for p in d.get("panels", []):
+        yield p
+        yield from _panels(p)
+
+
+def grafana(path, prov_dir):
+    with open(path, encoding="utf-8") as f:
+        d = json.load(f)
+    p = []
+    for k in ("title", "uid", "panels", "schemaVersion", "templating"):
+        if k not in d:
+            p.append(f"dashboard has no {k!r}")
+    panels = [x for x in _panels(d) if x.get("type") != "row"]
+    ids = [x.get("id") for x in _panels(d)]
+    if len(ids) != len(set(ids)):
+        p.append("duplicate panel ids")
+    exprs = {}
+    for x in panels:
+        for t in x.get("targets", []):
+            exprs.setdefault(t.get("expr", ""), x)
+        if not x.get("targets"):
+            p.append(f"panel {x.get('title')!r} has no queries")
+        if x.get("datasource", {}).get("uid") != "${datasource}":
+            p.append(f"panel {x.get('title')!r} does not use the $datasource variable")
+        gp = x.get("gridPos", {})
+        if not all(k in gp for k in ("h", "w", "x", "y")) or gp.get("x", 0) + gp.get("w", 0) > 24:
+            p.append(f"panel {x.get('title')!r} has a bad gridPos {gp}")
+    for purpose, metric in REQUIRED_PANELS.items():
+        if not any(metric in e for e in exprs):
+            p.append(f"no panel for {purpose} (no query uses {metric})")
+    # latency panel must show p50 and p99 by mode
+    lat = [e for e in exprs if "mcd_request_duration_seconds_bucket" in e]
+    for q in ("0.5", "0.99"):
+        if not any(f"histogram_quantile({q}" in e and "mode" in e for e in lat):
+            p.append(f"no request latency quantile {q} by mode")
+    heat = [x for x in panels if x.get("type") == "heatmap"]
+    if not any(any("mcd_predictive_entropy_bucket" in t.get("expr", "") and t.get("format") == "heatmap"
+                   for t in x["targets"]) for x in heat):
+        p.append("no heatmap panel over mcd_predictive_entropy_bucket with format=heatmap")
+    for e in exprs:
+        if e.count("(") != e.count(")") or e.count("{") != e.count("}"):
+            p.append(f"unbalanced brackets in {e!r}")
+    vars_ = {v["name"] for v in d.get("templating", {}).get("list", [])}
+    if "datasource" not in vars_:
+        p.append("no datasource template variable")
+
+    # provisioning
+    ds = yaml.safe_load(open(os.path.join(prov_dir, "datasources", "prometheus.yml"), encoding="utf-8"))
+    if not any(x.get("type") == "prometheus" for x in ds.get("datasources", [])):
+        p.append("datasource provisioning has no prometheus datasource")
+    db = yaml.safe_load(open(os.path.join(prov_dir, "dashboards", "mcd-serve.yml"), encoding="utf-8"))
+    if not db.get("providers") or not db["providers"][0].get("options", {}).get("path"):
+        p.append("dashboard provisioning has no provider path")
+    if p:
+        fail("grafana", p)
+    print(f"grafana: valid JSON, {len(panels)} panels ({len(heat)} heatmap), all required panels present, provisioning OK")
+
+
+# --------------------------------------------------------------------------
+def compose(path):
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path, encoding="utf-8") as f:
+        c = yaml.safe_load(f)
+    p = []
+    svcs = c.get("services", {})
+    for s in ("mcd-serve", "prometheus", "grafana"):
+        if s not in svcs:
+            p.append(f"service {s} missing")
+    if p:
+        fail("compose", p)
+    b = svcs["mcd-serve"].get("build", {})
+    ctx = os.path.join(base, b.get("context", "."))
+    if not os.path.isfile(os.path.join(ctx, b.get("dockerfile", "Dockerfile"))):
+        p.append("mcd-serve build context/dockerfile not found")
+    for name, s in svcs.items():
+        img = s.get("image", "")
+        if name != "mcd-serve" and (":" not in img or img.endswith(":latest")):
+            p.append(f"{name}: image {img!r} is not pinned to a tag")
+        for v in s.get("volumes", []):
+            src = v.split(":", 1)[0]
+            if src.startswith(("./", "../", "/")):
+                if not os.path.exists(os.path.join(base, src)):
+                    p.append(f"{name}: volume source {src} does not exist")
+            elif src not in (c.get("volumes") or {}):
+                p.append(f"{name}: named volume {src} not declared")
+        for dep in s.get("depends_on", []):
+            if dep not in svcs:
+                p.append(f"{name}: depends_on unknown service {dep}")
+    # prometheus scrapes the compose service name on the server's port
+    prom_cfg = os.path.join(base, "prometheus", "prometheus.yml")
+    cfg = yaml.safe_load(open(prom_cfg, encoding="utf-8"))
+    targets = [t for sc in cfg["scrape_configs"] if sc["job_name"] == "mcd-serve"
+               for st in sc.get("static_configs", []) for t in st["targets"]]
+    if targets != ["mcd-serve:8080"]:
+        p.append(f"prometheus.yml mcd-serve targets are {targets}, want ['mcd-serve:8080']")
+    ds = yaml.safe_load(open(os.path.join(base, "grafana/provisioning/datasources/prometheus.yml"), encoding="utf-8"))
+    if ds["datasources"][0]["url"] != "http://prometheus:9090":
+        p.append("grafana datasource does not point at http://prometheus:9090")
+    if p:
+        fail("compose", p)
+    print(f"compose: services {sorted(svcs)}, build context, bind mounts, pinned images, scrape target consistent")
+
+
+# --------------------------------------------------------------------------
+METRIC_RE = re.compile(r"\b(mcd_[a-z_]+|up)\b(?!\s*\()")
+
+
+def metric_names(rules_path, dash_path):
+    rules = yaml.safe_load(open(rules_path, encoding="utf-8"))
+    known = set(COUNTERS_GAUGES) | PROM_BUILTIN
+    for h in HISTOGRAMS:
+        known |= {h + "_bucket", h + "_sum", h + "_count"}
+    exprs = []
+    records = set()
+    for g in rules["groups"]:
+        for r in g["rules"]:
+            exprs.append(r["expr"])
+            if "record" in r:
+                records.add(r["record"])
+    with open(dash_path, encoding="utf-8") as f:
+        d = json.load(f)
+    for x in _panels(d):
+        exprs += [t.get("expr", "") for t in x.get("targets", [])]
+    for v in d.get("templating", {}).get("list", []):
+        q = v.get("query")
+        if isinstance(q, dict):
+            exprs.append(q.get("query", ""))
+    p = []
+    used = set()
+    for e in exprs:
+        # strip label matchers and strings, where words like "mcd-serve" live
+        e2 = re.sub(r"\{[^}]*\}", "", re.sub(r'"[^"]*"', '""', e))
+        for m in METRIC_RE.findall(e2):
+            used.add(m)
+            if m not in known:
+                p.append(f"unknown metric {m!r} in {e.strip()[:80]!r}")
+        for m in re.findall(r"\bmcd:[a-z0-9_:]+", e2):
+            used.add(m)
+            if m not in records:
+                p.append(f"recording rule {m!r} used but not defined")
+    if p:
+        fail("metric-names", sorted(set(p)))
+    print(f"metric-names: {len(used)} metric names used by rules and dashboard, all in the server contract or recorded")
+
+
+def main(argv):
+    cmds = {
+        "k8s-split": k8s_split, "k8s-policy": k8s_policy, "servicemonitor": servicemonitor,
+        "kustomize-files": kustomize_files, "grafana": grafana, "compose": compose,
+        "metric-names": metric_names,
+    }
+    if len(argv) < 2 or argv[1] not in cmds:
+        print(__doc__, file=sys.stderr)
+        return 2
+    cmds[argv[1]](*argv[2:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,113 @@
+//! The one error type of the service, and the one place where it becomes an HTTP status.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    MalformedJson(String),
+    #[error("{0}")]
+    RaggedArray(String),
+    #[error("{0}")]
+    ShapeMismatch(String),
+    #[error("{0}")]
+    MissingInput(String),
+    #[error("{0}")]
+    UnknownInput(String),
+    #[error("{0}")]
+    InvalidValue(String),
+    #[error("{0}")]
+    ModelNotFound(String),
+    #[error("no route for {0}")]
+    RouteNotFound(String),
+    #[error("method {0} is not allowed on this route")]
+    MethodNotAllowed(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    InvalidParameter(String),
+    #[error("{0}")]
+    ModeMismatch(String),
+    #[error("{0}")]
+    McUnavailable(String),
+    #[error("server is at capacity; retry later")]
+    Overloaded,
+    #[error("{0}")]
+    NotReady(String),
+    #[error("{0}")]
+    ModelUnhealthy(String),
+    #[error("inference did not finish within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: String,
+    error_type: &'a str,
+}
+
+impl Error {
+    /// The machine-readable kind, stable for clients.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            Error::MalformedJson(_) => "malformed_json",
+            Error::RaggedArray(_) => "ragged_array",
+            Error::ShapeMismatch(_) => "shape_mismatch",
+            Error::MissingInput(_) => "missing_input",
+            Error::UnknownInput(_) => "unknown_input",
+            Error::InvalidValue(_) => "invalid_value",
+            Error::ModelNotFound(_) => "model_not_found",
+            Error::RouteNotFound(_) => "not_found",
+            Error::MethodNotAllowed(_) => "method_not_allowed",
+            Error::PayloadTooLarge(_) => "payload_too_large",
+            Error::InvalidParameter(_) => "invalid_parameter",
+            Error::ModeMismatch(_) => "mode_mismatch",
+            Error::McUnavailable(_) => "mc_unavailable",
+            Error::Overloaded => "overloaded",
+            Error::NotReady(_) => "not_ready",
+            Error::ModelUnhealthy(_) => "model_unhealthy",
+            Error::Timeout(_) => "timeout",
+            Error::Internal(_) => "internal",
+        }
+    }
+
+    /// The only mapping from error kind to HTTP status in the code base.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::MalformedJson(_)
+            | Error::RaggedArray(_)
+            | Error::ShapeMismatch(_)
+            | Error::MissingInput(_)
+            | Error::UnknownInput(_)
+            | Error::InvalidValue(_) => StatusCode::BAD_REQUEST,
+            Error::ModelNotFound(_) | Error::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::InvalidParameter(_) | Error::ModeMismatch(_) | Error::McUnavailable(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            Error::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+            Error::NotReady(_) | Error::ModelUnhealthy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let body = ErrorBody { error: self.to_string(), error_type: self.error_type() };
+        let mut response = (status, axum::Json(body)).into_response();
+        if matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

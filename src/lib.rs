@@ -1,0 +1,7 @@
+//! mcd-serve: ONNX models over HTTP, with Monte-Carlo-dropout uncertainty.
+
+pub mod error;
+pub mod masks;
+pub mod model;
+pub mod onnx_graph;
+pub mod uncertainty;

@@ -1,0 +1,95 @@
+//! Inverted-dropout masks, sampled by the server from a seeded RNG.
+//!
+//! Each element is kept with probability 1-p and then scaled by 1/(1-p), or dropped to 0,
+//! so the expected activation equals the eval activation. Masks are drawn as a buffer of
+//! random `u32`s compared against a threshold: cheaper than one Bernoulli draw per element,
+//! and exact to 2^-32 in the drop probability.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tract_onnx::prelude::*;
+
+pub struct MaskSampler {
+    rng: ChaCha8Rng,
+    buf: Vec<u32>,
+}
+
+impl MaskSampler {
+    /// ChaCha8 has a fixed, documented stream per seed, so a seed replays on any thread,
+    /// machine or rand release.
+    pub fn new(seed: u64) -> Self {
+        MaskSampler { rng: ChaCha8Rng::seed_from_u64(seed), buf: vec![] }
+    }
+
+    /// A mask of `shape` for dropout ratio `ratio`, in the data type of the tensor it scales.
+    pub fn sample(&mut self, ratio: f32, shape: &[usize], datum: DatumType) -> TractResult<Tensor> {
+        let len: usize = shape.iter().product();
+        self.buf.resize(len, 0);
+        self.rng.fill(&mut self.buf[..]);
+        let threshold = drop_threshold(ratio);
+        let scale = 1.0 / (1.0 - ratio as f64);
+        let keep = |r: &u32| (*r as u64) >= threshold;
+        match datum {
+            DatumType::F32 => {
+                let data: Vec<f32> =
+                    self.buf.iter().map(|r| if keep(r) { scale as f32 } else { 0.0 }).collect();
+                Tensor::from_shape(shape, &data)
+            }
+            DatumType::F64 => {
+                let data: Vec<f64> =
+                    self.buf.iter().map(|r| if keep(r) { scale } else { 0.0 }).collect();
+                Tensor::from_shape(shape, &data)
+            }
+            DatumType::F16 => {
+                let s = f16::from_f64(scale);
+                let data: Vec<f16> =
+                    self.buf.iter().map(|r| if keep(r) { s } else { f16::from_f32(0.0) }).collect();
+                Tensor::from_shape(shape, &data)
+            }
+            other => anyhow::bail!("dropout masks for {other:?} are not supported"),
+        }
+    }
+}
+
+/// A uniform u32 below this value means "drop".
+fn drop_threshold(ratio: f32) -> u64 {
+    ((ratio as f64) * 4_294_967_296.0).round() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn as_f32(t: &Tensor) -> Vec<f32> {
+        t.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec()
+    }
+
+    #[test]
+    fn same_seed_same_mask_and_values_are_zero_or_scaled() {
+        let a = as_f32(&MaskSampler::new(7).sample(0.3, &[64, 32], DatumType::F32).unwrap());
+        let b = as_f32(&MaskSampler::new(7).sample(0.3, &[64, 32], DatumType::F32).unwrap());
+        let c = as_f32(&MaskSampler::new(8).sample(0.3, &[64, 32], DatumType::F32).unwrap());
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        let scale = (1.0 / (1.0 - 0.3f64)) as f32;
+        assert!(a.iter().all(|&v| v == 0.0 || v == scale));
+    }
+
+    #[test]
+    fn drop_share_matches_ratio_within_binomial_bounds() {
+        let n = 200_000usize;
+        for &p in &[0.1f32, 0.25, 0.5, 0.8] {
+            let m = as_f32(&MaskSampler::new(1).sample(p, &[n], DatumType::F32).unwrap());
+            let dropped = m.iter().filter(|&&v| v == 0.0).count() as f64;
+            let sd = (n as f64 * p as f64 * (1.0 - p as f64)).sqrt();
+            // Five standard deviations: a false failure has probability below 1e-6.
+            assert!((dropped - n as f64 * p as f64).abs() < 5.0 * sd, "p={p}: dropped {dropped}");
+        }
+    }
+
+    #[test]
+    fn ratio_zero_keeps_everything_at_scale_one() {
+        let m = as_f32(&MaskSampler::new(3).sample(0.0, &[1000], DatumType::F32).unwrap());
+        assert!(m.iter().all(|&v| v == 1.0));
+    }
+}

@@ -1,0 +1,733 @@
+//! A loaded model: an eval plan and (when dropout is live) an MC plan, the model's inputs
+//! and outputs, its dropout sites and the results of its load-time self-checks.
+//!
+//! Mode is a type here. [`EvalSession`] can only reach the eval plan, which has no mask
+//! inputs at all; [`McSession`] can only reach the MC plan, and exists only for a model
+//! whose self-checks proved that dropout moves its outputs.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tract_onnx::pb::ModelProto;
+use tract_onnx::prelude::*;
+
+use crate::error::Error;
+use crate::masks::MaskSampler;
+use crate::onnx_graph::{self, DropoutSite, FactAt, MASK_INPUT_PREFIX, MaskInput};
+use crate::uncertainty::{Accumulator, OutputStats};
+
+type Plan = Arc<TypedRunnableModel>;
+
+/// Upper bound on input elements fed to one MC pass; more samples than fit run in chunks.
+const MAX_PASS_INPUT_ELEMENTS: usize = 1 << 24;
+/// Samples drawn by the load-time liveness check.
+const PROBE_MC_SAMPLES: usize = 4;
+/// Rows of the load-time probe batch.
+const PROBE_ROWS: usize = 3;
+
+/// Optional per-model settings, read from `<stem>.model.json` next to `<stem>.onnx`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ModelConfig {
+    pub description: Option<String>,
+    /// Outputs that are probability vectors along their last axis. When absent, outputs
+    /// produced by a last-axis Softmax are detected.
+    pub probability_outputs: Option<Vec<String>>,
+    /// Values for symbolic non-batch dims in the load-time probe (default 1).
+    pub probe_dims: HashMap<String, usize>,
+}
+
+/// One dimension of a declared shape.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Dim {
+    Fixed(usize),
+    Symbol(String),
+}
+
+impl std::fmt::Display for Dim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dim::Fixed(n) => write!(f, "{n}"),
+            Dim::Symbol(s) => write!(f, "{s}"),
+        }
+    }
+}
+
+pub fn shape_string(dims: &[Dim]) -> String {
+    format!("[{}]", dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "))
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: &'static str,
+    #[serde(skip)]
+    pub datum: DatumType,
+    pub shape: Vec<Dim>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Pass,
+    Fail,
+    Skipped,
+}
+
+impl Outcome {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Outcome::Pass => "pass",
+            Outcome::Fail => "fail",
+            Outcome::Skipped => "skipped",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckResult {
+    pub check: &'static str,
+    pub result: Outcome,
+    pub detail: String,
+}
+
+struct EvalPlan {
+    plan: Plan,
+}
+
+struct McPlan {
+    plan: Plan,
+    masks: Vec<MaskInput>,
+    /// N samples of a B-row batch run as one pass of N·B rows. False when the file fixes
+    /// the batch size (or an output has no batch axis): then each sample is its own pass.
+    batched: bool,
+}
+
+pub struct LoadedModel {
+    pub name: String,
+    pub path: PathBuf,
+    pub config: ModelConfig,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    /// Per output: classes along the last axis when it is a probability output.
+    pub probability_classes: Vec<Option<usize>>,
+    pub batch_symbol: Option<String>,
+    pub sites: Vec<DropoutSite>,
+    pub fixes: Vec<String>,
+    pub checks: Vec<CheckResult>,
+    eval: EvalPlan,
+    mc: Result<McPlan, String>,
+}
+
+/// A validated batch of input tensors, in the model's input order.
+pub struct Batch {
+    tensors: Vec<Tensor>,
+    rows: usize,
+    symbols: HashMap<String, usize>,
+}
+
+impl Batch {
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+}
+
+pub struct NamedTensor {
+    pub name: String,
+    pub tensor: Tensor,
+}
+
+pub struct McOutput {
+    pub name: String,
+    /// Shape of one sample (as the eval output).
+    pub shape: Vec<usize>,
+    pub stats: OutputStats,
+}
+
+/// A number of MC samples that is valid by construction: at least 2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct McSamples(usize);
+
+impl McSamples {
+    pub fn new(n: usize, max: usize) -> Result<Self, Error> {
+        if n < 2 || n > max {
+            return Err(Error::InvalidParameter(format!(
+                "mc_samples must be an integer in [2, {max}], got {n}"
+            )));
+        }
+        Ok(McSamples(n))
+    }
+    pub fn get(self) -> usize {
+        self.0
+    }
+}
+
+/// Deterministic inference. Holds no way to reach a mask input.
+pub struct EvalSession<'m> {
+    model: &'m LoadedModel,
+    plan: &'m EvalPlan,
+}
+
+/// Stochastic inference with live dropout.
+pub struct McSession<'m> {
+    model: &'m LoadedModel,
+    plan: &'m McPlan,
+}
+
+impl LoadedModel {
+    pub fn load(name: &str, path: &Path, config: ModelConfig) -> anyhow::Result<LoadedModel> {
+        let onnx = tract_onnx::onnx();
+        let proto = onnx.proto_model_for_path(path).context("reading the ONNX protobuf")?;
+        let surgery = onnx_graph::analyse(&proto)?;
+        let dir = path.parent().and_then(|p| p.to_str());
+        let eval_typed = typed(&onnx, &surgery.eval_proto, dir).context("building the eval graph")?;
+        let inputs = (0..eval_typed.inputs.len())
+            .map(|i| {
+                let outlet = eval_typed.inputs[i];
+                spec(&eval_typed.node(outlet.node).name, eval_typed.input_fact(i)?)
+            })
+            .collect::<TractResult<Vec<_>>>()?;
+        let output_names: Vec<String> =
+            surgery.eval_proto.graph.as_ref().expect("has graph").output.iter().map(|o| o.name.clone()).collect();
+        let outputs = output_names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| spec(n, eval_typed.output_fact(i)?))
+            .collect::<TractResult<Vec<_>>>()?;
+        let batch_symbol = batch_symbol(&inputs, &outputs);
+        let probability_classes = probability_outputs(&proto, &config, &outputs);
+        let eval_plan = eval_typed.into_optimized().context("optimizing the eval graph")?.into_runnable()?;
+
+        let mc = build_mc(&onnx, &surgery, dir, &inputs, batch_symbol.is_some());
+        let mut model = LoadedModel {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            config,
+            inputs,
+            outputs,
+            probability_classes,
+            batch_symbol,
+            sites: surgery.sites,
+            fixes: surgery.fixes,
+            checks: vec![],
+            eval: EvalPlan { plan: eval_plan },
+            mc,
+        };
+        model.self_check();
+        Ok(model)
+    }
+
+    /// Whether the eval checks all passed; a model that fails them is not served.
+    pub fn healthy(&self) -> bool {
+        self.checks.iter().all(|c| c.result != Outcome::Fail || c.check == "mc_live")
+    }
+
+    pub fn mc_unavailable_reason(&self) -> Option<&str> {
+        self.mc.as_ref().err().map(String::as_str)
+    }
+
+    pub fn eval_session(&self) -> EvalSession<'_> {
+        EvalSession { model: self, plan: &self.eval }
+    }
+
+    pub fn mc_session(&self) -> Result<McSession<'_>, Error> {
+        match &self.mc {
+            Ok(plan) => Ok(McSession { model: self, plan }),
+            Err(reason) => Err(Error::McUnavailable(format!(
+                "model '{}' cannot serve MC dropout: {reason}",
+                self.name
+            ))),
+        }
+    }
+
+    /// Number of Dropout nodes that sample in MC mode.
+    pub fn sampling_sites(&self) -> usize {
+        self.sites.iter().filter(|s| s.samples()).count()
+    }
+
+    /// Checks tensors against the declared inputs: dtype, rank, fixed dims, and that each
+    /// symbolic dim takes one value across all inputs.
+    pub fn batch(&self, tensors: Vec<Tensor>) -> Result<Batch, Error> {
+        if tensors.len() != self.inputs.len() {
+            return Err(Error::MissingInput(format!(
+                "model '{}' takes {} inputs, got {}",
+                self.name,
+                self.inputs.len(),
+                tensors.len()
+            )));
+        }
+        let mut symbols: HashMap<String, usize> = HashMap::new();
+        for (spec, t) in self.inputs.iter().zip(&tensors) {
+            let mismatch = || {
+                Error::ShapeMismatch(format!(
+                    "input '{}': expected shape {}, got {:?}",
+                    spec.name,
+                    shape_string(&spec.shape),
+                    t.shape()
+                ))
+            };
+            if t.datum_type() != spec.datum {
+                return Err(Error::InvalidValue(format!(
+                    "input '{}': expected {} values, got {:?}",
+                    spec.name,
+                    spec.dtype,
+                    t.datum_type()
+                )));
+            }
+            if t.rank() != spec.shape.len() {
+                return Err(mismatch());
+            }
+            for (d, &actual) in spec.shape.iter().zip(t.shape()) {
+                match d {
+                    Dim::Fixed(n) if *n != actual => return Err(mismatch()),
+                    Dim::Fixed(_) => {}
+                    Dim::Symbol(s) => match symbols.get(s) {
+                        Some(&v) if v != actual => {
+                            return Err(Error::ShapeMismatch(format!(
+                                "input '{}': dimension '{s}' is {actual} here but {v} in another \
+                                 input (expected shape {}, got {:?})",
+                                spec.name,
+                                shape_string(&spec.shape),
+                                t.shape()
+                            )));
+                        }
+                        Some(_) => {}
+                        None => {
+                            if actual == 0 {
+                                return Err(Error::ShapeMismatch(format!(
+                                    "input '{}': dimension '{s}' is 0; send at least one row",
+                                    spec.name
+                                )));
+                            }
+                            symbols.insert(s.clone(), actual);
+                        }
+                    },
+                }
+            }
+        }
+        let rows = match &self.batch_symbol {
+            Some(s) => symbols[s],
+            None => tensors.first().and_then(|t| t.shape().first().copied()).unwrap_or(1),
+        };
+        Ok(Batch { tensors, rows, symbols })
+    }
+
+    fn probe_batch(&self, rows: usize, seed: u64) -> anyhow::Result<Batch> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut tensors = vec![];
+        for spec in &self.inputs {
+            let shape: Vec<usize> = spec
+                .shape
+                .iter()
+                .map(|d| match d {
+                    Dim::Fixed(n) => *n,
+                    Dim::Symbol(s) if Some(s) == self.batch_symbol.as_ref() => rows,
+                    Dim::Symbol(s) => self.config.probe_dims.get(s).copied().unwrap_or(1),
+                })
+                .collect();
+            let len: usize = shape.iter().product();
+            let floats: Vec<f32> = (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            let t = Tensor::from_shape(&shape, &floats)?;
+            // Integer and boolean inputs are often indices or flags: zeros are always valid.
+            let t = if spec.datum.is_float() {
+                t.cast_to_dt(spec.datum)?.into_owned()
+            } else {
+                Tensor::zero_dt(spec.datum, &shape)?
+            };
+            tensors.push(t);
+        }
+        self.batch(tensors).map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    fn self_check(&mut self) {
+        let mut checks = vec![];
+        let probe = self.probe_batch(PROBE_ROWS, 0x6d6364);
+        let probe = match probe {
+            Ok(p) => p,
+            Err(e) => {
+                for check in ["eval_deterministic", "eval_row_independent", "mc_matches_eval", "mc_live"] {
+                    checks.push(CheckResult {
+                        check,
+                        result: Outcome::Fail,
+                        detail: format!("could not build a probe input: {e}"),
+                    });
+                }
+                self.checks = checks;
+                return;
+            }
+        };
+        let eval = self.eval_session().run(&probe);
+        checks.push(match &eval {
+            Err(e) => fail("eval_deterministic", format!("eval failed on the probe input: {e}")),
+            Ok(first) => match self.eval_session().run(&probe) {
+                Err(e) => fail("eval_deterministic", format!("second eval failed: {e}")),
+                Ok(second) => {
+                    let same = first.iter().zip(&second).all(|(a, b)| bits(&a.tensor) == bits(&b.tensor));
+                    if same {
+                        pass("eval_deterministic", "two eval passes on the probe are bit-identical")
+                    } else {
+                        fail("eval_deterministic", "two eval passes on the same probe differ".into())
+                    }
+                }
+            },
+        });
+        checks.push(match (&eval, &self.batch_symbol) {
+            (_, None) => skipped(
+                "eval_row_independent",
+                "the file fixes the batch size (or an output has no batch axis)",
+            ),
+            (Err(_), _) => fail("eval_row_independent", "eval failed on the probe input".into()),
+            (Ok(full), Some(_)) => self.check_rows(&probe, full),
+        });
+        checks.push(match (&eval, &self.mc) {
+            (_, Err(reason)) => skipped("mc_matches_eval", reason),
+            (Err(_), _) => fail("mc_matches_eval", "eval failed on the probe input".into()),
+            (Ok(full), Ok(plan)) => match run_with_unit_masks(plan, &probe) {
+                Err(e) => fail("mc_matches_eval", format!("the MC graph failed: {e}")),
+                Ok(outs) => match compare(full, &outs) {
+                    None => pass("mc_matches_eval", "the MC graph with keep-all masks equals eval"),
+                    Some(d) => fail("mc_matches_eval", format!("the MC graph with keep-all masks differs from eval: {d}")),
+                },
+            },
+        });
+        let live = match &self.mc {
+            Err(reason) => skipped("mc_live", reason),
+            Ok(_) => match self.mc_session().and_then(|s| s.run(&probe, McSamples(PROBE_MC_SAMPLES), 0, false)) {
+                Err(e) => fail("mc_live", format!("MC failed on the probe input: {e}")),
+                Ok(outs) => {
+                    let max = outs.iter().flat_map(|o| o.stats.variance.iter()).cloned().fold(0.0, f64::max);
+                    if max > 0.0 {
+                        pass("mc_live", &format!("{PROBE_MC_SAMPLES} MC samples on the probe: largest output variance {max:.3e}"))
+                    } else {
+                        fail(
+                            "mc_live",
+                            format!(
+                                "{PROBE_MC_SAMPLES} MC samples on the probe input gave zero variance in every \
+                                 output, so MC dropout is degenerate for this model"
+                            ),
+                        )
+                    }
+                }
+            },
+        };
+        if live.result == Outcome::Fail {
+            self.mc = Err(live.detail.clone());
+        }
+        if checks.iter().any(|c| c.result == Outcome::Fail && c.check == "mc_matches_eval") {
+            self.mc = Err("the MC graph does not reproduce eval with keep-all masks".into());
+        }
+        checks.push(live);
+        self.checks = checks;
+    }
+
+    fn check_rows(&self, probe: &Batch, full: &[NamedTensor]) -> CheckResult {
+        for r in 0..probe.rows {
+            let tensors: TractResult<Vec<Tensor>> =
+                probe.tensors.iter().map(|t| t.slice(0, r, r + 1)).collect();
+            let single = tensors
+                .map_err(|e| anyhow::anyhow!("{e}"))
+                .and_then(|t| self.batch(t).map_err(|e| anyhow::anyhow!("{e}")))
+                .and_then(|b| self.eval_session().run(&b).map_err(|e| anyhow::anyhow!("{e}")));
+            let single = match single {
+                Ok(s) => s,
+                Err(e) => return fail("eval_row_independent", format!("eval of probe row {r} alone failed: {e}")),
+            };
+            let rows_of_full: TractResult<Vec<NamedTensor>> = full
+                .iter()
+                .map(|o| Ok(NamedTensor { name: o.name.clone(), tensor: o.tensor.slice(0, r, r + 1)? }))
+                .collect();
+            match rows_of_full {
+                Err(e) => return fail("eval_row_independent", format!("{e}")),
+                Ok(rows) => {
+                    if let Some(d) = compare(&rows, &single) {
+                        return fail(
+                            "eval_row_independent",
+                            format!(
+                                "probe row {r} gives a different output alone than inside a batch of {} \
+                                 ({d}); typically BatchNormalization on batch statistics",
+                                probe.rows
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        pass("eval_row_independent", &format!("each of {} probe rows gives the same output alone as in the batch", probe.rows))
+    }
+}
+
+impl EvalSession<'_> {
+    pub fn run(&self, batch: &Batch) -> Result<Vec<NamedTensor>, Error> {
+        let inputs: TVec<TValue> = batch.tensors.iter().map(|t| t.clone().into_tvalue()).collect();
+        let outs = self.plan.plan.run(inputs).map_err(|e| Error::Internal(format!("eval failed: {e:#}")))?;
+        Ok(self.model.name_outputs(outs))
+    }
+}
+
+impl McSession<'_> {
+    /// Runs `samples` stochastic passes and summarises them per output.
+    pub fn run(&self, batch: &Batch, samples: McSamples, seed: u64, keep_samples: bool) -> Result<Vec<McOutput>, Error> {
+        let n = samples.get();
+        let rows = batch.rows;
+        let per_pass = if self.plan.batched {
+            let elements: usize = batch.tensors.iter().map(|t| t.len()).sum::<usize>().max(1);
+            (MAX_PASS_INPUT_ELEMENTS / elements).clamp(1, n)
+        } else {
+            1
+        };
+        let mut sampler = MaskSampler::new(seed);
+        let mut accumulators: Vec<(Vec<usize>, Accumulator)> = vec![];
+        let mut done = 0;
+        while done < n {
+            let k = per_pass.min(n - done);
+            let mut symbols = batch.symbols.clone();
+            let mut inputs: TVec<TValue> = if k == 1 {
+                batch.tensors.iter().map(|t| t.clone().into_tvalue()).collect()
+            } else {
+                let sym = self.model.batch_symbol.as_ref().expect("batched plans have a batch symbol");
+                symbols.insert(sym.clone(), rows * k);
+                batch
+                    .tensors
+                    .iter()
+                    .map(|t| Ok(Tensor::stack_tensors(0, &vec![t; k])?.into_tvalue()))
+                    .collect::<TractResult<_>>()
+                    .map_err(|e| Error::Internal(format!("tiling inputs: {e}")))?
+            };
+            for m in &self.plan.masks {
+                let shape = resolve(&m.shape, &symbols).map_err(Error::Internal)?;
+                inputs.push(internal(sampler.sample(m.ratio, &shape, m.datum))?.into_tvalue());
+            }
+            let outs = internal(self.plan.plan.run(inputs))?;
+            for (o, t) in outs.iter().enumerate() {
+                let values = internal(to_f64(t))?;
+                let per_sample = values.len() / k;
+                if accumulators.len() <= o {
+                    let mut shape = t.shape().to_vec();
+                    if k > 1 {
+                        shape[0] /= k;
+                    }
+                    let classes = self.model.probability_classes.get(o).copied().flatten();
+                    accumulators.push((shape, Accumulator::new(per_sample, classes, keep_samples)));
+                }
+                for s in 0..k {
+                    accumulators[o].1.push(&values[s * per_sample..(s + 1) * per_sample]);
+                }
+            }
+            done += k;
+        }
+        Ok(accumulators
+            .into_iter()
+            .zip(&self.model.outputs)
+            .map(|((shape, acc), spec)| McOutput { name: spec.name.clone(), shape, stats: acc.finish() })
+            .collect())
+    }
+}
+
+impl LoadedModel {
+    fn name_outputs(&self, outs: TVec<TValue>) -> Vec<NamedTensor> {
+        outs.into_iter()
+            .zip(&self.outputs)
+            .map(|(t, spec)| NamedTensor { name: spec.name.clone(), tensor: t.into_tensor() })
+            .collect()
+    }
+}
+
+fn run_with_unit_masks(plan: &McPlan, batch: &Batch) -> TractResult<Vec<NamedTensor>> {
+    let mut inputs: TVec<TValue> = batch.tensors.iter().map(|t| t.clone().into_tvalue()).collect();
+    for m in &plan.masks {
+        let shape = resolve(&m.shape, &batch.symbols).map_err(|e| anyhow::anyhow!(e))?;
+        let ones = Tensor::from_shape(&shape, &vec![1.0f32; shape.iter().product()])?;
+        inputs.push(ones.cast_to_dt(m.datum)?.into_owned().into_tvalue());
+    }
+    Ok(plan.plan.run(inputs)?.into_iter().map(|t| NamedTensor { name: String::new(), tensor: t.into_tensor() }).collect())
+}
+
+fn internal<T>(r: TractResult<T>) -> Result<T, Error> {
+    r.map_err(|e| Error::Internal(format!("MC pass failed: {e:#}")))
+}
+
+fn pass(check: &'static str, detail: &str) -> CheckResult {
+    CheckResult { check, result: Outcome::Pass, detail: detail.to_string() }
+}
+fn fail(check: &'static str, detail: String) -> CheckResult {
+    CheckResult { check, result: Outcome::Fail, detail }
+}
+fn skipped(check: &'static str, detail: &str) -> CheckResult {
+    CheckResult { check, result: Outcome::Skipped, detail: detail.to_string() }
+}
+
+fn bits(t: &Tensor) -> Vec<u64> {
+    to_f64(t).map(|v| v.iter().map(|x| x.to_bits()).collect()).unwrap_or_default()
+}
+
+/// Same outputs up to float rounding? Different plans (batch sizes, fused kernels) may
+/// reorder sums, so allow a few float32 ulps of relative slack, never more.
+fn compare(a: &[NamedTensor], b: &[NamedTensor]) -> Option<String> {
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        if x.tensor.shape() != y.tensor.shape() {
+            return Some(format!("output {i} shape {:?} vs {:?}", x.tensor.shape(), y.tensor.shape()));
+        }
+        let (Ok(xv), Ok(yv)) = (to_f64(&x.tensor), to_f64(&y.tensor)) else { continue };
+        for (j, (p, q)) in xv.iter().zip(&yv).enumerate() {
+            let tol = 1e-5 + 1e-4 * p.abs().max(q.abs());
+            if (p - q).abs() > tol && !(p.is_nan() && q.is_nan()) {
+                return Some(format!("output {i} element {j}: {p} vs {q}"));
+            }
+        }
+    }
+    None
+}
+
+pub fn to_f64(t: &Tensor) -> TractResult<Vec<f64>> {
+    let c = t.cast_to::<f64>()?;
+    Ok(c.try_as_plain_ram()?.as_slice::<f64>()?.to_vec())
+}
+
+fn resolve(shape: &[Dim], symbols: &HashMap<String, usize>) -> Result<Vec<usize>, String> {
+    shape
+        .iter()
+        .map(|d| match d {
+            Dim::Fixed(v) => Ok(*v),
+            Dim::Symbol(s) => symbols.get(s).copied().ok_or_else(|| format!("no value for dimension '{s}'")),
+        })
+        .collect()
+}
+
+fn typed(onnx: &tract_onnx::Onnx, proto: &ModelProto, dir: Option<&str>) -> TractResult<TypedModel> {
+    let parsed = onnx.parse(proto, dir)?;
+    if !parsed.unresolved_inputs.is_empty() {
+        anyhow::bail!("unresolved inputs: {:?}", parsed.unresolved_inputs);
+    }
+    parsed.model.into_typed()
+}
+
+fn dtype_name(dt: DatumType) -> &'static str {
+    match dt {
+        DatumType::F32 => "float32",
+        DatumType::F64 => "float64",
+        DatumType::F16 => "float16",
+        DatumType::I64 => "int64",
+        DatumType::I32 => "int32",
+        DatumType::I16 => "int16",
+        DatumType::I8 => "int8",
+        DatumType::U8 => "uint8",
+        DatumType::U16 => "uint16",
+        DatumType::U32 => "uint32",
+        DatumType::U64 => "uint64",
+        DatumType::Bool => "bool",
+        _ => "other",
+    }
+}
+
+fn spec(name: &str, fact: &TypedFact) -> TractResult<TensorSpec> {
+    let shape = fact
+        .shape
+        .iter()
+        .map(|d| match d {
+            TDim::Val(v) => Dim::Fixed(*v as usize),
+            other => Dim::Symbol(other.to_string()),
+        })
+        .collect();
+    Ok(TensorSpec { name: name.to_string(), dtype: dtype_name(fact.datum_type), datum: fact.datum_type, shape })
+}
+
+/// The batch axis: a symbol that is the first dim of every input and every output.
+fn batch_symbol(inputs: &[TensorSpec], outputs: &[TensorSpec]) -> Option<String> {
+    let first = match inputs.first()?.shape.first()? {
+        Dim::Symbol(s) => s.clone(),
+        Dim::Fixed(_) => return None,
+    };
+    let is_batch = |s: &TensorSpec| matches!(s.shape.first(), Some(Dim::Symbol(x)) if *x == first);
+    (inputs.iter().all(is_batch) && outputs.iter().all(is_batch)).then_some(first)
+}
+
+fn probability_outputs(proto: &ModelProto, config: &ModelConfig, outputs: &[TensorSpec]) -> Vec<Option<usize>> {
+    let graph = proto.graph.as_ref().expect("has graph");
+    let opset = onnx_graph::opset(proto);
+    outputs
+        .iter()
+        .map(|o| {
+            let last = match o.shape.last() {
+                Some(Dim::Fixed(k)) if *k >= 2 => *k,
+                _ => return None,
+            };
+            let declared = match &config.probability_outputs {
+                Some(list) => list.contains(&o.name),
+                None => graph.node.iter().any(|n| {
+                    n.op_type == "Softmax" && n.output.first() == Some(&o.name) && {
+                        let rank = o.shape.len() as i64;
+                        let default_axis = if opset >= 13 { -1 } else { 1 };
+                        let axis = n.attribute.iter().find(|a| a.name == "axis").map(|a| a.i).unwrap_or(default_axis);
+                        // Before opset 13, Softmax normalises over all axes from `axis` on.
+                        let axis = if axis < 0 { axis + rank } else { axis };
+                        axis == rank - 1
+                    }
+                }),
+            };
+            declared.then_some(last)
+        })
+        .collect()
+}
+
+fn build_mc(
+    onnx: &tract_onnx::Onnx,
+    surgery: &onnx_graph::Surgery,
+    dir: Option<&str>,
+    inputs: &[TensorSpec],
+    batched: bool,
+) -> Result<McPlan, String> {
+    if surgery.sites.is_empty() {
+        return Err("the model has no Dropout nodes".into());
+    }
+    if let Some(b) = &surgery.mc_blocker {
+        return Err(b.clone());
+    }
+    if !surgery.sites.iter().any(|s| s.samples()) {
+        return Err("every Dropout node of the model has ratio 0".into());
+    }
+    let (probe, lookups) = surgery.shape_probe_proto();
+    let probe = typed(onnx, &probe, dir).map_err(|e| format!("typing the dropout inputs failed: {e:#}"))?;
+    let input_symbols: Vec<String> =
+        inputs.iter().flat_map(|i| i.shape.iter()).filter_map(|d| match d { Dim::Symbol(s) => Some(s.clone()), _ => None }).collect();
+    let mut masks = vec![];
+    for (k, (site, at)) in lookups.into_iter().enumerate() {
+        let fact = match at {
+            FactAt::Input(i) => probe.input_fact(i),
+            FactAt::Output(o) => probe.output_fact(o),
+        }
+        .map_err(|e| format!("{e}"))?;
+        // Symbols print by name only while their model lives: convert them now.
+        let shape: Vec<Dim> = spec("", fact).map_err(|e| format!("{e}"))?.shape;
+        for d in &shape {
+            match d {
+                Dim::Fixed(_) => {}
+                Dim::Symbol(s) if input_symbols.contains(s) => {}
+                other => {
+                    return Err(format!(
+                        "the input of Dropout node '{}' has dimension '{other}', which is not a dimension \
+                         of any model input, so the server cannot size its mask",
+                        surgery.sites[site].node
+                    ));
+                }
+            }
+        }
+        masks.push(MaskInput {
+            site,
+            name: format!("{MASK_INPUT_PREFIX}{k}"),
+            ratio: surgery.sites[site].ratio.expect("sampling sites have a ratio"),
+            datum: fact.datum_type,
+            shape,
+        });
+    }
+    let proto = surgery.mc_proto(&masks).map_err(|e| format!("{e:#}"))?;
+    let plan = typed(onnx, &proto, dir)
+        .and_then(|m| m.into_optimized())
+        .and_then(|m| m.into_runnable())
+        .map_err(|e| format!("building the MC graph failed: {e:#}"))?;
+    Ok(McPlan { plan, masks, batched })
+}

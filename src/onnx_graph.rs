@@ -1,0 +1,474 @@
+//! ONNX graph surgery, done on the protobuf before tract sees a model.
+//!
+//! tract runs `Dropout` as the identity, or refuses it outright when it is exported in
+//! training mode, and it cannot run BatchNormalization exported with `training_mode=1`.
+//! So we build two graphs from every file:
+//! - the *eval* graph, where each Dropout is an `Identity` (its mask output, if used, is all
+//!   true) and every BatchNormalization runs on its running statistics;
+//! - the *MC* graph, where each Dropout with a ratio > 0 becomes `Mul(x, mask)` and `mask`
+//!   is a new graph input that the server samples (inverted dropout: 0 or 1/(1-p)).
+//!
+//! Masks must stay graph inputs: tract folds any stateless node whose value is known, so a
+//! mask stored as an initializer would be constant-folded away.
+
+use std::collections::{HashMap, HashSet};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use tract_onnx::data_resolver::MmapDataResolver;
+use tract_onnx::pb::{
+    AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, TensorShapeProto, TypeProto,
+    ValueInfoProto, tensor_proto::DataType, tensor_shape_proto, type_proto,
+};
+use tract_onnx::prelude::*;
+
+use crate::model::Dim;
+
+/// Names of the mask inputs added to the MC graph.
+pub const MASK_INPUT_PREFIX: &str = "mcd_dropout_mask_";
+
+/// One Dropout node of the file, as found at load.
+#[derive(Debug, Clone, Serialize)]
+pub struct DropoutSite {
+    /// The node's name (or its first output's name when the node has none).
+    pub node: String,
+    /// The ratio, when the file fixes it.
+    pub ratio: Option<f32>,
+    /// Where the ratio came from: attribute, constant, initializer, default, graph input.
+    pub ratio_source: String,
+    /// How the file exported `training_mode`. It is informative only: eval never drops,
+    /// MC always drops at sites with ratio > 0.
+    pub exported_training_mode: String,
+    pub mask_output_used: bool,
+    #[serde(skip)]
+    pub(crate) input: String,
+    #[serde(skip)]
+    pub(crate) output: String,
+    #[serde(skip)]
+    pub(crate) mask_output: Option<String>,
+    #[serde(skip)]
+    pub(crate) node_index: usize,
+    /// Graph inputs that fed only this node's ratio or training_mode.
+    #[serde(skip)]
+    pub(crate) control_inputs: Vec<String>,
+}
+
+impl DropoutSite {
+    /// A site the MC graph samples at.
+    pub fn samples(&self) -> bool {
+        self.ratio.is_some_and(|r| r > 0.0)
+    }
+}
+
+/// What graph surgery learned about a file, and the eval graph it built.
+pub struct Surgery {
+    pub sites: Vec<DropoutSite>,
+    /// Changes made so the file is served correctly, for the model's report.
+    pub fixes: Vec<String>,
+    /// Why MC cannot be offered, when the file alone decides it.
+    pub mc_blocker: Option<String>,
+    pub eval_proto: ModelProto,
+    base: ModelProto,
+}
+
+/// Where the typed shape probe holds a tensor's fact.
+#[derive(Debug, Clone, Copy)]
+pub enum FactAt {
+    Input(usize),
+    Output(usize),
+}
+
+/// A mask input of the MC graph: its shape is the shape of the Dropout's input.
+#[derive(Debug, Clone)]
+pub struct MaskInput {
+    pub site: usize,
+    pub name: String,
+    pub ratio: f32,
+    pub datum: DatumType,
+    pub shape: Vec<Dim>,
+}
+
+pub fn opset(proto: &ModelProto) -> i64 {
+    proto
+        .opset_import
+        .iter()
+        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+        .map(|o| o.version)
+        .unwrap_or(0)
+}
+
+pub fn analyse(proto: &ModelProto) -> anyhow::Result<Surgery> {
+    let graph = proto.graph.as_ref().context("the file holds no graph")?;
+    refuse_dropout_in_subgraphs(graph)?;
+    let opset = opset(proto);
+    let constants = constant_tensors(graph);
+    let initializers: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let graph_inputs: HashSet<&str> = graph
+        .input
+        .iter()
+        .map(|i| i.name.as_str())
+        .filter(|n| !initializers.contains(n))
+        .collect();
+    let consumed = consumed_names(graph);
+
+    let mut sites = vec![];
+    let mut mc_blockers = vec![];
+    for (ix, node) in graph.node.iter().enumerate() {
+        if node.op_type != "Dropout" || !is_default_domain(node) {
+            continue;
+        }
+        let name = node_name(node);
+        let input = node.input.first().filter(|s| !s.is_empty()).cloned();
+        let Some(input) = input else { bail!("Dropout node '{name}' has no data input") };
+        let output = node.output.first().cloned().unwrap_or_default();
+        let mut control_inputs = vec![];
+
+        let (ratio, ratio_source) = if opset < 12 {
+            match node.attribute.iter().find(|a| a.name == "ratio") {
+                Some(a) => (Some(a.f), "attribute".to_string()),
+                None => (Some(0.5), "default".to_string()),
+            }
+        } else {
+            match node.input.get(1).filter(|s| !s.is_empty()) {
+                None => (Some(0.5), "default".to_string()),
+                Some(r) => {
+                    if let Some((t, kind)) = constants.get(r.as_str()) {
+                        let v = scalar_f32(t)
+                            .with_context(|| format!("ratio of Dropout node '{name}'"))?;
+                        (Some(v), (*kind).to_string())
+                    } else if graph_inputs.contains(r.as_str()) {
+                        control_inputs.push(r.clone());
+                        (None, format!("graph input '{r}'"))
+                    } else {
+                        (None, format!("computed at run time ('{r}')"))
+                    }
+                }
+            }
+        };
+        let exported_training_mode = match node.input.get(2).filter(|s| !s.is_empty()) {
+            None => "absent".to_string(),
+            Some(t) => match constants.get(t.as_str()) {
+                Some((tensor, _)) => match scalar_f32(tensor) {
+                    Ok(v) if v != 0.0 => "constant true".to_string(),
+                    Ok(_) => "constant false".to_string(),
+                    Err(_) => "constant (unreadable)".to_string(),
+                },
+                None if graph_inputs.contains(t.as_str()) => {
+                    control_inputs.push(t.clone());
+                    format!("graph input '{t}'")
+                }
+                None => format!("computed at run time ('{t}')"),
+            },
+        };
+        if let Some(r) = ratio
+            && !(0.0..1.0).contains(&r)
+        {
+            bail!("Dropout node '{name}' has ratio {r}; ONNX requires 0 <= ratio < 1");
+        }
+        match &ratio {
+            None => mc_blockers.push(format!(
+                "the ratio of Dropout node '{name}' is {ratio_source}, so the server cannot know \
+                 how much to drop; MC dropout is refused for this model (eval works)"
+            )),
+            Some(_) => {}
+        }
+        let mask_output =
+            node.output.get(1).filter(|m| !m.is_empty() && consumed.contains(m.as_str())).cloned();
+        sites.push(DropoutSite {
+            node: name,
+            ratio,
+            ratio_source,
+            exported_training_mode,
+            mask_output_used: mask_output.is_some(),
+            input,
+            output,
+            mask_output,
+            node_index: ix,
+            control_inputs,
+        });
+    }
+
+    let mut base = proto.clone();
+    let fixes = fix_batch_norms(base.graph.as_mut().expect("checked above"), &consumed)?;
+    let mut surgery = Surgery {
+        sites,
+        fixes,
+        mc_blocker: if mc_blockers.is_empty() { None } else { Some(mc_blockers.join("; ")) },
+        eval_proto: ModelProto::default(),
+        base,
+    };
+    surgery.eval_proto = surgery.rewrite(None);
+    Ok(surgery)
+}
+
+impl Surgery {
+    /// A copy of the eval graph that also exposes every sampling site's input, so that
+    /// tract's type analysis tells us each mask's shape. Each lookup is (site, where to
+    /// read the shape): a graph input's own fact, or an output added for the purpose.
+    pub fn shape_probe_proto(&self) -> (ModelProto, Vec<(usize, FactAt)>) {
+        let mut proto = self.eval_proto.clone();
+        let graph = proto.graph.as_mut().expect("eval proto has a graph");
+        let mut lookups = vec![];
+        for (ix, site) in self.sites.iter().enumerate().filter(|(_, s)| s.samples()) {
+            let at = if let Some(p) = graph.input.iter().position(|i| i.name == site.input) {
+                // Re-declaring a graph input as an untyped output would erase its type.
+                FactAt::Input(graph.input[..p].iter().filter(|i| !self.is_initializer(&i.name)).count())
+            } else if let Some(p) = graph.output.iter().position(|o| o.name == site.input) {
+                FactAt::Output(p)
+            } else {
+                graph.output.push(ValueInfoProto { name: site.input.clone(), ..Default::default() });
+                FactAt::Output(graph.output.len() - 1)
+            };
+            lookups.push((ix, at));
+        }
+        (proto, lookups)
+    }
+
+    fn is_initializer(&self, name: &str) -> bool {
+        self.base.graph.as_ref().is_some_and(|g| g.initializer.iter().any(|t| t.name == name))
+    }
+
+    /// The MC graph: every sampling site multiplies by its mask input.
+    pub fn mc_proto(&self, masks: &[MaskInput]) -> anyhow::Result<ModelProto> {
+        let mut proto = self.rewrite(Some(masks));
+        let graph = proto.graph.as_mut().expect("rewritten proto has a graph");
+        for m in masks {
+            graph.input.push(value_info(&m.name, m.datum, &m.shape)?);
+        }
+        Ok(proto)
+    }
+
+    fn rewrite(&self, masks: Option<&[MaskInput]>) -> ModelProto {
+        let mut proto = self.base.clone();
+        let graph = proto.graph.as_mut().expect("base proto has a graph");
+        let mut replacements: HashMap<usize, Vec<NodeProto>> = HashMap::new();
+        for (ix, site) in self.sites.iter().enumerate() {
+            let mask = masks.and_then(|ms| ms.iter().find(|m| m.site == ix));
+            let nodes = match mask {
+                Some(m) => {
+                    let mut nodes = vec![node("Mul", &site.node, &[&site.input, &m.name], &[&site.output])];
+                    if let Some(mask_out) = &site.mask_output {
+                        let mut cast =
+                            node("Cast", &format!("{}__mcd_mask", site.node), &[&m.name], &[mask_out]);
+                        cast.attribute.push(AttributeProto {
+                            name: "to".into(),
+                            r#type: 2, // INT
+                            i: DataType::Bool as i64,
+                            ..Default::default()
+                        });
+                        nodes.push(cast);
+                    }
+                    nodes
+                }
+                None => {
+                    let mut nodes = vec![node("Identity", &site.node, &[&site.input], &[&site.output])];
+                    if let Some(mask_out) = &site.mask_output {
+                        // An eval mask keeps everything: all true, shaped as the input.
+                        let shape_name = format!("{mask_out}__mcd_shape");
+                        nodes.push(node(
+                            "Shape",
+                            &format!("{}__mcd_shape", site.node),
+                            &[&site.input],
+                            &[&shape_name],
+                        ));
+                        let mut fill = node(
+                            "ConstantOfShape",
+                            &format!("{}__mcd_mask", site.node),
+                            &[&shape_name],
+                            &[mask_out],
+                        );
+                        fill.attribute.push(AttributeProto {
+                            name: "value".into(),
+                            r#type: 4, // TENSOR
+                            t: Some(TensorProto {
+                                dims: vec![1],
+                                data_type: DataType::Bool as i32,
+                                int32_data: vec![1],
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        });
+                        nodes.push(fill);
+                    }
+                    nodes
+                }
+            };
+            replacements.insert(site.node_index, nodes);
+        }
+        let old = std::mem::take(&mut graph.node);
+        for (ix, n) in old.into_iter().enumerate() {
+            match replacements.remove(&ix) {
+                Some(nodes) => graph.node.extend(nodes),
+                None => graph.node.push(n),
+            }
+        }
+        // Graph inputs that only fed a Dropout's ratio or training_mode are now dangling.
+        // Drop them, or every client would have to send a value that changes nothing.
+        let orphaned: HashSet<&str> =
+            self.sites.iter().flat_map(|s| s.control_inputs.iter().map(String::as_str)).collect();
+        let still_used = consumed_names(graph);
+        graph.input.retain(|i| !orphaned.contains(i.name.as_str()) || still_used.contains(i.name.as_str()));
+        proto
+    }
+}
+
+fn is_default_domain(node: &NodeProto) -> bool {
+    node.domain.is_empty() || node.domain == "ai.onnx"
+}
+
+pub fn node_name(node: &NodeProto) -> String {
+    if !node.name.is_empty() {
+        node.name.clone()
+    } else {
+        node.output.first().cloned().unwrap_or_else(|| node.op_type.clone())
+    }
+}
+
+fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
+    NodeProto {
+        op_type: op.into(),
+        name: name.into(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn subgraphs(node: &NodeProto) -> impl Iterator<Item = &GraphProto> {
+    node.attribute.iter().flat_map(|a| a.g.iter().chain(a.graphs.iter()))
+}
+
+fn refuse_dropout_in_subgraphs(graph: &GraphProto) -> anyhow::Result<()> {
+    fn scan(owner: &NodeProto, g: &GraphProto) -> anyhow::Result<()> {
+        for n in &g.node {
+            if n.op_type == "Dropout" {
+                bail!(
+                    "Dropout node '{}' sits inside the subgraph of {} node '{}'; the server cannot \
+                     sample masks inside Loop/If/Scan bodies, so the model is refused rather than \
+                     served with a dropout it does not control",
+                    node_name(n),
+                    owner.op_type,
+                    node_name(owner)
+                );
+            }
+            for sub in subgraphs(n) {
+                scan(n, sub)?;
+            }
+        }
+        Ok(())
+    }
+    for n in &graph.node {
+        for sub in subgraphs(n) {
+            scan(n, sub)?;
+        }
+    }
+    Ok(())
+}
+
+/// Every name that some node reads (subgraphs included, as they may capture outer names),
+/// plus the graph outputs.
+fn consumed_names(graph: &GraphProto) -> HashSet<String> {
+    fn walk(g: &GraphProto, acc: &mut HashSet<String>) {
+        for n in &g.node {
+            acc.extend(n.input.iter().filter(|s| !s.is_empty()).cloned());
+            for sub in subgraphs(n) {
+                walk(sub, acc);
+            }
+        }
+    }
+    let mut acc: HashSet<String> = graph.output.iter().map(|o| o.name.clone()).collect();
+    walk(graph, &mut acc);
+    acc
+}
+
+fn constant_tensors(graph: &GraphProto) -> HashMap<&str, (TensorProto, &'static str)> {
+    let mut map: HashMap<&str, (TensorProto, &'static str)> =
+        graph.initializer.iter().map(|t| (t.name.as_str(), (t.clone(), "initializer"))).collect();
+    for n in graph.node.iter().filter(|n| n.op_type == "Constant") {
+        let Some(out) = n.output.first() else { continue };
+        for a in &n.attribute {
+            let t = match a.name.as_str() {
+                "value" => a.t.clone(),
+                "value_float" => Some(TensorProto {
+                    data_type: DataType::Float as i32,
+                    float_data: vec![a.f],
+                    ..Default::default()
+                }),
+                _ => None,
+            };
+            if let Some(t) = t {
+                map.insert(out.as_str(), (t, "constant"));
+            }
+        }
+    }
+    map
+}
+
+fn scalar_f32(t: &TensorProto) -> anyhow::Result<f32> {
+    let tensor = tract_onnx::tensor::load_tensor(&MmapDataResolver, t, None)?;
+    if tensor.len() != 1 {
+        bail!("expected a scalar, found shape {:?}", tensor.shape());
+    }
+    let v = tensor.cast_to::<f32>()?;
+    Ok(v.try_as_plain_ram()?.as_slice::<f32>()?[0])
+}
+
+/// PyTorch exports BatchNormalization in training mode with `training_mode=1` and three
+/// outputs (Y, running_mean, running_var): served that way it would normalise by batch
+/// statistics, so a row's answer would depend on its neighbours. We serve it on its
+/// running statistics, and refuse the file if anything reads the extra outputs.
+fn fix_batch_norms(graph: &mut GraphProto, consumed: &HashSet<String>) -> anyhow::Result<Vec<String>> {
+    let mut fixes = vec![];
+    for n in graph.node.iter_mut().filter(|n| n.op_type == "BatchNormalization") {
+        let training = n.attribute.iter().any(|a| a.name == "training_mode" && a.i != 0);
+        let extra: Vec<String> = n.output.iter().skip(1).filter(|o| !o.is_empty()).cloned().collect();
+        if !training && extra.is_empty() {
+            continue;
+        }
+        let name = node_name(n);
+        if let Some(used) = extra.iter().find(|o| consumed.contains(o.as_str())) {
+            bail!(
+                "BatchNormalization node '{name}' was exported in training mode and its batch \
+                 statistic output '{used}' is used by the graph; serving it would make each answer \
+                 depend on the rest of the batch, so the model is refused"
+            );
+        }
+        n.attribute.retain(|a| a.name != "training_mode");
+        n.output.truncate(1);
+        fixes.push(format!(
+            "BatchNormalization node '{name}' was exported in training mode; it is served with its \
+             running statistics"
+        ));
+    }
+    Ok(fixes)
+}
+
+fn value_info(name: &str, datum: DatumType, shape: &[Dim]) -> anyhow::Result<ValueInfoProto> {
+    let elem_type = match datum {
+        DatumType::F32 => DataType::Float,
+        DatumType::F64 => DataType::Double,
+        DatumType::F16 => DataType::Float16,
+        other => bail!("dropout on {other:?} tensors is not supported"),
+    } as i32;
+    let dim = shape
+        .iter()
+        .map(|d| {
+            let value = match d {
+                Dim::Fixed(v) => tensor_shape_proto::dimension::Value::DimValue(*v as i64),
+                Dim::Symbol(s) => tensor_shape_proto::dimension::Value::DimParam(s.clone()),
+            };
+            tensor_shape_proto::Dimension { value: Some(value), ..Default::default() }
+        })
+        .collect();
+    Ok(ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type,
+                shape: Some(TensorShapeProto { dim }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}

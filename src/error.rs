@@ -103,10 +103,15 @@ impl Error {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status = self.status();
-        let body = ErrorBody { error: self.to_string(), error_type: self.error_type() };
+        let body = ErrorBody {
+            error: self.to_string(),
+            error_type: self.error_type(),
+        };
         let mut response = (status, axum::Json(body)).into_response();
         if matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
     }

@@ -1,1 +1,37 @@
-fn main() {}
+use std::time::Duration;
+
+use clap::Parser;
+use mcd_serve::config::{Cli, Command, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::Healthcheck { url, timeout_secs }) = cli.command {
+        return match mcd_serve::healthcheck::probe(&url, Duration::from_secs_f64(timeout_secs)) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                eprintln!("unhealthy: {e}");
+                std::process::exit(1);
+            }
+        };
+    }
+    let args = cli.serve;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    match args.log_format {
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_current_span(true)
+            .with_env_filter(filter)
+            .init(),
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(async move {
+            let listener = tokio::net::TcpListener::bind(&args.addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("binding {}: {e}", args.addr))?;
+            mcd_serve::server::serve(args, listener, mcd_serve::server::shutdown_signal()).await
+        })
+}

@@ -18,7 +18,10 @@ impl MaskSampler {
     /// ChaCha8 has a fixed, documented stream per seed, so a seed replays on any thread,
     /// machine or rand release.
     pub fn new(seed: u64) -> Self {
-        MaskSampler { rng: ChaCha8Rng::seed_from_u64(seed), buf: vec![] }
+        MaskSampler {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            buf: vec![],
+        }
     }
 
     /// A mask of `shape` for dropout ratio `ratio`, in the data type of the tensor it scales.
@@ -31,19 +34,24 @@ impl MaskSampler {
         let keep = |r: &u32| (*r as u64) >= threshold;
         match datum {
             DatumType::F32 => {
-                let data: Vec<f32> =
-                    self.buf.iter().map(|r| if keep(r) { scale as f32 } else { 0.0 }).collect();
+                let data: Vec<f32> = self
+                    .buf
+                    .iter()
+                    .map(|r| if keep(r) { scale as f32 } else { 0.0 })
+                    .collect();
                 Tensor::from_shape(shape, &data)
             }
             DatumType::F64 => {
-                let data: Vec<f64> =
-                    self.buf.iter().map(|r| if keep(r) { scale } else { 0.0 }).collect();
+                let data: Vec<f64> = self.buf.iter().map(|r| if keep(r) { scale } else { 0.0 }).collect();
                 Tensor::from_shape(shape, &data)
             }
             DatumType::F16 => {
                 let s = f16::from_f64(scale);
-                let data: Vec<f16> =
-                    self.buf.iter().map(|r| if keep(r) { s } else { f16::from_f32(0.0) }).collect();
+                let data: Vec<f16> = self
+                    .buf
+                    .iter()
+                    .map(|r| if keep(r) { s } else { f16::from_f32(0.0) })
+                    .collect();
                 Tensor::from_shape(shape, &data)
             }
             other => anyhow::bail!("dropout masks for {other:?} are not supported"),
@@ -83,7 +91,10 @@ mod tests {
             let dropped = m.iter().filter(|&&v| v == 0.0).count() as f64;
             let sd = (n as f64 * p as f64 * (1.0 - p as f64)).sqrt();
             // Five standard deviations: a false failure has probability below 1e-6.
-            assert!((dropped - n as f64 * p as f64).abs() < 5.0 * sd, "p={p}: dropped {dropped}");
+            assert!(
+                (dropped - n as f64 * p as f64).abs() < 5.0 * sd,
+                "p={p}: dropped {dropped}"
+            );
         }
     }
 

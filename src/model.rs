@@ -38,6 +38,9 @@ pub struct ModelConfig {
     pub probability_outputs: Option<Vec<String>>,
     /// Values for symbolic non-batch dims in the load-time probe (default 1).
     pub probe_dims: HashMap<String, usize>,
+    /// Dropout ratios for graph inputs that carry one. Without a value here, MC dropout is
+    /// refused for such a model (eval still works: the input is dropped from its interface).
+    pub dropout_ratios: HashMap<String, f32>,
 }
 
 /// One dimension of a declared shape.
@@ -58,7 +61,10 @@ impl std::fmt::Display for Dim {
 }
 
 pub fn shape_string(dims: &[Dim]) -> String {
-    format!("[{}]", dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "))
+    format!(
+        "[{}]",
+        dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+    )
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -182,7 +188,7 @@ impl LoadedModel {
     pub fn load(name: &str, path: &Path, config: ModelConfig) -> anyhow::Result<LoadedModel> {
         let onnx = tract_onnx::onnx();
         let proto = onnx.proto_model_for_path(path).context("reading the ONNX protobuf")?;
-        let surgery = onnx_graph::analyse(&proto)?;
+        let surgery = onnx_graph::analyse(&proto, &config.dropout_ratios)?;
         let dir = path.parent().and_then(|p| p.to_str());
         let eval_typed = typed(&onnx, &surgery.eval_proto, dir).context("building the eval graph")?;
         let inputs = (0..eval_typed.inputs.len())
@@ -191,8 +197,15 @@ impl LoadedModel {
                 spec(&eval_typed.node(outlet.node).name, eval_typed.input_fact(i)?)
             })
             .collect::<TractResult<Vec<_>>>()?;
-        let output_names: Vec<String> =
-            surgery.eval_proto.graph.as_ref().expect("has graph").output.iter().map(|o| o.name.clone()).collect();
+        let output_names: Vec<String> = surgery
+            .eval_proto
+            .graph
+            .as_ref()
+            .expect("has graph")
+            .output
+            .iter()
+            .map(|o| o.name.clone())
+            .collect();
         let outputs = output_names
             .iter()
             .enumerate()
@@ -200,7 +213,10 @@ impl LoadedModel {
             .collect::<TractResult<Vec<_>>>()?;
         let batch_symbol = batch_symbol(&inputs, &outputs);
         let probability_classes = probability_outputs(&proto, &config, &outputs);
-        let eval_plan = eval_typed.into_optimized().context("optimizing the eval graph")?.into_runnable()?;
+        let eval_plan = eval_typed
+            .into_optimized()
+            .context("optimizing the eval graph")?
+            .into_runnable()?;
 
         let mc = build_mc(&onnx, &surgery, dir, &inputs, batch_symbol.is_some());
         let mut model = LoadedModel {
@@ -223,7 +239,9 @@ impl LoadedModel {
 
     /// Whether the eval checks all passed; a model that fails them is not served.
     pub fn healthy(&self) -> bool {
-        self.checks.iter().all(|c| c.result != Outcome::Fail || c.check == "mc_live")
+        self.checks
+            .iter()
+            .all(|c| c.result != Outcome::Fail || c.check == "mc_live")
     }
 
     pub fn mc_unavailable_reason(&self) -> Option<&str> {
@@ -231,7 +249,10 @@ impl LoadedModel {
     }
 
     pub fn eval_session(&self) -> EvalSession<'_> {
-        EvalSession { model: self, plan: &self.eval }
+        EvalSession {
+            model: self,
+            plan: &self.eval,
+        }
     }
 
     pub fn mc_session(&self) -> Result<McSession<'_>, Error> {
@@ -350,7 +371,12 @@ impl LoadedModel {
         let probe = match probe {
             Ok(p) => p,
             Err(e) => {
-                for check in ["eval_deterministic", "eval_row_independent", "mc_matches_eval", "mc_live"] {
+                for check in [
+                    "eval_deterministic",
+                    "eval_row_independent",
+                    "mc_matches_eval",
+                    "mc_live",
+                ] {
                     checks.push(CheckResult {
                         check,
                         result: Outcome::Fail,
@@ -367,7 +393,10 @@ impl LoadedModel {
             Ok(first) => match self.eval_session().run(&probe) {
                 Err(e) => fail("eval_deterministic", format!("second eval failed: {e}")),
                 Ok(second) => {
-                    let same = first.iter().zip(&second).all(|(a, b)| bits(&a.tensor) == bits(&b.tensor));
+                    let same = first
+                        .iter()
+                        .zip(&second)
+                        .all(|(a, b)| bits(&a.tensor) == bits(&b.tensor));
                     if same {
                         pass("eval_deterministic", "two eval passes on the probe are bit-identical")
                     } else {
@@ -391,18 +420,31 @@ impl LoadedModel {
                 Err(e) => fail("mc_matches_eval", format!("the MC graph failed: {e}")),
                 Ok(outs) => match compare(full, &outs) {
                     None => pass("mc_matches_eval", "the MC graph with keep-all masks equals eval"),
-                    Some(d) => fail("mc_matches_eval", format!("the MC graph with keep-all masks differs from eval: {d}")),
+                    Some(d) => fail(
+                        "mc_matches_eval",
+                        format!("the MC graph with keep-all masks differs from eval: {d}"),
+                    ),
                 },
             },
         });
         let live = match &self.mc {
             Err(reason) => skipped("mc_live", reason),
-            Ok(_) => match self.mc_session().and_then(|s| s.run(&probe, McSamples(PROBE_MC_SAMPLES), 0, false)) {
+            Ok(_) => match self
+                .mc_session()
+                .and_then(|s| s.run(&probe, McSamples(PROBE_MC_SAMPLES), 0, false))
+            {
                 Err(e) => fail("mc_live", format!("MC failed on the probe input: {e}")),
                 Ok(outs) => {
-                    let max = outs.iter().flat_map(|o| o.stats.variance.iter()).cloned().fold(0.0, f64::max);
+                    let max = outs
+                        .iter()
+                        .flat_map(|o| o.stats.variance.iter())
+                        .cloned()
+                        .fold(0.0, f64::max);
                     if max > 0.0 {
-                        pass("mc_live", &format!("{PROBE_MC_SAMPLES} MC samples on the probe: largest output variance {max:.3e}"))
+                        pass(
+                            "mc_live",
+                            &format!("{PROBE_MC_SAMPLES} MC samples on the probe: largest output variance {max:.3e}"),
+                        )
                     } else {
                         fail(
                             "mc_live",
@@ -418,7 +460,10 @@ impl LoadedModel {
         if live.result == Outcome::Fail {
             self.mc = Err(live.detail.clone());
         }
-        if checks.iter().any(|c| c.result == Outcome::Fail && c.check == "mc_matches_eval") {
+        if checks
+            .iter()
+            .any(|c| c.result == Outcome::Fail && c.check == "mc_matches_eval")
+        {
             self.mc = Err("the MC graph does not reproduce eval with keep-all masks".into());
         }
         checks.push(live);
@@ -427,19 +472,28 @@ impl LoadedModel {
 
     fn check_rows(&self, probe: &Batch, full: &[NamedTensor]) -> CheckResult {
         for r in 0..probe.rows {
-            let tensors: TractResult<Vec<Tensor>> =
-                probe.tensors.iter().map(|t| t.slice(0, r, r + 1)).collect();
+            let tensors: TractResult<Vec<Tensor>> = probe.tensors.iter().map(|t| t.slice(0, r, r + 1)).collect();
             let single = tensors
                 .map_err(|e| anyhow::anyhow!("{e}"))
                 .and_then(|t| self.batch(t).map_err(|e| anyhow::anyhow!("{e}")))
                 .and_then(|b| self.eval_session().run(&b).map_err(|e| anyhow::anyhow!("{e}")));
             let single = match single {
                 Ok(s) => s,
-                Err(e) => return fail("eval_row_independent", format!("eval of probe row {r} alone failed: {e}")),
+                Err(e) => {
+                    return fail(
+                        "eval_row_independent",
+                        format!("eval of probe row {r} alone failed: {e}"),
+                    );
+                }
             };
             let rows_of_full: TractResult<Vec<NamedTensor>> = full
                 .iter()
-                .map(|o| Ok(NamedTensor { name: o.name.clone(), tensor: o.tensor.slice(0, r, r + 1)? }))
+                .map(|o| {
+                    Ok(NamedTensor {
+                        name: o.name.clone(),
+                        tensor: o.tensor.slice(0, r, r + 1)?,
+                    })
+                })
                 .collect();
             match rows_of_full {
                 Err(e) => return fail("eval_row_independent", format!("{e}")),
@@ -457,29 +511,61 @@ impl LoadedModel {
                 }
             }
         }
-        pass("eval_row_independent", &format!("each of {} probe rows gives the same output alone as in the batch", probe.rows))
+        pass(
+            "eval_row_independent",
+            &format!(
+                "each of {} probe rows gives the same output alone as in the batch",
+                probe.rows
+            ),
+        )
     }
 }
 
 impl EvalSession<'_> {
     pub fn run(&self, batch: &Batch) -> Result<Vec<NamedTensor>, Error> {
         let inputs: TVec<TValue> = batch.tensors.iter().map(|t| t.clone().into_tvalue()).collect();
-        let outs = self.plan.plan.run(inputs).map_err(|e| Error::Internal(format!("eval failed: {e:#}")))?;
+        let outs = self
+            .plan
+            .plan
+            .run(inputs)
+            .map_err(|e| Error::Internal(format!("eval failed: {e:#}")))?;
         Ok(self.model.name_outputs(outs))
     }
 }
 
 impl McSession<'_> {
-    /// Runs `samples` stochastic passes and summarises them per output.
-    pub fn run(&self, batch: &Batch, samples: McSamples, seed: u64, keep_samples: bool) -> Result<Vec<McOutput>, Error> {
-        let n = samples.get();
-        let rows = batch.rows;
+    /// Runs `samples` stochastic passes and summarises them per output. All samples go
+    /// through one batched forward pass when the model has a batch axis (in chunks when
+    /// that pass would be huge); otherwise one pass per sample.
+    pub fn run(
+        &self,
+        batch: &Batch,
+        samples: McSamples,
+        seed: u64,
+        keep_samples: bool,
+    ) -> Result<Vec<McOutput>, Error> {
+        let elements: usize = batch.tensors.iter().map(|t| t.len()).sum::<usize>().max(1);
         let per_pass = if self.plan.batched {
-            let elements: usize = batch.tensors.iter().map(|t| t.len()).sum::<usize>().max(1);
-            (MAX_PASS_INPUT_ELEMENTS / elements).clamp(1, n)
+            MAX_PASS_INPUT_ELEMENTS / elements
         } else {
             1
         };
+        self.run_in_passes(batch, samples, seed, keep_samples, per_pass)
+    }
+
+    /// As [`run`](Self::run), with at most `per_pass` samples per forward pass (1 gives the
+    /// sequential baseline the benchmarks compare against).
+    pub fn run_in_passes(
+        &self,
+        batch: &Batch,
+        samples: McSamples,
+        seed: u64,
+        keep_samples: bool,
+        per_pass: usize,
+    ) -> Result<Vec<McOutput>, Error> {
+        let n = samples.get();
+        let rows = batch.rows;
+        let per_pass = if self.plan.batched { per_pass.clamp(1, n) } else { 1 };
         let mut sampler = MaskSampler::new(seed);
         let mut accumulators: Vec<(Vec<usize>, Accumulator)> = vec![];
         let mut done = 0;
@@ -489,7 +575,11 @@ impl McSession<'_> {
             let mut inputs: TVec<TValue> = if k == 1 {
                 batch.tensors.iter().map(|t| t.clone().into_tvalue()).collect()
             } else {
-                let sym = self.model.batch_symbol.as_ref().expect("batched plans have a batch symbol");
+                let sym = self
+                    .model
+                    .batch_symbol
+                    .as_ref()
+                    .expect("batched plans have a batch symbol");
                 symbols.insert(sym.clone(), rows * k);
                 batch
                     .tensors
@@ -523,7 +613,11 @@ impl McSession<'_> {
         Ok(accumulators
             .into_iter()
             .zip(&self.model.outputs)
-            .map(|((shape, acc), spec)| McOutput { name: spec.name.clone(), shape, stats: acc.finish() })
+            .map(|((shape, acc), spec)| McOutput {
+                name: spec.name.clone(),
+                shape,
+                stats: acc.finish(),
+            })
             .collect())
     }
 }
@@ -532,7 +626,10 @@ impl LoadedModel {
     fn name_outputs(&self, outs: TVec<TValue>) -> Vec<NamedTensor> {
         outs.into_iter()
             .zip(&self.outputs)
-            .map(|(t, spec)| NamedTensor { name: spec.name.clone(), tensor: t.into_tensor() })
+            .map(|(t, spec)| NamedTensor {
+                name: spec.name.clone(),
+                tensor: t.into_tensor(),
+            })
             .collect()
     }
 }
@@ -544,7 +641,15 @@ fn run_with_unit_masks(plan: &McPlan, batch: &Batch) -> TractResult<Vec<NamedTen
         let ones = Tensor::from_shape(&shape, &vec![1.0f32; shape.iter().product()])?;
         inputs.push(ones.cast_to_dt(m.datum)?.into_owned().into_tvalue());
     }
-    Ok(plan.plan.run(inputs)?.into_iter().map(|t| NamedTensor { name: String::new(), tensor: t.into_tensor() }).collect())
+    Ok(plan
+        .plan
+        .run(inputs)?
+        .into_iter()
+        .map(|t| NamedTensor {
+            name: String::new(),
+            tensor: t.into_tensor(),
+        })
+        .collect())
 }
 
 fn internal<T>(r: TractResult<T>) -> Result<T, Error> {
@@ -552,17 +657,31 @@ fn internal<T>(r: TractResult<T>) -> Result<T, Error> {
 }
 
 fn pass(check: &'static str, detail: &str) -> CheckResult {
-    CheckResult { check, result: Outcome::Pass, detail: detail.to_string() }
+    CheckResult {
+        check,
+        result: Outcome::Pass,
+        detail: detail.to_string(),
+    }
 }
 fn fail(check: &'static str, detail: String) -> CheckResult {
-    CheckResult { check, result: Outcome::Fail, detail }
+    CheckResult {
+        check,
+        result: Outcome::Fail,
+        detail,
+    }
 }
 fn skipped(check: &'static str, detail: &str) -> CheckResult {
-    CheckResult { check, result: Outcome::Skipped, detail: detail.to_string() }
+    CheckResult {
+        check,
+        result: Outcome::Skipped,
+        detail: detail.to_string(),
+    }
 }
 
 fn bits(t: &Tensor) -> Vec<u64> {
-    to_f64(t).map(|v| v.iter().map(|x| x.to_bits()).collect()).unwrap_or_default()
+    to_f64(t)
+        .map(|v| v.iter().map(|x| x.to_bits()).collect())
+        .unwrap_or_default()
 }
 
 /// Same outputs up to float rounding? Different plans (batch sizes, fused kernels) may
@@ -570,9 +689,15 @@ fn bits(t: &Tensor) -> Vec<u64> {
 fn compare(a: &[NamedTensor], b: &[NamedTensor]) -> Option<String> {
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
         if x.tensor.shape() != y.tensor.shape() {
-            return Some(format!("output {i} shape {:?} vs {:?}", x.tensor.shape(), y.tensor.shape()));
+            return Some(format!(
+                "output {i} shape {:?} vs {:?}",
+                x.tensor.shape(),
+                y.tensor.shape()
+            ));
         }
-        let (Ok(xv), Ok(yv)) = (to_f64(&x.tensor), to_f64(&y.tensor)) else { continue };
+        let (Ok(xv), Ok(yv)) = (to_f64(&x.tensor), to_f64(&y.tensor)) else {
+            continue;
+        };
         for (j, (p, q)) in xv.iter().zip(&yv).enumerate() {
             let tol = 1e-5 + 1e-4 * p.abs().max(q.abs());
             if (p - q).abs() > tol && !(p.is_nan() && q.is_nan()) {
@@ -593,7 +718,10 @@ fn resolve(shape: &[Dim], symbols: &HashMap<String, usize>) -> Result<Vec<usize>
         .iter()
         .map(|d| match d {
             Dim::Fixed(v) => Ok(*v),
-            Dim::Symbol(s) => symbols.get(s).copied().ok_or_else(|| format!("no value for dimension '{s}'")),
+            Dim::Symbol(s) => symbols
+                .get(s)
+                .copied()
+                .ok_or_else(|| format!("no value for dimension '{s}'")),
         })
         .collect()
 }
@@ -633,7 +761,12 @@ fn spec(name: &str, fact: &TypedFact) -> TractResult<TensorSpec> {
             other => Dim::Symbol(other.to_string()),
         })
         .collect();
-    Ok(TensorSpec { name: name.to_string(), dtype: dtype_name(fact.datum_type), datum: fact.datum_type, shape })
+    Ok(TensorSpec {
+        name: name.to_string(),
+        dtype: dtype_name(fact.datum_type),
+        datum: fact.datum_type,
+        shape,
+    })
 }
 
 /// The batch axis: a symbol that is the first dim of every input and every output.
@@ -662,7 +795,12 @@ fn probability_outputs(proto: &ModelProto, config: &ModelConfig, outputs: &[Tens
                     n.op_type == "Softmax" && n.output.first() == Some(&o.name) && {
                         let rank = o.shape.len() as i64;
                         let default_axis = if opset >= 13 { -1 } else { 1 };
-                        let axis = n.attribute.iter().find(|a| a.name == "axis").map(|a| a.i).unwrap_or(default_axis);
+                        let axis = n
+                            .attribute
+                            .iter()
+                            .find(|a| a.name == "axis")
+                            .map(|a| a.i)
+                            .unwrap_or(default_axis);
                         // Before opset 13, Softmax normalises over all axes from `axis` on.
                         let axis = if axis < 0 { axis + rank } else { axis };
                         axis == rank - 1
@@ -692,8 +830,14 @@ fn build_mc(
     }
     let (probe, lookups) = surgery.shape_probe_proto();
     let probe = typed(onnx, &probe, dir).map_err(|e| format!("typing the dropout inputs failed: {e:#}"))?;
-    let input_symbols: Vec<String> =
-        inputs.iter().flat_map(|i| i.shape.iter()).filter_map(|d| match d { Dim::Symbol(s) => Some(s.clone()), _ => None }).collect();
+    let input_symbols: Vec<String> = inputs
+        .iter()
+        .flat_map(|i| i.shape.iter())
+        .filter_map(|d| match d {
+            Dim::Symbol(s) => Some(s.clone()),
+            _ => None,
+        })
+        .collect();
     let mut masks = vec![];
     for (k, (site, at)) in lookups.into_iter().enumerate() {
         let fact = match at {

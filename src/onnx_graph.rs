@@ -17,8 +17,8 @@ use anyhow::{Context, bail};
 use serde::Serialize;
 use tract_onnx::data_resolver::MmapDataResolver;
 use tract_onnx::pb::{
-    AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, TensorShapeProto, TypeProto,
-    ValueInfoProto, tensor_proto::DataType, tensor_shape_proto, type_proto,
+    AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    tensor_proto::DataType, tensor_shape_proto, type_proto,
 };
 use tract_onnx::prelude::*;
 
@@ -97,7 +97,10 @@ pub fn opset(proto: &ModelProto) -> i64 {
         .unwrap_or(0)
 }
 
-pub fn analyse(proto: &ModelProto) -> anyhow::Result<Surgery> {
+/// `ratio_inputs` gives values for ratios that the file leaves to a graph input (from the
+/// model's config file): the operator fixes them per model, as they belong to how the model
+/// was trained, and a client must not dial its own uncertainty.
+pub fn analyse(proto: &ModelProto, ratio_inputs: &HashMap<String, f32>) -> anyhow::Result<Surgery> {
     let graph = proto.graph.as_ref().context("the file holds no graph")?;
     refuse_dropout_in_subgraphs(graph)?;
     let opset = opset(proto);
@@ -119,7 +122,9 @@ pub fn analyse(proto: &ModelProto) -> anyhow::Result<Surgery> {
         }
         let name = node_name(node);
         let input = node.input.first().filter(|s| !s.is_empty()).cloned();
-        let Some(input) = input else { bail!("Dropout node '{name}' has no data input") };
+        let Some(input) = input else {
+            bail!("Dropout node '{name}' has no data input")
+        };
         let output = node.output.first().cloned().unwrap_or_default();
         let mut control_inputs = vec![];
 
@@ -133,12 +138,14 @@ pub fn analyse(proto: &ModelProto) -> anyhow::Result<Surgery> {
                 None => (Some(0.5), "default".to_string()),
                 Some(r) => {
                     if let Some((t, kind)) = constants.get(r.as_str()) {
-                        let v = scalar_f32(t)
-                            .with_context(|| format!("ratio of Dropout node '{name}'"))?;
+                        let v = scalar_f32(t).with_context(|| format!("ratio of Dropout node '{name}'"))?;
                         (Some(v), (*kind).to_string())
                     } else if graph_inputs.contains(r.as_str()) {
                         control_inputs.push(r.clone());
-                        (None, format!("graph input '{r}'"))
+                        match ratio_inputs.get(r) {
+                            Some(v) => (Some(*v), format!("graph input '{r}', value from the model config")),
+                            None => (None, format!("graph input '{r}'")),
+                        }
                     } else {
                         (None, format!("computed at run time ('{r}')"))
                     }
@@ -168,12 +175,16 @@ pub fn analyse(proto: &ModelProto) -> anyhow::Result<Surgery> {
         match &ratio {
             None => mc_blockers.push(format!(
                 "the ratio of Dropout node '{name}' is {ratio_source}, so the server cannot know \
-                 how much to drop; MC dropout is refused for this model (eval works)"
+                 how much to drop; MC dropout is refused for this model (eval works). To enable \
+                 it, set \"dropout_ratios\" in the model's .model.json config"
             )),
             Some(_) => {}
         }
-        let mask_output =
-            node.output.get(1).filter(|m| !m.is_empty() && consumed.contains(m.as_str())).cloned();
+        let mask_output = node
+            .output
+            .get(1)
+            .filter(|m| !m.is_empty() && consumed.contains(m.as_str()))
+            .cloned();
         sites.push(DropoutSite {
             node: name,
             ratio,
@@ -193,7 +204,11 @@ pub fn analyse(proto: &ModelProto) -> anyhow::Result<Surgery> {
     let mut surgery = Surgery {
         sites,
         fixes,
-        mc_blocker: if mc_blockers.is_empty() { None } else { Some(mc_blockers.join("; ")) },
+        mc_blocker: if mc_blockers.is_empty() {
+            None
+        } else {
+            Some(mc_blockers.join("; "))
+        },
         eval_proto: ModelProto::default(),
         base,
     };
@@ -212,11 +227,19 @@ impl Surgery {
         for (ix, site) in self.sites.iter().enumerate().filter(|(_, s)| s.samples()) {
             let at = if let Some(p) = graph.input.iter().position(|i| i.name == site.input) {
                 // Re-declaring a graph input as an untyped output would erase its type.
-                FactAt::Input(graph.input[..p].iter().filter(|i| !self.is_initializer(&i.name)).count())
+                FactAt::Input(
+                    graph.input[..p]
+                        .iter()
+                        .filter(|i| !self.is_initializer(&i.name))
+                        .count(),
+                )
             } else if let Some(p) = graph.output.iter().position(|o| o.name == site.input) {
                 FactAt::Output(p)
             } else {
-                graph.output.push(ValueInfoProto { name: site.input.clone(), ..Default::default() });
+                graph.output.push(ValueInfoProto {
+                    name: site.input.clone(),
+                    ..Default::default()
+                });
                 FactAt::Output(graph.output.len() - 1)
             };
             lookups.push((ix, at));
@@ -225,7 +248,10 @@ impl Surgery {
     }
 
     fn is_initializer(&self, name: &str) -> bool {
-        self.base.graph.as_ref().is_some_and(|g| g.initializer.iter().any(|t| t.name == name))
+        self.base
+            .graph
+            .as_ref()
+            .is_some_and(|g| g.initializer.iter().any(|t| t.name == name))
     }
 
     /// The MC graph: every sampling site multiplies by its mask input.
@@ -248,8 +274,7 @@ impl Surgery {
                 Some(m) => {
                     let mut nodes = vec![node("Mul", &site.node, &[&site.input, &m.name], &[&site.output])];
                     if let Some(mask_out) = &site.mask_output {
-                        let mut cast =
-                            node("Cast", &format!("{}__mcd_mask", site.node), &[&m.name], &[mask_out]);
+                        let mut cast = node("Cast", &format!("{}__mcd_mask", site.node), &[&m.name], &[mask_out]);
                         cast.attribute.push(AttributeProto {
                             name: "to".into(),
                             r#type: 2, // INT
@@ -304,10 +329,15 @@ impl Surgery {
         }
         // Graph inputs that only fed a Dropout's ratio or training_mode are now dangling.
         // Drop them, or every client would have to send a value that changes nothing.
-        let orphaned: HashSet<&str> =
-            self.sites.iter().flat_map(|s| s.control_inputs.iter().map(String::as_str)).collect();
+        let orphaned: HashSet<&str> = self
+            .sites
+            .iter()
+            .flat_map(|s| s.control_inputs.iter().map(String::as_str))
+            .collect();
         let still_used = consumed_names(graph);
-        graph.input.retain(|i| !orphaned.contains(i.name.as_str()) || still_used.contains(i.name.as_str()));
+        graph
+            .input
+            .retain(|i| !orphaned.contains(i.name.as_str()) || still_used.contains(i.name.as_str()));
         proto
     }
 }
@@ -382,8 +412,11 @@ fn consumed_names(graph: &GraphProto) -> HashSet<String> {
 }
 
 fn constant_tensors(graph: &GraphProto) -> HashMap<&str, (TensorProto, &'static str)> {
-    let mut map: HashMap<&str, (TensorProto, &'static str)> =
-        graph.initializer.iter().map(|t| (t.name.as_str(), (t.clone(), "initializer"))).collect();
+    let mut map: HashMap<&str, (TensorProto, &'static str)> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.as_str(), (t.clone(), "initializer")))
+        .collect();
     for n in graph.node.iter().filter(|n| n.op_type == "Constant") {
         let Some(out) = n.output.first() else { continue };
         for a in &n.attribute {
@@ -457,7 +490,10 @@ fn value_info(name: &str, datum: DatumType, shape: &[Dim]) -> anyhow::Result<Val
                 Dim::Fixed(v) => tensor_shape_proto::dimension::Value::DimValue(*v as i64),
                 Dim::Symbol(s) => tensor_shape_proto::dimension::Value::DimParam(s.clone()),
             };
-            tensor_shape_proto::Dimension { value: Some(value), ..Default::default() }
+            tensor_shape_proto::Dimension {
+                value: Some(value),
+                ..Default::default()
+            }
         })
         .collect();
     Ok(ValueInfoProto {

@@ -38,7 +38,9 @@ impl Accumulator {
     /// `len` elements per sample; `classes` is the size of the last axis for a probability
     /// output, None otherwise.
     pub fn new(len: usize, classes: Option<usize>, keep_samples: bool) -> Self {
-        let entropy = classes.filter(|&k| k > 0 && len % k == 0).map(|k| (k, vec![0.0; len / k]));
+        let entropy = classes
+            .filter(|&k| k > 0 && len % k == 0)
+            .map(|k| (k, vec![0.0; len / k]));
         Accumulator {
             count: 0,
             mean: vec![0.0; len],
@@ -78,11 +80,25 @@ impl Accumulator {
         let entropy = self.entropy.map(|(k, sums)| {
             let predictive: Vec<f64> = self.mean.chunks_exact(k).map(entropy).collect();
             let expected: Vec<f64> = sums.iter().map(|s| s / n.max(1) as f64).collect();
-            let mutual_information =
-                predictive.iter().zip(&expected).map(|(p, e)| (p - e).max(0.0)).collect();
-            EntropyStats { predictive_entropy: predictive, expected_entropy: expected, mutual_information }
+            let mutual_information = predictive
+                .iter()
+                .zip(&expected)
+                .map(|(p, e)| (p - e).max(0.0))
+                .collect();
+            EntropyStats {
+                predictive_entropy: predictive,
+                expected_entropy: expected,
+                mutual_information,
+            }
         });
-        OutputStats { mean: self.mean, variance, std, entropy, samples: self.samples, count: n }
+        OutputStats {
+            mean: self.mean,
+            variance,
+            std,
+            entropy,
+            samples: self.samples,
+            count: n,
+        }
     }
 }
 

@@ -1,0 +1,107 @@
+//! Command line and environment configuration. Every flag has an `MCD_*` variable.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::http::Limits;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mcd-serve",
+    version,
+    about = "Serve ONNX models with Monte-Carlo-dropout uncertainty over HTTP"
+)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Exit 0 when the server's readiness endpoint answers 200, 1 otherwise (for container
+    /// HEALTHCHECKs: no curl needed).
+    Healthcheck {
+        /// The URL to probe.
+        #[arg(
+            long,
+            env = "MCD_HEALTHCHECK_URL",
+            default_value = "http://127.0.0.1:8080/health/ready"
+        )]
+        url: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 3.0)]
+        timeout_secs: f64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Folder of `*.onnx` models; a model's name is its file stem.
+    #[arg(long, env = "MCD_MODELS", default_value = "models")]
+    pub models: PathBuf,
+    /// Address to listen on.
+    #[arg(long, env = "MCD_ADDR", default_value = "0.0.0.0:8080")]
+    pub addr: String,
+    /// Model served by `POST /predict` (default: breast_cancer if present, else the only model).
+    #[arg(long, env = "MCD_DEFAULT_MODEL")]
+    pub default_model: Option<String>,
+    /// Largest `mc_samples` a request may ask for.
+    #[arg(long, env = "MCD_MAX_MC_SAMPLES", default_value_t = 1000)]
+    pub max_mc_samples: usize,
+    /// Admission budget in cost units (rows × samples; eval counts rows). A request that
+    /// does not fit in what is left is refused at once with 429.
+    #[arg(long, env = "MCD_MAX_INFLIGHT_COST", default_value_t = 200_000)]
+    pub max_inflight_cost: u32,
+    /// Largest batch (rows) one request may send.
+    #[arg(long, env = "MCD_MAX_BATCH_ROWS", default_value_t = 4096)]
+    pub max_batch_rows: usize,
+    /// Seconds a predict request may wait and run before it is answered 504.
+    #[arg(long, env = "MCD_REQUEST_TIMEOUT_SECS", default_value_t = 30.0)]
+    pub request_timeout_secs: f64,
+    /// Largest request body in bytes (image batches are large).
+    #[arg(long, env = "MCD_BODY_LIMIT_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub body_limit_bytes: usize,
+    /// Inference threads (default: the number of cores).
+    #[arg(long, env = "MCD_WORKERS")]
+    pub workers: Option<usize>,
+    /// Log format.
+    #[arg(long, env = "MCD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// On SIGTERM, seconds to keep serving with readiness at 503 before closing the
+    /// listener, so load balancers stop sending traffic first.
+    #[arg(long, env = "MCD_SHUTDOWN_DRAIN_SECS", default_value_t = 0.0)]
+    pub shutdown_drain_secs: f64,
+}
+
+impl ServeArgs {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_mc_samples: self.max_mc_samples.max(2),
+            max_inflight_cost: self.max_inflight_cost.max(1),
+            max_batch_rows: self.max_batch_rows.max(1),
+            request_timeout: Duration::from_secs_f64(self.request_timeout_secs.max(0.001)),
+            body_limit_bytes: self.body_limit_bytes,
+            workers: self
+                .workers
+                .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+        }
+    }
+
+    /// Settings for tests and embedding: the given folder, everything else at its default.
+    pub fn for_models(dir: impl Into<PathBuf>) -> Self {
+        let mut args = Cli::parse_from(["mcd-serve"]).serve;
+        args.models = dir.into();
+        args
+    }
+}

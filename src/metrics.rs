@@ -1,0 +1,184 @@
+//! Prometheus metrics. Label values are bounded: model names come from the repository
+//! (or the fixed `_unknown`), never from the raw URL.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Label used for requests naming a model the repository does not have.
+pub const UNKNOWN_MODEL: &str = "_unknown";
+
+/// Entropy buckets in nats: fine below ln 2 (binary models top out at 0.693), then up to
+/// ln 1000 for large label sets.
+const ENTROPY_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.0,
+];
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+const SAMPLE_BUCKETS: &[f64] = &[2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0];
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub inference_duration: HistogramVec,
+    pub mc_samples: HistogramVec,
+    pub predictive_entropy: HistogramVec,
+    pub mode_checks: IntCounterVec,
+    pub mode_violations: IntCounterVec,
+    pub inflight: IntGauge,
+    pub rejected: IntCounterVec,
+    pub model_info: IntGaugeVec,
+    pub ready: IntGauge,
+    pub load_failures: IntGauge,
+    pub panics: prometheus::IntCounter,
+    pub startup_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+            r.register(Box::new(c.clone()))
+                .expect("metric names are unique: this is a bug");
+            c
+        }
+        let hist = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
+            HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)
+                .expect("valid histogram: this is a bug")
+        };
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter: this is a bug")
+        };
+        Metrics {
+            requests: reg(
+                &registry,
+                counter(
+                    "mcd_requests_total",
+                    "Predict requests by model, mode and HTTP status.",
+                    &["model", "mode", "status"],
+                ),
+            ),
+            request_duration: reg(
+                &registry,
+                hist(
+                    "mcd_request_duration_seconds",
+                    "Predict request latency, body parse to response.",
+                    &["model", "mode"],
+                    LATENCY_BUCKETS,
+                ),
+            ),
+            inference_duration: reg(
+                &registry,
+                hist(
+                    "mcd_inference_duration_seconds",
+                    "Engine time only, per predict request.",
+                    &["model", "mode"],
+                    LATENCY_BUCKETS,
+                ),
+            ),
+            mc_samples: reg(
+                &registry,
+                hist(
+                    "mcd_mc_samples",
+                    "MC samples requested per MC request.",
+                    &["model"],
+                    SAMPLE_BUCKETS,
+                ),
+            ),
+            predictive_entropy: reg(
+                &registry,
+                hist(
+                    "mcd_predictive_entropy",
+                    "Predictive entropy (nats) of MC answers, one observation per row.",
+                    &["model", "output"],
+                    ENTROPY_BUCKETS,
+                ),
+            ),
+            mode_checks: reg(
+                &registry,
+                counter(
+                    "mcd_mode_checks_total",
+                    "Load-time mode self-checks by result (pass, fail, skipped).",
+                    &["model", "check", "result"],
+                ),
+            ),
+            mode_violations: reg(
+                &registry,
+                counter(
+                    "mcd_mode_violations_total",
+                    "Requests refused because their parameters contradict their mode.",
+                    &["model", "reason"],
+                ),
+            ),
+            inflight: reg(
+                &registry,
+                IntGauge::new("mcd_inflight_requests", "Predict requests in progress.").expect("valid gauge"),
+            ),
+            rejected: reg(
+                &registry,
+                counter(
+                    "mcd_rejected_requests_total",
+                    "Requests shed before inference (overloaded, timeout, not_ready, payload_too_large).",
+                    &["reason"],
+                ),
+            ),
+            model_info: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new("mcd_model_info", "Loaded models; value 1."),
+                    &["model", "dropout_sites"],
+                )
+                .expect("valid gauge"),
+            ),
+            ready: reg(
+                &registry,
+                IntGauge::new(
+                    "mcd_ready",
+                    "1 when every model loaded and passed its checks and the server is not shutting down.",
+                )
+                .expect("valid gauge"),
+            ),
+            load_failures: reg(
+                &registry,
+                IntGauge::new("mcd_model_load_failures", "Model files that failed their last load.")
+                    .expect("valid gauge"),
+            ),
+            panics: reg(
+                &registry,
+                prometheus::IntCounter::new(
+                    "mcd_internal_panics_total",
+                    "Panics caught inside inference or handlers.",
+                )
+                .expect("valid counter"),
+            ),
+            startup_seconds: reg(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "mcd_model_load_duration_seconds",
+                        "Time to load and self-check one model.",
+                    )
+                    .buckets(vec![0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0]),
+                )
+                .expect("valid histogram"),
+            ),
+            registry,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = vec![];
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail: this is a bug");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}

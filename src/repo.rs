@@ -1,0 +1,118 @@
+//! The model repository: every `*.onnx` in a folder, by file stem.
+
+use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::model::{LoadedModel, ModelConfig};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadFailure {
+    pub model: String,
+    pub file: PathBuf,
+    pub reason: String,
+    /// True when an earlier good version of the model keeps serving.
+    pub kept_previous: bool,
+}
+
+#[derive(Default)]
+pub struct ModelRepo {
+    pub models: BTreeMap<String, Arc<LoadedModel>>,
+    pub failures: Vec<LoadFailure>,
+    pub load_times: BTreeMap<String, Duration>,
+}
+
+/// `(name, path)` of every `*.onnx` file in `dir`, sorted by name.
+pub fn scan(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
+    let mut found = vec![];
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "onnx")
+            && path.is_file()
+            && let Some(stem) = path.file_stem().and_then(|s| s.to_str())
+        {
+            found.push((stem.to_string(), path));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Which model `POST /predict` serves: the one named, else `breast_cancer` when present,
+/// else the only one.
+pub fn default_model(names: &[String], requested: Option<&str>) -> Result<String, String> {
+    match requested {
+        Some(r) if names.iter().any(|n| n == r) => Ok(r.to_string()),
+        Some(r) => Err(format!(
+            "the default model '{r}' is not among the models found: {names:?}"
+        )),
+        None if names.iter().any(|n| n == "breast_cancer") => Ok("breast_cancer".into()),
+        None if names.len() == 1 => Ok(names[0].clone()),
+        None if names.is_empty() => Err("no *.onnx models found".into()),
+        None => Err(format!(
+            "{} models found ({names:?}) and none named as the default: pass --default-model or set MCD_DEFAULT_MODEL",
+            names.len()
+        )),
+    }
+}
+
+pub fn config_path(model_path: &Path) -> PathBuf {
+    model_path.with_extension("model.json")
+}
+
+/// Loads one model and its optional config. A panic inside the ONNX loader (it has
+/// `unimplemented!` paths for exotic tensor types) becomes a load error for this file only.
+pub fn load_model(name: &str, path: &Path) -> Result<LoadedModel, String> {
+    let cfg_path = config_path(path);
+    let config = if cfg_path.is_file() {
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| format!("reading {}: {e}", cfg_path.display()))?;
+        serde_json::from_str::<ModelConfig>(&text).map_err(|e| format!("parsing {}: {e}", cfg_path.display()))?
+    } else {
+        ModelConfig::default()
+    };
+    match std::panic::catch_unwind(AssertUnwindSafe(|| LoadedModel::load(name, path, config))) {
+        Ok(Ok(m)) => Ok(m),
+        Ok(Err(e)) => Err(format!("{e:#}")),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(format!("the ONNX loader panicked: {msg}"))
+        }
+    }
+}
+
+/// Loads every model in `dir`. A file that fails keeps the previous good version, if one
+/// is given, serving under its name; other files load regardless.
+pub fn load_dir(dir: &Path, previous: Option<&ModelRepo>) -> std::io::Result<ModelRepo> {
+    let mut repo = ModelRepo::default();
+    for (name, path) in scan(dir)? {
+        let start = Instant::now();
+        match load_model(&name, &path) {
+            Ok(m) => {
+                repo.load_times.insert(name.clone(), start.elapsed());
+                repo.models.insert(name, Arc::new(m));
+            }
+            Err(reason) => {
+                let old = previous.and_then(|p| p.models.get(&name)).cloned();
+                tracing::error!(model = %name, file = %path.display(), %reason, kept_previous = old.is_some(), "model failed to load");
+                repo.failures.push(LoadFailure {
+                    model: name.clone(),
+                    file: path,
+                    reason,
+                    kept_previous: old.is_some(),
+                });
+                if let Some(old) = old {
+                    repo.models.insert(name, old);
+                }
+            }
+        }
+    }
+    Ok(repo)
+}

@@ -1,0 +1,401 @@
+//! The model engine against closed forms and independent references (numpy, onnxruntime).
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::*;
+use mcd_serve::model::{Batch, LoadedModel, McOutput, McSamples, ModelConfig, Outcome, to_f64};
+use mcd_serve::repo::load_model;
+use mcd_serve::tensor_json::parse_request;
+use serde_json::{Value, json};
+
+fn load(path: &std::path::Path) -> LoadedModel {
+    load_model(path.file_stem().unwrap().to_str().unwrap(), path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn batch(model: &LoadedModel, inputs: Value) -> Batch {
+    let body = serde_json::to_vec(&json!({ "inputs": inputs })).unwrap();
+    model.batch(parse_request(model, &body).unwrap()).unwrap()
+}
+
+fn eval(model: &LoadedModel, b: &Batch) -> Vec<Vec<f64>> {
+    model
+        .eval_session()
+        .run(b)
+        .unwrap()
+        .iter()
+        .map(|o| to_f64(&o.tensor).unwrap())
+        .collect()
+}
+
+fn mc(model: &LoadedModel, b: &Batch, n: usize, seed: u64, keep: bool) -> Vec<McOutput> {
+    model
+        .mc_session()
+        .unwrap()
+        .run(b, McSamples::new(n, 1_000_000).unwrap(), seed, keep)
+        .unwrap()
+}
+
+fn check(model: &LoadedModel, name: &str) -> Outcome {
+    model
+        .checks
+        .iter()
+        .find(|c| c.check == name)
+        .unwrap_or_else(|| panic!("no check {name}"))
+        .result
+}
+
+/// y = Dropout_p(x)·W. Mean and variance against their closed forms, with tolerances from
+/// the sampling distribution of the estimators (5 standard errors, exact fourth moments).
+#[test]
+fn linear_dropout_matches_closed_forms() {
+    let spec = read_json(&fixture("linear_dropout.json"));
+    let model = load(&fixture("linear_dropout.onnx"));
+    let p = spec["ratio_as_float32"].as_f64().unwrap();
+    let w: Vec<Vec<f64>> = serde_json::from_value(spec["W"].clone()).unwrap();
+    let xs: Vec<Vec<f64>> = serde_json::from_value(spec["x"].clone()).unwrap();
+    let s = 20_000usize;
+    let out = &mc(&model, &batch(&model, spec["x"].clone()), s, 42, false)[0];
+    assert_eq!(out.shape, vec![xs.len(), 3]);
+    for (r, x) in xs.iter().enumerate() {
+        for k in 0..3 {
+            let a: Vec<f64> = (0..x.len()).map(|j| x[j] * w[j][k]).collect();
+            let mean: f64 = a.iter().sum();
+            let var: f64 = a.iter().map(|a| a * a * p / (1.0 - p)).sum();
+            // Each term a_j(b_j - 1), b_j in {0, 1/(1-p)}: its 4th cumulant, summed.
+            let kappa4: f64 = a
+                .iter()
+                .map(|a| {
+                    let m4 = p * a.powi(4) + (1.0 - p) * (a * p / (1.0 - p)).powi(4);
+                    m4 - 3.0 * (a * a * p / (1.0 - p)).powi(2)
+                })
+                .sum();
+            let mu4 = kappa4 + 3.0 * var * var;
+            let se_mean = (var / s as f64).sqrt();
+            let se_var = ((mu4 - var * var) / s as f64).sqrt();
+            let got_mean = out.stats.mean[r * 3 + k];
+            let got_var = out.stats.variance[r * 3 + k];
+            let want_var = spec["expected_var"][r][k].as_f64().unwrap();
+            assert!(
+                (want_var - var).abs() < 1e-6 * var.max(1.0),
+                "fixture closed form disagrees with ours"
+            );
+            assert!(
+                (got_mean - mean).abs() <= 5.0 * se_mean + 1e-12,
+                "row {r} out {k}: mean {got_mean} vs {mean} (se {se_mean})"
+            );
+            assert!(
+                (got_var - var).abs() <= 5.0 * se_var + 1e-12,
+                "row {r} out {k}: var {got_var} vs {var} (se {se_var})"
+            );
+            assert!((out.stats.std[r * 3 + k] - got_var.sqrt()).abs() < 1e-12);
+        }
+    }
+}
+
+#[test]
+fn same_seed_same_answer_on_any_thread_and_other_seeds_differ() {
+    let model = std::sync::Arc::new(load(&models_dir().join("breast_cancer.onnx")));
+    let refs = read_json(&fixture("reference_outputs.json"));
+    let inputs = refs["breast_cancer"]["inputs"].clone();
+    let b = batch(&model, inputs.clone());
+    let first = mc(&model, &b, 50, 7, true);
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let model = model.clone();
+            let inputs = inputs.clone();
+            std::thread::spawn(move || {
+                let b = batch(&model, inputs);
+                (0..5)
+                    .map(|_| mc(&model, &b, 50, 7, true)[0].stats.samples.clone().unwrap())
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    for t in threads {
+        for samples in t.join().unwrap() {
+            assert_eq!(samples, *first[0].stats.samples.as_ref().unwrap());
+        }
+    }
+    let other = mc(&model, &b, 50, 8, true);
+    assert_ne!(other[0].stats.samples, first[0].stats.samples);
+}
+
+#[test]
+fn bundled_models_eval_matches_onnxruntime_and_is_deterministic_and_row_independent() {
+    let refs = read_json(&fixture("reference_outputs.json"));
+    for name in ["breast_cancer", "diabetes", "digits_cnn"] {
+        let model = load(&models_dir().join(format!("{name}.onnx")));
+        for c in &model.checks {
+            assert_ne!(c.result, Outcome::Fail, "{name}: {c:?}");
+        }
+        assert_eq!(check(&model, "mc_live"), Outcome::Pass, "{name}");
+        let r = &refs[name];
+        let b = batch(&model, r["inputs"].clone());
+        let got = eval(&model, &b);
+        let want = f64s(&r["outputs"]);
+        assert_eq!(got[0].len(), want.len());
+        for (g, w) in got[0].iter().zip(&want) {
+            // float32 arithmetic in two runtimes: a few ulps of the magnitude.
+            assert!(
+                (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                "{name}: {g} vs onnxruntime {w}"
+            );
+        }
+        assert_eq!(got, eval(&model, &b), "{name}: eval is not bit-identical across calls");
+        // Each row alone gives its row of the batch answer.
+        let rows = r["inputs"].as_array().unwrap();
+        let per_row = got[0].len() / rows.len();
+        for (i, row) in rows.iter().enumerate() {
+            let alone = eval(&model, &batch(&model, json!([row])));
+            for (a, g) in alone[0].iter().zip(&got[0][i * per_row..(i + 1) * per_row]) {
+                assert!(
+                    (a - g).abs() <= 1e-6 * g.abs().max(1.0),
+                    "{name} row {i}: {a} alone vs {g} in batch"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn bundled_models_have_accuracy_their_config_reports() {
+    // The reference rows' labels: eval argmax should mostly agree (the held-out accuracy is
+    // in the model config; 8 rows is a smoke check that labels and classes line up).
+    let refs = read_json(&fixture("reference_outputs.json"));
+    for name in ["breast_cancer", "digits_cnn"] {
+        let model = load(&models_dir().join(format!("{name}.onnx")));
+        let r = &refs[name];
+        let got = eval(&model, &batch(&model, r["inputs"].clone()));
+        let labels = f64s(&r["labels"]);
+        let k = got[0].len() / labels.len();
+        let correct = labels
+            .iter()
+            .enumerate()
+            .filter(|(i, l)| {
+                let row = &got[0][i * k..(i + 1) * k];
+                let argmax = (0..k).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap();
+                argmax as f64 == **l
+            })
+            .count();
+        assert!(correct >= 7, "{name}: only {correct}/8 reference rows classified right");
+    }
+}
+
+#[test]
+fn mc_statistics_are_consistent_on_a_real_classifier() {
+    let model = load(&models_dir().join("digits_cnn.onnx"));
+    let refs = read_json(&fixture("reference_outputs.json"));
+    let b = batch(&model, refs["digits_cnn"]["inputs"].clone());
+    let out = &mc(&model, &b, 100, 3, true)[0];
+    let e = out.stats.entropy.as_ref().expect("softmax output gets entropies");
+    let ln_k = 10f64.ln();
+    for r in 0..8 {
+        assert!((0.0..=ln_k).contains(&e.predictive_entropy[r]));
+        assert!((0.0..=ln_k).contains(&e.expected_entropy[r]));
+        assert!(e.mutual_information[r] >= 0.0);
+        let row_mean: f64 = out.stats.mean[r * 10..(r + 1) * 10].iter().sum();
+        assert!((row_mean - 1.0).abs() < 1e-5, "MC mean of a softmax sums to 1");
+    }
+    // The statistics are those of the returned samples.
+    let samples = out.stats.samples.as_ref().unwrap();
+    assert_eq!(samples.len(), 100 * 80);
+    let j = 13;
+    let m: f64 = (0..100).map(|s| samples[s * 80 + j]).sum::<f64>() / 100.0;
+    let v: f64 = (0..100).map(|s| (samples[s * 80 + j] - m).powi(2)).sum::<f64>() / 99.0;
+    assert!((out.stats.mean[j] - m).abs() < 1e-12 && (out.stats.variance[j] - v).abs() < 1e-12);
+}
+
+#[test]
+fn fixtures_eval_matches_onnxruntime_on_their_eval_copies() {
+    let refs = read_json(&fixture("fixture_eval_outputs.json"));
+    for (file, r) in refs.as_object().unwrap() {
+        let path = fixture(file);
+        let model = match load_model("f", &path) {
+            Ok(m) => m,
+            Err(e) => {
+                assert!(file == "dropout_in_subgraph.onnx", "{file} refused: {e}");
+                continue;
+            }
+        };
+        let inputs: serde_json::Map<String, Value> = r["inputs"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| model.inputs.iter().any(|s| &s.name == *k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let b = batch(&model, Value::Object(inputs));
+        let got = model.eval_session().run(&b).unwrap();
+        for o in got {
+            let want = f64s(&r["outputs"][&o.name]);
+            let g = to_f64(&o.tensor).unwrap();
+            assert_eq!(g.len(), want.len(), "{file}/{}", o.name);
+            for (g, w) in g.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                    "{file}/{}: {g} vs {w}",
+                    o.name
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn batchnorm_exported_in_training_mode_is_served_with_running_statistics() {
+    let spec = read_json(&fixture("bn_training_mode.json"));
+    let model = load(&fixture("bn_training_mode.onnx"));
+    assert!(
+        model.fixes.iter().any(|f| f.contains("running statistics")),
+        "{:?}",
+        model.fixes
+    );
+    assert_eq!(check(&model, "eval_row_independent"), Outcome::Pass);
+    let got = &eval(&model, &batch(&model, spec["x"].clone()))[0];
+    let running = f64s(&spec["expected_eval_output"]);
+    let batch_stats = f64s(&spec["batch_stats_output"]);
+    let max_diff = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    assert!(max_diff(got, &running) < 1e-5, "not the running-statistics answer");
+    assert!(max_diff(got, &batch_stats) > 0.1, "looks like batch statistics");
+
+    let err = load_model("bn", &fixture("bn_training_extra_output_used.onnx"))
+        .err()
+        .expect("must be refused");
+    assert!(
+        err.contains("BatchNormalization") && err.contains("bn_running_mean_out"),
+        "{err}"
+    );
+}
+
+#[test]
+fn dropout_inside_a_subgraph_is_refused_with_the_node_name() {
+    let err = load_model("s", &fixture("dropout_in_subgraph.onnx"))
+        .err()
+        .expect("must be refused");
+    assert!(err.contains("Dropout node") && err.contains("If node"), "{err}");
+}
+
+#[test]
+fn a_used_mask_output_is_all_true_in_eval_and_the_real_mask_in_mc() {
+    let model = load(&fixture("dropout_mask_used.onnx"));
+    let x: Vec<f64> = (0..16).map(|i| i as f64 - 7.5).collect();
+    let b = batch(&model, json!([x]));
+    let out = eval(&model, &b);
+    assert_eq!(out[0], x);
+    assert!(out[1].iter().all(|&m| m == 1.0));
+    let outs = mc(&model, &b, 200, 5, true);
+    let ys = outs[0].stats.samples.as_ref().unwrap();
+    let masks = outs[1].stats.samples.as_ref().unwrap();
+    let mut dropped = 0;
+    for (i, (y, m)) in ys.iter().zip(masks).enumerate() {
+        let xi = x[i % 16];
+        if *m == 1.0 {
+            assert!((y - 2.0 * xi).abs() < 1e-6, "kept value not scaled by 1/(1-0.5)");
+        } else {
+            assert_eq!(*m, 0.0);
+            assert_eq!(*y, 0.0);
+            dropped += 1;
+        }
+    }
+    let n = 200.0 * 16.0;
+    let sd = (n * 0.25f64).sqrt();
+    assert!((dropped as f64 - n * 0.5).abs() < 5.0 * sd, "dropped {dropped} of {n}");
+}
+
+#[test]
+fn a_ratio_given_as_graph_input_refuses_mc_unless_the_config_fixes_it() {
+    let path = fixture("dropout_ratio_input.onnx");
+    let model = load(&path);
+    assert_eq!(
+        model.inputs.len(),
+        1,
+        "the ratio input is no part of the served interface"
+    );
+    let reason = model.mc_unavailable_reason().expect("MC must be refused");
+    assert!(
+        reason.contains("graph input 'ratio'") && reason.contains("dropout_ratios"),
+        "{reason}"
+    );
+    let x = vec![1.0f64; 8];
+    assert_eq!(eval(&model, &batch(&model, json!([x])))[0], x);
+
+    let config = ModelConfig {
+        dropout_ratios: HashMap::from([("ratio".to_string(), 0.25)]),
+        ..Default::default()
+    };
+    let model = LoadedModel::load("r", &path, config).unwrap();
+    assert!(model.mc_unavailable_reason().is_none());
+    let out = &mc(&model, &batch(&model, json!([x])), 400, 1, true)[0];
+    let samples = out.stats.samples.as_ref().unwrap();
+    let dropped = samples.iter().filter(|&&v| v == 0.0).count() as f64;
+    let n = samples.len() as f64;
+    assert!(samples.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
+    assert!((dropped - 0.25 * n).abs() < 5.0 * (n * 0.25 * 0.75).sqrt());
+}
+
+#[test]
+fn degenerate_or_absent_dropout_refuses_mc_with_the_reason() {
+    let m = load(&fixture("no_dropout.onnx"));
+    assert!(m.mc_unavailable_reason().unwrap().contains("no Dropout"));
+    assert!(m.mc_session().is_err());
+    assert_eq!(check(&m, "mc_live"), Outcome::Skipped);
+    let m = load(&fixture("zero_ratio.onnx"));
+    assert!(
+        m.mc_unavailable_reason().unwrap().contains("ratio 0"),
+        "{:?}",
+        m.mc_unavailable_reason()
+    );
+    assert!(m.healthy(), "eval stays available");
+}
+
+#[test]
+fn a_batch_dependent_model_fails_its_row_independence_check() {
+    let m = load(&fixture("batch_dependent.onnx"));
+    assert_eq!(check(&m, "eval_row_independent"), Outcome::Fail);
+    assert!(!m.healthy());
+}
+
+#[test]
+fn fixed_batch_models_run_mc_in_chunks() {
+    let m = load(&fixture("fixed_batch.onnx"));
+    assert!(m.batch_symbol.is_none());
+    let b = batch(&m, json!([[0.5, -1.0, 2.0, 0.0, 1.0]]));
+    let a = mc(&m, &b, 30, 9, true);
+    assert_eq!(a[0].shape, vec![1, 3]);
+    assert_eq!(a[0].stats.count, 30);
+    assert!(a[0].stats.variance.iter().any(|&v| v > 0.0));
+    assert_eq!(a[0].stats.samples, mc(&m, &b, 30, 9, true)[0].stats.samples);
+}
+
+#[test]
+fn integer_inputs_and_several_inputs_and_outputs() {
+    let m = load(&fixture("int_input.onnx"));
+    assert_eq!(m.inputs[0].dtype, "int64");
+    let out = eval(&m, &batch(&m, json!([[1, 0, 2, 3], [0, 0, 0, 1]])));
+    assert_eq!(out[0].len(), 6);
+    let body = serde_json::to_vec(&json!({"inputs": [[1.5, 0, 2, 3]]})).unwrap();
+    let err = parse_request(&m, &body).err().unwrap();
+    assert_eq!(err.error_type(), "invalid_value");
+
+    let m = load(&fixture("two_inputs.onnx"));
+    let b = batch(&m, json!({"a": [[1.0, 2.0, 3.0]], "b": [[0.5, -0.5]]}));
+    let outs = mc(&m, &b, 64, 2, false);
+    assert_eq!(outs.len(), 2);
+    assert!(outs[0].stats.entropy.is_none());
+    assert!(outs[1].stats.entropy.is_some(), "z is a softmax output");
+}
+
+#[test]
+fn every_model_reproduces_eval_with_keep_all_masks() {
+    // The p = 0 limit: masks of ones make the MC graph compute exactly the eval answer.
+    for path in ["breast_cancer", "diabetes", "digits_cnn"].map(|n| models_dir().join(format!("{n}.onnx"))) {
+        assert_eq!(
+            check(&load(&path), "mc_matches_eval"),
+            Outcome::Pass,
+            "{}",
+            path.display()
+        );
+    }
+}

@@ -1,0 +1,575 @@
+//! The HTTP contract, against a real server on a real TCP port.
+
+mod common;
+
+use common::*;
+use mcd_serve::config::ServeArgs;
+use serde_json::{Value, json};
+
+fn reference(name: &str) -> Value {
+    read_json(&fixture("reference_outputs.json"))[name].clone()
+}
+
+async fn bundled() -> TestServer {
+    TestServer::start(ServeArgs::for_models(models_dir())).await
+}
+
+fn shape(v: &Value) -> Vec<usize> {
+    let mut s = vec![];
+    let mut c = v;
+    while let Value::Array(a) = c {
+        s.push(a.len());
+        match a.first() {
+            Some(f) => c = f,
+            None => break,
+        }
+    }
+    s
+}
+
+#[tokio::test]
+async fn health_listing_and_metadata() {
+    let s = bundled().await;
+    assert_eq!(s.get("/health/live").await.0, 200);
+    assert_eq!(s.get("/health/ready").await.0, 200);
+    let (st, list) = s.get("/models").await;
+    assert_eq!(st, 200);
+    assert_eq!(list["default_model"], "breast_cancer");
+    let names: Vec<&str> = list["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["breast_cancer", "diabetes", "digits_cnn"]);
+    let (st, meta) = s.get("/models/breast_cancer").await;
+    assert_eq!(st, 200);
+    assert_eq!(meta["inputs"][0]["name"], "features");
+    assert_eq!(meta["inputs"][0]["shape"], json!(["batch", 30]));
+    assert_eq!(meta["inputs"][0]["dtype"], "float32");
+    assert_eq!(meta["outputs"][0]["shape"], json!(["batch", 2]));
+    assert_eq!(meta["probability_outputs"], json!(["probabilities"]));
+    let sites = meta["dropout_sites"].as_array().unwrap();
+    assert_eq!(sites.len(), 2);
+    assert!(
+        sites
+            .iter()
+            .all(|d| (d["ratio"].as_f64().unwrap() - 0.3).abs() < 1e-6 && d["node"].is_string())
+    );
+    assert_eq!(meta["mc_available"], true);
+    assert!(meta["mc_unavailable_reason"].is_null());
+    let checks: Vec<(&str, &str)> = meta["self_checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["check"].as_str().unwrap(), c["result"].as_str().unwrap()))
+        .collect();
+    for c in [
+        "eval_deterministic",
+        "eval_row_independent",
+        "mc_matches_eval",
+        "mc_live",
+    ] {
+        assert!(checks.contains(&(c, "pass")), "{c}: {checks:?}");
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn eval_answers_match_onnxruntime_and_carry_the_mode() {
+    let s = bundled().await;
+    let r = reference("breast_cancer");
+    let (st, body, headers) = s.post("/predict", &json!({"inputs": r["inputs"]})).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(headers["x-inference-mode"], "eval");
+    assert_eq!(body["mode"], "eval");
+    assert_eq!(body["model"], "breast_cancer");
+    let got = f64s(&body["outputs"]["probabilities"]);
+    for (g, w) in got.iter().zip(f64s(&r["outputs"])) {
+        assert!((g - w).abs() < 1e-5, "{g} vs {w}");
+    }
+    // Named inputs on a named route, and the same answer twice.
+    let d = reference("digits_cnn");
+    let (st, a, _) = s
+        .post("/models/digits_cnn/predict", &json!({"inputs": {"image": d["inputs"]}}))
+        .await;
+    assert_eq!(st, 200, "{a}");
+    let (_, b, _) = s
+        .post("/models/digits_cnn/predict", &json!({"inputs": {"image": d["inputs"]}}))
+        .await;
+    assert_eq!(a, b);
+    assert_eq!(shape(&a["outputs"]["probabilities"]), vec![8, 10]);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn mc_answers_are_shaped_by_contract_and_reproducible_per_seed() {
+    let s = bundled().await;
+    let r = reference("breast_cancer");
+    let body = json!({"inputs": r["inputs"]});
+    let (st, a, headers) = s.post("/predict?mc_samples=50&seed=7", &body).await;
+    assert_eq!(st, 200, "{a}");
+    assert_eq!(headers["x-inference-mode"], "mc_dropout");
+    assert_eq!(a["mode"], "mc_dropout");
+    assert_eq!(a["mc_samples"], 50);
+    assert_eq!(a["seed"], 7);
+    let p = &a["outputs"]["probabilities"];
+    for k in ["mean", "variance", "std"] {
+        assert_eq!(shape(&p[k]), vec![8, 2], "{k}");
+    }
+    for k in ["predictive_entropy", "expected_entropy", "mutual_information"] {
+        assert_eq!(shape(&p[k]), vec![8], "{k}");
+        assert!(
+            f64s(&p[k]).iter().all(|&h| (0.0..=2f64.ln() + 1e-12).contains(&h)),
+            "{k}"
+        );
+    }
+    assert!(f64s(&p["variance"]).iter().any(|&v| v > 0.0));
+    let (_, again, _) = s.post("/predict?mc_samples=50&seed=7", &body).await;
+    assert_eq!(a, again, "same seed, same answer");
+    let (_, other, _) = s.post("/predict?mc_samples=50&seed=8", &body).await;
+    assert_ne!(a["outputs"], other["outputs"]);
+    // A drawn seed is reported, and replays.
+    let (_, drawn, _) = s.post("/predict?mc_samples=20", &body).await;
+    let seed = drawn["seed"].as_u64().unwrap();
+    assert!(seed < 1 << 53);
+    let (_, replay, _) = s.post(&format!("/predict?mc_samples=20&seed={seed}"), &body).await;
+    assert_eq!(drawn, replay);
+    // Raw samples on request.
+    let (st, raw, _) = s.post("/predict?mc_samples=10&seed=1&return_samples=true", &body).await;
+    assert_eq!(st, 200);
+    assert_eq!(shape(&raw["outputs"]["probabilities"]["samples"]), vec![10, 8, 2]);
+    // Regression output: no entropies.
+    let d = reference("diabetes");
+    let (st, reg, _) = s
+        .post(
+            "/models/diabetes/predict?mc_samples=30&seed=3",
+            &json!({"inputs": d["inputs"]}),
+        )
+        .await;
+    assert_eq!(st, 200);
+    assert!(reg["outputs"]["prediction"].get("predictive_entropy").is_none());
+    assert_eq!(shape(&reg["outputs"]["prediction"]["std"]), vec![8, 1]);
+    s.stop().await;
+}
+
+async fn expect_error(s: &TestServer, path: &str, body: Value, status: u16, error_type: &str) -> String {
+    let (st, b, headers) = s.post(path, &body).await;
+    assert_eq!(
+        (st, b["error_type"].as_str().unwrap_or("")),
+        (status, error_type),
+        "{path}: {b}"
+    );
+    assert!(headers.contains_key("x-inference-mode"));
+    b["error"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn every_client_error_is_a_typed_4xx() {
+    let dir = model_folder(&[
+        models_dir().join("breast_cancer.onnx"),
+        models_dir().join("digits_cnn.onnx"),
+        fixture("no_dropout.onnx"),
+        fixture("two_inputs.onnx"),
+    ]);
+    let mut args = ServeArgs::for_models(dir.path());
+    args.default_model = Some("breast_cancer".into());
+    args.max_mc_samples = 500;
+    let s = TestServer::start(args).await;
+    let row: Vec<f64> = reference("breast_cancer")["inputs"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+
+    let (st, b) = s.post_raw("/predict", "{\"inputs\": [[1, 2").await;
+    assert_eq!((st, b["error_type"].as_str().unwrap()), (400, "malformed_json"));
+    let (st, b) = s.post_raw("/predict", "[1, 2]").await;
+    assert_eq!((st, b["error_type"].as_str().unwrap()), (400, "malformed_json"));
+    let (st, b) = s.post_raw("/predict", "{\"inputs\": [[1e39, 0]]}").await;
+    assert_eq!(st, 400, "{b}");
+    expect_error(
+        &s,
+        "/predict",
+        json!({"inputs": [row.clone(), row[..29].to_vec()]}),
+        400,
+        "ragged_array",
+    )
+    .await;
+    let msg = expect_error(
+        &s,
+        "/predict",
+        json!({"inputs": [row[..29].to_vec()]}),
+        400,
+        "shape_mismatch",
+    )
+    .await;
+    assert!(
+        msg.contains("'features'") && msg.contains("[batch, 30]") && msg.contains("[1, 29]"),
+        "{msg}"
+    );
+    expect_error(&s, "/predict", json!({"inputs": row.clone()}), 400, "shape_mismatch").await;
+    expect_error(
+        &s,
+        "/predict",
+        json!({"inputs": {"feature": [row.clone()]}}),
+        400,
+        "unknown_input",
+    )
+    .await;
+    expect_error(&s, "/predict", json!({"batch": [row.clone()]}), 400, "missing_input").await;
+    expect_error(
+        &s,
+        "/models/two_inputs/predict",
+        json!({"inputs": {"a": [[1.0, 2.0, 3.0]]}}),
+        400,
+        "missing_input",
+    )
+    .await;
+    expect_error(
+        &s,
+        "/models/two_inputs/predict",
+        json!({"inputs": [[1.0, 2.0, 3.0]]}),
+        400,
+        "missing_input",
+    )
+    .await;
+    let mut bad = row.iter().map(|v| json!(v)).collect::<Vec<_>>();
+    bad[3] = json!("x");
+    let msg = expect_error(&s, "/predict", json!({"inputs": [bad]}), 400, "invalid_value").await;
+    assert!(msg.contains("[0][3]"), "{msg}");
+    let mut big = row.clone();
+    big[0] = 1e39;
+    expect_error(&s, "/predict", json!({"inputs": [big]}), 400, "invalid_value").await;
+    expect_error(&s, "/predict", json!({"inputs": []}), 400, "shape_mismatch").await;
+
+    expect_error(
+        &s,
+        "/models/nope/predict",
+        json!({"inputs": [row.clone()]}),
+        404,
+        "model_not_found",
+    )
+    .await;
+    let (st, b) = s.get("/nope").await;
+    assert_eq!((st, b["error_type"].as_str().unwrap()), (404, "not_found"));
+    let (st, b) = s.get("/predict").await;
+    assert_eq!((st, b["error_type"].as_str().unwrap()), (405, "method_not_allowed"));
+
+    for q in [
+        "mc_samples=1",
+        "mc_samples=501",
+        "mc_samples=abc",
+        "mc_samples=2.5",
+        "mc_samples=-3",
+        "mc_samples=10&seed=-1",
+        "mc_samples=5&return_samples=maybe",
+        "mc_sample=50",
+        "mc_samples=5&mc_samples=6",
+    ] {
+        expect_error(
+            &s,
+            &format!("/predict?{q}"),
+            json!({"inputs": [row.clone()]}),
+            422,
+            "invalid_parameter",
+        )
+        .await;
+    }
+    expect_error(
+        &s,
+        "/predict?seed=3",
+        json!({"inputs": [row.clone()]}),
+        422,
+        "mode_mismatch",
+    )
+    .await;
+    expect_error(
+        &s,
+        "/predict?return_samples=true",
+        json!({"inputs": [row.clone()]}),
+        422,
+        "mode_mismatch",
+    )
+    .await;
+    let msg = expect_error(
+        &s,
+        "/models/no_dropout/predict?mc_samples=10",
+        json!({"inputs": [[1.0, 2.0, 3.0, 4.0]]}),
+        422,
+        "mc_unavailable",
+    )
+    .await;
+    assert!(msg.contains("no Dropout"), "{msg}");
+    // Eval on that model still works.
+    let (st, _, _) = s
+        .post("/models/no_dropout/predict", &json!({"inputs": [[1.0, 2.0, 3.0, 4.0]]}))
+        .await;
+    assert_eq!(st, 200);
+
+    let m = s.metrics().await;
+    assert_eq!(
+        metric_sum(&m, "mcd_mode_violations_total", &[("reason", "seed_without_mc")]),
+        1.0
+    );
+    assert_eq!(
+        metric_sum(
+            &m,
+            "mcd_mode_violations_total",
+            &[("reason", "return_samples_without_mc")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_sum(
+            &m,
+            "mcd_mode_violations_total",
+            &[("model", "no_dropout"), ("reason", "mc_unavailable")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_sum(&m, "mcd_requests_total", &[("model", "_unknown"), ("status", "404")]),
+        1.0
+    );
+    assert_eq!(metric_sum(&m, "mcd_requests_total", &[("status", "500")]), 0.0);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_bodies_get_413() {
+    let mut args = ServeArgs::for_models(models_dir());
+    args.body_limit_bytes = 4096;
+    let s = TestServer::start(args).await;
+    let rows: Vec<Vec<f64>> = vec![vec![1.0; 30]; 200];
+    let (st, b, _) = s.post("/predict", &json!({"inputs": rows})).await;
+    assert_eq!((st, b["error_type"].as_str().unwrap()), (413, "payload_too_large"));
+    let m = s.metrics().await;
+    assert_eq!(
+        metric_sum(&m, "mcd_rejected_requests_total", &[("reason", "payload_too_large")]),
+        1.0
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn overload_is_refused_fast_and_timeouts_are_504() {
+    let d = reference("digits_cnn");
+    let rows: Vec<Value> = (0..8).flat_map(|_| d["inputs"].as_array().unwrap().clone()).collect();
+    let heavy = json!({"inputs": rows});
+
+    let mut args = ServeArgs::for_models(models_dir());
+    args.max_inflight_cost = 1;
+    args.workers = Some(1);
+    let s = TestServer::start(args).await;
+    let c = s.client.clone();
+    let url = s.url("/models/digits_cnn/predict?mc_samples=1000&seed=1");
+    let slow = tokio::spawn({
+        let heavy = heavy.clone();
+        async move { c.post(url).json(&heavy).send().await.unwrap().status().as_u16() }
+    });
+    // Wait until the heavy request holds the budget, then knock.
+    let mut refused = None;
+    for _ in 0..200 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        let r = s
+            .client
+            .post(s.url("/predict"))
+            .json(&json!({"inputs": [vec![1.0; 30]]}))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 429 {
+            assert_eq!(r.headers()["retry-after"], "1");
+            let b: Value = r.json().await.unwrap();
+            refused = Some(b["error_type"].as_str().unwrap().to_string());
+            break;
+        }
+    }
+    assert_eq!(refused.as_deref(), Some("overloaded"));
+    assert_eq!(slow.await.unwrap(), 200);
+    let m = s.metrics().await;
+    assert!(metric_sum(&m, "mcd_rejected_requests_total", &[("reason", "overloaded")]) >= 1.0);
+    s.stop().await;
+
+    let mut args = ServeArgs::for_models(models_dir());
+    args.request_timeout_secs = 0.005;
+    let s = TestServer::start(args).await;
+    let (st, b, _) = s.post("/models/digits_cnn/predict?mc_samples=1000", &heavy).await;
+    assert_eq!((st, b["error_type"].as_str().unwrap()), (504, "timeout"));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_mixed_load_is_served_without_errors_and_metrics_add_up() {
+    let s = bundled().await;
+    let r = reference("breast_cancer");
+    let rows = r["inputs"].as_array().unwrap().clone();
+    let mut expected_mc = None;
+    let mut tasks = vec![];
+    let (eval_n, mc_n) = (120usize, 60usize);
+    for i in 0..(eval_n + mc_n) {
+        let c = s.client.clone();
+        let row = rows[i % rows.len()].clone();
+        let is_mc = i % 3 == 2;
+        let url = if is_mc {
+            s.url("/predict?mc_samples=50&seed=99")
+        } else {
+            s.url("/predict")
+        };
+        let body = if is_mc {
+            json!({"inputs": rows.clone()})
+        } else {
+            json!({"inputs": [row]})
+        };
+        tasks.push(tokio::spawn(async move {
+            let r = c.post(url).json(&body).send().await.unwrap();
+            (is_mc, r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }));
+    }
+    for t in tasks {
+        let (is_mc, st, body) = t.await.unwrap();
+        assert_eq!(st, 200, "{body}");
+        if is_mc {
+            // Identical seeds give identical answers whatever else runs at the same time.
+            match &expected_mc {
+                None => expected_mc = Some(body),
+                Some(e) => assert_eq!(e, &body),
+            }
+        }
+    }
+    let m = s.metrics().await;
+    assert_eq!(
+        metric_sum(
+            &m,
+            "mcd_requests_total",
+            &[("model", "breast_cancer"), ("mode", "eval"), ("status", "200")]
+        ),
+        eval_n as f64
+    );
+    assert_eq!(
+        metric_sum(
+            &m,
+            "mcd_requests_total",
+            &[("model", "breast_cancer"), ("mode", "mc_dropout"), ("status", "200")]
+        ),
+        mc_n as f64
+    );
+    assert_eq!(
+        metric_sum(
+            &m,
+            "mcd_request_duration_seconds",
+            &[("model", "breast_cancer"), ("mode", "eval")]
+        ),
+        eval_n as f64
+    );
+    assert_eq!(
+        metric_sum(
+            &m,
+            "mcd_inference_duration_seconds",
+            &[("model", "breast_cancer"), ("mode", "mc_dropout")]
+        ),
+        mc_n as f64
+    );
+    assert_eq!(
+        metric_sum(&m, "mcd_mc_samples", &[("model", "breast_cancer")]),
+        mc_n as f64
+    );
+    assert_eq!(
+        metric_sum(
+            &m,
+            "mcd_predictive_entropy",
+            &[("model", "breast_cancer"), ("output", "probabilities")]
+        ),
+        (mc_n * rows.len()) as f64,
+        "one entropy observation per row"
+    );
+    assert_eq!(metric_sum(&m, "mcd_inflight_requests", &[]), 0.0);
+    assert_eq!(metric_sum(&m, "mcd_ready", &[]), 1.0);
+    assert_eq!(
+        metric_sum(
+            &m,
+            "mcd_model_info",
+            &[("model", "breast_cancer"), ("dropout_sites", "2")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_sum(
+            &m,
+            "mcd_mode_checks_total",
+            &[("model", "breast_cancer"), ("check", "mc_live"), ("result", "pass")]
+        ),
+        1.0
+    );
+    assert_eq!(metric_sum(&m, "mcd_mode_checks_total", &[("result", "fail")]), 0.0);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn readiness_follows_the_self_checks_and_load_failures() {
+    let dir = model_folder(&[models_dir().join("breast_cancer.onnx"), fixture("batch_dependent.onnx")]);
+    std::fs::write(dir.path().join("broken.onnx"), b"not a protobuf at all").unwrap();
+    let mut args = ServeArgs::for_models(dir.path());
+    args.default_model = Some("breast_cancer".into());
+    let s = TestServer::start(args).await;
+    let (st, ready) = s.get("/health/ready").await;
+    assert_eq!(st, 503);
+    let reasons = ready["reasons"].to_string();
+    assert!(
+        reasons.contains("broken") && reasons.contains("eval_row_independent"),
+        "{reasons}"
+    );
+    // The good model serves regardless; the failing one refuses with the reason.
+    let row = reference("breast_cancer")["inputs"][0].clone();
+    assert_eq!(s.post("/predict", &json!({"inputs": [row]})).await.0, 200);
+    let (st, b, _) = s
+        .post(
+            "/models/batch_dependent/predict",
+            &json!({"inputs": [[1.0, 2.0, 3.0, 4.0]]}),
+        )
+        .await;
+    assert_eq!((st, b["error_type"].as_str().unwrap()), (503, "model_unhealthy"));
+    let (_, list) = s.get("/models").await;
+    assert_eq!(list["load_failures"][0]["model"], "broken");
+    let m = s.metrics().await;
+    assert_eq!(metric_sum(&m, "mcd_ready", &[]), 0.0);
+    assert_eq!(
+        metric_sum(
+            &m,
+            "mcd_mode_checks_total",
+            &[
+                ("model", "batch_dependent"),
+                ("check", "eval_row_independent"),
+                ("result", "fail")
+            ]
+        ),
+        1.0
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn several_models_and_no_default_refuses_to_start() {
+    let dir = model_folder(&[models_dir().join("diabetes.onnx"), models_dir().join("digits_cnn.onnx")]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = mcd_serve::server::serve(ServeArgs::for_models(dir.path()), listener, async {})
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("--default-model"), "{err}");
+}
+
+#[test]
+fn a_failed_reload_keeps_the_last_good_model() {
+    let dir = model_folder(&[models_dir().join("breast_cancer.onnx")]);
+    let first = mcd_serve::repo::load_dir(dir.path(), None).unwrap();
+    assert!(first.failures.is_empty());
+    std::fs::write(dir.path().join("breast_cancer.onnx"), b"truncated").unwrap();
+    let second = mcd_serve::repo::load_dir(dir.path(), Some(&first)).unwrap();
+    assert!(second.failures[0].kept_previous);
+    assert!(std::sync::Arc::ptr_eq(
+        &first.models["breast_cancer"],
+        &second.models["breast_cancer"]
+    ));
+}

@@ -1,12 +1,10 @@
-# syntax=docker/dockerfile:1
-#
 # mcd-serve container image.
 #
 #   docker build -t mcd-serve .
 #   docker run --rm -p 8080:8080 mcd-serve
 #
 # Stage 1 compiles a release binary with the pinned Rust toolchain; stage 2 is
-# a slim Debian runtime with no compiler, no package manager cache and no root.
+# a slim Debian runtime: no compiler, nothing installed, not root.
 
 # ---------------------------------------------------------------------------
 FROM rust:1.95.0-slim-bookworm AS builder

@@ -80,7 +80,7 @@ pub struct ServeArgs {
     pub log_format: LogFormat,
     /// On SIGTERM, seconds to keep serving with readiness at 503 before closing the
     /// listener, so load balancers stop sending traffic first.
-    #[arg(long, env = "MCD_SHUTDOWN_DRAIN_SECS", default_value_t = 0.0)]
+    #[arg(long, env = "MCD_SHUTDOWN_DRAIN_SECS", default_value_t = 1.0)]
     pub shutdown_drain_secs: f64,
 }
 

@@ -216,6 +216,9 @@ impl Mode {
     }
 }
 
+/// Every `reason` label of `mcd_mode_violations_total`.
+pub const VIOLATION_REASONS: [&str; 3] = ["seed_without_mc", "return_samples_without_mc", "mc_unavailable"];
+
 /// A refused request whose parameters contradict its mode: the reason label for metrics.
 struct Violation(&'static str, Error);
 
@@ -359,8 +362,12 @@ async fn predict(
     m.request_duration
         .with_label_values(&[model_label, mode_label])
         .observe(started.elapsed().as_secs_f64());
-    if let Err(e) = &result {
-        tracing::info!(model = model_label, mode = mode_label, status = status.as_u16(), error_type = e.error_type(), error = %e, "request refused");
+    let seconds = started.elapsed().as_secs_f64();
+    match &result {
+        Ok(_) => tracing::info!(model = model_label, mode = mode_label, status = 200, seconds, "predict"),
+        Err(e) => {
+            tracing::info!(model = model_label, mode = mode_label, status = status.as_u16(), seconds, error_type = e.error_type(), error = %e, "predict refused")
+        }
     }
     let mut response = match result {
         Ok(body) => (StatusCode::OK, axum::Json(body)).into_response(),

@@ -23,7 +23,10 @@ fn main() -> anyhow::Result<()> {
             .with_current_span(true)
             .with_env_filter(filter)
             .init(),
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .with_env_filter(filter)
+            .init(),
     }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -5,6 +5,8 @@
     check_deploy.py k8s-policy RENDERED
     check_deploy.py servicemonitor CRDS_YAML
     check_deploy.py kustomize-files KUSTOMIZE_DIR
+    check_deploy.py dockerfile DOCKERFILE RENDERED
+    cargo metadata --no-deps --format-version 1 | check_deploy.py cargo-targets REPO_ROOT
     check_deploy.py grafana DASHBOARD_JSON PROVISIONING_DIR
     check_deploy.py compose COMPOSE_YAML
     check_deploy.py metric-names RULES_YAML DASHBOARD_JSON
@@ -193,7 +195,7 @@ def k8s_policy(rendered):
     svc_labels = svc["metadata"].get("labels", {})
     if not all(svc_labels.get(k) == v for k, v in sm["spec"]["selector"]["matchLabels"].items()):
         p.append("ServiceMonitor selector does not select the Service")
-    for ep in sm["spec"]["endpoints"]:
+    for ep in sm["spec"].get("endpoints") or [{}]:
         if ep.get("port") != "http" or ep.get("path") != "/metrics":
             p.append("ServiceMonitor endpoint is not port http, path /metrics")
     job_label = sm["spec"].get("jobLabel")
@@ -287,6 +289,85 @@ def kustomize_files(kdir):
     if p:
         fail("kustomize-files", p)
     print(f"kustomize-files: {len(listed)} listed files present, no unlisted manifests")
+
+
+def dockerfile(path, rendered):
+    """The image and the Kubernetes manifests agree (user, port, model dir)."""
+    text = open(path, encoding="utf-8").read()
+    lines = [ln.strip() for ln in re.sub(r"\\\n", " ", text).splitlines()
+             if ln.strip() and not ln.strip().startswith("#")]
+    froms = [ln for ln in lines if ln.upper().startswith("FROM ")]
+    p = []
+    if len(froms) < 2:
+        p.append("not a multi-stage build")
+    if not any("rust:1.95" in f for f in froms[:-1]):
+        p.append("builder is not rust:1.95*")
+    if not re.match(r"FROM (debian:bookworm-slim|gcr.io/distroless/cc-debian12)", froms[-1] if froms else ""):
+        p.append(f"runtime base is {froms[-1] if froms else None!r}")
+    if not re.search(r"cargo build --release --locked", text):
+        p.append("no `cargo build --release --locked`")
+    final = text[text.rfind("\nFROM "):]
+    runs = " ".join(re.findall(r"^RUN (.*)$", re.sub(r"\\\n", " ", final), re.M))
+    for bad in ("cargo", "rustc", "apt-get install", "gcc", "build-essential", "curl", "wget"):
+        if re.search(r"\b" + re.escape(bad) + r"\b", runs):
+            p.append(f"runtime stage runs/installs {bad}")
+    user = re.findall(r"^USER\s+(\S+)", final, re.M)
+    uid = user[-1].split(":")[0] if user else None
+    if not uid or not uid.isdigit() or uid == "0":
+        p.append(f"runtime USER is {uid!r}, want a numeric non-root UID")
+    if "EXPOSE 8080" not in final:
+        p.append("no EXPOSE 8080")
+    if not re.search(r'HEALTHCHECK .*CMD \["/usr/local/bin/mcd-serve", ?"healthcheck"', re.sub(r"\\\n\s*", " ", final)):
+        p.append("HEALTHCHECK does not run `mcd-serve healthcheck`")
+    if not re.search(r'ENTRYPOINT \["/usr/local/bin/mcd-serve"\]', final):
+        p.append("ENTRYPOINT is not the mcd-serve binary")
+    m = re.search(r"MCD_MODELS=(\S+)", final)
+    models_dir = m.group(1) if m else None
+    if not re.search(r"^COPY .*models\s+" + re.escape(models_dir or "/nonexistent") + r"\s*$", final, re.M):
+        p.append(f"models/ is not copied to MCD_MODELS ({models_dir})")
+    docs = load_all(rendered)
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    cm = next(d for d in docs if d["kind"] == "ConfigMap")
+    pod = dep["spec"]["template"]["spec"]
+    if uid and str(pod.get("securityContext", {}).get("runAsUser")) != uid:
+        p.append(f"Dockerfile USER {uid} != Deployment runAsUser {pod.get('securityContext', {}).get('runAsUser')}")
+    if cm.get("data", {}).get("MCD_MODELS") != models_dir:
+        p.append(f"ConfigMap MCD_MODELS {cm.get('data', {}).get('MCD_MODELS')} != image {models_dir}")
+    if p:
+        fail("dockerfile", p)
+    print(f"dockerfile: multi-stage ({len(froms)} stages), USER {uid} == runAsUser, EXPOSE 8080, HEALTHCHECK, "
+          f"models at {models_dir} == ConfigMap")
+
+
+def cargo_targets(root):
+    """Every target of the package lives where the Dockerfile copies sources
+    from (src/, benches/), and every bench has a stub in its dependency layer."""
+    meta = json.load(sys.stdin)
+    pkg = [x for x in meta["packages"] if x["name"] == "mcd-serve"][0]
+    p = []
+    for t in pkg["targets"]:
+        rel = os.path.relpath(t["src_path"], os.path.abspath(root))
+        kinds = t["kind"]
+        if "custom-build" in kinds:
+            p.append(f"build script {rel}: the Dockerfile must COPY it (and stub it)")
+        elif any(k in kinds for k in ("bin", "lib", "bench")) and not rel.startswith(("src/", "benches/")):
+            p.append(f"{kinds} target {rel} is outside src/ and benches/ (not copied by the Dockerfile)")
+        elif "bench" in kinds and rel != "benches/engine.rs":
+            p.append(f"bench {rel} has no stub in the Dockerfile dependency layer")
+    # Explicit [[example]]/[[test]] tables must exist even for `cargo build
+    # --bin`, and the Dockerfile copies neither examples/ nor tests/.
+    import tomllib
+    with open(os.path.join(root, "Cargo.toml"), "rb") as f:
+        manifest = tomllib.load(f)
+    for kind in ("example", "test"):
+        for t in manifest.get(kind, []):
+            p.append(f"explicit [[{kind}]] {t.get('name')!r}: the Dockerfile copies no {kind}s; copy or stub it")
+    if manifest.get("package", {}).get("build"):
+        p.append("package.build is set: the Dockerfile must COPY the build script")
+    if p:
+        fail("cargo-targets", p)
+    print(f"cargo-targets: stub layer resolves with --locked; {len(pkg['targets'])} targets, "
+          f"bins/lib/benches all under src/ or benches/")
 
 
 # --------------------------------------------------------------------------
@@ -452,7 +533,7 @@ def metric_names(rules_path, dash_path):
 def main(argv):
     cmds = {
         "k8s-split": k8s_split, "k8s-policy": k8s_policy, "servicemonitor": servicemonitor,
-        "kustomize-files": kustomize_files, "grafana": grafana, "compose": compose,
+        "kustomize-files": kustomize_files, "dockerfile": dockerfile, "cargo-targets": cargo_targets, "grafana": grafana, "compose": compose,
         "metric-names": metric_names,
     }
     if len(argv) < 2 or argv[1] not in cmds:

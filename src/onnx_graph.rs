@@ -172,13 +172,12 @@ pub fn analyse(proto: &ModelProto, ratio_inputs: &HashMap<String, f32>) -> anyho
         {
             bail!("Dropout node '{name}' has ratio {r}; ONNX requires 0 <= ratio < 1");
         }
-        match &ratio {
-            None => mc_blockers.push(format!(
+        if ratio.is_none() {
+            mc_blockers.push(format!(
                 "the ratio of Dropout node '{name}' is {ratio_source}, so the server cannot know \
                  how much to drop; MC dropout is refused for this model (eval works). To enable \
                  it, set \"dropout_ratios\" in the model's .model.json config"
-            )),
-            Some(_) => {}
+            ));
         }
         let mask_output = node
             .output

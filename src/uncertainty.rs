@@ -39,7 +39,7 @@ impl Accumulator {
     /// output, None otherwise.
     pub fn new(len: usize, classes: Option<usize>, keep_samples: bool) -> Self {
         let entropy = classes
-            .filter(|&k| k > 0 && len % k == 0)
+            .filter(|&k| k > 0 && len.is_multiple_of(k))
             .map(|k| (k, vec![0.0; len / k]));
         Accumulator {
             count: 0,

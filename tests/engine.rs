@@ -399,3 +399,53 @@ fn every_model_reproduces_eval_with_keep_all_masks() {
         );
     }
 }
+
+mod properties {
+    use super::*;
+    use mcd_serve::masks::MaskSampler;
+    use proptest::prelude::*;
+    use tract_onnx::prelude::DatumType;
+
+    fn model() -> &'static LoadedModel {
+        static MODEL: std::sync::OnceLock<LoadedModel> = std::sync::OnceLock::new();
+        MODEL.get_or_init(|| load(&models_dir().join("breast_cancer.onnx")))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Any rows, any seed: the same seed gives the same output; variance >= 0; entropies
+        /// in [0, ln 2]; mutual information >= 0; std = sqrt(variance).
+        #[test]
+        fn mc_on_random_rows(rows in proptest::collection::vec(proptest::collection::vec(-50.0f64..1000.0, 30), 1..4), seed in any::<u64>(), n in 2usize..40) {
+            let m = model();
+            let b = batch(m, json!(rows));
+            let a = mc(m, &b, n, seed, true);
+            let again = mc(m, &b, n, seed, true);
+            prop_assert_eq!(&a[0].stats.samples, &again[0].stats.samples);
+            prop_assert_eq!(&a[0].stats.mean, &again[0].stats.mean);
+            let s = &a[0].stats;
+            prop_assert!(s.variance.iter().all(|&v| v >= 0.0));
+            prop_assert!(s.variance.iter().zip(&s.std).all(|(v, sd)| (v.sqrt() - sd).abs() < 1e-15));
+            let e = s.entropy.as_ref().unwrap();
+            for r in 0..rows.len() {
+                prop_assert!((0.0..=2f64.ln()).contains(&e.predictive_entropy[r]));
+                prop_assert!((0.0..=2f64.ln()).contains(&e.expected_entropy[r]));
+                prop_assert!(e.mutual_information[r] >= 0.0);
+            }
+        }
+
+        /// p = 0 keeps every unit at scale 1, which the `mc_matches_eval` self-check shows
+        /// reproduces eval exactly; p > 0 gives only 0 or 1/(1-p); a seed fixes the mask.
+        #[test]
+        fn masks(seed in any::<u64>(), p in 0.0f32..0.95, len in 1usize..2000) {
+            let ones = MaskSampler::new(seed).sample(0.0, &[len], DatumType::F32).unwrap();
+            prop_assert!(to_f64(&ones).unwrap().iter().all(|&v| v == 1.0));
+            let m = to_f64(&MaskSampler::new(seed).sample(p, &[len], DatumType::F32).unwrap()).unwrap();
+            let scale = (1.0 / (1.0 - p as f64)) as f32 as f64;
+            prop_assert!(m.iter().all(|&v| v == 0.0 || v == scale));
+            let again = to_f64(&MaskSampler::new(seed).sample(p, &[len], DatumType::F32).unwrap()).unwrap();
+            prop_assert_eq!(m, again);
+        }
+    }
+}

@@ -14,6 +14,7 @@ pub mod masks;
 pub mod metrics;
 pub mod model;
 pub mod onnx_graph;
+pub mod plans;
 pub mod repo;
 pub mod server;
 pub mod tensor_json;

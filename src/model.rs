@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -17,9 +16,8 @@ use tract_onnx::prelude::*;
 use crate::error::Error;
 use crate::masks::MaskSampler;
 use crate::onnx_graph::{self, DropoutSite, FactAt, MASK_INPUT_PREFIX, MaskInput};
+use crate::plans::Plans;
 use crate::uncertainty::{Accumulator, OutputStats};
-
-type Plan = Arc<TypedRunnableModel>;
 
 /// Upper bound on input elements fed to one MC pass; more samples than fit run in chunks.
 const MAX_PASS_INPUT_ELEMENTS: usize = 1 << 24;
@@ -102,11 +100,11 @@ pub struct CheckResult {
 }
 
 struct EvalPlan {
-    plan: Plan,
+    plans: Plans,
 }
 
 struct McPlan {
-    plan: Plan,
+    plans: Plans,
     masks: Vec<MaskInput>,
     /// N samples of a B-row batch run as one pass of N·B rows. False when the file fixes
     /// the batch size (or an output has no batch axis): then each sample is its own pass.
@@ -213,12 +211,11 @@ impl LoadedModel {
             .collect::<TractResult<Vec<_>>>()?;
         let batch_symbol = batch_symbol(&inputs, &outputs);
         let probability_classes = probability_outputs(&proto, &config, &outputs);
-        let eval_plan = eval_typed
-            .into_optimized()
-            .context("optimizing the eval graph")?
-            .into_runnable()?;
+        let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let eval_plans =
+            Plans::new(eval_typed, batch_symbol.as_deref(), file_bytes).context("optimizing the eval graph")?;
 
-        let mc = build_mc(&onnx, &surgery, dir, &inputs, batch_symbol.is_some());
+        let mc = build_mc(&onnx, &surgery, dir, &inputs, batch_symbol.as_deref(), file_bytes);
         let mut model = LoadedModel {
             name: name.to_string(),
             path: path.to_path_buf(),
@@ -230,7 +227,7 @@ impl LoadedModel {
             sites: surgery.sites,
             fixes: surgery.fixes,
             checks: vec![],
-            eval: EvalPlan { plan: eval_plan },
+            eval: EvalPlan { plans: eval_plans },
             mc,
         };
         model.self_check();
@@ -526,8 +523,9 @@ impl EvalSession<'_> {
         let inputs: TVec<TValue> = batch.tensors.iter().map(|t| t.clone().into_tvalue()).collect();
         let outs = self
             .plan
-            .plan
-            .run(inputs)
+            .plans
+            .get(batch.rows)
+            .and_then(|p| p.run(inputs))
             .map_err(|e| Error::Internal(format!("eval failed: {e:#}")))?;
         Ok(self.model.name_outputs(outs))
     }
@@ -592,7 +590,7 @@ impl McSession<'_> {
                 let shape = resolve(&m.shape, &symbols).map_err(Error::Internal)?;
                 inputs.push(internal(sampler.sample(m.ratio, &shape, m.datum))?.into_tvalue());
             }
-            let outs = internal(self.plan.plan.run(inputs))?;
+            let outs = internal(self.plan.plans.get(rows * k).and_then(|p| p.run(inputs)))?;
             for (o, t) in outs.iter().enumerate() {
                 let values = internal(to_f64(t))?;
                 let per_sample = values.len() / k;
@@ -642,7 +640,8 @@ fn run_with_unit_masks(plan: &McPlan, batch: &Batch) -> TractResult<Vec<NamedTen
         inputs.push(ones.cast_to_dt(m.datum)?.into_owned().into_tvalue());
     }
     Ok(plan
-        .plan
+        .plans
+        .get(batch.rows)?
         .run(inputs)?
         .into_iter()
         .map(|t| NamedTensor {
@@ -817,7 +816,8 @@ fn build_mc(
     surgery: &onnx_graph::Surgery,
     dir: Option<&str>,
     inputs: &[TensorSpec],
-    batched: bool,
+    batch_symbol: Option<&str>,
+    file_bytes: u64,
 ) -> Result<McPlan, String> {
     if surgery.sites.is_empty() {
         return Err("the model has no Dropout nodes".into());
@@ -869,9 +869,12 @@ fn build_mc(
         });
     }
     let proto = surgery.mc_proto(&masks).map_err(|e| format!("{e:#}"))?;
-    let plan = typed(onnx, &proto, dir)
-        .and_then(|m| m.into_optimized())
-        .and_then(|m| m.into_runnable())
+    let plans = typed(onnx, &proto, dir)
+        .and_then(|m| Plans::new(m, batch_symbol, file_bytes))
         .map_err(|e| format!("building the MC graph failed: {e:#}"))?;
-    Ok(McPlan { plan, masks, batched })
+    Ok(McPlan {
+        plans,
+        masks,
+        batched: batch_symbol.is_some(),
+    })
 }

@@ -449,3 +449,21 @@ mod properties {
         }
     }
 }
+
+/// Each batch size runs a plan specialised to it, cached for recent sizes. An answer must
+/// not depend on the cache: evicting and rebuilding a size's plan gives the same bits.
+#[test]
+fn answers_do_not_depend_on_the_plan_cache() {
+    let model = load(&models_dir().join("breast_cancer.onnx"));
+    let rows = read_json(&fixture("reference_outputs.json"))["breast_cancer"]["inputs"].clone();
+    let one = batch(&model, json!([rows[0]]));
+    let first_eval = eval(&model, &one);
+    let first_mc = mc(&model, &one, 7, 123, true)[0].stats.samples.clone();
+    for n in 2..=40 {
+        let many: Vec<Value> = (0..n).map(|i| rows[i % 8].clone()).collect();
+        eval(&model, &batch(&model, json!(many)));
+        mc(&model, &one, n, 1, false);
+    }
+    assert_eq!(eval(&model, &one), first_eval);
+    assert_eq!(mc(&model, &one, 7, 123, true)[0].stats.samples, first_mc);
+}

@@ -650,3 +650,53 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     )
         .into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ServeArgs;
+
+    #[tokio::test]
+    async fn a_panic_in_inference_is_a_counted_500_and_the_pool_keeps_serving() {
+        let state = AppState::new("m".into(), ServeArgs::for_models("models").limits());
+        let r: Result<(), Error> = on_pool(&state, 1, || panic!("injected panic")).await;
+        let e = r.unwrap_err();
+        assert_eq!(
+            (e.status(), e.error_type()),
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+        );
+        assert_eq!(state.metrics.panics.get(), 1);
+        assert_eq!(on_pool(&state, 1, || Ok(7)).await.unwrap(), 7);
+        // The admission budget comes back whole once the work has really ended (the permits
+        // drop on the worker thread just after it hands over the result).
+        let full = state.limits.max_inflight_cost as usize;
+        for _ in 0..100 {
+            if state.cost.available_permits() == full {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(state.cost.available_permits(), full);
+    }
+
+    #[test]
+    fn modes_parse_from_the_query() {
+        assert!(matches!(parse_mode(None, 10), Ok(Mode::Eval)));
+        assert!(matches!(
+            parse_mode(Some("mc_samples=5&seed=9&return_samples=true"), 10),
+            Ok(Mode::McDropout {
+                seed: 9,
+                return_samples: true,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse_mode(Some("seed=1"), 10),
+            Err(Violation("seed_without_mc", _))
+        ));
+        assert!(matches!(
+            parse_mode(Some("mc_samples=11"), 10),
+            Err(Violation("", Error::InvalidParameter(_)))
+        ));
+    }
+}

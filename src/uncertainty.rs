@@ -13,6 +13,8 @@ pub struct Accumulator {
     m2: Vec<f64>,
     /// Classes along the last axis, and the per-row sum of sample entropies.
     entropy: Option<(usize, Vec<f64>)>,
+    /// ln K, the largest entropy: computed once, not per row and sample.
+    max_entropy: f64,
     samples: Option<Vec<f64>>,
 }
 
@@ -41,7 +43,9 @@ impl Accumulator {
         let entropy = classes
             .filter(|&k| k > 0 && len.is_multiple_of(k))
             .map(|k| (k, vec![0.0; len / k]));
+        let max_entropy = entropy.as_ref().map(|(k, _)| (*k as f64).ln()).unwrap_or(0.0);
         Accumulator {
+            max_entropy,
             count: 0,
             mean: vec![0.0; len],
             m2: vec![0.0; len],
@@ -61,7 +65,7 @@ impl Accumulator {
         }
         if let Some((k, sums)) = &mut self.entropy {
             for (row, sum) in sample.chunks_exact(*k).zip(sums.iter_mut()) {
-                *sum += entropy(row);
+                *sum += raw_entropy(row).clamp(0.0, self.max_entropy);
             }
         }
         if let Some(s) = &mut self.samples {
@@ -105,8 +109,11 @@ impl Accumulator {
 /// Shannon entropy in nats of a probability vector, with 0·ln 0 = 0. Rounding can put a
 /// float32 softmax a hair outside the simplex, so the result is clamped to [0, ln K].
 pub fn entropy(p: &[f64]) -> f64 {
-    let h: f64 = p.iter().filter(|&&x| x > 0.0).map(|&x| -x * x.ln()).sum();
-    h.clamp(0.0, (p.len() as f64).ln().max(0.0))
+    raw_entropy(p).clamp(0.0, (p.len() as f64).ln().max(0.0))
+}
+
+fn raw_entropy(p: &[f64]) -> f64 {
+    p.iter().filter(|&&x| x > 0.0).map(|&x| -x * x.ln()).sum()
 }
 
 #[cfg(test)]

@@ -18,4 +18,5 @@ pub mod plans;
 pub mod repo;
 pub mod server;
 pub mod tensor_json;
+pub mod trunk;
 pub mod uncertainty;

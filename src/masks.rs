@@ -10,33 +10,93 @@ use rand_chacha::ChaCha8Rng;
 use tract_onnx::prelude::*;
 
 pub struct MaskSampler {
-    rng: ChaCha8Rng,
+    seed: u64,
     buf: Vec<u32>,
+}
+
+/// One mask to draw in a pass.
+pub struct MaskSpec<'a> {
+    pub ratio: f32,
+    pub shape: &'a [usize],
+    pub datum: DatumType,
+    /// The leading axis is samples × rows, sample-major, so sample `s` owns the `s`-th of
+    /// `k` equal blocks. False for a mask whose leading axis is not the batch (rare: the
+    /// graph moved the batch axis before the dropout); such a mask is drawn as one block.
+    pub per_sample: bool,
 }
 
 impl MaskSampler {
     /// ChaCha8 has a fixed, documented stream per seed, so a seed replays on any thread,
     /// machine or rand release.
     pub fn new(seed: u64) -> Self {
-        MaskSampler {
-            rng: ChaCha8Rng::seed_from_u64(seed),
-            buf: vec![],
-        }
+        MaskSampler { seed, buf: vec![] }
     }
 
-    /// A mask of `shape` for dropout ratio `ratio`, in the data type of the tensor it scales.
+    /// A single mask of `shape` for dropout ratio `ratio`, in the data type of the tensor
+    /// it scales: sample 0 of a one-sample pass.
     pub fn sample(&mut self, ratio: f32, shape: &[usize], datum: DatumType) -> TractResult<Tensor> {
-        let len: usize = shape.iter().product();
-        self.buf.resize(len, 0);
-        self.rng.fill(&mut self.buf[..]);
-        let threshold = drop_threshold(ratio);
-        let scale = 1.0 / (1.0 - ratio as f64);
-        match datum {
-            DatumType::F32 => fill(shape, &self.buf, threshold, scale as f32, 0.0f32),
-            DatumType::F64 => fill(shape, &self.buf, threshold, scale, 0.0f64),
-            DatumType::F16 => fill(shape, &self.buf, threshold, f16::from_f64(scale), f16::from_f32(0.0)),
-            other => anyhow::bail!("dropout masks for {other:?} are not supported"),
+        let spec = MaskSpec {
+            ratio,
+            shape,
+            datum,
+            per_sample: true,
+        };
+        Ok(self.sample_pass(0, 1, &[spec])?.remove(0))
+    }
+
+    /// The masks of samples `first .. first + k`, run as one pass.
+    ///
+    /// Sample `s` draws all its masks, site after site, from ChaCha stream `s` of the seed.
+    /// So what sample `s` sees depends only on the seed and `s`: not on how the samples
+    /// are split into passes, and not on how many samples the request asked for (the first
+    /// 10 samples of `mc_samples=50` are the samples of `mc_samples=10`).
+    pub fn sample_pass(&mut self, first: u64, k: usize, masks: &[MaskSpec]) -> TractResult<Vec<Tensor>> {
+        let lens: Vec<usize> = masks.iter().map(|m| m.shape.iter().product()).collect();
+        let total: usize = lens.iter().sum();
+        self.buf.resize(total, 0);
+        let mut offsets = Vec::with_capacity(masks.len());
+        let mut at = 0;
+        for (m, &len) in masks.iter().zip(&lens) {
+            if m.per_sample && len % k != 0 {
+                anyhow::bail!("a mask of shape {:?} does not split into {k} samples", m.shape);
+            }
+            offsets.push(at);
+            at += len;
         }
+        for s in 0..k {
+            let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+            rng.set_stream(first + s as u64);
+            for ((m, &len), &off) in masks.iter().zip(&lens).zip(&offsets) {
+                if m.per_sample {
+                    let block = len / k;
+                    rng.fill(&mut self.buf[off + s * block..off + (s + 1) * block]);
+                }
+            }
+        }
+        // Masks without per-sample blocks come from a stream no sample uses.
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+        rng.set_stream(u64::MAX - first);
+        for ((m, &len), &off) in masks.iter().zip(&lens).zip(&offsets) {
+            if !m.per_sample {
+                rng.fill(&mut self.buf[off..off + len]);
+            }
+        }
+        masks
+            .iter()
+            .zip(&lens)
+            .zip(&offsets)
+            .map(|((m, &len), &off)| {
+                let random = &self.buf[off..off + len];
+                let threshold = drop_threshold(m.ratio);
+                let scale = 1.0 / (1.0 - m.ratio as f64);
+                match m.datum {
+                    DatumType::F32 => fill(m.shape, random, threshold, scale as f32, 0.0f32),
+                    DatumType::F64 => fill(m.shape, random, threshold, scale, 0.0f64),
+                    DatumType::F16 => fill(m.shape, random, threshold, f16::from_f64(scale), f16::from_f32(0.0)),
+                    other => anyhow::bail!("dropout masks for {other:?} are not supported"),
+                }
+            })
+            .collect()
     }
 }
 

@@ -14,9 +14,10 @@ use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
 
 use crate::error::Error;
-use crate::masks::MaskSampler;
+use crate::masks::{MaskSampler, MaskSpec};
 use crate::onnx_graph::{self, DropoutSite, FactAt, MASK_INPUT_PREFIX, MaskInput};
 use crate::plans::Plans;
+use crate::trunk;
 use crate::uncertainty::{Accumulator, OutputStats};
 
 /// Upper bound on input elements fed to one MC pass; more samples than fit run in chunks.
@@ -109,6 +110,88 @@ struct McPlan {
     /// N samples of a B-row batch run as one pass of N·B rows. False when the file fixes
     /// the batch size (or an output has no batch axis): then each sample is its own pass.
     batched: bool,
+    /// `plans` is the shared-trunk graph ([`crate::trunk`]): it takes the B request rows
+    /// and tiles them itself after the trunk, instead of taking N·B tiled rows.
+    shared_trunk: bool,
+    /// While loading: the full graph, kept until the self-check has compared the two.
+    /// Afterwards: why the trunk is not shared, when it is not.
+    trunk_check: Result<Option<Plans>, String>,
+    /// What the trunk rewrite did, for the self-check report.
+    trunk_detail: String,
+}
+
+impl McPlan {
+    /// Runs one pass of `k` samples of `batch` with the given masks (each sized k·B rows).
+    fn run(&self, batch: &Batch, k: usize, masks: Vec<TValue>) -> TractResult<TVec<TValue>> {
+        Self::run_plans(&self.plans, self.shared_trunk, batch, k, masks)
+    }
+
+    fn run_plans(
+        plans: &Plans,
+        shared: bool,
+        batch: &Batch,
+        k: usize,
+        masks: Vec<TValue>,
+    ) -> TractResult<TVec<TValue>> {
+        let rows = batch.rows;
+        let (mut inputs, plan): (TVec<TValue>, _) = if shared || k == 1 {
+            let inputs = batch.tensors.iter().map(|t| t.clone().into_tvalue()).collect();
+            (
+                inputs,
+                if shared {
+                    plans.get(rows, k)?
+                } else {
+                    plans.get(rows, 1)?
+                },
+            )
+        } else {
+            let inputs = batch
+                .tensors
+                .iter()
+                .map(|t| Ok(Tensor::stack_tensors(0, &vec![t; k])?.into_tvalue()))
+                .collect::<TractResult<_>>()?;
+            (inputs, plans.get(rows * k, 1)?)
+        };
+        inputs.extend(masks);
+        plan.run(inputs)
+    }
+
+    /// Masks for one pass of samples `first .. first + k` of `batch`.
+    fn sample_masks(
+        &self,
+        batch: &Batch,
+        batch_symbol: Option<&String>,
+        first: usize,
+        k: usize,
+        sampler: &mut MaskSampler,
+    ) -> TractResult<Vec<TValue>> {
+        let mut symbols = batch.symbols.clone();
+        if let Some(sym) = batch_symbol {
+            symbols.insert(sym.clone(), batch.rows * k);
+        }
+        let shapes = self
+            .masks
+            .iter()
+            .map(|m| resolve(&m.shape, &symbols).map_err(|e| anyhow::anyhow!(e)))
+            .collect::<TractResult<Vec<_>>>()?;
+        let specs: Vec<MaskSpec> = self
+            .masks
+            .iter()
+            .zip(&shapes)
+            .map(|(m, shape)| MaskSpec {
+                ratio: m.ratio,
+                shape,
+                datum: m.datum,
+                per_sample: k == 1
+                    || matches!((m.shape.first(), batch_symbol), (Some(Dim::Symbol(s)), Some(b)) if s == b),
+            })
+            .collect();
+        Ok(sampler
+            .sample_pass(first as u64, k, &specs)?
+            .into_iter()
+            .map(|t| t.into_tvalue())
+            .collect())
+    }
 }
 
 pub struct LoadedModel {
@@ -213,7 +296,7 @@ impl LoadedModel {
         let probability_classes = probability_outputs(&proto, &config, &outputs);
         let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
         let eval_plans =
-            Plans::new(eval_typed, batch_symbol.as_deref(), file_bytes).context("optimizing the eval graph")?;
+            Plans::new(eval_typed, batch_symbol.as_deref(), None, file_bytes).context("optimizing the eval graph")?;
 
         let mc = build_mc(&onnx, &surgery, dir, &inputs, batch_symbol.as_deref(), file_bytes);
         let mut model = LoadedModel {
@@ -410,6 +493,11 @@ impl LoadedModel {
             (Err(_), _) => fail("eval_row_independent", "eval failed on the probe input".into()),
             (Ok(full), Some(_)) => self.check_rows(&probe, full),
         });
+        let batch_symbol = self.batch_symbol.clone();
+        checks.push(match &mut self.mc {
+            Err(reason) => skipped("mc_shared_trunk", reason),
+            Ok(plan) => check_shared_trunk(plan, &probe, batch_symbol.as_ref()),
+        });
         checks.push(match (&eval, &self.mc) {
             (_, Err(reason)) => skipped("mc_matches_eval", reason),
             (Err(_), _) => fail("mc_matches_eval", "eval failed on the probe input".into()),
@@ -524,7 +612,7 @@ impl EvalSession<'_> {
         let outs = self
             .plan
             .plans
-            .get(batch.rows)
+            .get(batch.rows, 1)
             .and_then(|p| p.run(inputs))
             .map_err(|e| Error::Internal(format!("eval failed: {e:#}")))?;
         Ok(self.model.name_outputs(outs))
@@ -562,35 +650,18 @@ impl McSession<'_> {
         per_pass: usize,
     ) -> Result<Vec<McOutput>, Error> {
         let n = samples.get();
-        let rows = batch.rows;
         let per_pass = if self.plan.batched { per_pass.clamp(1, n) } else { 1 };
         let mut sampler = MaskSampler::new(seed);
         let mut accumulators: Vec<(Vec<usize>, Accumulator)> = vec![];
         let mut done = 0;
         while done < n {
             let k = per_pass.min(n - done);
-            let mut symbols = batch.symbols.clone();
-            let mut inputs: TVec<TValue> = if k == 1 {
-                batch.tensors.iter().map(|t| t.clone().into_tvalue()).collect()
-            } else {
-                let sym = self
-                    .model
-                    .batch_symbol
-                    .as_ref()
-                    .expect("batched plans have a batch symbol");
-                symbols.insert(sym.clone(), rows * k);
-                batch
-                    .tensors
-                    .iter()
-                    .map(|t| Ok(Tensor::stack_tensors(0, &vec![t; k])?.into_tvalue()))
-                    .collect::<TractResult<_>>()
-                    .map_err(|e| Error::Internal(format!("tiling inputs: {e}")))?
-            };
-            for m in &self.plan.masks {
-                let shape = resolve(&m.shape, &symbols).map_err(Error::Internal)?;
-                inputs.push(internal(sampler.sample(m.ratio, &shape, m.datum))?.into_tvalue());
-            }
-            let outs = internal(self.plan.plans.get(rows * k).and_then(|p| p.run(inputs)))?;
+            let masks =
+                internal(
+                    self.plan
+                        .sample_masks(batch, self.model.batch_symbol.as_ref(), done, k, &mut sampler),
+                )?;
+            let outs = internal(self.plan.run(batch, k, masks))?;
             for (o, t) in outs.iter().enumerate() {
                 let values = internal(to_f64(t))?;
                 let per_sample = values.len() / k;
@@ -633,22 +704,68 @@ impl LoadedModel {
 }
 
 fn run_with_unit_masks(plan: &McPlan, batch: &Batch) -> TractResult<Vec<NamedTensor>> {
-    let mut inputs: TVec<TValue> = batch.tensors.iter().map(|t| t.clone().into_tvalue()).collect();
+    let mut masks = vec![];
     for m in &plan.masks {
         let shape = resolve(&m.shape, &batch.symbols).map_err(|e| anyhow::anyhow!(e))?;
         let ones = Tensor::from_shape(&shape, &vec![1.0f32; shape.iter().product()])?;
-        inputs.push(ones.cast_to_dt(m.datum)?.into_owned().into_tvalue());
+        masks.push(ones.cast_to_dt(m.datum)?.into_owned().into_tvalue());
     }
     Ok(plan
-        .plans
-        .get(batch.rows)?
-        .run(inputs)?
+        .run(batch, 1, masks)?
         .into_iter()
         .map(|t| NamedTensor {
             name: String::new(),
             tensor: t.into_tensor(),
         })
         .collect())
+}
+
+/// Compares the shared-trunk MC graph with the full one on the probe, with the same masks,
+/// and keeps the shared one only when they agree; then drops the full graph.
+fn check_shared_trunk(plan: &mut McPlan, probe: &Batch, batch_symbol: Option<&String>) -> CheckResult {
+    const CHECK: &str = "mc_shared_trunk";
+    let full = match std::mem::replace(&mut plan.trunk_check, Ok(None)) {
+        Ok(Some(full)) => full,
+        Ok(None) => return skipped(CHECK, "already checked"),
+        Err(reason) => {
+            let result = skipped(CHECK, &format!("MC runs the full graph for every sample: {reason}"));
+            plan.trunk_check = Err(reason);
+            return result;
+        }
+    };
+    let k = PROBE_MC_SAMPLES;
+    let named = |outs: TVec<TValue>| {
+        outs.into_iter()
+            .map(|t| NamedTensor {
+                name: String::new(),
+                tensor: t.into_tensor(),
+            })
+            .collect::<Vec<_>>()
+    };
+    let outcome = plan
+        .sample_masks(probe, batch_symbol, 0, k, &mut MaskSampler::new(0x74_72_75_6e_6b))
+        .and_then(|masks| {
+            let shared = McPlan::run_plans(&plan.plans, true, probe, k, masks.clone())?;
+            let reference = McPlan::run_plans(&full, false, probe, k, masks)?;
+            Ok(compare(&named(reference), &named(shared)))
+        });
+    let problem = match outcome {
+        Ok(None) => {
+            return pass(
+                CHECK,
+                &format!(
+                    "{}; with the same masks it equals the full graph on {k} samples of the probe",
+                    plan.trunk_detail
+                ),
+            );
+        }
+        Ok(Some(diff)) => format!("the shared-trunk graph differs from the full graph ({diff})"),
+        Err(e) => format!("the shared-trunk graph failed on the probe ({e:#})"),
+    };
+    plan.plans = full;
+    plan.shared_trunk = false;
+    plan.trunk_check = Err(problem.clone());
+    skipped(CHECK, &format!("MC runs the full graph for every sample: {problem}"))
 }
 
 fn internal<T>(r: TractResult<T>) -> Result<T, Error> {
@@ -869,12 +986,39 @@ fn build_mc(
         });
     }
     let proto = surgery.mc_proto(&masks).map_err(|e| format!("{e:#}"))?;
-    let plans = typed(onnx, &proto, dir)
-        .and_then(|m| Plans::new(m, batch_symbol, file_bytes))
-        .map_err(|e| format!("building the MC graph failed: {e:#}"))?;
-    Ok(McPlan {
-        plans,
-        masks,
-        batched: batch_symbol.is_some(),
+    let full = typed(onnx, &proto, dir).map_err(|e| format!("building the MC graph failed: {e:#}"))?;
+    let shared = match batch_symbol {
+        None => Err("the file fixes the batch size (or an output has no batch axis)".to_string()),
+        Some(b) => {
+            let mask_inputs: Vec<usize> = (full.inputs.len() - masks.len()..full.inputs.len()).collect();
+            match trunk::share(&full, b, &mask_inputs) {
+                Ok(Some(t)) => Plans::new(t.model, batch_symbol, Some(trunk::SAMPLES_SYMBOL), file_bytes)
+                    .map(|p| (p, t.trunk_nodes, t.tiled))
+                    .map_err(|e| format!("optimizing the shared-trunk graph failed: {e:#}")),
+                Ok(None) => Err("the first dropout reads a model input: there is no trunk to share".to_string()),
+                Err(e) => Err(format!("the trunk cannot be shared: {e:#}")),
+            }
+        }
+    };
+    let full =
+        Plans::new(full, batch_symbol, None, file_bytes).map_err(|e| format!("building the MC graph failed: {e:#}"))?;
+    let batched = batch_symbol.is_some();
+    Ok(match shared {
+        Ok((plans, trunk_nodes, tiled)) => McPlan {
+            plans,
+            masks,
+            batched,
+            shared_trunk: true,
+            trunk_check: Ok(Some(full)),
+            trunk_detail: format!("{trunk_nodes} trunk nodes run once per row; {tiled} tensors tiled"),
+        },
+        Err(reason) => McPlan {
+            plans: full,
+            masks,
+            batched,
+            shared_trunk: false,
+            trunk_check: Err(reason),
+            trunk_detail: String::new(),
+        },
     })
 }

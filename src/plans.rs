@@ -21,23 +21,32 @@ const MAX_SIZES: usize = 16;
 const MEMORY_BUDGET_BYTES: u64 = 256 << 20;
 
 pub struct Plans {
-    /// The typed, unoptimised graph with its symbolic batch, to specialise from.
-    typed: Option<(TypedModel, Symbol)>,
+    /// The typed, unoptimised graph with its symbolic batch (and, for a shared-trunk MC
+    /// graph, its samples symbol), to specialise from.
+    typed: Option<(TypedModel, Symbol, Option<Symbol>)>,
     /// The optimised symbolic plan, for models without a batch symbol.
     symbolic: Plan,
     capacity: usize,
-    pinned: Mutex<HashMap<usize, (Plan, u64)>>,
+    /// Keyed by (rows, samples); samples is 1 for graphs without a samples symbol.
+    pinned: Mutex<HashMap<(usize, usize), (Plan, u64)>>,
     clock: AtomicU64,
 }
 
 impl Plans {
     /// `batch_symbol` is the name of the batch dimension, if the model has one;
-    /// `file_bytes` sizes the cache.
-    pub fn new(typed: TypedModel, batch_symbol: Option<&str>, file_bytes: u64) -> TractResult<Plans> {
+    /// `samples_symbol` the number of MC samples in a pass of a shared-trunk graph
+    /// ([`crate::trunk`]); `file_bytes` sizes the cache.
+    pub fn new(
+        typed: TypedModel,
+        batch_symbol: Option<&str>,
+        samples_symbol: Option<&str>,
+        file_bytes: u64,
+    ) -> TractResult<Plans> {
         let symbol = batch_symbol.and_then(|s| typed.symbols.get(s));
+        let samples = samples_symbol.and_then(|s| typed.symbols.get(s));
         let capacity = (MEMORY_BUDGET_BYTES / (2 * file_bytes.max(1))).min(MAX_SIZES as u64) as usize;
         let symbolic = typed.clone().into_optimized()?.into_runnable()?;
-        let typed = symbol.filter(|_| capacity > 0).map(|s| (typed, s));
+        let typed = symbol.filter(|_| capacity > 0).map(|s| (typed, s, samples));
         Ok(Plans {
             typed,
             symbolic,
@@ -47,9 +56,10 @@ impl Plans {
         })
     }
 
-    /// The plan for a batch of `rows`.
-    pub fn get(&self, rows: usize) -> TractResult<Plan> {
-        let Some((typed, symbol)) = &self.typed else {
+    /// The plan for a batch of `rows` (times `samples`, for a shared-trunk graph; pass 1
+    /// otherwise).
+    pub fn get(&self, rows: usize, samples: usize) -> TractResult<Plan> {
+        let Some((typed, symbol, samples_symbol)) = &self.typed else {
             return Ok(self.symbolic.clone());
         };
         let now = self.clock.fetch_add(1, Ordering::Relaxed);
@@ -57,30 +67,31 @@ impl Plans {
             .pinned
             .lock()
             .expect("plan cache poisoned: this is a bug")
-            .get_mut(&rows)
+            .get_mut(&(rows, samples))
         {
             *used = now;
             return Ok(plan.clone());
         }
         // Build outside the lock: other sizes keep running meanwhile.
-        let plan = typed
-            .set_symbols(&HashMap::from([(symbol.clone(), TDim::Val(rows as i64))]))?
-            .into_optimized()?
-            .into_runnable()?;
+        let mut values = HashMap::from([(symbol.clone(), TDim::Val(rows as i64))]);
+        if let Some(s) = samples_symbol {
+            values.insert(s.clone(), TDim::Val(samples as i64));
+        }
+        let plan = typed.set_symbols(&values)?.into_optimized()?.into_runnable()?;
         let mut pinned = self.pinned.lock().expect("plan cache poisoned: this is a bug");
         if pinned.len() >= self.capacity
-            && !pinned.contains_key(&rows)
+            && !pinned.contains_key(&(rows, samples))
             && let Some(oldest) = pinned.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| *k)
         {
             pinned.remove(&oldest);
         }
-        pinned.insert(rows, (plan.clone(), now));
+        pinned.insert((rows, samples), (plan.clone(), now));
         Ok(plan)
     }
 
-    /// Batch sizes that currently hold a specialised plan.
-    pub fn cached_sizes(&self) -> Vec<usize> {
-        let mut v: Vec<usize> = self
+    /// (rows, samples) sizes that currently hold a specialised plan.
+    pub fn cached_sizes(&self) -> Vec<(usize, usize)> {
+        let mut v: Vec<(usize, usize)> = self
             .pinned
             .lock()
             .expect("plan cache poisoned: this is a bug")

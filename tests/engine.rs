@@ -467,3 +467,70 @@ fn answers_do_not_depend_on_the_plan_cache() {
     assert_eq!(eval(&model, &one), first_eval);
     assert_eq!(mc(&model, &one, 7, 123, true)[0].stats.samples, first_mc);
 }
+
+fn mc_in_passes(model: &LoadedModel, b: &Batch, n: usize, seed: u64, per_pass: usize) -> Vec<McOutput> {
+    model
+        .mc_session()
+        .unwrap()
+        .run_in_passes(b, McSamples::new(n, 1_000_000).unwrap(), seed, true, per_pass)
+        .unwrap()
+}
+
+/// The shared trunk (the part upstream of every mask) runs once per row and is tiled per
+/// sample, and sample s draws its masks from its own stream of the seed. So one batched
+/// pass, passes of 7 and one pass per sample (whose trunk runs every time) must see the same
+/// masks and give the same samples, up to float32 summation order; and the samples of
+/// `mc_samples=8` are the first 8 of `mc_samples=20`.
+#[test]
+fn shared_trunk_batched_and_sequential_passes_give_the_same_samples() {
+    let refs = read_json(&fixture("reference_outputs.json"));
+    for name in ["breast_cancer", "diabetes", "digits_cnn"] {
+        let model = load(&models_dir().join(format!("{name}.onnx")));
+        assert_eq!(check(&model, "mc_shared_trunk"), Outcome::Pass, "{name}");
+        let rows: Vec<Value> = refs[name]["inputs"].as_array().unwrap()[..3].to_vec();
+        let b = batch(&model, json!(rows));
+        let batched = mc_in_passes(&model, &b, 20, 99, 20);
+        for per_pass in [1, 7] {
+            let other = mc_in_passes(&model, &b, 20, 99, per_pass);
+            for (x, y) in batched.iter().zip(&other) {
+                let (xs, ys) = (x.stats.samples.as_ref().unwrap(), y.stats.samples.as_ref().unwrap());
+                assert_eq!(xs.len(), ys.len());
+                let scale = xs.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+                for (j, (a, c)) in xs.iter().zip(ys).enumerate() {
+                    assert!(
+                        (a - c).abs() <= 1e-5 * scale,
+                        "{name}, {per_pass} per pass, element {j}: {a} vs {c}"
+                    );
+                }
+            }
+        }
+        // The samples really differ from one another, so equal samples above are not trivial.
+        let s = batched[0].stats.samples.as_ref().unwrap();
+        let per_sample = s.len() / 20;
+        assert_ne!(s[..per_sample], s[per_sample..2 * per_sample], "{name}");
+        let fewer = mc_in_passes(&model, &b, 8, 99, 8);
+        let scale = s.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        for (j, (a, c)) in fewer[0].stats.samples.as_ref().unwrap().iter().zip(s).enumerate() {
+            assert!(
+                (a - c).abs() <= 1e-5 * scale,
+                "{name}, 8 of 20 samples, element {j}: {a} vs {c}"
+            );
+        }
+    }
+}
+
+/// Where there is no trunk (the first dropout reads the input) or no batch axis, MC runs
+/// the full graph and the report says why.
+#[test]
+fn shared_trunk_is_skipped_with_a_reason_when_it_does_not_apply() {
+    for (file, why) in [
+        ("linear_dropout.onnx", "no trunk to share"),
+        ("fixed_batch.onnx", "fixes the batch size"),
+    ] {
+        let model = load(&fixture(file));
+        let c = model.checks.iter().find(|c| c.check == "mc_shared_trunk").unwrap();
+        assert_eq!(c.result, Outcome::Skipped, "{file}");
+        assert!(c.detail.contains(why), "{file}: {}", c.detail);
+        assert_eq!(check(&model, "mc_live"), Outcome::Pass, "{file}");
+    }
+}

@@ -67,6 +67,7 @@ async fn health_listing_and_metadata() {
     for c in [
         "eval_deterministic",
         "eval_row_independent",
+        "mc_shared_trunk",
         "mc_matches_eval",
         "mc_live",
     ] {

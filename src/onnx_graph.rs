@@ -253,12 +253,17 @@ impl Surgery {
             .is_some_and(|g| g.initializer.iter().any(|t| t.name == name))
     }
 
-    /// The MC graph: every sampling site multiplies by its mask input.
-    pub fn mc_proto(&self, masks: &[MaskInput]) -> anyhow::Result<ModelProto> {
+    /// The MC graph: every sampling site multiplies by its mask input. `logits_outputs`
+    /// lists graph outputs (by index) to replace by the named tensor: the server applies
+    /// those outputs' final Softmax itself.
+    pub fn mc_proto(&self, masks: &[MaskInput], logits_outputs: &[(usize, String)]) -> anyhow::Result<ModelProto> {
         let mut proto = self.rewrite(Some(masks));
         let graph = proto.graph.as_mut().expect("rewritten proto has a graph");
         for m in masks {
             graph.input.push(value_info(&m.name, m.datum, &m.shape)?);
+        }
+        for (ix, logits) in logits_outputs {
+            graph.output[*ix].name = logits.clone();
         }
         Ok(proto)
     }

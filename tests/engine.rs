@@ -534,3 +534,22 @@ fn shared_trunk_is_skipped_with_a_reason_when_it_does_not_apply() {
         assert_eq!(check(&model, "mc_live"), Outcome::Pass, "{file}");
     }
 }
+
+/// The MC graph stops at the logits of a final Softmax and the server applies it in f64:
+/// every sample row is then a distribution to f64 precision, and keep-all masks reproduce
+/// eval (tract's float32 Softmax) to float32 precision.
+#[test]
+fn mc_softmax_outputs_are_distributions_in_f64() {
+    let refs = read_json(&fixture("reference_outputs.json"));
+    for (name, classes) in [("breast_cancer", 2), ("digits_cnn", 10)] {
+        let model = load(&models_dir().join(format!("{name}.onnx")));
+        assert_eq!(check(&model, "mc_matches_eval"), Outcome::Pass, "{name}");
+        let b = batch(&model, refs[name]["inputs"].clone());
+        let out = &mc(&model, &b, 30, 5, true)[0];
+        for row in out.stats.samples.as_ref().unwrap().chunks(classes) {
+            let sum: f64 = row.iter().sum();
+            assert!((sum - 1.0).abs() < 1e-12, "{name}: row sums to {sum}");
+            assert!(row.iter().all(|p| (0.0..=1.0).contains(p)), "{name}: {row:?}");
+        }
+    }
+}

@@ -21,7 +21,8 @@ pub struct MaskSpec<'a> {
     pub datum: DatumType,
     /// The leading axis is samples × rows, sample-major, so sample `s` owns the `s`-th of
     /// `k` equal blocks. False for a mask whose leading axis is not the batch (rare: the
-    /// graph moved the batch axis before the dropout); such a mask is drawn as one block.
+    /// graph moved the batch axis before the dropout); such a mask is drawn as one block
+    /// from a second stream, so its samples depend on how they are split into passes.
     pub per_sample: bool,
 }
 
@@ -46,53 +47,54 @@ impl MaskSampler {
 
     /// The masks of samples `first .. first + k`, run as one pass.
     ///
-    /// Sample `s` draws all its masks, site after site, from ChaCha stream `s` of the seed.
-    /// So what sample `s` sees depends only on the seed and `s`: not on how the samples
-    /// are split into passes, and not on how many samples the request asked for (the first
-    /// 10 samples of `mc_samples=50` are the samples of `mc_samples=10`).
+    /// Sample `s` reads words `s·W .. (s+1)·W` of the seed's ChaCha8 stream, where `W` is
+    /// one sample's mask elements (site after site). So what sample `s` sees depends only on
+    /// the seed, `s` and the batch's rows: not on how the samples are split into passes,
+    /// and not on how many samples the request asked for (the first 10 samples of
+    /// `mc_samples=50` are the samples of `mc_samples=10`). A pass reads its `k·W` words in
+    /// one go.
     pub fn sample_pass(&mut self, first: u64, k: usize, masks: &[MaskSpec]) -> TractResult<Vec<Tensor>> {
         let lens: Vec<usize> = masks.iter().map(|m| m.shape.iter().product()).collect();
-        let total: usize = lens.iter().sum();
-        self.buf.resize(total, 0);
-        let mut offsets = Vec::with_capacity(masks.len());
-        let mut at = 0;
+        // Per sample: each mask's block length and its offset within the sample's words.
+        let mut blocks = Vec::with_capacity(masks.len());
+        let mut w = 0usize;
         for (m, &len) in masks.iter().zip(&lens) {
             if m.per_sample && len % k != 0 {
                 anyhow::bail!("a mask of shape {:?} does not split into {k} samples", m.shape);
             }
-            offsets.push(at);
-            at += len;
+            let block = if m.per_sample { len / k } else { 0 };
+            blocks.push((block, w));
+            w += block;
         }
-        for s in 0..k {
-            let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
-            rng.set_stream(first + s as u64);
-            for ((m, &len), &off) in masks.iter().zip(&lens).zip(&offsets) {
-                if m.per_sample {
-                    let block = len / k;
-                    rng.fill(&mut self.buf[off + s * block..off + (s + 1) * block]);
-                }
-            }
-        }
-        // Masks without per-sample blocks come from a stream no sample uses.
+        self.buf.resize(w * k, 0);
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
-        rng.set_stream(u64::MAX - first);
-        for ((m, &len), &off) in masks.iter().zip(&lens).zip(&offsets) {
-            if !m.per_sample {
-                rng.fill(&mut self.buf[off..off + len]);
-            }
-        }
+        rng.set_word_pos(first as u128 * w as u128);
+        rng.fill(&mut self.buf[..]);
+        // Masks without per-sample blocks come from a stream the samples do not use.
+        let mut other = ChaCha8Rng::seed_from_u64(self.seed);
+        other.set_stream(1);
         masks
             .iter()
             .zip(&lens)
-            .zip(&offsets)
-            .map(|((m, &len), &off)| {
-                let random = &self.buf[off..off + len];
+            .zip(&blocks)
+            .map(|((m, &len), &(block, offset))| {
+                let mut random;
+                let words: Vec<&[u32]> = if m.per_sample {
+                    (0..k)
+                        .map(|s| &self.buf[s * w + offset..s * w + offset + block])
+                        .collect()
+                } else {
+                    random = vec![0u32; len];
+                    other.set_word_pos(first as u128 * len as u128);
+                    other.fill(&mut random[..]);
+                    vec![&random[..]]
+                };
                 let threshold = drop_threshold(m.ratio);
                 let scale = 1.0 / (1.0 - m.ratio as f64);
                 match m.datum {
-                    DatumType::F32 => fill(m.shape, random, threshold, scale as f32, 0.0f32),
-                    DatumType::F64 => fill(m.shape, random, threshold, scale, 0.0f64),
-                    DatumType::F16 => fill(m.shape, random, threshold, f16::from_f64(scale), f16::from_f32(0.0)),
+                    DatumType::F32 => fill(m.shape, &words, threshold, scale as f32, 0.0f32),
+                    DatumType::F64 => fill(m.shape, &words, threshold, scale, 0.0f64),
+                    DatumType::F16 => fill(m.shape, &words, threshold, f16::from_f64(scale), f16::from_f32(0.0)),
                     other => anyhow::bail!("dropout masks for {other:?} are not supported"),
                 }
             })
@@ -100,11 +102,11 @@ impl MaskSampler {
     }
 }
 
-/// Writes the mask straight into the tensor's buffer: a branch-free select the compiler
-/// vectorises, with no intermediate Vec.
+/// Writes the mask straight into the tensor's buffer from the random words, given as
+/// consecutive pieces: a branch-free select the compiler vectorises.
 fn fill<T: Datum + Copy + tract_num_traits::Zero>(
     shape: &[usize],
-    random: &[u32],
+    random: &[&[u32]],
     threshold: u32,
     keep: T,
     drop: T,
@@ -112,8 +114,13 @@ fn fill<T: Datum + Copy + tract_num_traits::Zero>(
     let mut t = Tensor::zero::<T>(shape)?;
     {
         let mut view = t.try_as_plain_ram_mut()?;
-        for (out, r) in view.as_slice_mut::<T>()?.iter_mut().zip(random) {
-            *out = if *r >= threshold { keep } else { drop };
+        let mut out = view.as_slice_mut::<T>()?;
+        for piece in random {
+            let (head, rest) = out.split_at_mut(piece.len());
+            for (o, r) in head.iter_mut().zip(*piece) {
+                *o = if *r >= threshold { keep } else { drop };
+            }
+            out = rest;
         }
     }
     Ok(t)
@@ -157,6 +164,30 @@ mod tests {
                 "p={p}: dropped {dropped}"
             );
         }
+    }
+
+    /// Two sites, B = 3 rows, 5 samples: one pass of 5 or passes of 2 and 3 draw the same
+    /// mask for every sample, and sample s depends only on s.
+    #[test]
+    fn a_sample_mask_does_not_depend_on_how_samples_are_split_into_passes() {
+        let pass = |first: u64, k: usize| {
+            let (a, b) = ([k * 3, 4], [k * 3, 2]);
+            let specs = [(0.3, &a[..]), (0.6, &b[..])].map(|(ratio, shape)| MaskSpec {
+                ratio,
+                shape,
+                datum: DatumType::F32,
+                per_sample: true,
+            });
+            let masks = MaskSampler::new(11).sample_pass(first, k, &specs).unwrap();
+            masks.iter().map(as_f32).collect::<Vec<_>>()
+        };
+        let whole = pass(0, 5);
+        let (head, tail) = (pass(0, 2), pass(2, 3));
+        for site in 0..2 {
+            let joined: Vec<f32> = head[site].iter().chain(&tail[site]).copied().collect();
+            assert_eq!(joined, whole[site], "site {site}");
+        }
+        assert_ne!(whole[0][..12], whole[0][12..24]);
     }
 
     #[test]

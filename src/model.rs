@@ -199,7 +199,7 @@ impl McPlan {
                 ratio: m.ratio,
                 shape,
                 datum: m.datum,
-                per_sample: k == 1
+                per_sample: batch_symbol.is_none()
                     || matches!((m.shape.first(), batch_symbol), (Some(Dim::Symbol(s)), Some(b)) if s == b),
             })
             .collect();

@@ -14,16 +14,12 @@ pub struct MaskSampler {
     buf: Vec<u32>,
 }
 
-/// One mask to draw in a pass.
+/// One mask to draw in a pass. Its leading axis is samples × rows, sample-major, so sample
+/// `s` of a `k`-sample pass owns the `s`-th of `k` equal blocks.
 pub struct MaskSpec<'a> {
     pub ratio: f32,
     pub shape: &'a [usize],
     pub datum: DatumType,
-    /// The leading axis is samples × rows, sample-major, so sample `s` owns the `s`-th of
-    /// `k` equal blocks. False for a mask whose leading axis is not the batch (rare: the
-    /// graph moved the batch axis before the dropout); such a mask is drawn as one block
-    /// from a second stream, so its samples depend on how they are split into passes.
-    pub per_sample: bool,
 }
 
 impl MaskSampler {
@@ -36,12 +32,7 @@ impl MaskSampler {
     /// A single mask of `shape` for dropout ratio `ratio`, in the data type of the tensor
     /// it scales: sample 0 of a one-sample pass.
     pub fn sample(&mut self, ratio: f32, shape: &[usize], datum: DatumType) -> TractResult<Tensor> {
-        let spec = MaskSpec {
-            ratio,
-            shape,
-            datum,
-            per_sample: true,
-        };
+        let spec = MaskSpec { ratio, shape, datum };
         Ok(self.sample_pass(0, 1, &[spec])?.remove(0))
     }
 
@@ -54,41 +45,28 @@ impl MaskSampler {
     /// `mc_samples=50` are the samples of `mc_samples=10`). A pass reads its `k·W` words in
     /// one go.
     pub fn sample_pass(&mut self, first: u64, k: usize, masks: &[MaskSpec]) -> TractResult<Vec<Tensor>> {
-        let lens: Vec<usize> = masks.iter().map(|m| m.shape.iter().product()).collect();
         // Per sample: each mask's block length and its offset within the sample's words.
         let mut blocks = Vec::with_capacity(masks.len());
         let mut w = 0usize;
-        for (m, &len) in masks.iter().zip(&lens) {
-            if m.per_sample && len % k != 0 {
+        for m in masks {
+            let len: usize = m.shape.iter().product();
+            if !len.is_multiple_of(k) {
                 anyhow::bail!("a mask of shape {:?} does not split into {k} samples", m.shape);
             }
-            let block = if m.per_sample { len / k } else { 0 };
-            blocks.push((block, w));
-            w += block;
+            blocks.push((len / k, w));
+            w += len / k;
         }
         self.buf.resize(w * k, 0);
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
         rng.set_word_pos(first as u128 * w as u128);
         rng.fill(&mut self.buf[..]);
-        // Masks without per-sample blocks come from a stream the samples do not use.
-        let mut other = ChaCha8Rng::seed_from_u64(self.seed);
-        other.set_stream(1);
         masks
             .iter()
-            .zip(&lens)
             .zip(&blocks)
-            .map(|((m, &len), &(block, offset))| {
-                let mut random;
-                let words: Vec<&[u32]> = if m.per_sample {
-                    (0..k)
-                        .map(|s| &self.buf[s * w + offset..s * w + offset + block])
-                        .collect()
-                } else {
-                    random = vec![0u32; len];
-                    other.set_word_pos(first as u128 * len as u128);
-                    other.fill(&mut random[..]);
-                    vec![&random[..]]
-                };
+            .map(|(m, &(block, offset))| {
+                let words: Vec<&[u32]> = (0..k)
+                    .map(|s| &self.buf[s * w + offset..s * w + offset + block])
+                    .collect();
                 let threshold = drop_threshold(m.ratio);
                 let scale = 1.0 / (1.0 - m.ratio as f64);
                 match m.datum {
@@ -176,7 +154,6 @@ mod tests {
                 ratio,
                 shape,
                 datum: DatumType::F32,
-                per_sample: true,
             });
             let masks = MaskSampler::new(11).sample_pass(first, k, &specs).unwrap();
             masks.iter().map(as_f32).collect::<Vec<_>>()

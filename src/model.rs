@@ -199,8 +199,6 @@ impl McPlan {
                 ratio: m.ratio,
                 shape,
                 datum: m.datum,
-                per_sample: batch_symbol.is_none()
-                    || matches!((m.shape.first(), batch_symbol), (Some(Dim::Symbol(s)), Some(b)) if s == b),
             })
             .collect();
         Ok(sampler
@@ -1076,14 +1074,23 @@ fn build_mc(
                 Ok(Some(t)) => Plans::new(t.model, batch_symbol, Some(trunk::SAMPLES_SYMBOL), file_bytes)
                     .map(|p| (p, t.trunk_nodes, t.tiled))
                     .map_err(|e| format!("optimizing the shared-trunk graph failed: {e:#}")),
-                Ok(None) => Err("the first dropout reads a model input: there is no trunk to share".to_string()),
+                Ok(None) => {
+                    Err("no node upstream of the dropout masks reads an input: there is no trunk to share".to_string())
+                }
                 Err(e) => Err(format!("the trunk cannot be shared: {e:#}")),
             }
         }
     };
     let full =
         Plans::new(full, batch_symbol, None, file_bytes).map_err(|e| format!("building the MC graph failed: {e:#}"))?;
-    let batched = batch_symbol.is_some();
+    // Samples share a pass only when the batch leads every mask, so that each sample owns
+    // a block of every mask. A mask without the batch in front (or without it at all) would
+    // otherwise be drawn across samples, or even shared by them.
+    let batched = batch_symbol.is_some_and(|b| {
+        masks
+            .iter()
+            .all(|m| matches!(m.shape.first(), Some(Dim::Symbol(s)) if s == b))
+    });
     Ok(match shared {
         Ok((plans, trunk_nodes, tiled)) => McPlan {
             plans,

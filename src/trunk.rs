@@ -44,8 +44,8 @@ enum Class {
 }
 
 /// Rewrites `mc` (the typed MC graph, whose inputs `mask_inputs` are the dropout masks) so
-/// that its trunk runs on the request rows only. `Ok(None)` when the trunk is empty (the
-/// first dropout reads a model input directly): tiling the inputs is then the same thing.
+/// that its trunk runs on the request rows only. `Ok(None)` when the trunk is empty (no
+/// node upstream of the masks reads an input): tiling the inputs is then the same thing.
 pub fn share(mc: &TypedModel, batch: &str, mask_inputs: &[usize]) -> TractResult<Option<SharedTrunk>> {
     let Some(b) = mc.symbols.get(batch) else {
         anyhow::bail!("the graph has no symbol '{batch}'");

@@ -386,6 +386,26 @@ def batch_dependent():
     assert not np.allclose(single[0], outs[0][0])  # row 0 alone != row 0 within the batch
 
 
+def dropconnect():
+    """y = x @ Dropout_p(W): the mask has no batch axis (one weight mask per pass, shared by
+    the rows), so samples must not share a batched pass. Same closed forms as linear_dropout."""
+    p = 0.3
+    W = np.array([[0.5, -1.0, 2.0],
+                  [1.5, 0.25, -0.5],
+                  [-2.0, 1.0, 0.75],
+                  [0.125, -0.75, 1.0]], dtype=F32)
+    nodes = dropout_nodes("dropout", "W", p, out="W_dropped")
+    nodes.append(helper.make_node("MatMul", ["x", "W_dropped"], ["y"], name="matmul"))
+    model = make_model(nodes, "dropconnect", [vi("x", FLOAT, ["batch", 4])], [vi("y", FLOAT, ["batch", 3])],
+                       [init("W", W)], opset=13, doc="y = x @ Dropout_p(W), p = 0.3 (Constant), training_mode true")
+    save(model, "dropconnect.onnx")
+    x = np.array([[1.0, 2.0, -1.0, 0.5],
+                  [0.0, -3.0, 2.0, 4.0]], dtype=F32)
+    outs = record_eval("dropconnect.onnx", {"x": x})
+    np.testing.assert_allclose(outs[0], x.astype(np.float64) @ W.astype(np.float64), rtol=1e-6, atol=1e-6)
+    assert_varies("dropconnect.onnx", {"x": x})
+
+
 def fixed_batch():
     rng = np.random.default_rng(7)
     W1 = np.round(rng.normal(size=(8, 5)), 3).astype(F32)
@@ -447,6 +467,7 @@ def main():
     zero_ratio()
     batch_dependent()
     fixed_batch()
+    dropconnect()
     int_input()
     two_inputs()
     # ORT can load/run every fixture file (those not run by record_eval: just this one).
@@ -460,4 +481,14 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1:
+        # Only the named fixtures, e.g. `make_fixtures.py dropconnect`; their eval outputs
+        # are merged into the existing fixture_eval_outputs.json.
+        for fixture_name in sys.argv[1:]:
+            globals()[fixture_name]()
+        with open(os.path.join(FIXTURES_DIR, "fixture_eval_outputs.json")) as f:
+            merged = json.load(f)
+        merged.update(EVAL_OUTPUTS)
+        write_json("fixture_eval_outputs.json", merged)
+    else:
+        main()

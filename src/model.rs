@@ -107,42 +107,49 @@ struct EvalPlan {
 struct McPlan {
     plans: Plans,
     masks: Vec<MaskInput>,
-    /// N samples of a B-row batch run as one pass of N·B rows. False when the file fixes
-    /// the batch size (or an output has no batch axis): then each sample is its own pass.
-    batched: bool,
-    /// `plans` is the shared-trunk graph ([`crate::trunk`]): it takes the B request rows
-    /// and tiles them itself after the trunk, instead of taking N·B tiled rows.
-    shared_trunk: bool,
+    /// The batch symbol when N samples of a B-row batch run as one pass of N·B rows: the
+    /// model has a batch axis and it leads every mask. None: each sample is its own pass
+    /// (the file fixes the batch size, or a mask does not have the batch in front).
+    batch: Option<String>,
     /// Per output: the graph gives the logits of a final last-axis Softmax, which the
-    /// server applies (see `build_mc`).
+    /// server applies (see `LoadedModel::load`).
     softmax: Vec<bool>,
-    /// While loading: the full graph, kept until the self-check has compared the two.
-    /// Afterwards: why the trunk is not shared, when it is not.
-    trunk_check: Result<Option<Plans>, String>,
-    /// What the trunk rewrite did, for the self-check report.
-    trunk_detail: String,
+    trunk: Trunk,
+}
+
+enum Trunk {
+    /// `plans` is the shared-trunk graph ([`crate::trunk`]): it takes the B request rows and
+    /// tiles them itself after the trunk. `full` is the full graph, kept only until the
+    /// load-time self-check has compared the two.
+    Shared { detail: String, full: Option<Box<Plans>> },
+    /// `plans` is the full graph, which takes N·B tiled rows, for this reason.
+    Full(String),
 }
 
 impl McPlan {
     /// Runs one pass of `k` samples of `batch` with the given masks (each sized k·B rows).
-    /// Outputs whose softmax the server applies come back as f64 probabilities.
-    fn run(&self, batch: &Batch, k: usize, masks: Vec<TValue>) -> TractResult<Vec<Tensor>> {
-        let outs = Self::run_plans(&self.plans, self.shared_trunk, batch, k, masks)?;
-        outs.into_iter()
+    /// Per output: its shape and its values in f64, with the softmax applied where the
+    /// server owns it.
+    fn run(&self, batch: &Batch, k: usize, masks: Vec<TValue>) -> TractResult<Vec<(Vec<usize>, Vec<f64>)>> {
+        let shared = matches!(self.trunk, Trunk::Shared { .. });
+        let outs = Self::run_plans(&self.plans, shared, batch, k, masks)?;
+        outs.iter()
             .zip(&self.softmax)
             .map(|(t, &softmax)| {
-                let t = t.into_tensor();
-                if !softmax {
-                    return Ok(t);
+                let mut values = to_f64(t)?;
+                if softmax {
+                    softmax_rows(
+                        &mut values,
+                        *t.shape().last().expect("softmax outputs have a last axis"),
+                    );
                 }
-                let classes = *t.shape().last().expect("softmax outputs have a last axis");
-                let mut values = to_f64(&t)?;
-                softmax_rows(&mut values, classes);
-                Tensor::from_shape(t.shape(), &values)
+                Ok((t.shape().to_vec(), values))
             })
             .collect()
     }
 
+    /// One pass through `plans`: a shared-trunk graph takes the request rows, the full graph
+    /// the rows tiled `k` times.
     fn run_plans(
         plans: &Plans,
         shared: bool,
@@ -150,25 +157,23 @@ impl McPlan {
         k: usize,
         masks: Vec<TValue>,
     ) -> TractResult<TVec<TValue>> {
-        let rows = batch.rows;
-        let (mut inputs, plan): (TVec<TValue>, _) = if shared || k == 1 {
-            let inputs = batch.tensors.iter().map(|t| t.clone().into_tvalue()).collect();
-            (
-                inputs,
-                if shared {
-                    plans.get(rows, k)?
-                } else {
-                    plans.get(rows, 1)?
-                },
-            )
+        let tile = !shared && k > 1;
+        let plan = if shared {
+            plans.get(batch.rows, k)?
         } else {
-            let inputs = batch
-                .tensors
-                .iter()
-                .map(|t| Ok(Tensor::stack_tensors(0, &vec![t; k])?.into_tvalue()))
-                .collect::<TractResult<_>>()?;
-            (inputs, plans.get(rows * k, 1)?)
+            plans.get(batch.rows * k, 1)?
         };
+        let mut inputs = batch
+            .tensors
+            .iter()
+            .map(|t| {
+                Ok(if tile {
+                    Tensor::stack_tensors(0, &vec![t; k])?.into_tvalue()
+                } else {
+                    t.clone().into_tvalue()
+                })
+            })
+            .collect::<TractResult<TVec<TValue>>>()?;
         inputs.extend(masks);
         plans::run(&plan, inputs)
     }
@@ -177,13 +182,12 @@ impl McPlan {
     fn sample_masks(
         &self,
         batch: &Batch,
-        batch_symbol: Option<&String>,
         first: usize,
         k: usize,
         sampler: &mut MaskSampler,
     ) -> TractResult<Vec<TValue>> {
         let mut symbols = batch.symbols.clone();
-        if let Some(sym) = batch_symbol {
+        if let Some(sym) = &self.batch {
             symbols.insert(sym.clone(), batch.rows * k);
         }
         let shapes = self
@@ -314,9 +318,9 @@ impl LoadedModel {
         let eval_plans =
             Plans::new(eval_typed, batch_symbol.as_deref(), None, file_bytes).context("optimizing the eval graph")?;
 
-        // tract's Softmax has a fixed cost per row (measured: 45 µs of an 84 µs MC-50 on the
-        // 2-class breast_cancer MLP), so the MC graph stops at the logits of a last-axis
-        // Softmax output and the server applies the softmax, in f64, to all N·B rows at once.
+        // tract's Softmax has a cost per row (breast_cancer's MC-50, 2 classes: 57-76 µs with
+        // it, 33-43 µs without), so the MC graph stops at the logits of a last-axis Softmax
+        // output and the server applies the softmax, in f64, to all N·B rows at once.
         // Logits that are an output themselves stay as they are: one name, one output.
         let server_softmax: Vec<Option<String>> = outputs
             .iter()
@@ -531,10 +535,9 @@ impl LoadedModel {
             (Err(_), _) => fail("eval_row_independent", "eval failed on the probe input".into()),
             (Ok(full), Some(_)) => self.check_rows(&probe, full),
         });
-        let batch_symbol = self.batch_symbol.clone();
         checks.push(match &mut self.mc {
             Err(reason) => skipped("mc_shared_trunk", reason),
-            Ok(plan) => check_shared_trunk(plan, &probe, batch_symbol.as_ref()),
+            Ok(plan) => check_shared_trunk(plan, &probe),
         });
         checks.push(match (&eval, &self.mc) {
             (_, Err(reason)) => skipped("mc_matches_eval", reason),
@@ -669,7 +672,7 @@ impl McSession<'_> {
         keep_samples: bool,
     ) -> Result<Vec<McOutput>, Error> {
         let elements: usize = batch.tensors.iter().map(|t| t.len()).sum::<usize>().max(1);
-        let per_pass = if self.plan.batched {
+        let per_pass = if self.plan.batch.is_some() {
             MAX_PASS_INPUT_ELEMENTS / elements
         } else {
             1
@@ -688,23 +691,21 @@ impl McSession<'_> {
         per_pass: usize,
     ) -> Result<Vec<McOutput>, Error> {
         let n = samples.get();
-        let per_pass = if self.plan.batched { per_pass.clamp(1, n) } else { 1 };
+        let per_pass = if self.plan.batch.is_some() {
+            per_pass.clamp(1, n)
+        } else {
+            1
+        };
         let mut sampler = MaskSampler::new(seed);
         let mut accumulators: Vec<(Vec<usize>, Accumulator)> = vec![];
         let mut done = 0;
         while done < n {
             let k = per_pass.min(n - done);
-            let masks =
-                internal(
-                    self.plan
-                        .sample_masks(batch, self.model.batch_symbol.as_ref(), done, k, &mut sampler),
-                )?;
+            let masks = internal(self.plan.sample_masks(batch, done, k, &mut sampler))?;
             let outs = internal(self.plan.run(batch, k, masks))?;
-            for (o, t) in outs.iter().enumerate() {
-                let values = internal(to_f64(t))?;
+            for (o, (mut shape, values)) in outs.into_iter().enumerate() {
                 let per_sample = values.len() / k;
                 if accumulators.len() <= o {
-                    let mut shape = t.shape().to_vec();
                     if k > 1 {
                         shape[0] /= k;
                     }
@@ -748,62 +749,61 @@ fn run_with_unit_masks(plan: &McPlan, batch: &Batch) -> TractResult<Vec<NamedTen
         let ones = Tensor::from_shape(&shape, &vec![1.0f32; shape.iter().product()])?;
         masks.push(ones.cast_to_dt(m.datum)?.into_owned().into_tvalue());
     }
-    Ok(plan
+    let outs = plan
         .run(batch, 1, masks)?
         .into_iter()
-        .map(|t| NamedTensor {
+        .map(|(shape, values)| Tensor::from_shape(&shape, &values))
+        .collect::<TractResult<Vec<_>>>()?;
+    Ok(unnamed(outs))
+}
+
+/// Tensors to compare by position.
+fn unnamed(tensors: impl IntoIterator<Item = Tensor>) -> Vec<NamedTensor> {
+    tensors
+        .into_iter()
+        .map(|tensor| NamedTensor {
             name: String::new(),
-            tensor: t.into_tensor(),
+            tensor,
         })
-        .collect())
+        .collect()
 }
 
 /// Compares the shared-trunk MC graph with the full one on the probe, with the same masks,
 /// and keeps the shared one only when they agree; then drops the full graph.
-fn check_shared_trunk(plan: &mut McPlan, probe: &Batch, batch_symbol: Option<&String>) -> CheckResult {
+fn check_shared_trunk(plan: &mut McPlan, probe: &Batch) -> CheckResult {
     const CHECK: &str = "mc_shared_trunk";
-    let full = match std::mem::replace(&mut plan.trunk_check, Ok(None)) {
-        Ok(Some(full)) => full,
-        Ok(None) => return skipped(CHECK, "already checked"),
-        Err(reason) => {
-            let result = skipped(CHECK, &format!("MC runs the full graph for every sample: {reason}"));
-            plan.trunk_check = Err(reason);
-            return result;
+    let (detail, full) = match &mut plan.trunk {
+        Trunk::Full(reason) => {
+            return skipped(CHECK, &format!("MC runs the full graph for every sample: {reason}"));
         }
+        Trunk::Shared { detail, full } => (
+            detail.clone(),
+            full.take().expect("the shared trunk is checked once, at load"),
+        ),
     };
     let k = PROBE_MC_SAMPLES;
-    let named = |outs: TVec<TValue>| {
-        outs.into_iter()
-            .map(|t| NamedTensor {
-                name: String::new(),
-                tensor: t.into_tensor(),
-            })
-            .collect::<Vec<_>>()
-    };
     let outcome = plan
-        .sample_masks(probe, batch_symbol, 0, k, &mut MaskSampler::new(0x74_72_75_6e_6b))
+        .sample_masks(probe, 0, k, &mut MaskSampler::new(0x74_72_75_6e_6b))
         .and_then(|masks| {
             let shared = McPlan::run_plans(&plan.plans, true, probe, k, masks.clone())?;
             let reference = McPlan::run_plans(&full, false, probe, k, masks)?;
-            Ok(compare(&named(reference), &named(shared)))
+            let tensors = |outs: TVec<TValue>| unnamed(outs.into_iter().map(|t| t.into_tensor()));
+            Ok(compare(&tensors(reference), &tensors(shared)))
         });
     let problem = match outcome {
         Ok(None) => {
             return pass(
                 CHECK,
-                &format!(
-                    "{}; with the same masks it equals the full graph on {k} samples of the probe",
-                    plan.trunk_detail
-                ),
+                &format!("{detail}; with the same masks it equals the full graph on {k} samples of the probe"),
             );
         }
         Ok(Some(diff)) => format!("the shared-trunk graph differs from the full graph ({diff})"),
         Err(e) => format!("the shared-trunk graph failed on the probe ({e:#})"),
     };
-    plan.plans = full;
-    plan.shared_trunk = false;
-    plan.trunk_check = Err(problem.clone());
-    skipped(CHECK, &format!("MC runs the full graph for every sample: {problem}"))
+    plan.plans = *full;
+    let result = skipped(CHECK, &format!("MC runs the full graph for every sample: {problem}"));
+    plan.trunk = Trunk::Full(problem);
+    result
 }
 
 /// Softmax over consecutive rows of `classes` values, in place, in f64.
@@ -1086,30 +1086,29 @@ fn build_mc(
     // Samples share a pass only when the batch leads every mask, so that each sample owns
     // a block of every mask. A mask without the batch in front (or without it at all) would
     // otherwise be drawn across samples, or even shared by them.
-    let batched = batch_symbol.is_some_and(|b| {
-        masks
-            .iter()
-            .all(|m| matches!(m.shape.first(), Some(Dim::Symbol(s)) if s == b))
-    });
-    Ok(match shared {
-        Ok((plans, trunk_nodes, tiled)) => McPlan {
+    let batch = batch_symbol
+        .filter(|b| {
+            masks
+                .iter()
+                .all(|m| matches!(m.shape.first(), Some(Dim::Symbol(s)) if s == b))
+        })
+        .map(str::to_string);
+    let (plans, trunk) = match shared {
+        Ok((plans, trunk_nodes, tiled)) => (
             plans,
-            masks,
-            batched,
-            shared_trunk: true,
-            softmax,
-            trunk_check: Ok(Some(full)),
-            trunk_detail: format!("{trunk_nodes} trunk nodes run once per row; {tiled} tensors tiled"),
-        },
-        Err(reason) => McPlan {
-            plans: full,
-            masks,
-            batched,
-            shared_trunk: false,
-            softmax,
-            trunk_check: Err(reason),
-            trunk_detail: String::new(),
-        },
+            Trunk::Shared {
+                detail: format!("{trunk_nodes} trunk nodes run once per row; {tiled} tensors tiled"),
+                full: Some(Box::new(full)),
+            },
+        ),
+        Err(reason) => (full, Trunk::Full(reason)),
+    };
+    Ok(McPlan {
+        plans,
+        masks,
+        batch,
+        softmax,
+        trunk,
     })
 }
 

@@ -88,19 +88,6 @@ impl Plans {
         pinned.insert((rows, samples), (plan.clone(), now));
         Ok(plan)
     }
-
-    /// (rows, samples) sizes that currently hold a specialised plan.
-    pub fn cached_sizes(&self) -> Vec<(usize, usize)> {
-        let mut v: Vec<(usize, usize)> = self
-            .pinned
-            .lock()
-            .expect("plan cache poisoned: this is a bug")
-            .keys()
-            .copied()
-            .collect();
-        v.sort();
-        v
-    }
 }
 
 /// Runs a plan, then clears the upper halves of the vector registers.

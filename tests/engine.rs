@@ -505,7 +505,7 @@ fn mc_in_passes(model: &LoadedModel, b: &Batch, n: usize, seed: u64, per_pass: u
 }
 
 /// The shared trunk (the part upstream of every mask) runs once per row and is tiled per
-/// sample, and sample s draws its masks from its own stream of the seed. So one batched
+/// sample, and sample s reads its masks from its own stretch of the seed's stream. So one batched
 /// pass, passes of 7 and one pass per sample (whose trunk runs every time) must see the same
 /// masks and give the same samples, up to float32 summation order; and the samples of
 /// `mc_samples=8` are the first 8 of `mc_samples=20`.

@@ -202,17 +202,27 @@ def reference_outputs():
     write_json("reference_outputs.json", out)
 
 
+# Shared by linear_dropout and dropconnect, whose outputs have the same closed forms.
+LINEAR_P = 0.3
+LINEAR_W = np.array([[0.5, -1.0, 2.0],
+                     [1.5, 0.25, -0.5],
+                     [-2.0, 1.0, 0.75],
+                     [0.125, -0.75, 1.0]], dtype=F32)
+
+
+def save_linear(name, dropped, doc):
+    """y = x @ W with Dropout(LINEAR_P) on `dropped` (x or W), saved as `<name>.onnx`."""
+    matmul_inputs = [f"{n}_dropped" if n == dropped else n for n in ("x", "W")]
+    nodes = dropout_nodes("dropout", dropped, LINEAR_P, out=f"{dropped}_dropped")
+    nodes.append(helper.make_node("MatMul", matmul_inputs, ["y"], name="matmul"))
+    model = make_model(nodes, name, [vi("x", FLOAT, ["batch", 4])], [vi("y", FLOAT, ["batch", 3])],
+                       [init("W", LINEAR_W)], opset=13, doc=doc)
+    save(model, f"{name}.onnx")
+
+
 def linear_dropout():
-    p = 0.3
-    W = np.array([[0.5, -1.0, 2.0],
-                  [1.5, 0.25, -0.5],
-                  [-2.0, 1.0, 0.75],
-                  [0.125, -0.75, 1.0]], dtype=F32)
-    nodes = dropout_nodes("dropout", "x", p, out="x_dropped")
-    nodes.append(helper.make_node("MatMul", ["x_dropped", "W"], ["y"], name="matmul"))
-    model = make_model(nodes, "linear_dropout", [vi("x", FLOAT, ["batch", 4])], [vi("y", FLOAT, ["batch", 3])],
-                       [init("W", W)], opset=13, doc="y = Dropout_p(x) @ W, p = 0.3 (Constant), training_mode true")
-    save(model, "linear_dropout.onnx")
+    p, W = LINEAR_P, LINEAR_W
+    save_linear("linear_dropout", "x", "y = Dropout_p(x) @ W, p = 0.3 (Constant), training_mode true")
 
     x = np.array([[1.0, 2.0, -1.0, 0.5],
                   [0.0, -3.0, 2.0, 4.0],
@@ -389,16 +399,8 @@ def batch_dependent():
 def dropconnect():
     """y = x @ Dropout_p(W): the mask has no batch axis (one weight mask per pass, shared by
     the rows), so samples must not share a batched pass. Same closed forms as linear_dropout."""
-    p = 0.3
-    W = np.array([[0.5, -1.0, 2.0],
-                  [1.5, 0.25, -0.5],
-                  [-2.0, 1.0, 0.75],
-                  [0.125, -0.75, 1.0]], dtype=F32)
-    nodes = dropout_nodes("dropout", "W", p, out="W_dropped")
-    nodes.append(helper.make_node("MatMul", ["x", "W_dropped"], ["y"], name="matmul"))
-    model = make_model(nodes, "dropconnect", [vi("x", FLOAT, ["batch", 4])], [vi("y", FLOAT, ["batch", 3])],
-                       [init("W", W)], opset=13, doc="y = x @ Dropout_p(W), p = 0.3 (Constant), training_mode true")
-    save(model, "dropconnect.onnx")
+    save_linear("dropconnect", "W", "y = x @ Dropout_p(W), p = 0.3 (Constant), training_mode true")
+    W = LINEAR_W
     x = np.array([[1.0, 2.0, -1.0, 0.5],
                   [0.0, -3.0, 2.0, 4.0]], dtype=F32)
     outs = record_eval("dropconnect.onnx", {"x": x})

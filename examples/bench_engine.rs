@@ -25,9 +25,9 @@ use std::io::{BufRead, Write};
 use std::path::Path;
 use std::time::Instant;
 
-use mcd_serve::model::{Batch, LoadedModel, McSamples};
-use mcd_serve::repo::load_model;
-use mcd_serve::tensor_json::parse_request;
+use mcd_serve::engine::model::{Batch, LoadedModel, McSamples};
+use mcd_serve::engine::repo::load_model;
+use mcd_serve::front::native::json::parse_request;
 use serde_json::{Value, json};
 
 /// High enough never to refuse what the driver asks for.
@@ -141,7 +141,7 @@ fn command(words: &[&str], models: &mut HashMap<String, Entry>, seed: &mut u64) 
                 .map_err(|e| e.to_string())?
                 .run(batch, samples, s, false)
                 .map_err(|e| e.to_string())?;
-            let max = |f: fn(&mcd_serve::model::McOutput) -> &Vec<f64>| {
+            let max = |f: fn(&mcd_serve::engine::model::McOutput) -> &Vec<f64>| {
                 outs.iter().flat_map(|o| f(o).iter().copied()).fold(0.0f64, f64::max)
             };
             Ok(json!({"ok": true, "max_std": max(|o| &o.stats.std), "max_var": max(|o| &o.stats.variance)}))

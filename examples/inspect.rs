@@ -1,5 +1,5 @@
 //! Loads ONNX files and prints what the server learns about each: `cargo run --example inspect -- FILE...`
-use mcd_serve::model::{LoadedModel, ModelConfig};
+use mcd_serve::engine::model::{LoadedModel, ModelConfig};
 
 fn main() {
     for arg in std::env::args().skip(1) {

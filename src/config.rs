@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::http::Limits;
+use crate::core::Limits;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -1,22 +1,17 @@
-//! mcd-serve: ONNX models over HTTP, with Monte-Carlo-dropout uncertainty.
+//! mcd-serve: ONNX models served with Monte-Carlo-dropout uncertainty.
 //!
-//! - [`onnx_graph`]: graph surgery before tract sees a file (Dropout to Identity or to a
-//!   mask multiply, BatchNorm to running statistics).
-//! - [`model`]: eval and MC plans, mode-typed sessions, load-time self-checks.
-//! - [`masks`], [`uncertainty`]: mask sampling and the MC statistics.
-//! - [`repo`], [`http`], [`server`], [`metrics`], [`config`]: the service around them.
+//! Three layers, one folder each:
+//! - [`engine`]: ONNX files become eval and MC plans; passes, masks and statistics.
+//! - [`core`]: the one predict path every protocol calls: model lookup, the mode decision
+//!   and its guards, admission, the worker pool, timeouts, inference and metrics.
+//! - [`front`]: the protocols, which only decode requests and encode answers.
+//!
+//! Around them: [`error`] (the one error type), [`config`], [`server`], [`healthcheck`].
 
 pub mod config;
+pub mod core;
+pub mod engine;
 pub mod error;
+pub mod front;
 pub mod healthcheck;
-pub mod http;
-pub mod masks;
-pub mod metrics;
-pub mod model;
-pub mod onnx_graph;
-pub mod plans;
-pub mod repo;
 pub mod server;
-pub mod tensor_json;
-pub mod trunk;
-pub mod uncertainty;

@@ -8,8 +8,9 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::config::ServeArgs;
-use crate::http::{AppState, router};
-use crate::repo;
+use crate::core::Core;
+use crate::engine::repo;
+use crate::front::http::router;
 
 /// Serves on `listener` until `shutdown` resolves, then drains: readiness turns 503,
 /// in-flight requests finish, and the function returns.
@@ -27,7 +28,7 @@ pub async fn serve(
         .map(|(n, _)| n)
         .collect();
     let default = repo::default_model(&names, args.default_model.as_deref()).map_err(anyhow::Error::msg)?;
-    let state = AppState::new(default, args.limits());
+    let state = Core::new(default, args.limits());
     tracing::info!(addr = %listener.local_addr()?, models = ?names, default_model = %state.default_model, "listening; loading models");
 
     let loader = state.clone();
@@ -54,7 +55,7 @@ pub async fn serve(
 
 /// SIGHUP reloads the models folder. A model that fails to reload keeps its last good
 /// version serving.
-fn spawn_reload_on_sighup(state: Arc<AppState>, dir: std::path::PathBuf) {
+fn spawn_reload_on_sighup(state: Arc<Core>, dir: std::path::PathBuf) {
     #[cfg(unix)]
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};

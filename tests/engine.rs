@@ -5,9 +5,9 @@ mod common;
 use std::collections::HashMap;
 
 use common::*;
-use mcd_serve::model::{Batch, LoadedModel, McOutput, McSamples, ModelConfig, Outcome, to_f64};
-use mcd_serve::repo::load_model;
-use mcd_serve::tensor_json::parse_request;
+use mcd_serve::engine::model::{Batch, LoadedModel, McOutput, McSamples, ModelConfig, Outcome, to_f64};
+use mcd_serve::engine::repo::load_model;
+use mcd_serve::front::native::json::parse_request;
 use serde_json::{Value, json};
 
 fn load(path: &std::path::Path) -> LoadedModel {
@@ -430,7 +430,7 @@ fn every_model_reproduces_eval_with_keep_all_masks() {
 
 mod properties {
     use super::*;
-    use mcd_serve::masks::MaskSampler;
+    use mcd_serve::engine::masks::MaskSampler;
     use proptest::prelude::*;
     use tract_onnx::prelude::DatumType;
 

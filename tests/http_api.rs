@@ -564,10 +564,10 @@ async fn several_models_and_no_default_refuses_to_start() {
 #[test]
 fn a_failed_reload_keeps_the_last_good_model() {
     let dir = model_folder(&[models_dir().join("breast_cancer.onnx")]);
-    let first = mcd_serve::repo::load_dir(dir.path(), None).unwrap();
+    let first = mcd_serve::engine::repo::load_dir(dir.path(), None).unwrap();
     assert!(first.failures.is_empty());
     std::fs::write(dir.path().join("breast_cancer.onnx"), b"truncated").unwrap();
-    let second = mcd_serve::repo::load_dir(dir.path(), Some(&first)).unwrap();
+    let second = mcd_serve::engine::repo::load_dir(dir.path(), Some(&first)).unwrap();
     assert!(second.failures[0].kept_previous);
     assert!(std::sync::Arc::ptr_eq(
         &first.models["breast_cancer"],

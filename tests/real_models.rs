@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use common::*;
-use mcd_serve::model::{LoadedModel, McSamples, ModelConfig, to_f64};
-use mcd_serve::repo::load_model;
+use mcd_serve::engine::model::{LoadedModel, McSamples, ModelConfig, to_f64};
+use mcd_serve::engine::repo::load_model;
 use tract_onnx::prelude::*;
 
 fn read_pb(path: &Path) -> Tensor {
@@ -56,6 +56,14 @@ fn expectations() -> HashMap<&'static str, Result<Option<&'static str>, &'static
         ("ort-testdata/bias_dropout_residual_fusion1.onnx", Ok(None)),
         ("ort-testdata/dropout_ratio.onnx", Ok(Some("graph input 'X2'"))),
         ("ort-testdata/self_attention_megatron_basic_test.onnx", Ok(None)),
+        // PyTorch's own exports. nn.Dropout, from either exporter, serves as it is.
+        ("torch/mlp_bn_legacy_training.onnx", Ok(None)),
+        ("torch/mlp_dynamo.onnx", Ok(None)),
+        // Spatial and alpha dropout come as decomposed random ops (RandomUniformLike ->
+        // Less -> Cast ...), which tract cannot build: refused at load, never served.
+        ("torch/cnn_dropout2d_dynamo.onnx", Err("RandomUniformLike")),
+        ("torch/conv1d_dropout1d_dynamo.onnx", Err("RandomUniformLike")),
+        ("torch/selu_alphadropout_dynamo.onnx", Err("RandomUniformLike")),
     ])
 }
 
@@ -95,7 +103,12 @@ fn every_real_model_loads_or_is_refused_for_its_reason() {
         if file.ends_with("self_attention_megatron_basic_test.onnx") {
             let model = model.unwrap();
             let c = model.checks.iter().find(|c| c.check == "mc_shared_trunk").unwrap();
-            assert_eq!(c.result, mcd_serve::model::Outcome::Pass, "{file}: {}", c.detail);
+            assert_eq!(
+                c.result,
+                mcd_serve::engine::model::Outcome::Pass,
+                "{file}: {}",
+                c.detail
+            );
         }
     }
 }

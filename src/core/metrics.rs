@@ -5,6 +5,10 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::core::admission::REJECT_REASONS;
+use crate::core::mode::VIOLATION_REASONS;
+use crate::engine::repo::ModelRepo;
+
 /// Label used for requests naming a model the repository does not have.
 pub const UNKNOWN_MODEL: &str = "_unknown";
 
@@ -62,8 +66,8 @@ impl Metrics {
                 &registry,
                 counter(
                     "mcd_requests_total",
-                    "Predict requests by model, mode and HTTP status.",
-                    &["model", "mode", "status"],
+                    "Predict requests by model, mode, HTTP status (gRPC: the status the same error has over HTTP) and protocol.",
+                    &["model", "mode", "status", "protocol"],
                 ),
             ),
             request_duration: reg(
@@ -71,7 +75,7 @@ impl Metrics {
                 hist(
                     "mcd_request_duration_seconds",
                     "Predict request latency, body parse to response.",
-                    &["model", "mode"],
+                    &["model", "mode", "protocol"],
                     LATENCY_BUCKETS,
                 ),
             ),
@@ -172,6 +176,34 @@ impl Metrics {
             ),
             registry,
         }
+    }
+
+    /// Publishes a (re)loaded repository: model info, self-check results, load times and
+    /// failures. Every known label series of the refusal counters starts at 0, so a rate
+    /// over them is defined before the first event.
+    pub fn install(&self, repo: &ModelRepo) {
+        self.model_info.reset();
+        for (name, model) in &repo.models {
+            self.model_info
+                .with_label_values(&[name.as_str(), &model.sampling_sites().to_string()])
+                .set(1);
+            for c in &model.checks {
+                self.mode_checks
+                    .with_label_values(&[name.as_str(), c.check, c.result.as_str()])
+                    .inc();
+            }
+            for reason in VIOLATION_REASONS {
+                self.mode_violations.with_label_values(&[name.as_str(), reason]);
+            }
+        }
+        for reason in REJECT_REASONS {
+            self.rejected.with_label_values(&[reason]);
+        }
+        for (name, t) in &repo.load_times {
+            tracing::info!(model = %name, seconds = t.as_secs_f64(), "model loaded");
+            self.startup_seconds.observe(t.as_secs_f64());
+        }
+        self.load_failures.set(repo.failures.len() as i64);
     }
 
     pub fn render(&self) -> String {

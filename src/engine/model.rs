@@ -13,12 +13,12 @@ use serde::{Deserialize, Serialize};
 use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
 
+use crate::engine::masks::{MaskSampler, MaskSpec};
+use crate::engine::onnx_graph::{self, DropoutSite, FactAt, MASK_INPUT_PREFIX, MaskInput};
+use crate::engine::plans::{self, Plans};
+use crate::engine::trunk;
+use crate::engine::uncertainty::{Accumulator, OutputStats};
 use crate::error::Error;
-use crate::masks::{MaskSampler, MaskSpec};
-use crate::onnx_graph::{self, DropoutSite, FactAt, MASK_INPUT_PREFIX, MaskInput};
-use crate::plans::{self, Plans};
-use crate::trunk;
-use crate::uncertainty::{Accumulator, OutputStats};
 
 /// Upper bound on input elements fed to one MC pass; more samples than fit run in chunks.
 const MAX_PASS_INPUT_ELEMENTS: usize = 1 << 24;
@@ -118,7 +118,7 @@ struct McPlan {
 }
 
 enum Trunk {
-    /// `plans` is the shared-trunk graph ([`crate::trunk`]): it takes the B request rows and
+    /// `plans` is the shared-trunk graph ([`crate::engine::trunk`]): it takes the B request rows and
     /// tiles them itself after the trunk. `full` is the full graph, kept only until the
     /// load-time self-check has compared the two.
     Shared { detail: String, full: Option<Box<Plans>> },
@@ -385,6 +385,16 @@ impl LoadedModel {
                 self.name
             ))),
         }
+    }
+
+    /// The outputs that are probability vectors along their last axis.
+    pub fn probability_output_names(&self) -> Vec<&str> {
+        self.outputs
+            .iter()
+            .zip(&self.probability_classes)
+            .filter(|(_, k)| k.is_some())
+            .map(|(o, _)| o.name.as_str())
+            .collect()
     }
 
     /// Number of Dropout nodes that sample in MC mode.

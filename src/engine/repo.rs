@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::model::{LoadedModel, ModelConfig};
+use crate::engine::model::{LoadedModel, ModelConfig};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LoadFailure {

@@ -6,8 +6,8 @@
 use serde_json::{Map, Number, Value};
 use tract_onnx::prelude::*;
 
+use crate::engine::model::{LoadedModel, TensorSpec, shape_string};
 use crate::error::Error;
-use crate::model::{LoadedModel, TensorSpec, shape_string};
 
 /// Parses `{"inputs": [...]}` or `{"inputs": {"name": [...], ...}}` into the model's inputs,
 /// in the model's input order.
@@ -270,7 +270,7 @@ pub fn tensor_to_json(t: &Tensor) -> Result<Value, Error> {
         let data = view.as_slice::<i64>().map_err(internal)?;
         return Ok(nest(t.shape(), &mut data.iter().map(|x| Value::Number((*x).into()))));
     }
-    let values = crate::model::to_f64(t).map_err(internal)?;
+    let values = crate::engine::model::to_f64(t).map_err(internal)?;
     Ok(floats_to_json(t.shape(), &values))
 }
 

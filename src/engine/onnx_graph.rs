@@ -22,7 +22,7 @@ use tract_onnx::pb::{
 };
 use tract_onnx::prelude::*;
 
-use crate::model::Dim;
+use crate::engine::model::Dim;
 
 /// Names of the mask inputs added to the MC graph.
 pub const MASK_INPUT_PREFIX: &str = "mcd_dropout_mask_";

@@ -35,7 +35,7 @@ pub struct Plans {
 impl Plans {
     /// `batch_symbol` is the name of the batch dimension, if the model has one;
     /// `samples_symbol` the number of MC samples in a pass of a shared-trunk graph
-    /// ([`crate::trunk`]); `file_bytes` sizes the cache.
+    /// ([`crate::engine::trunk`]); `file_bytes` sizes the cache.
     pub fn new(
         typed: TypedModel,
         batch_symbol: Option<&str>,

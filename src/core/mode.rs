@@ -1,0 +1,275 @@
+//! The mode decision: what a predict request asks for, decided once for every protocol.
+//!
+//! Each front end maps its own syntax (the native query string, OIP request parameters,
+//! gRPC's `InferParameter`) onto [`ModeParams`] without judging it. [`decide`] turns those
+//! into a [`Mode`], or refuses the request; a refusal whose parameters contradict their
+//! mode carries the reason label that `mcd_mode_violations_total` counts.
+
+use crate::engine::model::McSamples;
+use crate::error::Error;
+
+/// A parameter value as a protocol carried it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Param {
+    /// Text: a query-string value, or an OIP/gRPC string parameter.
+    Str(String),
+    Int(i64),
+    Uint(u64),
+    /// A JSON number with a fraction or exponent, or gRPC's `double_param`
+    /// (tritonclient sends Python floats so).
+    Double(f64),
+    Bool(bool),
+}
+
+impl std::fmt::Display for Param {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Param::Str(s) => write!(f, "'{s}'"),
+            Param::Int(v) => write!(f, "{v}"),
+            Param::Uint(v) => write!(f, "{v}"),
+            Param::Double(v) => write!(f, "{v}"),
+            Param::Bool(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+/// The names of the mode parameters, the same on every protocol.
+pub const MC_SAMPLES: &str = "mc_samples";
+pub const SEED: &str = "seed";
+pub const RETURN_SAMPLES: &str = "return_samples";
+pub const MODE_PARAMS: [&str; 3] = [MC_SAMPLES, SEED, RETURN_SAMPLES];
+
+/// The mode parameters of one request, as its front end found them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModeParams {
+    pub mc_samples: Option<Param>,
+    pub seed: Option<Param>,
+    pub return_samples: Option<Param>,
+}
+
+impl ModeParams {
+    /// Sets one parameter by name. Unknown names and repeats are refused here, so every
+    /// front end words them the same way; `where_` names the place ("query parameter",
+    /// "request parameter").
+    pub fn set(&mut self, name: &str, value: Param, where_: &str) -> Result<(), Error> {
+        let slot = match name {
+            MC_SAMPLES => &mut self.mc_samples,
+            SEED => &mut self.seed,
+            RETURN_SAMPLES => &mut self.return_samples,
+            other => {
+                return Err(Error::InvalidParameter(format!(
+                    "unknown {where_} '{other}'; the known ones are mc_samples, seed and return_samples"
+                )));
+            }
+        };
+        if slot.replace(value).is_some() {
+            return Err(Error::InvalidParameter(format!("{where_} '{name}' is given twice")));
+        }
+        Ok(())
+    }
+
+    /// The mode the request asked for, whether or not its parameters are valid: what the
+    /// answer's mode header and the metrics' `mode` label report.
+    pub fn label(&self) -> ModeLabel {
+        if self.mc_samples.is_some() {
+            ModeLabel::McDropout
+        } else {
+            ModeLabel::Eval
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModeLabel {
+    Eval,
+    McDropout,
+}
+
+impl ModeLabel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModeLabel::Eval => "eval",
+            ModeLabel::McDropout => "mc_dropout",
+        }
+    }
+}
+
+/// An MC request, valid by construction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct McRequest {
+    pub samples: McSamples,
+    pub seed: u64,
+    pub return_samples: bool,
+}
+
+/// What a predict request asked for, once its parameters are validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Eval,
+    McDropout(McRequest),
+}
+
+impl Mode {
+    pub fn label(&self) -> ModeLabel {
+        match self {
+            Mode::Eval => ModeLabel::Eval,
+            Mode::McDropout(_) => ModeLabel::McDropout,
+        }
+    }
+}
+
+/// Every `reason` label of `mcd_mode_violations_total`.
+pub const VIOLATION_REASONS: [&str; 3] = ["seed_without_mc", "return_samples_without_mc", "mc_unavailable"];
+
+/// A refused request. `violation` is the reason label when its parameters contradict its
+/// mode (counted in `mcd_mode_violations_total`), None for a plain invalid parameter.
+#[derive(Debug)]
+pub struct Refusal {
+    pub violation: Option<&'static str>,
+    pub error: Error,
+}
+
+impl From<Error> for Refusal {
+    fn from(error: Error) -> Self {
+        Refusal { violation: None, error }
+    }
+}
+
+/// Decides the mode. A request without `mc_samples` is eval; `seed` or `return_samples`
+/// without it contradicts that mode and is refused, never quietly ignored.
+pub fn decide(params: &ModeParams, max_samples: usize) -> Result<Mode, Refusal> {
+    let Some(n) = &params.mc_samples else {
+        if params.seed.is_some() {
+            return Err(Refusal {
+                violation: Some("seed_without_mc"),
+                error: Error::ModeMismatch(
+                    "'seed' only applies to MC dropout: add mc_samples=N, or drop seed for an eval answer".into(),
+                ),
+            });
+        }
+        if params.return_samples.is_some() {
+            return Err(Refusal {
+                violation: Some("return_samples_without_mc"),
+                error: Error::ModeMismatch("'return_samples' only applies to MC dropout: add mc_samples=N".into()),
+            });
+        }
+        return Ok(Mode::Eval);
+    };
+    let bad_samples =
+        || Error::InvalidParameter(format!("mc_samples must be an integer in [2, {max_samples}], got {n}"));
+    let samples = integer(n).ok_or_else(bad_samples)?;
+    let samples = usize::try_from(samples).map_err(|_| bad_samples())?;
+    let samples = McSamples::new(samples, max_samples)?;
+    let seed = match &params.seed {
+        // Drawn seeds stay below 2^53, so JavaScript clients read them exactly.
+        None => rand::random::<u64>() >> 11,
+        Some(s) => integer(s)
+            .ok_or_else(|| Error::InvalidParameter(format!("seed must be an unsigned 64-bit integer, got {s}")))?,
+    };
+    let return_samples = match &params.return_samples {
+        None => false,
+        Some(v) => boolean(v)
+            .ok_or_else(|| Error::InvalidParameter(format!("return_samples must be true or false, got {v}")))?,
+    };
+    Ok(Mode::McDropout(McRequest {
+        samples,
+        seed,
+        return_samples,
+    }))
+}
+
+/// A non-negative integer: an integer type, a double with an integral value (tritonclient
+/// sends Python floats as doubles), or text that parses as one.
+fn integer(p: &Param) -> Option<u64> {
+    match p {
+        Param::Uint(v) => Some(*v),
+        Param::Int(v) => u64::try_from(*v).ok(),
+        // 2^64 itself is not a u64; below it every integral double converts exactly.
+        Param::Double(v) if v.fract() == 0.0 && *v >= 0.0 && *v < 18_446_744_073_709_551_616.0 => Some(*v as u64),
+        Param::Str(s) => s.trim().parse().ok(),
+        Param::Double(_) | Param::Bool(_) => None,
+    }
+}
+
+fn boolean(p: &Param) -> Option<bool> {
+    match p {
+        Param::Bool(b) => Some(*b),
+        Param::Str(s) => match s.as_str() {
+            "true" | "1" => Some(true),
+            "false" | "0" => Some(false),
+            _ => None,
+        },
+        Param::Int(_) | Param::Uint(_) | Param::Double(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(pairs: &[(&str, Param)]) -> ModeParams {
+        let mut p = ModeParams::default();
+        for (k, v) in pairs {
+            p.set(k, v.clone(), "parameter").unwrap();
+        }
+        p
+    }
+
+    #[test]
+    fn modes_follow_mc_samples() {
+        assert_eq!(decide(&ModeParams::default(), 10).unwrap(), Mode::Eval);
+        let p = params(&[
+            (MC_SAMPLES, Param::Str("5".into())),
+            (SEED, Param::Str("9".into())),
+            (RETURN_SAMPLES, Param::Str("true".into())),
+        ]);
+        let Mode::McDropout(mc) = decide(&p, 10).unwrap() else {
+            panic!()
+        };
+        assert_eq!((mc.samples.get(), mc.seed, mc.return_samples), (5, 9, true));
+        let v = decide(&params(&[(SEED, Param::Int(1))]), 10).unwrap_err();
+        assert_eq!(v.violation, Some("seed_without_mc"));
+        let v = decide(&params(&[(RETURN_SAMPLES, Param::Bool(false))]), 10).unwrap_err();
+        assert_eq!(v.violation, Some("return_samples_without_mc"));
+        let v = decide(&params(&[(MC_SAMPLES, Param::Int(11))]), 10).unwrap_err();
+        assert!(v.violation.is_none() && matches!(v.error, Error::InvalidParameter(_)));
+    }
+
+    #[test]
+    fn every_protocol_spelling_of_a_count_is_read_alike() {
+        for p in [
+            Param::Str("50".into()),
+            Param::Int(50),
+            Param::Uint(50),
+            Param::Double(50.0),
+        ] {
+            let Mode::McDropout(mc) = decide(&params(&[(MC_SAMPLES, p.clone())]), 100).unwrap() else {
+                panic!("{p}")
+            };
+            assert_eq!(mc.samples.get(), 50, "{p}");
+        }
+        for p in [
+            Param::Double(50.5),
+            Param::Int(-3),
+            Param::Bool(true),
+            Param::Str("5x".into()),
+        ] {
+            assert!(decide(&params(&[(MC_SAMPLES, p.clone())]), 100).is_err(), "{p}");
+        }
+        // The whole u64 range of seeds is kept, not truncated.
+        let p = params(&[(MC_SAMPLES, Param::Int(2)), (SEED, Param::Uint(u64::MAX))]);
+        let Mode::McDropout(mc) = decide(&p, 100).unwrap() else {
+            panic!()
+        };
+        assert_eq!(mc.seed, u64::MAX);
+    }
+
+    #[test]
+    fn unknown_and_repeated_parameters_are_refused() {
+        let mut p = ModeParams::default();
+        assert!(p.set("mc_sample", Param::Int(5), "query parameter").is_err());
+        p.set(SEED, Param::Int(5), "query parameter").unwrap();
+        let e = p.set(SEED, Param::Int(6), "query parameter").unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
+    }
+}

@@ -1,0 +1,17 @@
+//! The engine: ONNX files become eval and MC plans, and passes run over rows and samples.
+//! It knows nothing of requests, protocols or admission.
+//!
+//! - [`onnx_graph`]: graph surgery before tract sees a file (Dropout to Identity or to a
+//!   mask multiply, BatchNorm to running statistics).
+//! - [`model`]: eval and MC plans, mode-typed sessions, load-time self-checks.
+//! - [`plans`], [`trunk`]: plans per batch size; the shared deterministic trunk of MC.
+//! - [`masks`], [`uncertainty`]: mask sampling and the MC statistics.
+//! - [`repo`]: the models folder, loaded and reloaded.
+
+pub mod masks;
+pub mod model;
+pub mod onnx_graph;
+pub mod plans;
+pub mod repo;
+pub mod trunk;
+pub mod uncertainty;

@@ -1,0 +1,6 @@
+//! The front ends: each decodes its protocol into the core's request and encodes the
+//! core's answer. None of them decides anything a request means.
+
+pub mod http;
+pub mod native;
+pub mod oip;

@@ -1,0 +1,233 @@
+//! The native REST API: `/predict`, `/models/{name}/predict`, `/models`, `/models/{name}`.
+//!
+//! A predict request's mode travels in its query: no `mc_samples` is eval, `mc_samples=N`
+//! is MC dropout. This module only maps the query onto the core's mode parameters, wraps
+//! the body, and encodes the core's answer as nested JSON.
+
+pub mod json;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+use crate::core::mode::{ModeLabel, ModeParams, Param};
+use crate::core::{Answer, Core, Inputs, PredictRequest, Protocol};
+use crate::engine::model::LoadedModel;
+use crate::error::Error;
+use crate::front::http::{MODE_HEADER, body_error};
+use json::{floats_to_json, parse_request, tensor_to_json};
+
+pub fn routes() -> Router<Arc<Core>> {
+    Router::new()
+        .route("/predict", post(predict_default))
+        .route("/models/{name}/predict", post(predict_named))
+        .route("/models", get(list_models))
+        .route("/models/{name}", get(model_metadata))
+}
+
+async fn predict_default(
+    State(core): State<Arc<Core>>,
+    RawQuery(query): RawQuery,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    predict(core, None, query, body).await
+}
+
+async fn predict_named(
+    State(core): State<Arc<Core>>,
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    predict(core, Some(name), query, body).await
+}
+
+/// A native JSON body: `{"inputs": <nested array>}` or `{"inputs": {"<name>": ...}}`.
+struct JsonBody(Bytes);
+
+impl Inputs for JsonBody {
+    fn rows_bound(&self) -> usize {
+        // Cheap upper bound before parsing: rows cannot outnumber '[' characters.
+        self.0.iter().filter(|&&b| b == b'[').count()
+    }
+
+    fn decode(self, model: &LoadedModel) -> Result<Vec<tract_onnx::prelude::Tensor>, Error> {
+        parse_request(model, &self.0)
+    }
+}
+
+/// The query string's pairs, percent-decoded, as mode parameters (text values: the core
+/// reads them).
+fn mode_params(query: Option<&str>) -> Result<ModeParams, (ModeLabel, Error)> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or("")).map_err(|e| {
+        (
+            ModeLabel::Eval,
+            Error::InvalidParameter(format!("query string is malformed: {e}")),
+        )
+    })?;
+    let mut params = ModeParams::default();
+    let mut refused = None;
+    for (k, v) in pairs {
+        if let Err(e) = params.set(&k, Param::Str(v), "query parameter") {
+            refused.get_or_insert(e);
+        }
+    }
+    match refused {
+        Some(e) => Err((params.label(), e)),
+        None => Ok(params),
+    }
+}
+
+async fn predict(
+    core: Arc<Core>,
+    model: Option<String>,
+    query: Option<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let decoded = mode_params(query.as_deref()).and_then(|params| match body {
+        Ok(body) => Ok((params, body)),
+        Err(rejection) => Err((params.label(), body_error(&core, rejection))),
+    });
+    let (mode, result) = match decoded {
+        Err((mode, e)) => (mode, Err(core.refuse(Protocol::Native, model.as_deref(), mode, e))),
+        Ok((params, body)) => {
+            let request = PredictRequest {
+                protocol: Protocol::Native,
+                model,
+                params,
+                inputs: JsonBody(body),
+            };
+            let reply = core.predict(request, encode).await;
+            (reply.mode, reply.result)
+        }
+    };
+    let mut response = match result {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => e.into_response(),
+    };
+    response
+        .headers_mut()
+        .insert(MODE_HEADER, HeaderValue::from_static(mode.as_str()));
+    response
+}
+
+/// The native answer, serialised on the worker pool.
+fn encode(model: &LoadedModel, answer: Answer) -> Result<Vec<u8>, Error> {
+    let mut out = serde_json::Map::new();
+    let body = match answer {
+        Answer::Eval(outputs) => {
+            for o in &outputs {
+                out.insert(o.name.clone(), tensor_to_json(&o.tensor)?);
+            }
+            json!({"model": model.name, "mode": "eval", "outputs": out})
+        }
+        Answer::McDropout { request, outputs } => {
+            for o in outputs {
+                let s = &o.stats;
+                let mut entry = serde_json::Map::new();
+                entry.insert("mean".into(), floats_to_json(&o.shape, &s.mean));
+                entry.insert("variance".into(), floats_to_json(&o.shape, &s.variance));
+                entry.insert("std".into(), floats_to_json(&o.shape, &s.std));
+                if let Some(e) = &s.entropy {
+                    let rows_shape = &o.shape[..o.shape.len() - 1];
+                    entry.insert(
+                        "predictive_entropy".into(),
+                        floats_to_json(rows_shape, &e.predictive_entropy),
+                    );
+                    entry.insert(
+                        "expected_entropy".into(),
+                        floats_to_json(rows_shape, &e.expected_entropy),
+                    );
+                    entry.insert(
+                        "mutual_information".into(),
+                        floats_to_json(rows_shape, &e.mutual_information),
+                    );
+                }
+                if let Some(raw) = &s.samples {
+                    let mut shape = vec![s.count];
+                    shape.extend(&o.shape);
+                    entry.insert("samples".into(), floats_to_json(&shape, raw));
+                }
+                out.insert(o.name, Value::Object(entry));
+            }
+            json!({
+                "model": model.name,
+                "mode": "mc_dropout",
+                "mc_samples": request.samples.get(),
+                "seed": request.seed,
+                "outputs": out,
+            })
+        }
+    };
+    serde_json::to_vec(&body).map_err(|e| Error::Internal(format!("encoding the answer: {e}")))
+}
+
+async fn list_models(State(core): State<Arc<Core>>) -> Result<Response, Error> {
+    let repo = core
+        .repo()
+        .ok_or_else(|| Error::NotReady("models are still loading".into()))?;
+    let models: Vec<Value> = repo
+        .models
+        .values()
+        .map(|m| {
+            json!({
+                "name": m.name,
+                "default": m.name == core.default_model,
+                "healthy": m.healthy(),
+                "mc_available": m.mc_unavailable_reason().is_none(),
+                "dropout_sites": m.sampling_sites(),
+                "description": m.config.description,
+            })
+        })
+        .collect();
+    Ok(
+        axum::Json(json!({"default_model": core.default_model, "models": models, "load_failures": repo.failures}))
+            .into_response(),
+    )
+}
+
+async fn model_metadata(State(core): State<Arc<Core>>, Path(name): Path<String>) -> Result<Response, Error> {
+    let m = core.model(Some(&name))?;
+    let repo = core.repo();
+    Ok(axum::Json(json!({
+        "name": m.name,
+        "file": m.path.file_name().map(|f| f.to_string_lossy()),
+        "description": m.config.description,
+        "default": m.name == core.default_model,
+        "inputs": m.inputs,
+        "outputs": m.outputs,
+        "probability_outputs": m.probability_output_names(),
+        "batch_dim": m.batch_symbol,
+        "dropout_sites": m.sites,
+        "graph_fixes": m.fixes,
+        "self_checks": m.checks,
+        "healthy": m.healthy(),
+        "mc_available": m.mc_unavailable_reason().is_none(),
+        "mc_unavailable_reason": m.mc_unavailable_reason(),
+        "max_mc_samples": core.limits.max_mc_samples,
+        "load_failure": repo.as_ref().and_then(|r| r.failures.iter().find(|f| f.model == name)),
+    }))
+    .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode;
+
+    #[test]
+    fn query_keys_are_percent_decoded_before_the_mode_is_read() {
+        let p = mode_params(Some("mc%5Fsamples=5&seed=1")).unwrap();
+        assert_eq!(p.label(), ModeLabel::McDropout);
+        let (label, e) = mode_params(Some("mc_samples=5&mc_sample=1")).unwrap_err();
+        assert_eq!(label, ModeLabel::McDropout);
+        assert_eq!(e.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    }
+}

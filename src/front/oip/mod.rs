@@ -1,0 +1,256 @@
+//! The Open Inference Protocol v2 (KServe V2, Triton's HTTP API) over REST.
+//!
+//! MC dropout travels in the request's `parameters` (`mc_samples`, `seed`,
+//! `return_samples`), so tritonclient's `infer(..., parameters={"mc_samples": 50})` works
+//! unchanged. This module decodes the protocol's JSON and binary bodies into the core's
+//! request and encodes the core's answer; the core decides what the request means.
+
+pub mod outputs;
+pub mod request;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+use crate::core::mode::ModeLabel;
+use crate::core::{Answer, Core, PredictRequest, Protocol};
+use crate::engine::model::LoadedModel;
+use crate::error::Error;
+use crate::front::http::{MODE_HEADER, body_error};
+use outputs::{MODEL_VERSION, OutTensor, answer_outputs, metadata_json, select};
+use request::{HEADER_LENGTH, OutputRequest};
+
+/// Our extension for MC dropout, advertised in server metadata beside the binary one.
+pub const EXTENSIONS: [&str; 2] = ["binary_tensor_data", "mc_dropout"];
+
+pub fn routes() -> Router<Arc<Core>> {
+    Router::new()
+        .route("/v2", get(server_metadata))
+        .route("/v2/health/live", get(|| async { axum::Json(json!({"live": true})) }))
+        .route("/v2/health/ready", get(server_ready))
+        .route("/v2/models/{model}", get(model_metadata))
+        .route("/v2/models/{model}/versions/{version}", get(model_metadata_version))
+        .route("/v2/models/{model}/ready", get(model_ready))
+        .route("/v2/models/{model}/versions/{version}/ready", get(model_ready_version))
+        .route("/v2/models/{model}/infer", post(infer))
+        .route("/v2/models/{model}/versions/{version}/infer", post(infer_version))
+}
+
+async fn server_metadata() -> Response {
+    axum::Json(json!({
+        "name": "mcd-serve",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": EXTENSIONS,
+    }))
+    .into_response()
+}
+
+async fn server_ready(State(core): State<Arc<Core>>) -> Response {
+    let reasons = core.not_ready_reasons();
+    let status = if reasons.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        axum::Json(json!({"ready": reasons.is_empty(), "reasons": reasons})),
+    )
+        .into_response()
+}
+
+/// Every model serves version 1; another version is not found.
+fn check_version(model: &str, version: Option<&str>) -> Result<(), Error> {
+    match version {
+        None | Some(MODEL_VERSION) => Ok(()),
+        Some(v) => Err(Error::ModelNotFound(format!(
+            "model '{model}' has no version '{v}'; it serves version {MODEL_VERSION}"
+        ))),
+    }
+}
+
+fn metadata(core: &Core, model: &str, version: Option<&str>) -> Result<Response, Error> {
+    check_version(model, version)?;
+    let m = core.model(Some(model))?;
+    Ok(axum::Json(metadata_json(&m)?).into_response())
+}
+
+async fn model_metadata(State(core): State<Arc<Core>>, Path(model): Path<String>) -> Result<Response, Error> {
+    metadata(&core, &model, None)
+}
+
+async fn model_metadata_version(
+    State(core): State<Arc<Core>>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Response, Error> {
+    metadata(&core, &model, Some(&version))
+}
+
+fn ready(core: &Core, model: &str, version: Option<&str>) -> Result<Response, Error> {
+    check_version(model, version)?;
+    let ready = core.model_ready(model)?;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    Ok((status, axum::Json(json!({"name": model, "ready": ready}))).into_response())
+}
+
+async fn model_ready(State(core): State<Arc<Core>>, Path(model): Path<String>) -> Result<Response, Error> {
+    ready(&core, &model, None)
+}
+
+async fn model_ready_version(
+    State(core): State<Arc<Core>>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Response, Error> {
+    ready(&core, &model, Some(&version))
+}
+
+async fn infer(
+    State(core): State<Arc<Core>>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    run_infer(core, model, None, headers, body).await
+}
+
+async fn infer_version(
+    State(core): State<Arc<Core>>,
+    Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    run_infer(core, model, Some(version), headers, body).await
+}
+
+async fn run_infer(
+    core: Arc<Core>,
+    model: String,
+    version: Option<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    // No Content-Type is required: tritonclient sends none.
+    let header_length = headers.get(HEADER_LENGTH).map(|v| v.to_str().unwrap_or("?"));
+    let decoded = check_version(&model, version.as_deref())
+        .and_then(|()| body.map_err(|r| body_error(&core, r)))
+        .and_then(|body| request::decode(body, header_length));
+    let (mode, result) = match decoded {
+        Err(e) => {
+            let e = core.refuse(Protocol::OipRest, Some(&model), ModeLabel::Eval, e);
+            (ModeLabel::Eval, Err(e))
+        }
+        Ok(req) => {
+            let id = req.id;
+            let binary_output = req.binary_output;
+            let requested = req.outputs;
+            let request = PredictRequest {
+                protocol: Protocol::OipRest,
+                model: Some(model),
+                params: req.params,
+                inputs: req.inputs,
+            };
+            let reply = core
+                .predict(request, move |m: &LoadedModel, a: Answer| {
+                    encode(m, a, id, requested, binary_output)
+                })
+                .await;
+            (reply.mode, reply.result)
+        }
+    };
+    let mut response = match result {
+        Ok(encoded) => encoded.into_response(),
+        Err(e) => e.into_response(),
+    };
+    response
+        .headers_mut()
+        .insert(MODE_HEADER, HeaderValue::from_static(mode.as_str()));
+    response
+}
+
+/// An encoded infer answer: JSON, or a JSON header followed by binary outputs.
+struct Encoded {
+    body: Vec<u8>,
+    header_length: Option<usize>,
+}
+
+impl IntoResponse for Encoded {
+    fn into_response(self) -> Response {
+        match self.header_length {
+            None => ([(header::CONTENT_TYPE, "application/json")], self.body).into_response(),
+            Some(n) => (
+                [
+                    (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+                    (header::HeaderName::from_static(HEADER_LENGTH), n.to_string()),
+                ],
+                self.body,
+            )
+                .into_response(),
+        }
+    }
+}
+
+/// Runs on the worker pool: the answer's outputs, filtered to those requested, as JSON
+/// `data` or as binary data after the JSON header.
+fn encode(
+    model: &LoadedModel,
+    answer: Answer,
+    id: Option<Value>,
+    requested: Option<Vec<OutputRequest>>,
+    binary_output: bool,
+) -> Result<Encoded, Error> {
+    let (outputs, parameters) = answer_outputs(model, answer)?;
+    let chosen = select(model, outputs, requested, |r: &OutputRequest| r.name.as_str())?;
+    let mut binary = vec![];
+    let mut any_binary = false;
+    let mut entries = Vec::with_capacity(chosen.len());
+    for (o, req) in chosen {
+        let as_binary = req.map_or(binary_output, |r| r.binary);
+        any_binary |= as_binary;
+        entries.push(output_entry(&o, as_binary, &mut binary)?);
+    }
+    let mut doc = json!({
+        "model_name": model.name,
+        "model_version": MODEL_VERSION,
+        "parameters": parameters,
+        "outputs": entries,
+    });
+    if let Some(id) = id {
+        doc["id"] = id;
+    }
+    let mut body = serde_json::to_vec(&doc).map_err(|e| Error::Internal(format!("encoding the answer: {e}")))?;
+    if !any_binary {
+        return Ok(Encoded {
+            body,
+            header_length: None,
+        });
+    }
+    let header_length = body.len();
+    body.extend_from_slice(&binary);
+    Ok(Encoded {
+        body,
+        header_length: Some(header_length),
+    })
+}
+
+fn output_entry(o: &OutTensor, as_binary: bool, binary: &mut Vec<u8>) -> Result<Value, Error> {
+    let mut entry = json!({"name": o.name, "datatype": o.datatype.as_str(), "shape": o.shape});
+    if as_binary {
+        let bytes = o.bytes()?;
+        entry["parameters"] = json!({"binary_data_size": bytes.len()});
+        binary.extend_from_slice(&bytes);
+    } else {
+        entry["data"] = o.json()?;
+    }
+    Ok(entry)
+}

@@ -1,0 +1,320 @@
+//! The OIP view of a model's outputs, shared by the REST and gRPC front ends.
+//!
+//! Eval answers carry each model output under its own name. MC answers carry the mean
+//! under the output's name, and the statistics as derived outputs `y.variance`, `y.std`,
+//! for probability outputs `y.predictive_entropy`, `y.expected_entropy` and
+//! `y.mutual_information` (one value per row), and `y.samples` when asked for.
+
+use serde_json::{Value, json};
+use tract_onnx::prelude::*;
+
+use crate::core::Answer;
+use crate::core::mode::McRequest;
+use crate::core::tensors::{DataType, f32_bytes, f64_bytes, tensor_bytes};
+use crate::engine::model::{Dim, LoadedModel, TensorSpec};
+use crate::error::Error;
+
+/// Derived MC outputs: per element, per row, and the raw samples.
+const STATS: [&str; 2] = ["variance", "std"];
+const ENTROPIES: [&str; 3] = ["predictive_entropy", "expected_entropy", "mutual_information"];
+const SAMPLES: &str = "samples";
+
+/// One output as the protocol describes it: name, datatype, shape (-1 for a variable
+/// dim), and whether only MC answers carry it.
+pub struct OutputMeta {
+    pub name: String,
+    pub datatype: DataType,
+    pub shape: Vec<i64>,
+    pub mc_only: bool,
+}
+
+fn dims(shape: &[Dim]) -> Vec<i64> {
+    shape
+        .iter()
+        .map(|d| match d {
+            Dim::Fixed(n) => *n as i64,
+            Dim::Symbol(_) => -1,
+        })
+        .collect()
+}
+
+/// The datatype of a model input or output on the wire (BYTES for a string tensor).
+pub fn datatype(spec: &TensorSpec) -> Result<DataType, Error> {
+    DataType::of(spec.datum).ok_or_else(|| {
+        Error::Internal(format!(
+            "'{}' has type {}, which the protocol cannot carry",
+            spec.name, spec.dtype
+        ))
+    })
+}
+
+/// The MC mean keeps a float output's precision class: FP32 for FP16/FP32 outputs (what a
+/// client of the eval answer expects under that name), FP64 otherwise. Every derived
+/// statistic is FP64, as the server accumulates it.
+fn mean_datatype(spec: &TensorSpec) -> DataType {
+    match spec.datum {
+        DatumType::F16 | DatumType::F32 => DataType::F32,
+        _ => DataType::F64,
+    }
+}
+
+/// The inputs, as model metadata lists them.
+pub fn input_meta(model: &LoadedModel) -> Result<Vec<(String, DataType, Vec<i64>)>, Error> {
+    model
+        .inputs
+        .iter()
+        .map(|s| Ok((s.name.clone(), datatype(s)?, dims(&s.shape))))
+        .collect()
+}
+
+/// Every output an answer of this model can carry, in answer order.
+pub fn output_meta(model: &LoadedModel) -> Result<Vec<OutputMeta>, Error> {
+    let mc = model.mc_unavailable_reason().is_none();
+    let mut out = vec![];
+    for (spec, classes) in model.outputs.iter().zip(&model.probability_classes) {
+        let shape = dims(&spec.shape);
+        out.push(OutputMeta {
+            name: spec.name.clone(),
+            datatype: datatype(spec)?,
+            shape: shape.clone(),
+            mc_only: false,
+        });
+        if !mc {
+            continue;
+        }
+        for suffix in STATS {
+            out.push(OutputMeta {
+                name: format!("{}.{suffix}", spec.name),
+                datatype: DataType::F64,
+                shape: shape.clone(),
+                mc_only: true,
+            });
+        }
+        if classes.is_some() {
+            for suffix in ENTROPIES {
+                out.push(OutputMeta {
+                    name: format!("{}.{suffix}", spec.name),
+                    datatype: DataType::F64,
+                    shape: shape[..shape.len().saturating_sub(1)].to_vec(),
+                    mc_only: true,
+                });
+            }
+        }
+        let mut samples = vec![-1];
+        samples.extend(&shape);
+        out.push(OutputMeta {
+            name: format!("{}.{SAMPLES}", spec.name),
+            datatype: DataType::F64,
+            shape: samples,
+            mc_only: true,
+        });
+    }
+    Ok(out)
+}
+
+/// The model metadata document of the REST front end (`GET /v2/models/{m}`).
+pub fn metadata_json(model: &LoadedModel) -> Result<Value, Error> {
+    let tensor =
+        |name: &str, dt: DataType, shape: &[i64]| json!({"name": name, "datatype": dt.as_str(), "shape": shape});
+    let inputs: Vec<Value> = input_meta(model)?
+        .iter()
+        .map(|(n, dt, shape)| tensor(n, *dt, shape))
+        .collect();
+    let outputs: Vec<Value> = output_meta(model)?
+        .iter()
+        .map(|o| {
+            let mut t = tensor(&o.name, o.datatype, &o.shape);
+            if o.mc_only {
+                t["parameters"] = json!({"mc_only": true});
+            }
+            t
+        })
+        .collect();
+    Ok(json!({
+        "name": model.name,
+        "versions": [MODEL_VERSION],
+        "platform": PLATFORM,
+        "inputs": inputs,
+        "outputs": outputs,
+        "parameters": {
+            "mc_available": model.mc_unavailable_reason().is_none(),
+            "dropout_sites": model.sampling_sites(),
+        },
+    }))
+}
+
+/// Every model serves one version.
+pub const MODEL_VERSION: &str = "1";
+pub const PLATFORM: &str = "onnx";
+
+/// One output of an answer, ready to encode.
+pub struct OutTensor {
+    pub name: String,
+    pub datatype: DataType,
+    pub shape: Vec<usize>,
+    pub data: OutData,
+}
+
+pub enum OutData {
+    /// An eval output as the model produced it.
+    Tensor(Tensor),
+    /// Statistics, sent as FP32 or FP64 by `datatype`.
+    Floats(Vec<f64>),
+}
+
+impl OutTensor {
+    /// Little-endian bytes, as the binary extension and gRPC's raw contents carry them.
+    pub fn bytes(&self) -> Result<Vec<u8>, Error> {
+        Ok(match &self.data {
+            OutData::Tensor(t) => tensor_bytes(t)?.1,
+            OutData::Floats(v) if self.datatype == DataType::F32 => f32_bytes(v),
+            OutData::Floats(v) => f64_bytes(v),
+        })
+    }
+
+    /// Flat JSON values.
+    pub fn json(&self) -> Result<Value, Error> {
+        let number = |x: f64| {
+            serde_json::Number::from_f64(x)
+                .map(Value::Number)
+                .unwrap_or(Value::Null)
+        };
+        Ok(match &self.data {
+            OutData::Floats(v) if self.datatype == DataType::F32 => {
+                Value::Array(v.iter().map(|&x| number(x as f32 as f64)).collect())
+            }
+            OutData::Floats(v) => Value::Array(v.iter().map(|&x| number(x)).collect()),
+            OutData::Tensor(t) => {
+                let internal = |e: TractError| Error::Internal(format!("encoding output '{}': {e}", self.name));
+                if t.datum_type() == DatumType::Bool {
+                    let view = t.try_as_plain_ram().map_err(internal)?;
+                    Value::Array(
+                        view.as_slice::<bool>()
+                            .map_err(internal)?
+                            .iter()
+                            .map(|b| Value::Bool(*b))
+                            .collect(),
+                    )
+                } else if t.datum_type().is_integer() {
+                    let c = t.cast_to::<i64>().map_err(internal)?;
+                    let view = c.try_as_plain_ram().map_err(internal)?;
+                    let values = view.as_slice::<i64>().map_err(internal)?;
+                    Value::Array(values.iter().map(|x| Value::Number((*x).into())).collect())
+                } else {
+                    let values = crate::engine::model::to_f64(t).map_err(internal)?;
+                    Value::Array(values.into_iter().map(number).collect())
+                }
+            }
+        })
+    }
+}
+
+/// The answer's outputs, each model output followed by its MC statistics, and the
+/// response parameters (mode, and for MC the sample count and seed).
+pub fn answer_outputs(model: &LoadedModel, answer: Answer) -> Result<(Vec<OutTensor>, Value), Error> {
+    match answer {
+        Answer::Eval(outputs) => {
+            let out = outputs
+                .into_iter()
+                .zip(&model.outputs)
+                .map(|(o, spec)| {
+                    Ok(OutTensor {
+                        name: o.name,
+                        datatype: datatype(spec)?,
+                        shape: o.tensor.shape().to_vec(),
+                        data: OutData::Tensor(o.tensor),
+                    })
+                })
+                .collect::<Result<Vec<_>, Error>>()?;
+            Ok((out, json!({"mode": "eval"})))
+        }
+        Answer::McDropout { request, outputs } => {
+            let McRequest { samples, seed, .. } = request;
+            let mut out = vec![];
+            for (o, spec) in outputs.into_iter().zip(&model.outputs) {
+                let s = o.stats;
+                let floats = |name: String, shape: Vec<usize>, values: Vec<f64>| OutTensor {
+                    name,
+                    datatype: DataType::F64,
+                    shape,
+                    data: OutData::Floats(values),
+                };
+                out.push(OutTensor {
+                    name: o.name.clone(),
+                    datatype: mean_datatype(spec),
+                    shape: o.shape.clone(),
+                    data: OutData::Floats(s.mean),
+                });
+                out.push(floats(format!("{}.variance", o.name), o.shape.clone(), s.variance));
+                out.push(floats(format!("{}.std", o.name), o.shape.clone(), s.std));
+                if let Some(e) = s.entropy {
+                    let rows = o.shape[..o.shape.len() - 1].to_vec();
+                    out.push(floats(
+                        format!("{}.predictive_entropy", o.name),
+                        rows.clone(),
+                        e.predictive_entropy,
+                    ));
+                    out.push(floats(
+                        format!("{}.expected_entropy", o.name),
+                        rows.clone(),
+                        e.expected_entropy,
+                    ));
+                    out.push(floats(
+                        format!("{}.mutual_information", o.name),
+                        rows,
+                        e.mutual_information,
+                    ));
+                }
+                if let Some(raw) = s.samples {
+                    let mut shape = vec![s.count];
+                    shape.extend(&o.shape);
+                    out.push(floats(format!("{}.{SAMPLES}", o.name), shape, raw));
+                }
+            }
+            let params = json!({"mode": "mc_dropout", "mc_samples": samples.get(), "seed": seed});
+            Ok((out, params))
+        }
+    }
+}
+
+/// Keeps the requested outputs, in the order asked (None: all of them). A name that no
+/// answer of this model carries, or that only another mode's answer carries, is refused.
+pub fn select<R>(
+    model: &LoadedModel,
+    outputs: Vec<OutTensor>,
+    requested: Option<Vec<R>>,
+    name_of: impl Fn(&R) -> &str,
+) -> Result<Vec<(OutTensor, Option<R>)>, Error> {
+    let Some(requested) = requested else {
+        return Ok(outputs.into_iter().map(|o| (o, None)).collect());
+    };
+    let mut outputs: Vec<Option<OutTensor>> = outputs.into_iter().map(Some).collect();
+    let mut chosen = vec![];
+    for r in requested {
+        let name = name_of(&r);
+        match outputs.iter().position(|o| o.as_ref().is_some_and(|o| o.name == name)) {
+            Some(i) => chosen.push((outputs[i].take().expect("found above"), Some(r))),
+            None => {
+                let meta = output_meta(model)?;
+                return Err(match meta.iter().find(|m| m.name == name) {
+                    Some(m) if m.mc_only && name.ends_with(SAMPLES) => Error::InvalidParameter(format!(
+                        "output '{name}' needs the request parameters mc_samples and return_samples=true"
+                    )),
+                    Some(m) if m.mc_only => Error::ModeMismatch(format!(
+                        "output '{name}' is an MC dropout statistic: add the request parameter mc_samples"
+                    )),
+                    Some(_) => Error::InvalidParameter(format!("output '{name}' is requested twice")),
+                    None => Error::InvalidValue(format!(
+                        "model '{}' has no output '{name}'; its outputs are {}",
+                        model.name,
+                        meta.iter()
+                            .map(|m| format!("'{}'", m.name))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )),
+                });
+            }
+        }
+    }
+    Ok(chosen)
+}

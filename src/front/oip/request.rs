@@ -1,0 +1,330 @@
+//! An OIP REST infer request: its JSON header (and, with the binary tensor data
+//! extension, the raw tensors after it), decoded into the core's request.
+//!
+//! The JSON is read once on the async side with each input's `data` kept as raw text;
+//! the numbers in it are parsed on the worker pool, after admission.
+
+use std::collections::BTreeMap;
+
+use axum::body::Bytes;
+use serde::Deserialize;
+use serde_json::Value;
+use serde_json::value::RawValue;
+use tract_onnx::prelude::Tensor;
+
+use crate::core::Inputs;
+use crate::core::mode::{ModeParams, Param};
+use crate::core::tensors::{DataType, Values, WireTensor, model_inputs};
+use crate::engine::model::LoadedModel;
+use crate::error::Error;
+
+/// The header tritonclient sets when the body carries binary tensors after the JSON.
+pub const HEADER_LENGTH: &str = "inference-header-content-length";
+
+#[derive(Deserialize)]
+struct Header {
+    id: Option<Value>,
+    #[serde(default)]
+    parameters: BTreeMap<String, Value>,
+    inputs: Vec<InputHeader>,
+    outputs: Option<Vec<OutputHeader>>,
+    // Other fields (KServe's client sends `model_name`) are ignored, as the protocol allows.
+}
+
+#[derive(Deserialize)]
+struct InputHeader {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default)]
+    parameters: BTreeMap<String, Value>,
+    data: Option<Box<RawValue>>,
+}
+
+#[derive(Deserialize)]
+struct OutputHeader {
+    name: String,
+    #[serde(default)]
+    parameters: BTreeMap<String, Value>,
+}
+
+/// One requested output, and whether its values go in the binary section.
+pub struct OutputRequest {
+    pub name: String,
+    pub binary: bool,
+}
+
+/// A decoded infer request.
+pub struct InferRequest {
+    /// Echoed in the answer.
+    pub id: Option<Value>,
+    pub params: ModeParams,
+    /// The `binary_data_output` request parameter: every output binary unless it says.
+    pub binary_output: bool,
+    /// None: every output.
+    pub outputs: Option<Vec<OutputRequest>>,
+    pub inputs: InferInputs,
+}
+
+/// The inputs, their numbers not parsed yet.
+pub struct InferInputs(Vec<PendingInput>);
+
+struct PendingInput {
+    name: String,
+    datatype: DataType,
+    shape: Vec<i64>,
+    data: Pending,
+}
+
+enum Pending {
+    Json(Box<RawValue>),
+    Binary(Bytes),
+}
+
+/// The binary-extension parameters, which the protocol defines: not mode parameters,
+/// and never refused as unknown.
+const BINARY_DATA_OUTPUT: &str = "binary_data_output";
+const BINARY_DATA_SIZE: &str = "binary_data_size";
+const BINARY_DATA: &str = "binary_data";
+
+/// Splits the body by `Inference-Header-Content-Length` (absent: all JSON) and decodes it.
+pub fn decode(body: Bytes, header_length: Option<&str>) -> Result<InferRequest, Error> {
+    let (json, mut binary) = match header_length {
+        None => (body, Bytes::new()),
+        Some(len) => {
+            let len: usize = len.trim().parse().map_err(|_| {
+                Error::MalformedJson(format!(
+                    "Inference-Header-Content-Length must be a byte count, got '{len}'"
+                ))
+            })?;
+            if len > body.len() {
+                return Err(Error::MalformedJson(format!(
+                    "Inference-Header-Content-Length is {len}, but the body has only {} bytes",
+                    body.len()
+                )));
+            }
+            let binary = body.slice(len..);
+            (body.slice(..len), binary)
+        }
+    };
+    let header: Header = serde_json::from_slice(&json)
+        .map_err(|e| Error::MalformedJson(format!("the inference request is not valid JSON for the protocol: {e}")))?;
+
+    let mut params = ModeParams::default();
+    let mut binary_output = false;
+    for (k, v) in header.parameters {
+        if k == BINARY_DATA_OUTPUT {
+            binary_output = boolean(&v, "request parameter 'binary_data_output'")?;
+        } else {
+            let p = param(&k, v)?;
+            params.set(&k, p, "request parameter")?;
+        }
+    }
+
+    let mut inputs = Vec::with_capacity(header.inputs.len());
+    for input in header.inputs {
+        let datatype = DataType::parse(&input.datatype)
+            .map_err(|e| Error::InvalidValue(format!("input '{}': {e}", input.name)))?;
+        let mut size = None;
+        for (k, v) in &input.parameters {
+            match k.as_str() {
+                BINARY_DATA_SIZE => {
+                    size = Some(v.as_u64().ok_or_else(|| {
+                        Error::InvalidParameter(format!(
+                            "input '{}': binary_data_size must be a byte count, got {v}",
+                            input.name
+                        ))
+                    })? as usize)
+                }
+                other => {
+                    return Err(Error::InvalidParameter(format!(
+                        "input '{}': unknown parameter '{other}'; inputs take only binary_data_size",
+                        input.name
+                    )));
+                }
+            }
+        }
+        let data = match (size, input.data) {
+            (Some(_), Some(_)) => {
+                return Err(Error::MalformedJson(format!(
+                    "input '{}' has both JSON data and binary_data_size",
+                    input.name
+                )));
+            }
+            (None, None) => {
+                return Err(Error::MalformedJson(format!(
+                    "input '{}' has neither data nor binary_data_size",
+                    input.name
+                )));
+            }
+            (None, Some(json)) => Pending::Json(json),
+            (Some(n), None) => {
+                if n > binary.len() {
+                    return Err(Error::MalformedJson(format!(
+                        "input '{}': binary_data_size is {n}, but only {} bytes of binary data remain",
+                        input.name,
+                        binary.len()
+                    )));
+                }
+                Pending::Binary(binary.split_to(n))
+            }
+        };
+        inputs.push(PendingInput {
+            name: input.name,
+            datatype,
+            shape: input.shape,
+            data,
+        });
+    }
+    if !binary.is_empty() {
+        return Err(Error::MalformedJson(format!(
+            "{} bytes of binary data follow the inputs' binary_data_size",
+            binary.len()
+        )));
+    }
+
+    let outputs = header
+        .outputs
+        .map(|outputs| {
+            outputs
+                .into_iter()
+                .map(|o| {
+                    let mut binary = binary_output;
+                    for (k, v) in &o.parameters {
+                        match k.as_str() {
+                            BINARY_DATA => binary = boolean(v, &format!("output '{}': binary_data", o.name))?,
+                            other => {
+                                return Err(Error::InvalidParameter(format!(
+                                    "output '{}': unknown parameter '{other}'; outputs take only binary_data",
+                                    o.name
+                                )));
+                            }
+                        }
+                    }
+                    Ok(OutputRequest { name: o.name, binary })
+                })
+                .collect::<Result<Vec<_>, Error>>()
+        })
+        .transpose()?;
+
+    Ok(InferRequest {
+        id: header.id,
+        params,
+        binary_output,
+        outputs,
+        inputs: InferInputs(inputs),
+    })
+}
+
+/// A request parameter as a mode parameter; values that are no scalar are refused.
+pub fn param(name: &str, v: Value) -> Result<Param, Error> {
+    Ok(match v {
+        Value::Bool(b) => Param::Bool(b),
+        Value::String(s) => Param::Str(s),
+        Value::Number(n) => {
+            if let Some(u) = n.as_u64() {
+                Param::Uint(u)
+            } else if let Some(i) = n.as_i64() {
+                Param::Int(i)
+            } else {
+                Param::Double(n.as_f64().unwrap_or(f64::NAN))
+            }
+        }
+        other => {
+            return Err(Error::InvalidParameter(format!(
+                "request parameter '{name}' must be a number, string or boolean, got {other}"
+            )));
+        }
+    })
+}
+
+fn boolean(v: &Value, what: &str) -> Result<bool, Error> {
+    v.as_bool()
+        .ok_or_else(|| Error::InvalidParameter(format!("{what} must be true or false, got {v}")))
+}
+
+impl Inputs for InferInputs {
+    fn rows_bound(&self) -> usize {
+        self.0
+            .iter()
+            .map(|i| i.shape.first().copied().unwrap_or(1).max(1) as usize)
+            .max()
+            .unwrap_or(1)
+    }
+
+    fn decode(self, model: &LoadedModel) -> Result<Vec<Tensor>, Error> {
+        let wire = self
+            .0
+            .into_iter()
+            .map(|i| {
+                let values = match i.data {
+                    Pending::Binary(bytes) => Values::Raw(bytes.to_vec()),
+                    Pending::Json(raw) => json_values(&i.name, i.datatype, &raw)?,
+                };
+                Ok(WireTensor {
+                    name: i.name,
+                    datatype: i.datatype,
+                    shape: i.shape,
+                    values,
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        model_inputs(model, wire)
+    }
+}
+
+/// `data` as flat values: row-major, flat or nested to any depth.
+fn json_values(name: &str, dt: DataType, raw: &RawValue) -> Result<Values, Error> {
+    let value: Value =
+        serde_json::from_str(raw.get()).map_err(|e| Error::MalformedJson(format!("input '{name}': data: {e}")))?;
+    let mut leaves = vec![];
+    flatten(value, &mut leaves);
+    let bad = |i: usize, v: &Value, want: &str| {
+        Error::InvalidValue(format!(
+            "input '{name}': element {i} of data is {v}, expected {want} for {}",
+            dt.as_str()
+        ))
+    };
+    Ok(match dt {
+        DataType::Bool => Values::Bool(
+            leaves
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v.as_bool().ok_or_else(|| bad(i, v, "true or false")))
+                .collect::<Result<_, _>>()?,
+        ),
+        DataType::Bytes => {
+            return Err(Error::InvalidValue(format!(
+                "input '{name}': BYTES tensors cannot feed a numeric model input"
+            )));
+        }
+        DataType::F16 | DataType::F32 | DataType::F64 => Values::F64(
+            leaves
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v.as_f64().ok_or_else(|| bad(i, v, "a number")))
+                .collect::<Result<_, _>>()?,
+        ),
+        DataType::U8 | DataType::U16 | DataType::U32 | DataType::U64 => Values::Uint(
+            leaves
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v.as_u64().ok_or_else(|| bad(i, v, "a non-negative integer")))
+                .collect::<Result<_, _>>()?,
+        ),
+        DataType::I8 | DataType::I16 | DataType::I32 | DataType::I64 => Values::Int(
+            leaves
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v.as_i64().ok_or_else(|| bad(i, v, "an integer")))
+                .collect::<Result<_, _>>()?,
+        ),
+    })
+}
+
+fn flatten(v: Value, out: &mut Vec<Value>) {
+    match v {
+        Value::Array(items) => items.into_iter().for_each(|x| flatten(x, out)),
+        leaf => out.push(leaf),
+    }
+}

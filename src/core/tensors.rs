@@ -136,6 +136,9 @@ pub enum Values {
     F64(Vec<f64>),
     /// Little-endian bytes of the declared datatype (binary extension, gRPC raw contents).
     Raw(Vec<u8>),
+    /// BYTES elements. No model input here takes them; they are carried so that the
+    /// refusal can name both types.
+    Bytes(Vec<Vec<u8>>),
 }
 
 /// A tensor as a client sent it.
@@ -256,7 +259,9 @@ pub fn to_tensor(spec: &TensorSpec, t: WireTensor) -> Result<Tensor, Error> {
         }
         Values::Int(v) => exact_ints(name, &shape, v, target, |x| x as f64, |x| x as f32)?,
         Values::Uint(v) => exact_ints(name, &shape, v, target, |x| x as f64, |x| x as f32)?,
-        Values::F64(_) | Values::Raw(_) => unreachable!("canonical() leaves no raw values; F64 goes to floats"),
+        Values::F64(_) | Values::Raw(_) | Values::Bytes(_) => {
+            unreachable!("canonical() leaves no raw values or strings; F64 goes to floats")
+        }
     };
     let tensor = if tensor.datum_type() != target {
         tensor.cast_to_dt(target).map_err(internal)?.into_owned()
@@ -396,6 +401,7 @@ fn canonical(name: &str, dt: DataType, values: Values) -> Result<Values, Error> 
             Values::F32(out)
         }
         Values::F32(_) | Values::F64(_) => return Err(wrong("fractional numbers")),
+        Values::Bytes(_) => return Err(wrong("strings")),
     })
 }
 
@@ -448,6 +454,7 @@ impl Values {
             Values::F32(v) => v.len(),
             Values::F64(v) => v.len(),
             Values::Raw(v) => v.len(),
+            Values::Bytes(v) => v.len(),
         }
     }
 

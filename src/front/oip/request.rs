@@ -293,11 +293,17 @@ fn json_values(name: &str, dt: DataType, raw: &RawValue) -> Result<Values, Error
                 .map(|(i, v)| v.as_bool().ok_or_else(|| bad(i, v, "true or false")))
                 .collect::<Result<_, _>>()?,
         ),
-        DataType::Bytes => {
-            return Err(Error::InvalidValue(format!(
-                "input '{name}': BYTES tensors cannot feed a numeric model input"
-            )));
-        }
+        DataType::Bytes => Values::Bytes(
+            leaves
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    v.as_str()
+                        .map(|s| s.as_bytes().to_vec())
+                        .ok_or_else(|| bad(i, v, "a string"))
+                })
+                .collect::<Result<_, _>>()?,
+        ),
         DataType::F16 | DataType::F32 | DataType::F64 => Values::F64(
             leaves
                 .iter()

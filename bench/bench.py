@@ -400,8 +400,8 @@ def wait_ready(url, proc, timeout_s=120):
     raise RuntimeError(f"{url} not ready after {timeout_s} s")
 
 
-def post(url, body):
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+def post(url, body, headers=None):
+    req = urllib.request.Request(url, data=body, headers=headers or {"Content-Type": "application/json"}, method="POST")
     with urllib.request.urlopen(req, timeout=30) as r:
         return r.status, r.read()
 
@@ -412,9 +412,9 @@ def proc_status(pid):
     return {"hwm_kb": get("VmHWM"), "rss_kb": get("VmRSS")}
 
 
-def wrk(url, body_path, conns, duration, threads=1):
+def wrk(url, body_path, conns, duration, threads=1, headers=None):
     assert url.startswith("http://127.0.0.1:"), url
-    env = dict(os.environ, WRK_BODY=str(body_path))
+    env = dict(os.environ, WRK_BODY=str(body_path), **(headers or {}))
     cmd = [
         "wrk", "-t", str(threads), "-c", str(conns), "-d", f"{duration}s", "--timeout", "10s",
         "-s", str(ROOT / "bench/wrk_post.lua"), url,
@@ -429,12 +429,63 @@ def wrk(url, body_path, conns, duration, threads=1):
     return r
 
 
+def oip_body(tmp, x, params, binary):
+    """An OIP infer body for one row, as a file, and the headers it needs."""
+    x = np.asarray(x, dtype=np.float32)
+    inp = {"name": "features", "shape": list(x.shape), "datatype": "FP32"}
+    header = {"parameters": dict(params), "inputs": [inp]}
+    if not binary:
+        inp["data"] = x.ravel().tolist()
+        path = tmp / f"oip_json_{len(params)}.json"
+        path.write_bytes(json.dumps(header).encode())
+        return path, {"Content-Type": "application/json"}
+    raw = x.tobytes()
+    inp["parameters"] = {"binary_data_size": len(raw)}
+    header["parameters"]["binary_data_output"] = True
+    js = json.dumps(header).encode()
+    path = tmp / f"oip_bin_{len(params)}.bin"
+    path.write_bytes(js + raw)
+    return path, {"Inference-Header-Content-Length": str(len(js))}
+
+
+def wrk_env(headers):
+    return {
+        "WRK_CONTENT_TYPE": headers.get("Content-Type", ""),
+        "WRK_HEADER_LENGTH": headers.get("Inference-Header-Content-Length", ""),
+    }
+
+
 def cpu_seconds(pid):
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def section_http(tmp, duration, out, facts):
+def native_rows(exe, tag, tmp, body, duration, results):
+    """Native eval and MC-50 rows for another build of the server (before/after)."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log(f"http: starting {tag} ({exe}) on {base}")
+    srv = subprocess.Popen([str(exe), "--models", str(ROOT / "models"), "--addr", f"127.0.0.1:{port}"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(f"{base}/health/ready", srv)
+        wrk(f"{base}/predict", body, 8, 2)
+        for label, path in [("eval", "/predict"), ("MC-50", "/predict?mc_samples=50&seed=1")]:
+            for c in (1, 8, 64):
+                log(f"http: {tag} {label} c={c}")
+                cpu0 = cpu_seconds(srv.pid)
+                r = wrk(base + path, body, c, duration)
+                r["server_cpu"] = (cpu_seconds(srv.pid) - cpu0) / (r["duration_us"] / 1e6)
+                results.append((tag, label, c, r, loadavg()))
+    finally:
+        srv.send_signal(signal.SIGTERM)
+        try:
+            srv.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            srv.kill()
+
+
+def section_http(tmp, duration, out, facts, before=None):
     out.append("## HTTP load: wrk against the server and a bare-axum baseline\n")
     server_exe = ROOT / "target/release/mcd-serve"
     bare_exe = ROOT / "target/release/examples/bare_axum"
@@ -469,6 +520,20 @@ def section_http(tmp, duration, out, facts):
                 r = wrk(base + path, body, c, duration)
                 r["server_cpu"] = (cpu_seconds(srv.pid) - cpu0) / (r["duration_us"] / 1e6)
                 results.append(("mcd-serve", label, c, r, loadavg()))
+        # The same row over OIP v2 REST: JSON both ways, and the binary tensor data
+        # extension both ways (tritonclient's default: no Content-Type).
+        oip = f"{base}/v2/models/breast_cancer/infer"
+        for label, params in [("OIP eval", {}), ("OIP MC-50", {"mc_samples": 50, "seed": 1})]:
+            for form in ("JSON", "binary"):
+                b, headers = oip_body(tmp, bundled_input("breast_cancer"), params, form == "binary")
+                status, answer = post(oip, b.read_bytes(), headers)
+                assert status == 200, (status, answer)
+                for c in (1, 64):
+                    log(f"http: server {label} {form} c={c}")
+                    cpu0 = cpu_seconds(srv.pid)
+                    r = wrk(oip, b, c, duration, headers=wrk_env(headers))
+                    r["server_cpu"] = (cpu_seconds(srv.pid) - cpu0) / (r["duration_us"] / 1e6)
+                    results.append(("mcd-serve", f"{label}, {form}", c, r, loadavg()))
         # a burst of the other models so every model has run, then read the high-water mark
         for name in ("diabetes", "digits_cnn"):
             b = tmp / f"{name}.json"
@@ -485,6 +550,8 @@ def section_http(tmp, duration, out, facts):
             srv.wait(timeout=30)
         except subprocess.TimeoutExpired:
             srv.kill()
+    if before:
+        native_rows(before, "mcd-serve before", tmp, body, duration, results)
     bport = free_port()
     bbase = f"http://127.0.0.1:{bport}"
     log(f"http: starting bare_axum on {bbase}")
@@ -579,6 +646,7 @@ def main():
     ap.add_argument("--budget", type=float, default=8.0, help="seconds of timing rounds per model and section")
     ap.add_argument("--http-seconds", type=int, default=10)
     ap.add_argument("--skip-http", action="store_true")
+    ap.add_argument("--before", help="another mcd-serve binary whose native HTTP figures to add (before/after)")
     ap.add_argument("--skip-light", action="store_true")
     ap.add_argument("--wait-idle", type=float, default=120,
                     help="wait up to this many seconds for other processes to leave the CPU idle")
@@ -617,7 +685,7 @@ def main():
             ours.close()
         snaps.append(("engine + growth", cpu_snapshot()))
         if not args.skip_http:
-            section_http(tmp, args.http_seconds, out, facts)
+            section_http(tmp, args.http_seconds, out, facts, args.before)
             loads.append(("after HTTP", loadavg()))
             snaps.append(("HTTP", cpu_snapshot()))
     out.append("## Load average during the run\n")

@@ -4,7 +4,13 @@ local f = assert(io.open(os.getenv("WRK_BODY"), "rb"))
 wrk.method = "POST"
 wrk.body = f:read("*a")
 f:close()
-wrk.headers["Content-Type"] = "application/json"
+-- $WRK_CONTENT_TYPE overrides the type ("" sends none, as tritonclient does);
+-- $WRK_HEADER_LENGTH sets OIP's Inference-Header-Content-Length (binary tensor data).
+local ct = os.getenv("WRK_CONTENT_TYPE")
+if ct == nil then ct = "application/json" end
+if ct ~= "" then wrk.headers["Content-Type"] = ct end
+local hl = os.getenv("WRK_HEADER_LENGTH")
+if hl ~= nil and hl ~= "" then wrk.headers["Inference-Header-Content-Length"] = hl end
 
 done = function(summary, latency, requests)
   local e = summary.errors

@@ -460,6 +460,25 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def stop(proc, timeout=30):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def native_load(base, srv, tag, body, duration, results):
+    """Native eval and MC-50 at concurrency 1, 8 and 64, with the server's CPU share."""
+    for label, path in [("eval", "/predict"), ("MC-50", "/predict?mc_samples=50&seed=1")]:
+        for c in (1, 8, 64):
+            log(f"http: {tag} {label} c={c}")
+            cpu0 = cpu_seconds(srv.pid)
+            r = wrk(base + path, body, c, duration)
+            r["server_cpu"] = (cpu_seconds(srv.pid) - cpu0) / (r["duration_us"] / 1e6)
+            results.append((tag, label, c, r, loadavg()))
+
+
 def native_rows(exe, tag, tmp, body, duration, results):
     """Native eval and MC-50 rows for another build of the server (before/after)."""
     port = free_port()
@@ -470,19 +489,9 @@ def native_rows(exe, tag, tmp, body, duration, results):
     try:
         wait_ready(f"{base}/health/ready", srv)
         wrk(f"{base}/predict", body, 8, 2)
-        for label, path in [("eval", "/predict"), ("MC-50", "/predict?mc_samples=50&seed=1")]:
-            for c in (1, 8, 64):
-                log(f"http: {tag} {label} c={c}")
-                cpu0 = cpu_seconds(srv.pid)
-                r = wrk(base + path, body, c, duration)
-                r["server_cpu"] = (cpu_seconds(srv.pid) - cpu0) / (r["duration_us"] / 1e6)
-                results.append((tag, label, c, r, loadavg()))
+        native_load(base, srv, tag, body, duration, results)
     finally:
-        srv.send_signal(signal.SIGTERM)
-        try:
-            srv.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            srv.kill()
+        stop(srv)
 
 
 def section_http(tmp, duration, out, facts, before=None):
@@ -513,13 +522,7 @@ def section_http(tmp, duration, out, facts, before=None):
         facts["mc_answer_bytes"] = len(mc_answer)
         # warm-up, not recorded
         wrk(f"{base}/predict", body, 8, 2)
-        for label, path in [("eval", "/predict"), ("MC-50", "/predict?mc_samples=50&seed=1")]:
-            for c in (1, 8, 64):
-                log(f"http: server {label} c={c}")
-                cpu0 = cpu_seconds(srv.pid)
-                r = wrk(base + path, body, c, duration)
-                r["server_cpu"] = (cpu_seconds(srv.pid) - cpu0) / (r["duration_us"] / 1e6)
-                results.append(("mcd-serve", label, c, r, loadavg()))
+        native_load(base, srv, "mcd-serve", body, duration, results)
         # The same row over OIP v2 REST: JSON both ways, and the binary tensor data
         # extension both ways (tritonclient's default: no Content-Type).
         oip = f"{base}/v2/models/breast_cancer/infer"
@@ -545,11 +548,7 @@ def section_http(tmp, duration, out, facts, before=None):
         facts["rss_idle"] = rss_idle
         facts["rss_after"] = rss_after
     finally:
-        srv.send_signal(signal.SIGTERM)
-        try:
-            srv.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            srv.kill()
+        stop(srv)
     if before:
         native_rows(before, "mcd-serve before", tmp, body, duration, results)
     bport = free_port()
@@ -569,11 +568,7 @@ def section_http(tmp, duration, out, facts, before=None):
             r["server_cpu"] = (cpu_seconds(bare.pid) - cpu0) / (r["duration_us"] / 1e6)
             results.append(("bare axum", "eval-sized answer", c, r, loadavg()))
     finally:
-        bare.send_signal(signal.SIGTERM)
-        try:
-            bare.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            bare.kill()
+        stop(bare, timeout=10)
 
     out.append(
         f"`wrk -t1 -c C -d {duration}s` with `bench/wrk_post.lua` (POST, `Content-Type: application/json`), "

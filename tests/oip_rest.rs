@@ -51,6 +51,15 @@ async fn post_bytes(
     (status, h, r.bytes().await.unwrap().to_vec())
 }
 
+/// A refused request: its status and error type, from a JSON body.
+async fn refused(s: &TestServer, path: &str, body: Vec<u8>, headers: &[(&str, String)]) -> (u16, String) {
+    let (st, h, bytes) = post_bytes(s, path, body, headers).await;
+    assert_eq!(h["content-type"], "application/json");
+    let e: Value = serde_json::from_slice(&bytes).unwrap();
+    assert!(!e["error"].as_str().unwrap().is_empty(), "{e}");
+    (st, e["error_type"].as_str().unwrap().to_string())
+}
+
 /// A JSON infer call: status, body, headers. Every answer, success or error, is JSON.
 async fn infer(s: &TestServer, model: &str, body: &Value) -> (u16, Value, reqwest::header::HeaderMap) {
     let (st, h, bytes) = post_bytes(
@@ -325,6 +334,19 @@ fn split_binary(headers: &reqwest::header::HeaderMap, body: &[u8]) -> (Value, Ve
     (serde_json::from_slice(&body[..n]).unwrap(), body[n..].to_vec())
 }
 
+/// A binary-extension infer call that must succeed: the answer's JSON header and tail.
+async fn infer_binary(s: &TestServer, body: Vec<u8>, header_length: usize) -> (Value, Vec<u8>) {
+    let (st, h, answer) = post_bytes(
+        s,
+        "/v2/models/breast_cancer/infer",
+        body,
+        &[("Inference-Header-Content-Length", header_length.to_string())],
+    )
+    .await;
+    assert_eq!(st, 200, "{}", String::from_utf8_lossy(&answer));
+    split_binary(&h, &answer)
+}
+
 fn le_f32(bytes: &[u8]) -> Vec<f64> {
     bytes
         .chunks_exact(4)
@@ -362,15 +384,7 @@ async fn binary_tensor_data_in_and_out() {
 
     // Binary in, binary out (tritonclient's default), eval.
     let (body, n) = binary_request(json!({"binary_data_output": true}), None);
-    let (st, h, answer) = post_bytes(
-        &s,
-        "/v2/models/breast_cancer/infer",
-        body,
-        &[("Inference-Header-Content-Length", n.to_string())],
-    )
-    .await;
-    assert_eq!(st, 200, "{}", String::from_utf8_lossy(&answer));
-    let (header, tail) = split_binary(&h, &answer);
+    let (header, tail) = infer_binary(&s, body, n).await;
     let o = &header["outputs"][0];
     assert_eq!(o["parameters"]["binary_data_size"], 8 * 2 * 4);
     assert!(o.get("data").is_none());
@@ -386,15 +400,7 @@ async fn binary_tensor_data_in_and_out() {
             {"name": "probabilities.predictive_entropy"},
         ])),
     );
-    let (st, h, answer) = post_bytes(
-        &s,
-        "/v2/models/breast_cancer/infer",
-        body,
-        &[("Inference-Header-Content-Length", n.to_string())],
-    )
-    .await;
-    assert_eq!(st, 200, "{}", String::from_utf8_lossy(&answer));
-    let (header, tail) = split_binary(&h, &answer);
+    let (header, tail) = infer_binary(&s, body, n).await;
     let (_, native_mc, _) = s
         .post("/predict?mc_samples=20&seed=5", &json!({"inputs": r["inputs"]}))
         .await;
@@ -409,24 +415,22 @@ async fn binary_tensor_data_in_and_out() {
     // Binary sections that do not add up are refused, not misread.
     let (mut body, n) = binary_request(json!({}), None);
     body.pop();
-    let (st, _, e) = post_bytes(
+    let (st, e) = refused(
         &s,
         "/v2/models/breast_cancer/infer",
         body.clone(),
         &[("Inference-Header-Content-Length", n.to_string())],
     )
     .await;
-    let e: Value = serde_json::from_slice(&e).unwrap();
-    assert_eq!((st, e["error_type"].as_str().unwrap()), (400, "malformed_json"), "{e}");
-    let (st, _, e) = post_bytes(
+    assert_eq!((st, e.as_str()), (400, "malformed_json"));
+    let (st, e) = refused(
         &s,
         "/v2/models/breast_cancer/infer",
         body.clone(),
         &[("Inference-Header-Content-Length", (body.len() + 1).to_string())],
     )
     .await;
-    let e: Value = serde_json::from_slice(&e).unwrap();
-    assert_eq!(st, 400, "{e}");
+    assert_eq!((st, e.as_str()), (400, "malformed_json"));
     s.stop().await;
 }
 
@@ -503,9 +507,8 @@ async fn every_error_is_a_json_4xx_with_its_type_and_mode_violations_count() {
     let input =
         |shape: Value, data: Vec<f64>| json!({"name": "features", "shape": shape, "datatype": "FP32", "data": data});
 
-    let (st, _, e) = post_bytes(&s, "/v2/models/breast_cancer/infer", b"{\"inputs\": [".to_vec(), &[]).await;
-    let e: Value = serde_json::from_slice(&e).unwrap();
-    assert_eq!((st, e["error_type"].as_str().unwrap()), (400, "malformed_json"));
+    let (st, e) = refused(&s, "/v2/models/breast_cancer/infer", b"{\"inputs\": [".to_vec(), &[]).await;
+    assert_eq!((st, e.as_str()), (400, "malformed_json"));
     expect_error(&s, "breast_cancer", json!({"inputs": "x"}), 400, "malformed_json").await;
     expect_error(&s, "breast_cancer", json!({"inputs": []}), 400, "missing_input").await;
     let e = expect_error(
@@ -550,55 +553,17 @@ async fn every_error_is_a_json_4xx_with_its_type_and_mode_violations_count() {
     )
     .await;
     assert!(e.contains("'mc_sample'"), "{e}");
-    expect_error(
-        &s,
-        "breast_cancer",
-        body(json!({"mc_samples": 1})),
-        422,
-        "invalid_parameter",
-    )
-    .await;
-    expect_error(
-        &s,
-        "breast_cancer",
-        body(json!({"mc_samples": 501})),
-        422,
-        "invalid_parameter",
-    )
-    .await;
-    expect_error(
-        &s,
-        "breast_cancer",
-        body(json!({"mc_samples": 2.5})),
-        422,
-        "invalid_parameter",
-    )
-    .await;
-    expect_error(
-        &s,
-        "breast_cancer",
-        body(json!({"mc_samples": [2]})),
-        422,
-        "invalid_parameter",
-    )
-    .await;
-    expect_error(
-        &s,
-        "breast_cancer",
-        body(json!({"mc_samples": 5, "seed": -1})),
-        422,
-        "invalid_parameter",
-    )
-    .await;
-    expect_error(&s, "breast_cancer", body(json!({"seed": 3})), 422, "mode_mismatch").await;
-    expect_error(
-        &s,
-        "breast_cancer",
-        body(json!({"return_samples": true})),
-        422,
-        "mode_mismatch",
-    )
-    .await;
+    for (params, status, error_type) in [
+        (json!({"mc_samples": 1}), 422, "invalid_parameter"),
+        (json!({"mc_samples": 501}), 422, "invalid_parameter"),
+        (json!({"mc_samples": 2.5}), 422, "invalid_parameter"),
+        (json!({"mc_samples": [2]}), 422, "invalid_parameter"),
+        (json!({"mc_samples": 5, "seed": -1}), 422, "invalid_parameter"),
+        (json!({"seed": 3}), 422, "mode_mismatch"),
+        (json!({"return_samples": true}), 422, "mode_mismatch"),
+    ] {
+        expect_error(&s, "breast_cancer", body(params), status, error_type).await;
+    }
     let mut eval_with_mc_output = body(json!({}));
     eval_with_mc_output["outputs"] = json!([{"name": "probabilities.std"}]);
     expect_error(&s, "breast_cancer", eval_with_mc_output, 422, "mode_mismatch").await;
@@ -610,18 +575,16 @@ async fn every_error_is_a_json_4xx_with_its_type_and_mode_violations_count() {
                     "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]});
     expect_error(&s, "no_dropout", nd, 422, "mc_unavailable").await;
     expect_error(&s, "nope", body(json!({})), 404, "model_not_found").await;
-    let (st, _, e) = post_bytes(
+    let (st, e) = refused(
         &s,
         "/v2/models/breast_cancer/versions/3/infer",
         serde_json::to_vec(&body(json!({}))).unwrap(),
         &[],
     )
     .await;
-    let e: Value = serde_json::from_slice(&e).unwrap();
-    assert_eq!((st, e["error_type"].as_str().unwrap()), (404, "model_not_found"));
-    let (st, _, e) = post_bytes(&s, "/v2/models/breast_cancer/infer", vec![b' '; 2 << 20], &[]).await;
-    let e: Value = serde_json::from_slice(&e).unwrap();
-    assert_eq!((st, e["error_type"].as_str().unwrap()), (413, "payload_too_large"));
+    assert_eq!((st, e.as_str()), (404, "model_not_found"));
+    let (st, e) = refused(&s, "/v2/models/breast_cancer/infer", vec![b' '; 2 << 20], &[]).await;
+    assert_eq!((st, e.as_str()), (413, "payload_too_large"));
     let r = s
         .client
         .get(s.url("/v2/models/breast_cancer/infer"))

@@ -150,49 +150,46 @@ pub struct WireTensor {
     pub values: Values,
 }
 
-/// Orders wire tensors by the model's inputs and converts each one; unknown and missing
-/// names are refused by name.
-pub fn model_inputs(model: &LoadedModel, wire: Vec<WireTensor>) -> Result<Vec<Tensor>, Error> {
-    let names = || {
-        model
-            .inputs
-            .iter()
-            .map(|s| format!("'{}'", s.name))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let mut by_name: Vec<Option<WireTensor>> = vec![None; model.inputs.len()];
-    for t in wire {
-        let Some(i) = model.inputs.iter().position(|s| s.name == t.name) else {
+/// Named values in the model's input order. Unknown, repeated and missing names are
+/// refused by name, with the same words on every protocol.
+pub fn in_input_order<T>(model: &LoadedModel, named: Vec<(String, T)>) -> Result<Vec<(&TensorSpec, T)>, Error> {
+    let mut slots: Vec<Option<T>> = model.inputs.iter().map(|_| None).collect();
+    for (name, value) in named {
+        let Some(i) = model.inputs.iter().position(|s| s.name == name) else {
             return Err(Error::UnknownInput(format!(
-                "model '{}' has no input '{}'; its inputs are {}",
+                "model '{}' has no input '{name}'; its inputs are {}",
                 model.name,
-                t.name,
-                names()
+                model.input_names()
             )));
         };
-        if by_name[i].replace(t).is_some() {
-            return Err(Error::InvalidValue(format!(
-                "input '{}' is given twice",
-                model.inputs[i].name
-            )));
+        if slots[i].replace(value).is_some() {
+            return Err(Error::InvalidValue(format!("input '{name}' is given twice")));
         }
     }
     model
         .inputs
         .iter()
-        .zip(by_name)
-        .map(|(spec, t)| {
-            let t = t.ok_or_else(|| {
+        .zip(slots)
+        .map(|(spec, value)| {
+            let value = value.ok_or_else(|| {
                 Error::MissingInput(format!(
                     "input '{}' is missing; model '{}' takes {}",
                     spec.name,
                     model.name,
-                    names()
+                    model.input_names()
                 ))
             })?;
-            to_tensor(spec, t)
+            Ok((spec, value))
         })
+        .collect()
+}
+
+/// Wire tensors as the model's inputs, in its input order.
+pub fn model_inputs(model: &LoadedModel, wire: Vec<WireTensor>) -> Result<Vec<Tensor>, Error> {
+    let named = wire.into_iter().map(|t| (t.name.clone(), t)).collect();
+    in_input_order(model, named)?
+        .into_iter()
+        .map(|(spec, t)| to_tensor(spec, t))
         .collect()
 }
 
@@ -257,8 +254,8 @@ pub fn to_tensor(spec: &TensorSpec, t: WireTensor) -> Result<Tensor, Error> {
             let t = Tensor::from_shape(&shape, &v).map_err(internal)?;
             t.cast_to_dt(target).map_err(internal)?.into_owned()
         }
-        Values::Int(v) => exact_ints(name, &shape, v, target, |x| x as f64, |x| x as f32)?,
-        Values::Uint(v) => exact_ints(name, &shape, v, target, |x| x as f64, |x| x as f32)?,
+        Values::Int(v) => exact_ints(name, &shape, v, target)?,
+        Values::Uint(v) => exact_ints(name, &shape, v, target)?,
         Values::F64(_) | Values::Raw(_) | Values::Bytes(_) => {
             unreachable!("canonical() leaves no raw values or strings; F64 goes to floats")
         }
@@ -288,53 +285,41 @@ fn exact_ints<T: Datum + Copy + Into<i128>>(
     shape: &[usize],
     v: Vec<T>,
     target: DatumType,
-    as_f64: impl Fn(T) -> f64,
-    as_f32: impl Fn(T) -> f32,
 ) -> Result<Tensor, Error> {
     let internal = |e: TractError| Error::Internal(format!("building input '{name}': {e}"));
-    let inexact = |i: usize, x: T, to: &str| {
-        Error::InvalidValue(format!(
-            "input '{name}': element {i} = {} is not exact in {to}",
-            x.into()
-        ))
-    };
-    match target {
-        DatumType::F32 => {
-            let out = v
-                .iter()
-                .enumerate()
-                .map(|(i, &x)| {
-                    let y = as_f32(x);
-                    if y as i128 == x.into() {
-                        Ok(y)
-                    } else {
-                        Err(inexact(i, x, "FP32"))
-                    }
-                })
-                .collect::<Result<Vec<f32>, Error>>()?;
-            Tensor::from_shape(shape, &out).map_err(internal)
-        }
-        DatumType::F64 => {
-            let out = v
-                .iter()
-                .enumerate()
-                .map(|(i, &x)| {
-                    let y = as_f64(x);
-                    if y as i128 == x.into() {
-                        Ok(y)
-                    } else {
-                        Err(inexact(i, x, "FP64"))
-                    }
-                })
-                .collect::<Result<Vec<f64>, Error>>()?;
-            Tensor::from_shape(shape, &out).map_err(internal)
-        }
-        _ => Ok(Tensor::from_shape(shape, &v)
+    if !target.is_float() {
+        return Ok(Tensor::from_shape(shape, &v)
             .map_err(internal)?
             .cast_to_dt(target)
             .map_err(internal)?
-            .into_owned()),
+            .into_owned());
     }
+    let (label, single) = if target == DatumType::F32 {
+        ("FP32", true)
+    } else {
+        ("FP64", false)
+    };
+    let out = v
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            let x: i128 = x.into();
+            let y = if single { x as f32 as f64 } else { x as f64 };
+            if y as i128 == x {
+                Ok(y)
+            } else {
+                Err(Error::InvalidValue(format!(
+                    "input '{name}': element {i} = {x} is not exact in {label}"
+                )))
+            }
+        })
+        .collect::<Result<Vec<f64>, Error>>()?;
+    // Every value is exact in the target, so this cast changes none.
+    Ok(Tensor::from_shape(shape, &out)
+        .map_err(internal)?
+        .cast_to_dt(target)
+        .map_err(internal)?
+        .into_owned())
 }
 
 /// Whether `from` converts to `to` without changing a value (floats to FP32 are checked

@@ -387,6 +387,15 @@ impl LoadedModel {
         }
     }
 
+    /// The input names, quoted, for messages: `'a', 'b'`.
+    pub fn input_names(&self) -> String {
+        self.inputs
+            .iter()
+            .map(|s| format!("'{}'", s.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// The outputs that are probability vectors along their last axis.
     pub fn probability_output_names(&self) -> Vec<&str> {
         self.outputs

@@ -6,6 +6,7 @@
 use serde_json::{Map, Number, Value};
 use tract_onnx::prelude::*;
 
+use crate::core::tensors::in_input_order;
 use crate::engine::model::{LoadedModel, TensorSpec, shape_string};
 use crate::error::Error;
 
@@ -22,45 +23,17 @@ pub fn parse_request(model: &LoadedModel, body: &[u8]) -> Result<Vec<Tensor>, Er
     let inputs = object
         .remove("inputs")
         .ok_or_else(|| Error::MissingInput("request body has no \"inputs\" field".into()))?;
-    let names = || {
-        model
-            .inputs
-            .iter()
-            .map(|s| format!("'{}'", s.name))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     match inputs {
-        Value::Object(mut by_name) => {
-            if let Some(unknown) = by_name.keys().find(|k| !model.inputs.iter().any(|s| &s.name == *k)) {
-                return Err(Error::UnknownInput(format!(
-                    "model '{}' has no input '{unknown}'; its inputs are {}",
-                    model.name,
-                    names()
-                )));
-            }
-            model
-                .inputs
-                .iter()
-                .map(|spec| {
-                    let v = by_name.remove(&spec.name).ok_or_else(|| {
-                        Error::MissingInput(format!(
-                            "input '{}' is missing; model '{}' takes {}",
-                            spec.name,
-                            model.name,
-                            names()
-                        ))
-                    })?;
-                    to_tensor(spec, &v)
-                })
-                .collect()
-        }
+        Value::Object(by_name) => in_input_order(model, by_name.into_iter().collect())?
+            .into_iter()
+            .map(|(spec, v)| to_tensor(spec, &v))
+            .collect(),
         array @ Value::Array(_) if model.inputs.len() == 1 => Ok(vec![to_tensor(&model.inputs[0], &array)?]),
         Value::Array(_) => Err(Error::MissingInput(format!(
             "model '{}' takes {} inputs ({}); send {{\"inputs\": {{\"<name>\": [...], ...}}}}",
             model.name,
             model.inputs.len(),
-            names()
+            model.input_names()
         ))),
         other => Err(Error::InvalidValue(format!(
             "\"inputs\" must be a nested array or an object of them, got {}",

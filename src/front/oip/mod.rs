@@ -36,11 +36,11 @@ pub fn routes() -> Router<Arc<Core>> {
         .route("/v2/health/live", get(|| async { axum::Json(json!({"live": true})) }))
         .route("/v2/health/ready", get(server_ready))
         .route("/v2/models/{model}", get(model_metadata))
-        .route("/v2/models/{model}/versions/{version}", get(model_metadata_version))
+        .route("/v2/models/{model}/versions/{version}", get(model_metadata))
         .route("/v2/models/{model}/ready", get(model_ready))
-        .route("/v2/models/{model}/versions/{version}/ready", get(model_ready_version))
+        .route("/v2/models/{model}/versions/{version}/ready", get(model_ready))
         .route("/v2/models/{model}/infer", post(infer))
-        .route("/v2/models/{model}/versions/{version}/infer", post(infer_version))
+        .route("/v2/models/{model}/versions/{version}/infer", post(infer))
 }
 
 async fn server_metadata() -> Response {
@@ -76,61 +76,37 @@ fn check_version(model: &str, version: Option<&str>) -> Result<(), Error> {
     }
 }
 
-fn metadata(core: &Core, model: &str, version: Option<&str>) -> Result<Response, Error> {
-    check_version(model, version)?;
-    let m = core.model(Some(model))?;
+/// A model route's path: `/v2/models/{model}[/versions/{version}]`.
+#[derive(serde::Deserialize)]
+struct ModelPath {
+    model: String,
+    version: Option<String>,
+}
+
+async fn model_metadata(State(core): State<Arc<Core>>, Path(p): Path<ModelPath>) -> Result<Response, Error> {
+    check_version(&p.model, p.version.as_deref())?;
+    let m = core.model(Some(&p.model))?;
     Ok(axum::Json(metadata_json(&m)?).into_response())
 }
 
-async fn model_metadata(State(core): State<Arc<Core>>, Path(model): Path<String>) -> Result<Response, Error> {
-    metadata(&core, &model, None)
-}
-
-async fn model_metadata_version(
-    State(core): State<Arc<Core>>,
-    Path((model, version)): Path<(String, String)>,
-) -> Result<Response, Error> {
-    metadata(&core, &model, Some(&version))
-}
-
-fn ready(core: &Core, model: &str, version: Option<&str>) -> Result<Response, Error> {
-    check_version(model, version)?;
-    let ready = core.model_ready(model)?;
+async fn model_ready(State(core): State<Arc<Core>>, Path(p): Path<ModelPath>) -> Result<Response, Error> {
+    check_version(&p.model, p.version.as_deref())?;
+    let ready = core.model_ready(&p.model)?;
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    Ok((status, axum::Json(json!({"name": model, "ready": ready}))).into_response())
-}
-
-async fn model_ready(State(core): State<Arc<Core>>, Path(model): Path<String>) -> Result<Response, Error> {
-    ready(&core, &model, None)
-}
-
-async fn model_ready_version(
-    State(core): State<Arc<Core>>,
-    Path((model, version)): Path<(String, String)>,
-) -> Result<Response, Error> {
-    ready(&core, &model, Some(&version))
+    Ok((status, axum::Json(json!({"name": p.model, "ready": ready}))).into_response())
 }
 
 async fn infer(
     State(core): State<Arc<Core>>,
-    Path(model): Path<String>,
+    Path(p): Path<ModelPath>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    run_infer(core, model, None, headers, body).await
-}
-
-async fn infer_version(
-    State(core): State<Arc<Core>>,
-    Path((model, version)): Path<(String, String)>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    run_infer(core, model, Some(version), headers, body).await
+    run_infer(core, p.model, p.version, headers, body).await
 }
 
 async fn run_infer(

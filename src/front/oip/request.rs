@@ -279,52 +279,43 @@ fn json_values(name: &str, dt: DataType, raw: &RawValue) -> Result<Values, Error
         serde_json::from_str(raw.get()).map_err(|e| Error::MalformedJson(format!("input '{name}': data: {e}")))?;
     let mut leaves = vec![];
     flatten(value, &mut leaves);
-    let bad = |i: usize, v: &Value, want: &str| {
-        Error::InvalidValue(format!(
-            "input '{name}': element {i} of data is {v}, expected {want} for {}",
-            dt.as_str()
-        ))
+    // Each leaf read as the datatype's kind of value, or refused with its index.
+    let read = |want: &str, f: &dyn Fn(&Value) -> Option<()>| -> Result<(), Error> {
+        match leaves.iter().position(|v| f(v).is_none()) {
+            None => Ok(()),
+            Some(i) => Err(Error::InvalidValue(format!(
+                "input '{name}': element {i} of data is {}, expected {want} for {}",
+                leaves[i],
+                dt.as_str()
+            ))),
+        }
     };
     Ok(match dt {
-        DataType::Bool => Values::Bool(
-            leaves
-                .iter()
-                .enumerate()
-                .map(|(i, v)| v.as_bool().ok_or_else(|| bad(i, v, "true or false")))
-                .collect::<Result<_, _>>()?,
-        ),
-        DataType::Bytes => Values::Bytes(
-            leaves
-                .iter()
-                .enumerate()
-                .map(|(i, v)| {
-                    v.as_str()
-                        .map(|s| s.as_bytes().to_vec())
-                        .ok_or_else(|| bad(i, v, "a string"))
-                })
-                .collect::<Result<_, _>>()?,
-        ),
-        DataType::F16 | DataType::F32 | DataType::F64 => Values::F64(
-            leaves
-                .iter()
-                .enumerate()
-                .map(|(i, v)| v.as_f64().ok_or_else(|| bad(i, v, "a number")))
-                .collect::<Result<_, _>>()?,
-        ),
-        DataType::U8 | DataType::U16 | DataType::U32 | DataType::U64 => Values::Uint(
-            leaves
-                .iter()
-                .enumerate()
-                .map(|(i, v)| v.as_u64().ok_or_else(|| bad(i, v, "a non-negative integer")))
-                .collect::<Result<_, _>>()?,
-        ),
-        DataType::I8 | DataType::I16 | DataType::I32 | DataType::I64 => Values::Int(
-            leaves
-                .iter()
-                .enumerate()
-                .map(|(i, v)| v.as_i64().ok_or_else(|| bad(i, v, "an integer")))
-                .collect::<Result<_, _>>()?,
-        ),
+        DataType::Bool => {
+            read("true or false", &|v| v.as_bool().map(drop))?;
+            Values::Bool(leaves.iter().filter_map(Value::as_bool).collect())
+        }
+        DataType::Bytes => {
+            read("a string", &|v| v.as_str().map(drop))?;
+            Values::Bytes(
+                leaves
+                    .iter()
+                    .filter_map(|v| v.as_str().map(|s| s.as_bytes().to_vec()))
+                    .collect(),
+            )
+        }
+        DataType::F16 | DataType::F32 | DataType::F64 => {
+            read("a number", &|v| v.as_f64().map(drop))?;
+            Values::F64(leaves.iter().filter_map(Value::as_f64).collect())
+        }
+        DataType::U8 | DataType::U16 | DataType::U32 | DataType::U64 => {
+            read("a non-negative integer", &|v| v.as_u64().map(drop))?;
+            Values::Uint(leaves.iter().filter_map(Value::as_u64).collect())
+        }
+        DataType::I8 | DataType::I16 | DataType::I32 | DataType::I64 => {
+            read("an integer", &|v| v.as_i64().map(drop))?;
+            Values::Int(leaves.iter().filter_map(Value::as_i64).collect())
+        }
     })
 }
 

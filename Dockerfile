@@ -53,7 +53,7 @@ ENV MCD_MODELS=/app/models \
 
 WORKDIR /app
 USER 10001:10001
-EXPOSE 8080
+EXPOSE 8080 8081
 
 # The binary probes itself; no curl in the image.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \

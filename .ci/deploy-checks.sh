@@ -137,6 +137,9 @@ run_check k8s-validate k8s_validate
 # split off above and checked against a bundled subset of its v1 schema.
 run_check k8s-servicemonitor-schema "${CHECK[@]}" servicemonitor "$WORK/crds.yaml"
 run_check k8s-policy "${CHECK[@]}" k8s-policy "$RENDERED"
+# KServe: the runtimes and the example InferenceService against KServe's own CRD
+# schemas (vendored in deploy/kserve/crd-schemas; no network here), strict fields.
+run_check kserve-crd-schemas "${CHECK[@]}" kserve deploy/kserve
 
 # --------------------------------------------------------------- Prometheus --
 run_check promtool-check-config promtool check config deploy/prometheus/prometheus.yml

@@ -77,7 +77,7 @@ wait_http() {
 # ---------------------------------------------------------------- server --
 MCD_PORT="$(free_port)"
 log "starting $BIN on 127.0.0.1:$MCD_PORT (models: $MODELS_DIR)"
-MCD_LOG_FORMAT=text "$BIN" --models "$MODELS_DIR" --addr "127.0.0.1:$MCD_PORT" >"$WORK/mcd-serve.log" 2>&1 &
+MCD_LOG_FORMAT=text "$BIN" --models "$MODELS_DIR" --addr "127.0.0.1:$MCD_PORT" --grpc-addr "127.0.0.1:0" >"$WORK/mcd-serve.log" 2>&1 &
 MCD_PID=$!
 wait_http "http://127.0.0.1:$MCD_PORT/health/ready" 60 \
   || die "mcd-serve not ready on port $MCD_PORT within 60s"

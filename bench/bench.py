@@ -448,6 +448,18 @@ def oip_body(tmp, x, params, binary):
     return path, {"Inference-Header-Content-Length": str(len(js))}
 
 
+def grpc_load(url, rows_json, conns, duration, mc=None):
+    cmd = [str(ROOT / "target/release/examples/grpc_load"), url, "breast_cancer", str(rows_json),
+           str(conns), str(duration)] + ([str(mc)] if mc else [])
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+    line = next((l for l in p.stdout.splitlines() if l.startswith("GRPCJSON ")), None)
+    if p.returncode != 0 or line is None:
+        raise RuntimeError(f"grpc_load failed ({p.returncode}): {p.stdout}\n{p.stderr}")
+    r = json.loads(line[len("GRPCJSON "):])
+    r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+    return r
+
+
 def wrk_env(headers):
     return {
         "WRK_CONTENT_TYPE": headers.get("Content-Type", ""),
@@ -484,7 +496,8 @@ def native_rows(exe, tag, tmp, body, duration, results):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log(f"http: starting {tag} ({exe}) on {base}")
-    srv = subprocess.Popen([str(exe), "--models", str(ROOT / "models"), "--addr", f"127.0.0.1:{port}"],
+    srv = subprocess.Popen([str(exe), "--models", str(ROOT / "models"), "--addr", f"127.0.0.1:{port}",
+                            "--grpc-addr", "127.0.0.1:0"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         wait_ready(f"{base}/health/ready", srv)
@@ -504,8 +517,10 @@ def section_http(tmp, duration, out, facts, before=None):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log(f"http: starting the server on {base}")
+    grpc_port = free_port()
     srv = subprocess.Popen(
-        [str(server_exe), "--models", str(ROOT / "models"), "--addr", f"127.0.0.1:{port}"],
+        [str(server_exe), "--models", str(ROOT / "models"), "--addr", f"127.0.0.1:{port}",
+         "--grpc-addr", f"127.0.0.1:{grpc_port}"],
         stdout=open(logs, "w"), stderr=subprocess.STDOUT,
     )
     results = []
@@ -537,6 +552,23 @@ def section_http(tmp, duration, out, facts, before=None):
                     r = wrk(oip, b, c, duration, headers=wrk_env(headers))
                     r["server_cpu"] = (cpu_seconds(srv.pid) - cpu0) / (r["duration_us"] / 1e6)
                     results.append(("mcd-serve", f"{label}, {form}", c, r, loadavg()))
+        # OIP gRPC beside REST, at 16 and 64 concurrent callers (examples/grpc_load.rs, raw
+        # contents as tritonclient sends them).
+        rows_json = tmp / "bc_rows.json"
+        rows_json.write_text(json.dumps(np.asarray(bundled_input("breast_cancer")).tolist()))
+        for label, mc in [("gRPC eval", None), ("gRPC MC-50", 50)]:
+            for c in (16, 64):
+                log(f"http: server {label} c={c}")
+                cpu0 = cpu_seconds(srv.pid)
+                r = grpc_load(f"http://127.0.0.1:{grpc_port}", rows_json, c, duration, mc)
+                r["server_cpu"] = (cpu_seconds(srv.pid) - cpu0) / (r["duration_us"] / 1e6)
+                results.append(("mcd-serve", label, c, r, loadavg()))
+        for label, path in [("eval", "/predict"), ("MC-50", "/predict?mc_samples=50&seed=1")]:
+            log(f"http: server {label} c=16")
+            cpu0 = cpu_seconds(srv.pid)
+            r = wrk(base + path, body, 16, duration)
+            r["server_cpu"] = (cpu_seconds(srv.pid) - cpu0) / (r["duration_us"] / 1e6)
+            results.append(("mcd-serve", label, 16, r, loadavg()))
         # a burst of the other models so every model has run, then read the high-water mark
         for name in ("diabetes", "digits_cnn"):
             b = tmp / f"{name}.json"

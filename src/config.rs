@@ -50,9 +50,17 @@ pub struct ServeArgs {
     /// Folder of `*.onnx` models; a model's name is its file stem.
     #[arg(long, env = "MCD_MODELS", default_value = "models")]
     pub models: PathBuf,
-    /// Address to listen on.
+    /// Address to listen on: the native and OIP REST APIs, health and metrics.
     #[arg(long, env = "MCD_ADDR", default_value = "0.0.0.0:8080")]
     pub addr: String,
+    /// Address of the OIP v2 gRPC service (`inference.GRPCInferenceService`, and
+    /// `grpc.health.v1`); an empty value turns it off.
+    #[arg(long, env = "MCD_GRPC_ADDR", default_value = "0.0.0.0:8081")]
+    pub grpc_addr: String,
+    /// Serve the folder's one model under this name instead of its file stem (KServe:
+    /// `--model-name={{.Name}}`, the InferenceService's name, which its clients call).
+    #[arg(long, env = "MCD_MODEL_NAME")]
+    pub model_name: Option<String>,
     /// Model served by `POST /predict` (default: breast_cancer if present, else the only model).
     #[arg(long, env = "MCD_DEFAULT_MODEL")]
     pub default_model: Option<String>,

@@ -1,4 +1,5 @@
-//! The one error type of the service, and the one place where it becomes an HTTP status.
+//! The one error type of the service, and the one place where it becomes each protocol's
+//! status: an HTTP status for the REST front ends, a gRPC code for the gRPC one.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -97,6 +98,43 @@ impl Error {
             Error::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
+    }
+}
+
+impl Error {
+    /// The only mapping from error kind to gRPC status code in the code base.
+    pub fn grpc_code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Error::MalformedJson(_)
+            | Error::RaggedArray(_)
+            | Error::ShapeMismatch(_)
+            | Error::MissingInput(_)
+            | Error::UnknownInput(_)
+            | Error::InvalidValue(_)
+            | Error::InvalidParameter(_)
+            | Error::ModeMismatch(_) => Code::InvalidArgument,
+            Error::ModelNotFound(_) => Code::NotFound,
+            Error::RouteNotFound(_) | Error::MethodNotAllowed(_) => Code::Unimplemented,
+            // The model cannot do what was asked (no live dropout): not the client's syntax.
+            Error::McUnavailable(_) => Code::FailedPrecondition,
+            Error::PayloadTooLarge(_) | Error::Overloaded => Code::ResourceExhausted,
+            Error::NotReady(_) | Error::ModelUnhealthy(_) => Code::Unavailable,
+            Error::Timeout(_) => Code::DeadlineExceeded,
+            Error::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    /// The message, with the error type in the `error-type` metadata entry.
+    fn from(e: Error) -> tonic::Status {
+        let mut status = tonic::Status::new(e.grpc_code(), e.to_string());
+        status.metadata_mut().insert(
+            "error-type",
+            tonic::metadata::MetadataValue::from_static(e.error_type()),
+        );
+        status
     }
 }
 

@@ -35,6 +35,14 @@ fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(&args.addr)
                 .await
                 .map_err(|e| anyhow::anyhow!("binding {}: {e}", args.addr))?;
-            mcd_serve::server::serve(args, listener, mcd_serve::server::shutdown_signal()).await
+            let grpc = match args.grpc_addr.trim() {
+                "" => None,
+                addr => Some(
+                    tokio::net::TcpListener::bind(addr)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("binding the gRPC address {addr}: {e}"))?,
+                ),
+            };
+            mcd_serve::server::serve_all(args, listener, grpc, mcd_serve::server::shutdown_signal()).await
         })
 }

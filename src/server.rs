@@ -10,52 +10,97 @@ use tokio::net::TcpListener;
 use crate::config::ServeArgs;
 use crate::core::Core;
 use crate::engine::repo;
+use crate::front::grpc;
 use crate::front::http::router;
 
-/// Serves on `listener` until `shutdown` resolves, then drains: readiness turns 503,
-/// in-flight requests finish, and the function returns.
-///
-/// The listener is bound before models load, so liveness answers at once and readiness
-/// answers 503 until every model has loaded and passed its self-checks.
+/// Serves HTTP on `listener` until `shutdown` resolves, then drains (see [`serve_all`]).
+/// The gRPC service is not started: this is the entry point of tests and embedders that
+/// bind only an HTTP port.
 pub async fn serve(
     args: ServeArgs,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let names: Vec<String> = repo::scan(&args.models)
+    serve_all(args, listener, None, shutdown).await
+}
+
+/// Serves the REST APIs on `http` and, when given, the OIP gRPC service on `grpc`, until
+/// `shutdown` resolves. Then both drain together: readiness turns 503 (gRPC health:
+/// NOT_SERVING) for `--shutdown-drain-secs` while both listeners stay open, then they
+/// close and in-flight requests finish before the function returns.
+///
+/// The listeners are bound before models load, so liveness answers at once and readiness
+/// answers 503 until every model has loaded and passed its self-checks.
+pub async fn serve_all(
+    args: ServeArgs,
+    http: TcpListener,
+    grpc: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let names: Vec<String> = repo::scan_named(&args.models, args.model_name.as_deref())
         .with_context(|| format!("reading the models folder {}", args.models.display()))?
         .into_iter()
         .map(|(n, _)| n)
         .collect();
     let default = repo::default_model(&names, args.default_model.as_deref()).map_err(anyhow::Error::msg)?;
-    let state = Core::new(default, args.limits());
-    tracing::info!(addr = %listener.local_addr()?, models = ?names, default_model = %state.default_model, "listening; loading models");
+    let core = Core::new(default, args.limits());
+    let grpc_addr = match &grpc {
+        Some(l) => l.local_addr()?.to_string(),
+        None => "off".into(),
+    };
+    tracing::info!(addr = %http.local_addr()?, grpc_addr = %grpc_addr, models = ?names, default_model = %core.default_model, "listening; loading models");
 
-    let loader = state.clone();
+    let loader = core.clone();
     let dir = args.models.clone();
-    tokio::task::spawn_blocking(move || match repo::load_dir(&dir, None) {
+    let model_name = args.model_name.clone();
+    tokio::task::spawn_blocking(move || match repo::load_folder(&dir, model_name.as_deref(), None) {
         Ok(r) => loader.install(r),
         Err(e) => tracing::error!(error = %e, "reading the models folder failed"),
     });
-    spawn_reload_on_sighup(state.clone(), args.models.clone());
+    spawn_reload_on_sighup(core.clone(), args.models.clone(), args.model_name.clone());
 
+    // One stop signal for both listeners, after the drain window.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let drain = Duration::from_secs_f64(args.shutdown_drain_secs.max(0.0));
-    let stopping = state.clone();
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutdown requested: readiness is now 503; finishing in-flight requests");
-            stopping.begin_shutdown();
-            tokio::time::sleep(drain).await;
-        })
+    let stopping = core.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutdown requested: readiness is now 503; finishing in-flight requests");
+        stopping.begin_shutdown();
+        tokio::time::sleep(drain).await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    let grpc_task = match grpc {
+        None => None,
+        Some(listener) => {
+            let health = grpc::health(core.clone()).await;
+            let server = tonic::transport::Server::builder()
+                .add_service(health)
+                .add_service(grpc::service(core.clone()))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    stopped(stop_rx.clone()),
+                );
+            Some(tokio::spawn(server))
+        }
+    };
+    axum::serve(http, router(core))
+        .with_graceful_shutdown(stopped(stop_rx))
         .await?;
+    if let Some(task) = grpc_task {
+        task.await.context("the gRPC server task")??;
+    }
     tracing::info!("all requests finished; exiting");
     Ok(())
 }
 
 /// SIGHUP reloads the models folder. A model that fails to reload keeps its last good
 /// version serving.
-fn spawn_reload_on_sighup(state: Arc<Core>, dir: std::path::PathBuf) {
+fn spawn_reload_on_sighup(state: Arc<Core>, dir: std::path::PathBuf, model_name: Option<String>) {
     #[cfg(unix)]
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
@@ -66,9 +111,10 @@ fn spawn_reload_on_sighup(state: Arc<Core>, dir: std::path::PathBuf) {
             tracing::info!("SIGHUP: reloading models");
             let st = state.clone();
             let dir = dir.clone();
+            let model_name = model_name.clone();
             let _ = tokio::task::spawn_blocking(move || {
                 let previous = st.repo();
-                match repo::load_dir(&dir, previous.as_deref()) {
+                match repo::load_folder(&dir, model_name.as_deref(), previous.as_deref()) {
                     Ok(r) => st.install(r),
                     Err(e) => tracing::error!(error = %e, "reload failed; keeping the loaded models"),
                 }

@@ -28,6 +28,8 @@ fn spawn(models: &std::path::Path, extra: &[&str]) -> Proc {
             models.to_str().unwrap(),
             "--addr",
             "127.0.0.1:0",
+            "--grpc-addr",
+            "127.0.0.1:0",
             "--log-format",
             "json",
         ])

@@ -10,6 +10,7 @@
     check_deploy.py grafana DASHBOARD_JSON PROVISIONING_DIR
     check_deploy.py compose COMPOSE_YAML
     check_deploy.py metric-names RULES_YAML DASHBOARD_JSON
+    check_deploy.py kserve KSERVE_DIR
 
 Needs PyYAML and jsonschema (installed into the CI venv). Each subcommand
 prints what it verified and exits 1 on the first list of problems.
@@ -315,8 +316,8 @@ def dockerfile(path, rendered):
     uid = user[-1].split(":")[0] if user else None
     if not uid or not uid.isdigit() or uid == "0":
         p.append(f"runtime USER is {uid!r}, want a numeric non-root UID")
-    if "EXPOSE 8080" not in final:
-        p.append("no EXPOSE 8080")
+    if not re.search(r"^EXPOSE 8080 8081\s*$", final, re.M):
+        p.append("no EXPOSE 8080 8081 (REST and gRPC)")
     if not re.search(r'HEALTHCHECK .*CMD \["/usr/local/bin/mcd-serve", ?"healthcheck"', re.sub(r"\\\n\s*", " ", final)):
         p.append("HEALTHCHECK does not run `mcd-serve healthcheck`")
     if not re.search(r'ENTRYPOINT \["/usr/local/bin/mcd-serve"\]', final):
@@ -335,7 +336,7 @@ def dockerfile(path, rendered):
         p.append(f"ConfigMap MCD_MODELS {cm.get('data', {}).get('MCD_MODELS')} != image {models_dir}")
     if p:
         fail("dockerfile", p)
-    print(f"dockerfile: multi-stage ({len(froms)} stages), USER {uid} == runAsUser, EXPOSE 8080, HEALTHCHECK, "
+    print(f"dockerfile: multi-stage ({len(froms)} stages), USER {uid} == runAsUser, EXPOSE 8080 8081, HEALTHCHECK, "
           f"models at {models_dir} == ConfigMap")
 
 
@@ -530,11 +531,74 @@ def metric_names(rules_path, dash_path):
     print(f"metric-names: {len(used)} metric names used by rules and dashboard, all in the server contract or recorded")
 
 
+def strict(schema):
+    """A CRD schema as the API server's strict field validation reads it: an object that
+    lists its properties accepts no others, unless it says it preserves unknown fields."""
+    if isinstance(schema, dict):
+        out = {k: strict(v) for k, v in schema.items()}
+        if ("properties" in out and "additionalProperties" not in out
+                and not out.get("x-kubernetes-preserve-unknown-fields")):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [strict(x) for x in schema]
+    return schema
+
+
+def kserve(kdir):
+    """deploy/kserve against KServe's own CRD schemas (vendored, see crd-schemas/), with
+    strict fields, and the settings the runtime needs to be picked and reached."""
+    import gzip
+    import jsonschema
+    p, seen = [], {}
+    for fn in sorted(os.listdir(kdir)):
+        if not fn.endswith(".yaml"):
+            continue
+        for d in load_all(os.path.join(kdir, fn)):
+            kind, version = d["kind"], d["apiVersion"].split("/")[-1]
+            path = os.path.join(kdir, "crd-schemas", f"{kind}.{version}.schema.json.gz")
+            if not os.path.exists(path):
+                p.append(f"{fn}: no KServe schema for {kind} {version}")
+                continue
+            schema = strict(json.loads(gzip.open(path).read()))
+            for e in jsonschema.Draft7Validator(schema).iter_errors(d):
+                p.append(f"{fn}: {kind}: {'/'.join(map(str, e.path))}: {e.message}")
+            seen.setdefault(kind, []).append(d)
+    for kind in ("ServingRuntime", "ClusterServingRuntime"):
+        for rt in seen.get(kind, []):
+            spec = rt["spec"]
+            onnx = [f for f in spec.get("supportedModelFormats", []) if f.get("name") == "onnx"]
+            if not onnx or onnx[0].get("autoSelect") is not False:
+                p.append(f"{kind}: onnx must be supported with autoSelect: false")
+            if spec.get("protocolVersions") != ["v2", "grpc-v2"]:
+                p.append(f"{kind}: protocolVersions must be [v2, grpc-v2]")
+            c = {x["name"]: x for x in spec.get("containers", [])}.get("kserve-container")
+            if c is None:
+                p.append(f"{kind}: no container named kserve-container")
+                continue
+            ports = {x.get("name"): x.get("containerPort") for x in c.get("ports", [])}
+            if ports != {"http": 8080, "h2c": 8081}:
+                p.append(f"{kind}: ports must be http 8080 and h2c 8081, got {ports}")
+            if "--models=/mnt/models" not in c.get("args", []):
+                p.append(f"{kind}: the server must read its models from /mnt/models")
+    runtimes = {r["metadata"]["name"] for k in ("ServingRuntime", "ClusterServingRuntime") for r in seen.get(k, [])}
+    for isvc in seen.get("InferenceService", []):
+        m = isvc["spec"]["predictor"].get("model", {})
+        if m.get("runtime") not in runtimes or m.get("protocolVersion") != "v2" or m.get("modelFormat", {}).get("name") != "onnx":
+            p.append(f"InferenceService {isvc['metadata']['name']}: needs runtime in {sorted(runtimes)}, protocolVersion v2, modelFormat onnx")
+    for kind in ("ServingRuntime", "ClusterServingRuntime", "InferenceService"):
+        if kind not in seen:
+            p.append(f"no {kind} in {kdir}")
+    if p:
+        fail("kserve", p)
+    print(f"kserve: {sum(map(len, seen.values()))} manifests valid against KServe's CRD schemas (strict fields)")
+
+
 def main(argv):
     cmds = {
         "k8s-split": k8s_split, "k8s-policy": k8s_policy, "servicemonitor": servicemonitor,
         "kustomize-files": kustomize_files, "dockerfile": dockerfile, "cargo-targets": cargo_targets, "grafana": grafana, "compose": compose,
-        "metric-names": metric_names,
+        "metric-names": metric_names, "kserve": kserve,
     }
     if len(argv) < 2 or argv[1] not in cmds:
         print(__doc__, file=sys.stderr)

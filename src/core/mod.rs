@@ -44,15 +44,16 @@ pub enum Protocol {
     Native,
     /// Open Inference Protocol v2 over REST (`/v2/...`).
     OipRest,
+    /// Open Inference Protocol v2 over gRPC (`inference.GRPCInferenceService`).
+    Grpc,
 }
 
 impl Protocol {
-    pub const ALL: [Protocol; 2] = [Protocol::Native, Protocol::OipRest];
-
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Native => "native",
             Protocol::OipRest => "oip",
+            Protocol::Grpc => "grpc",
         }
     }
 }
@@ -89,6 +90,8 @@ pub struct Reply<T> {
 
 pub struct Core {
     repo: RwLock<Option<Arc<ModelRepo>>>,
+    /// Readiness, for the front ends that push it (gRPC health).
+    ready: tokio::sync::watch::Sender<bool>,
     shutting_down: AtomicBool,
     pub default_model: String,
     pub metrics: Metrics,
@@ -100,6 +103,7 @@ impl Core {
     pub fn new(default_model: String, limits: Limits) -> Arc<Self> {
         Arc::new(Core {
             repo: RwLock::new(None),
+            ready: tokio::sync::watch::Sender::new(false),
             shutting_down: AtomicBool::new(false),
             default_model,
             metrics: Metrics::new(),
@@ -125,7 +129,14 @@ impl Core {
     }
 
     fn refresh_ready(&self) {
-        self.metrics.ready.set(self.not_ready_reasons().is_empty() as i64);
+        let ready = self.not_ready_reasons().is_empty();
+        self.metrics.ready.set(ready as i64);
+        self.ready.send_replace(ready);
+    }
+
+    /// Follows readiness as it changes.
+    pub fn watch_ready(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.ready.subscribe()
     }
 
     /// Empty when ready: every model loaded, every eval check passed, not shutting down.

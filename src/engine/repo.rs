@@ -42,6 +42,27 @@ pub fn scan(dir: &Path) -> std::io::Result<Vec<(String, PathBuf)>> {
     Ok(found)
 }
 
+/// As [`scan`], with the single model of the folder renamed to `model_name` when one is
+/// given: KServe names a model after its InferenceService, not after the file its storage
+/// initializer wrote (`--model-name={{.Name}}`).
+pub fn scan_named(dir: &Path, model_name: Option<&str>) -> std::io::Result<Vec<(String, PathBuf)>> {
+    let mut found = scan(dir)?;
+    if let Some(name) = model_name {
+        if found.len() != 1 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "--model-name names the one model of the folder, but {} holds {} models",
+                    dir.display(),
+                    found.len()
+                ),
+            ));
+        }
+        found[0].0 = name.to_string();
+    }
+    Ok(found)
+}
+
 /// Which model `POST /predict` serves: the one named, else `breast_cancer` when present,
 /// else the only one.
 pub fn default_model(names: &[String], requested: Option<&str>) -> Result<String, String> {
@@ -91,8 +112,13 @@ pub fn load_model(name: &str, path: &Path) -> Result<LoadedModel, String> {
 /// Loads every model in `dir`. A file that fails keeps the previous good version, if one
 /// is given, serving under its name; other files load regardless.
 pub fn load_dir(dir: &Path, previous: Option<&ModelRepo>) -> std::io::Result<ModelRepo> {
+    load_folder(dir, None, previous)
+}
+
+/// As [`load_dir`], with the folder's single model served as `model_name` when given.
+pub fn load_folder(dir: &Path, model_name: Option<&str>, previous: Option<&ModelRepo>) -> std::io::Result<ModelRepo> {
     let mut repo = ModelRepo::default();
-    for (name, path) in scan(dir)? {
+    for (name, path) in scan_named(dir, model_name)? {
         let start = Instant::now();
         match load_model(&name, &path) {
             Ok(m) => {

@@ -224,3 +224,26 @@ pub mod tempdir {
         }
     }
 }
+
+/// A real server with the OIP gRPC service too, each on its own 127.0.0.1:0 port; ready.
+/// Returns the server and the gRPC endpoint URL.
+#[allow(dead_code)]
+pub async fn start_with_grpc(args: ServeArgs) -> (TestServer, String) {
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", http.local_addr().unwrap());
+    let grpc_url = format!("http://{}", grpc.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(mcd_serve::server::serve_all(args, http, Some(grpc), async move {
+        let _ = rx.await;
+    }));
+    let server = TestServer {
+        base,
+        client: reqwest::Client::new(),
+        shutdown: Some(tx),
+        handle,
+    }
+    .wait_ready()
+    .await;
+    (server, grpc_url)
+}

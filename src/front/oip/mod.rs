@@ -67,7 +67,7 @@ async fn server_ready(State(core): State<Arc<Core>>) -> Response {
 }
 
 /// Every model serves version 1; another version is not found.
-fn check_version(model: &str, version: Option<&str>) -> Result<(), Error> {
+pub fn check_version(model: &str, version: Option<&str>) -> Result<(), Error> {
     match version {
         None | Some(MODEL_VERSION) => Ok(()),
         Some(v) => Err(Error::ModelNotFound(format!(

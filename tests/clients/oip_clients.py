@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""Triton's and KServe's real Python clients against the release binary, over OIP v2 REST.
+"""Triton's and KServe's real Python clients against the release binary, over OIP v2 REST
+and gRPC.
 
-Both clients run unchanged, with their defaults: tritonclient.http sends binary tensors,
-no Content-Type, and asks for binary outputs; KServe's InferenceRESTClient sends JSON.
+The clients run unchanged, with their defaults: tritonclient.http sends binary tensors,
+no Content-Type, and asks for binary outputs; KServe's InferenceRESTClient sends JSON;
+tritonclient.grpc sends raw_input_contents and reads raw_output_contents; KServe's
+InferenceGRPCClient sends typed contents for JSON-style data.
 Each check compares what a client reads with the server's own native answer to the same
 request (eval, and MC dropout for the same seed), and checks that a mode violation and a
 wrong shape come back as client errors.
 
-    python tests/clients/oip_rest.py target/release/mcd-serve
+    python tests/clients/oip_clients.py target/release/mcd-serve
 
 Prints one line per check and closes with "N passed, N failed"; exits 1 on any failure.
 """
@@ -18,14 +21,13 @@ import os
 import signal
 import subprocess
 import sys
-import traceback
 import urllib.request
 
 import numpy as np
-import tritonclient.http as triton
-from tritonclient.utils import InferenceServerException
-from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
-import httpx
+
+# Each check runs in a process of its own: tritonclient.grpc and kserve both register the
+# protocol's `inference.*` messages in protobuf's default pool, so one process cannot
+# import both. The imports are therefore inside the checks.
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REFERENCE = json.load(open(os.path.join(ROOT, "tests/fixtures/reference_outputs.json")))
@@ -34,8 +36,8 @@ DIGITS = np.asarray(REFERENCE["digits_cnn"]["inputs"], dtype=np.float32)  # [8, 
 
 
 def start_server(binary):
-    """The release binary on 127.0.0.1:0, its address read from its JSON log."""
-    env = dict(os.environ, MCD_ADDR="127.0.0.1:0", MCD_LOG_FORMAT="json",
+    """The release binary on 127.0.0.1:0 (REST and gRPC), its addresses read from its JSON log."""
+    env = dict(os.environ, MCD_ADDR="127.0.0.1:0", MCD_GRPC_ADDR="127.0.0.1:0", MCD_LOG_FORMAT="json",
                MCD_MODELS=os.path.join(ROOT, "models"))
     proc = subprocess.Popen([binary], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     for line in proc.stdout:
@@ -44,7 +46,7 @@ def start_server(binary):
         except ValueError:
             continue
         if "addr" in fields:
-            addr = fields["addr"]
+            addr, grpc_addr = fields["addr"], fields["grpc_addr"]
             break
     else:
         raise SystemExit("the server exited before listening")
@@ -55,7 +57,7 @@ def start_server(binary):
         try:
             with urllib.request.urlopen(f"http://{addr}/health/ready") as r:
                 if r.status == 200:
-                    return proc, addr
+                    return proc, addr, grpc_addr
         except Exception:
             pass
         import time
@@ -88,6 +90,7 @@ def assert_equal(got, want, what):
 
 @check
 def triton_health_and_metadata(addr):
+    import tritonclient.http as triton
     c = triton.InferenceServerClient(url=addr)
     assert c.is_server_live() and c.is_server_ready()
     assert c.is_model_ready("breast_cancer") and not c.is_model_ready("nope")
@@ -100,6 +103,7 @@ def triton_health_and_metadata(addr):
 
 
 def triton_input(x, binary=True):
+    import tritonclient.http as triton
     i = triton.InferInput("features", list(x.shape), "FP32")
     i.set_data_from_numpy(x, binary_data=binary)
     return i
@@ -107,6 +111,7 @@ def triton_input(x, binary=True):
 
 @check
 def triton_eval_equals_native(addr):
+    import tritonclient.http as triton
     c = triton.InferenceServerClient(url=addr)
     want = np.asarray(native(addr, "/predict", ROWS.tolist())["outputs"]["probabilities"], dtype=np.float32)
     # Defaults: binary input, binary output.
@@ -126,6 +131,7 @@ def triton_eval_equals_native(addr):
 
 @check
 def triton_mc_through_parameters_equals_native(addr):
+    import tritonclient.http as triton
     c = triton.InferenceServerClient(url=addr)
     want = native(addr, "/predict?mc_samples=50&seed=7&return_samples=true", ROWS.tolist())["outputs"]["probabilities"]
     for count in (50, 50.0):  # a Python float travels as a JSON double
@@ -140,6 +146,8 @@ def triton_mc_through_parameters_equals_native(addr):
 
 @check
 def triton_mode_violation_and_wrong_shape_are_client_errors(addr):
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
     c = triton.InferenceServerClient(url=addr)
     for params, status, words in (
         ({"seed": 7}, "422", "seed"),
@@ -161,12 +169,15 @@ def triton_mode_violation_and_wrong_shape_are_client_errors(addr):
 # --- KServe InferenceRESTClient --------------------------------------------------------
 
 def kserve_request(x, params=None):
+    from kserve import InferInput, InferRequest
     i = InferInput("features", list(x.shape), "FP32")
     i.set_data_from_numpy(x, binary_data=False)
     return InferRequest(model_name="breast_cancer", infer_inputs=[i], parameters=params)
 
 
 async def kserve_checks(addr):
+    import httpx
+    from kserve import InferenceRESTClient, RESTConfig
     base = f"http://{addr}"
     client = InferenceRESTClient(RESTConfig(protocol="v2"))
     try:
@@ -208,20 +219,105 @@ def kserve_rest_client(addr):
     asyncio.run(kserve_checks(addr))
 
 
+# --- tritonclient.grpc -----------------------------------------------------------------
+
+def triton_grpc_input(x):
+    import tritonclient.grpc as triton_grpc
+    i = triton_grpc.InferInput("features", list(x.shape), "FP32")
+    i.set_data_from_numpy(x)
+    return i
+
+
+@check
+def triton_grpc_eval_mc_and_errors(addr, grpc_addr):
+    import tritonclient.grpc as triton_grpc
+    from tritonclient.utils import InferenceServerException
+    c = triton_grpc.InferenceServerClient(url=grpc_addr)
+    assert c.is_server_live() and c.is_server_ready() and c.is_model_ready("breast_cancer")
+    m = c.get_model_metadata("breast_cancer")
+    assert m.inputs[0].name == "features" and list(m.inputs[0].shape) == [-1, 30], m
+    want = native(addr, "/predict", ROWS.tolist())["outputs"]["probabilities"]
+    r = c.infer("breast_cancer", [triton_grpc_input(ROWS)])
+    assert_equal(r.as_numpy("probabilities"), np.asarray(want, dtype=np.float32), "eval")
+    want = native(addr, "/predict?mc_samples=50&seed=7", ROWS.tolist())["outputs"]["probabilities"]
+    for count in (50, 50.0):  # int64_param, and double_param for a Python float
+        r = c.infer("breast_cancer", [triton_grpc_input(ROWS)], parameters={"mc_samples": count, "seed": 7})
+        assert_equal(r.as_numpy("probabilities"), np.asarray(want["mean"], dtype=np.float32), "mean")
+        for key in ("variance", "std", "predictive_entropy", "expected_entropy", "mutual_information"):
+            assert_equal(r.as_numpy(f"probabilities.{key}"), np.asarray(want[key]), key)
+    for params, inputs, code, words in (
+        ({"seed": 7}, [triton_grpc_input(ROWS)], "StatusCode.INVALID_ARGUMENT", "seed"),
+        (None, [triton_grpc_input(ROWS[:, :29])], "StatusCode.INVALID_ARGUMENT", "features"),
+    ):
+        try:
+            c.infer("breast_cancer", inputs, parameters=params)
+            raise AssertionError("served")
+        except InferenceServerException as e:
+            assert e.status() == code and words in e.message(), (e.status(), e.message())
+    try:
+        c.infer("nope", [triton_grpc_input(ROWS)])
+        raise AssertionError("served")
+    except InferenceServerException as e:
+        assert e.status() == "StatusCode.NOT_FOUND", e.status()
+
+
+# --- KServe InferenceGRPCClient --------------------------------------------------------
+
+async def kserve_grpc_checks(addr, grpc_addr):
+    import grpc
+    from kserve import InferenceGRPCClient, InferInput, InferRequest
+    client = InferenceGRPCClient(url=grpc_addr)
+    try:
+        assert await client.is_server_ready() and await client.is_server_live()
+        assert await client.is_model_ready("breast_cancer")
+        want = native(addr, "/predict?mc_samples=30&seed=4", ROWS.tolist())["outputs"]["probabilities"]
+        for binary in (False, True):  # typed contents for lists, raw for numpy
+            i = InferInput("features", list(ROWS.shape), "FP32")
+            i.set_data_from_numpy(ROWS, binary_data=binary)
+            r = await client.infer(InferRequest(model_name="breast_cancer", infer_inputs=[i],
+                                                parameters={"mc_samples": 30, "seed": 4}))
+            out = {o.name: o for o in r.outputs}
+            assert_equal(out["probabilities"].as_numpy(), np.asarray(want["mean"], dtype=np.float32), "mean")
+            assert_equal(out["probabilities.std"].as_numpy(), np.asarray(want["std"]), "std")
+        i = InferInput("features", list(ROWS.shape), "FP32")
+        i.set_data_from_numpy(ROWS, binary_data=False)
+        try:
+            await client.infer(InferRequest(model_name="breast_cancer", infer_inputs=[i], parameters={"seed": 4}))
+            raise AssertionError("served")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "seed" in e.details(), e
+    finally:
+        await client.close()
+
+
+@check
+def kserve_grpc_client(addr, grpc_addr):
+    asyncio.run(kserve_grpc_checks(addr, grpc_addr))
+
+
+def run_one(name, addr, grpc_addr):
+    """The child process: one check; exit 0 when it passes."""
+    fn = next(f for f in CHECKS if f.__name__ == name)
+    fn(addr, grpc_addr) if fn.__code__.co_argcount == 2 else fn(addr)
+
+
 def main():
+    if len(sys.argv) == 5 and sys.argv[1] == "--check":
+        run_one(*sys.argv[2:])
+        return
     binary = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "target/release/mcd-serve")
-    proc, addr = start_server(binary)
+    proc, addr, grpc_addr = start_server(binary)
     passed = failed = 0
     try:
         for fn in CHECKS:
-            try:
-                fn(addr)
+            r = subprocess.run([sys.executable, os.path.abspath(__file__), "--check", fn.__name__, addr, grpc_addr],
+                               timeout=300)
+            if r.returncode == 0:
                 passed += 1
-                print(f"ok   {fn.__name__}")
-            except Exception:
+                print(f"ok   {fn.__name__}", flush=True)
+            else:
                 failed += 1
-                print(f"FAIL {fn.__name__}")
-                traceback.print_exc()
+                print(f"FAIL {fn.__name__}", flush=True)
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=30)

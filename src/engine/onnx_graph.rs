@@ -793,7 +793,7 @@ pub fn check_external_data(proto: &ModelProto, dir: &Path) -> anyhow::Result<()>
     Ok(())
 }
 
-fn constant_tensors(graph: &GraphProto) -> HashMap<&str, (TensorProto, &'static str)> {
+pub(crate) fn constant_tensors(graph: &GraphProto) -> HashMap<&str, (TensorProto, &'static str)> {
     let mut map: HashMap<&str, (TensorProto, &'static str)> = graph
         .initializer
         .iter()

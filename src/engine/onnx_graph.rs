@@ -744,6 +744,19 @@ pub fn check_external_data(proto: &ModelProto, dir: &Path) -> anyhow::Result<()>
                 .transpose()
                 .with_context(|| format!("tensor '{}': external data {key} is not a number", t.name))
         };
+        // The data belongs to the model's folder: never read a file elsewhere.
+        let relative = Path::new(location);
+        if relative.is_absolute()
+            || relative
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            bail!(
+                "tensor '{}' is stored in '{location}', outside the model's folder; the server reads \
+                 external data only from beside the model file",
+                t.name
+            );
+        }
         let (offset, length) = (number("offset")?.unwrap_or(0), number("length")?);
         let file = dir.join(location);
         let size = match sizes.get(location) {
@@ -770,7 +783,16 @@ pub fn check_external_data(proto: &ModelProto, dir: &Path) -> anyhow::Result<()>
             Ok(DataType::Int8 | DataType::Uint8 | DataType::Bool) => Some(1),
             _ => None,
         };
-        let needed = element_bytes.map(|b| t.dims.iter().map(|&d| d.max(0) as u64).product::<u64>() * b);
+        // Checked: a hostile file may declare dims whose byte size overflows.
+        let needed = match element_bytes {
+            None => None,
+            Some(b) => Some(
+                t.dims
+                    .iter()
+                    .try_fold(b, |acc: u64, &d| acc.checked_mul(u64::try_from(d).unwrap_or(0)))
+                    .with_context(|| format!("tensor '{}' has shape {:?}, too large to hold", t.name, t.dims))?,
+            ),
+        };
         if let (Some(length), Some(needed)) = (length, needed)
             && length != needed
         {
@@ -889,4 +911,64 @@ fn value_info(name: &str, datum: DatumType, shape: &[Dim]) -> anyhow::Result<Val
         }),
         ..Default::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::pb::StringStringEntryProto;
+
+    /// A model whose one initializer, FLOAT[dims], is stored in `w.bin` with these entries.
+    fn external(dims: Vec<i64>, entries: &[(&str, &str)]) -> ModelProto {
+        ModelProto {
+            graph: Some(GraphProto {
+                initializer: vec![TensorProto {
+                    name: "w".into(),
+                    dims,
+                    data_type: DataType::Float as i32,
+                    data_location: Some(1),
+                    external_data: entries
+                        .iter()
+                        .map(|(k, v)| StringStringEntryProto {
+                            key: k.to_string(),
+                            value: v.to_string(),
+                        })
+                        .collect(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn external_data_is_checked_for_presence_size_and_declared_length() {
+        let dir = std::env::temp_dir().join(format!("mcd-external-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("w.bin"), [0u8; 64]).unwrap();
+        let check = |dims: Vec<i64>, entries: &[(&str, &str)]| {
+            check_external_data(&external(dims, entries), &dir).map_err(|e| format!("{e:#}"))
+        };
+        assert!(check(vec![4, 4], &[("location", "w.bin")]).is_ok());
+        assert!(check(vec![2, 4], &[("location", "w.bin"), ("offset", "32"), ("length", "32")]).is_ok());
+        let err = check(vec![4, 4], &[("location", "w.bin"), ("offset", "4")]).unwrap_err();
+        assert!(err.contains("truncated") && err.contains("4..68"), "{err}");
+        let err = check(vec![4, 4], &[("location", "w.bin"), ("length", "60")]).unwrap_err();
+        assert!(err.contains("declares 60 bytes"), "{err}");
+        let err = check(vec![4, 4], &[("location", "other.bin")]).unwrap_err();
+        assert!(err.contains("'other.bin'") && err.contains("cannot be read"), "{err}");
+        let err = check(vec![4], &[("location", "w.bin"), ("offset", "-1")]).unwrap_err();
+        assert!(err.contains("offset is not a number"), "{err}");
+        assert!(check(vec![4], &[]).unwrap_err().contains("names no file"));
+        for outside in ["/etc/hostname", "../w.bin"] {
+            let err = check(vec![4], &[("location", outside)]).unwrap_err();
+            assert!(err.contains("outside the model's folder"), "{err}");
+        }
+        // Dims whose byte size overflows: refused, never a panic.
+        let huge = vec![i64::MAX, i64::MAX];
+        let err = check(huge, &[("location", "w.bin"), ("length", "64")]).unwrap_err();
+        assert!(err.contains("too large"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -431,6 +431,7 @@ pub fn analyse(proto: &ModelProto, ratio_inputs: &HashMap<String, f32>) -> anyho
         base,
     };
     surgery.eval_proto = surgery.rewrite(None, &[]);
+    no_random_ops(&surgery.eval_proto)?;
     Ok(surgery)
 }
 
@@ -497,6 +498,7 @@ impl Surgery {
         for (ix, logits) in logits_outputs {
             graph.output[*ix].name = logits.clone();
         }
+        no_random_ops(&proto)?;
         Ok(proto)
     }
 
@@ -605,6 +607,22 @@ impl Surgery {
             .retain(|i| !orphaned.contains(i.name.as_str()) || still_used.contains(i.name.as_str()));
         proto
     }
+}
+
+/// The invariant behind serving: no graph handed to tract draws random numbers. `analyse`
+/// refuses every random op outside a recognised pattern and the rewrite removes each
+/// pattern whole, so this never fails; it is checked anyway, as a mistake here would make
+/// answers silently stochastic.
+fn no_random_ops(proto: &ModelProto) -> anyhow::Result<()> {
+    let graph = proto.graph.as_ref().context("the rewritten file holds no graph")?;
+    if let Some(n) = graph.node.iter().find(|n| decomposed::is_random(n)) {
+        bail!(
+            "{} node '{}' survived graph surgery; the model is refused (this is a bug)",
+            n.op_type,
+            node_name(n)
+        );
+    }
+    Ok(())
 }
 
 fn is_default_domain(node: &NodeProto) -> bool {

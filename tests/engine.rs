@@ -5,7 +5,8 @@ mod common;
 use std::collections::HashMap;
 
 use common::*;
-use mcd_serve::engine::model::{Batch, LoadedModel, McOutput, McSamples, ModelConfig, Outcome, to_f64};
+use mcd_serve::engine::model::{Batch, Dim, LoadedModel, McOutput, McSamples, ModelConfig, Outcome, to_f64};
+use mcd_serve::engine::onnx_graph::SiteKind;
 use mcd_serve::engine::repo::load_model;
 use mcd_serve::front::native::json::parse_request;
 use serde_json::{Value, json};
@@ -580,4 +581,218 @@ fn mc_softmax_outputs_are_distributions_in_f64() {
             assert!(row.iter().all(|p| (0.0..=1.0).contains(p)), "{name}: {row:?}");
         }
     }
+}
+
+/// PyTorch's Dropout1d as its exporter writes it (random ops, no Dropout node), followed by
+/// a linear map: y_k = Σ_c m_c·S_ck with one mask value m_c per (row, channel). Mean and
+/// variance against their closed forms (5 standard errors, exact fourth moments); every
+/// sample is one of the 2^C channel patterns; and the variance that element-wise masks
+/// would give lies far outside the bound, so the test tells the two apart.
+#[test]
+fn channel_dropout_written_as_random_ops_matches_closed_forms() {
+    let spec = read_json(&fixture("channel_dropout.json"));
+    let model = load(&fixture("channel_dropout.onnx"));
+    assert_eq!(model.sites.len(), 1);
+    let site = &model.sites[0];
+    assert_eq!(site.kind, SiteKind::Channel);
+    assert_eq!(site.node, "mul");
+    assert_eq!(
+        site.mask_shape,
+        Some(vec![Dim::Symbol("batch".into()), Dim::Fixed(4), Dim::Fixed(1)])
+    );
+    assert_eq!(site.keep_probability, Some(0.6));
+    for c in [
+        "eval_deterministic",
+        "eval_row_independent",
+        "mc_matches_eval",
+        "mc_live",
+    ] {
+        assert_eq!(check(&model, c), Outcome::Pass, "{c}");
+    }
+    let q = spec["keep_as_float32"].as_f64().unwrap();
+    let sums: Vec<Vec<Vec<f64>>> = serde_json::from_value(spec["channel_sums"].clone()).unwrap();
+    let element_var: Vec<Vec<f64>> = serde_json::from_value(spec["elementwise_var"].clone()).unwrap();
+    let b = batch(&model, spec["x"].clone());
+    let want_eval: Vec<Vec<f64>> = serde_json::from_value(spec["expected_mean"].clone()).unwrap();
+    for (g, w) in eval(&model, &b)[0].iter().zip(want_eval.iter().flatten()) {
+        assert!((g - w).abs() < 1e-5, "eval {g} vs {w}");
+    }
+
+    let s = 20_000usize;
+    let out = &mc(&model, &b, s, 42, true)[0];
+    let (rows, classes) = (sums.len(), 2);
+    let mut told_apart = 0;
+    for (r, row) in sums.iter().enumerate() {
+        for k in 0..classes {
+            let a: Vec<f64> = row.iter().map(|c| c[k]).collect();
+            let mean: f64 = a.iter().sum();
+            let var: f64 = a.iter().map(|a| a * a * (1.0 - q) / q).sum();
+            // Each term a_c(m_c - 1), m_c in {0, 1/q}: its 4th cumulant, summed.
+            let kappa4: f64 = a
+                .iter()
+                .map(|a| {
+                    let m4 = (1.0 - q) * a.powi(4) + q * (a * (1.0 - q) / q).powi(4);
+                    m4 - 3.0 * (a * a * (1.0 - q) / q).powi(2)
+                })
+                .sum();
+            let mu4 = kappa4 + 3.0 * var * var;
+            let (se_mean, se_var) = ((var / s as f64).sqrt(), ((mu4 - var * var) / s as f64).sqrt());
+            let (got_mean, got_var) = (out.stats.mean[r * classes + k], out.stats.variance[r * classes + k]);
+            assert!(
+                (got_mean - mean).abs() <= 5.0 * se_mean,
+                "row {r} out {k}: mean {got_mean} vs {mean}"
+            );
+            assert!(
+                (got_var - var).abs() <= 5.0 * se_var,
+                "row {r} out {k}: var {got_var} vs {var}"
+            );
+            let fixture_var: f64 = spec["expected_var"][r][k].as_f64().unwrap();
+            assert!((fixture_var - var).abs() < 1e-9 * var.max(1.0));
+            println!(
+                "row {r} out {k}: var {got_var:.4} (closed form {var:.4}, se {se_var:.4}); element-wise masks: {:.4}",
+                element_var[r][k]
+            );
+            if (element_var[r][k] - var).abs() > 10.0 * se_var {
+                told_apart += 1;
+            }
+        }
+    }
+    assert!(
+        told_apart >= 3,
+        "element-wise masks would pass the bounds on most outputs"
+    );
+    // Every sample of every row is Σ_c m_c·S_c for one of the 2^C channel masks.
+    let samples = out.stats.samples.as_ref().unwrap();
+    for (i, y) in samples.chunks(classes).enumerate() {
+        let row = &sums[i % rows];
+        let closest = (0..1u32 << row.len())
+            .map(|mask| {
+                (0..classes)
+                    .map(|k| {
+                        let want: f64 = (0..row.len())
+                            .filter(|c| mask & (1 << c) != 0)
+                            .map(|c| row[c][k] / q)
+                            .sum();
+                        (want - y[k]).abs()
+                    })
+                    .fold(0.0, f64::max)
+            })
+            .fold(f64::INFINITY, f64::min);
+        assert!(closest < 1e-4, "sample row {i}: {y:?} is no channel-dropout sample");
+    }
+}
+
+/// PyTorch's AlphaDropout(0.2) as its exporter writes it: a kept unit becomes a·x + α·a·p,
+/// a dropped one -α·a·(1-p). Eval is the identity (as PyTorch's); per element, mean
+/// a(1-p)·x and variance p(1-p)·a²(x+α)² (5 standard errors, exact fourth moments of the
+/// two-point law); and on a row with mean 0 and mean square 1 (the SELU fixed point) each
+/// sample keeps mean 0 and mean square 1 in expectation: what alpha dropout exists for.
+#[test]
+fn alpha_dropout_written_as_random_ops_keeps_mean_and_variance() {
+    let spec = read_json(&fixture("alpha_dropout.json"));
+    let model = load(&fixture("alpha_dropout.onnx"));
+    assert_eq!(model.sites.len(), 1);
+    let site = &model.sites[0];
+    assert_eq!(site.kind, SiteKind::Alpha);
+    assert_eq!(site.keep_probability, Some(0.8));
+    let (p, alpha, a) = ["p", "saturation", "a"].map(|k| spec[k].as_f64().unwrap()).into();
+    let correction = site.alpha_correction.as_ref().unwrap();
+    assert!((correction.saturation - alpha).abs() < 1e-6 * alpha, "{correction:?}");
+    assert!((correction.scale - a).abs() < 1e-6 * a, "{correction:?}");
+    for c in [
+        "eval_deterministic",
+        "eval_row_independent",
+        "mc_matches_eval",
+        "mc_live",
+    ] {
+        assert_eq!(check(&model, c), Outcome::Pass, "{c}");
+    }
+    let q = 1.0 - p;
+    let xs: Vec<Vec<f64>> = serde_json::from_value(spec["x"].clone()).unwrap();
+    let b = batch(&model, spec["x"].clone());
+    assert_eq!(eval(&model, &b)[0], xs.concat(), "eval is the identity");
+
+    let s = 20_000usize;
+    let out = &mc(&model, &b, s, 7, true)[0];
+    let d = xs[0].len();
+    let dropped = -alpha * a * q;
+    for (i, &x) in xs.concat().iter().enumerate() {
+        let (mean, var) = (a * q * x, p * q * (a * (x + alpha)).powi(2));
+        let mu4 = p * q * (p.powi(3) + q.powi(3)) * (a * (x + alpha)).powi(4);
+        let (se_mean, se_var) = ((var / s as f64).sqrt(), ((mu4 - var * var) / s as f64).sqrt());
+        let (got_mean, got_var) = (out.stats.mean[i], out.stats.variance[i]);
+        assert!(
+            (got_mean - mean).abs() <= 5.0 * se_mean,
+            "element {i}: mean {got_mean} vs {mean}"
+        );
+        assert!(
+            (got_var - var).abs() <= 5.0 * se_var,
+            "element {i}: var {got_var} vs {var}"
+        );
+    }
+    // Row 0 (x = ±1): each sample's mean and mean square over the row.
+    let samples = out.stats.samples.as_ref().unwrap();
+    let kept: Vec<f64> = xs[0].iter().map(|x| a * x + alpha * a * p).collect();
+    let (mut means, mut squares) = (vec![], vec![]);
+    for sample in samples.chunks(2 * d) {
+        let row = &sample[..d];
+        for (y, k) in row.iter().zip(&kept) {
+            assert!(
+                (y - k).abs() < 1e-5 || (y - dropped).abs() < 1e-5,
+                "{y} is neither kept ({k}) nor dropped ({dropped})"
+            );
+        }
+        means.push(row.iter().sum::<f64>() / d as f64);
+        squares.push(row.iter().map(|y| y * y).sum::<f64>() / d as f64);
+    }
+    // The exact variances of a sample's row mean and row mean square (independent units).
+    let var_mean: f64 = xs[0].iter().map(|x| p * q * (a * (x + alpha)).powi(2)).sum::<f64>() / (d * d) as f64;
+    let var_square: f64 = kept
+        .iter()
+        .map(|k| p * q * (k * k - dropped * dropped).powi(2))
+        .sum::<f64>()
+        / (d * d) as f64;
+    let avg = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (m, v) = (avg(&means), avg(&squares));
+    assert!(
+        m.abs() <= 5.0 * (var_mean / s as f64).sqrt(),
+        "row mean {m}, expected 0"
+    );
+    assert!(
+        (v - 1.0).abs() <= 5.0 * (var_square / s as f64).sqrt(),
+        "row mean square {v}, expected 1"
+    );
+}
+
+/// y = x + 0.1·RandomNormalLike(x) is no dropout. tract alone builds and runs it, and its
+/// answers change from run to run; the server's graph surgery refuses it, naming the node,
+/// so it is served in neither mode, while the rest of its folder serves.
+#[test]
+fn an_unrecognised_random_op_is_refused_at_load_and_never_served() {
+    use tract_onnx::prelude::*;
+    let path = fixture("random_normal_like.onnx");
+    let plain = tract_onnx::onnx()
+        .model_for_path(&path)
+        .and_then(|m| m.into_optimized())
+        .and_then(|m| m.into_runnable())
+        .expect("tract 0.23.9 builds this RandomNormalLike (it picks the op by the node's name)");
+    let x = Tensor::from_shape(&[2, 4], &[1f32; 8]).unwrap();
+    let run = || to_f64(&plain.run(tvec![x.clone().into()]).unwrap()[0]).unwrap();
+    assert_ne!(run(), run(), "tract runs the random op");
+    let proto = tract_onnx::onnx().proto_model_for_path(&path).unwrap();
+    match mcd_serve::engine::onnx_graph::analyse(&proto, &HashMap::new()) {
+        Ok(_) => panic!("graph surgery accepted a random op"),
+        Err(e) => assert!(
+            format!("{e:#}").contains("RandomNormalLike node 'noise_RandomNormalLike'"),
+            "{e:#}"
+        ),
+    }
+    let err = load_model("noise", &path).err().expect("refused at load");
+    assert!(err.contains("RandomNormalLike node 'noise_RandomNormalLike'"), "{err}");
+    let dir = model_folder(&[path, fixture("linear_dropout.onnx")]);
+    let repo = mcd_serve::engine::repo::load_dir(dir.path(), None).unwrap();
+    assert!(!repo.models.contains_key("random_normal_like"));
+    assert!(repo.models.contains_key("linear_dropout"));
+    assert_eq!(repo.failures.len(), 1);
+    assert!(repo.failures[0].reason.contains("noise_RandomNormalLike"));
 }

@@ -7,8 +7,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use common::*;
-use mcd_serve::engine::model::{LoadedModel, McSamples, ModelConfig, to_f64};
-use mcd_serve::engine::repo::load_model;
+use mcd_serve::engine::model::{Dim, LoadedModel, McSamples, ModelConfig, Outcome, to_f64};
+use mcd_serve::engine::onnx_graph::SiteKind;
+use mcd_serve::engine::repo::{load_dir, load_model};
 use tract_onnx::prelude::*;
 
 fn read_pb(path: &Path) -> Tensor {
@@ -56,14 +57,14 @@ fn expectations() -> HashMap<&'static str, Result<Option<&'static str>, &'static
         ("ort-testdata/bias_dropout_residual_fusion1.onnx", Ok(None)),
         ("ort-testdata/dropout_ratio.onnx", Ok(Some("graph input 'X2'"))),
         ("ort-testdata/self_attention_megatron_basic_test.onnx", Ok(None)),
-        // PyTorch's own exports. nn.Dropout, from either exporter, serves as it is.
+        // PyTorch's own exports. nn.Dropout, from either exporter, serves as it is; spatial
+        // and alpha dropout come as random ops (RandomUniformLike -> Less -> Cast ...),
+        // recognised as dropout sites (see torch_exports_match_pytorch below).
         ("torch/mlp_bn_legacy_training.onnx", Ok(None)),
         ("torch/mlp_dynamo.onnx", Ok(None)),
-        // Spatial and alpha dropout come as decomposed random ops (RandomUniformLike ->
-        // Less -> Cast ...), which tract cannot build: refused at load, never served.
-        ("torch/cnn_dropout2d_dynamo.onnx", Err("RandomUniformLike")),
-        ("torch/conv1d_dropout1d_dynamo.onnx", Err("RandomUniformLike")),
-        ("torch/selu_alphadropout_dynamo.onnx", Err("RandomUniformLike")),
+        ("torch/cnn_dropout2d_dynamo.onnx", Ok(None)),
+        ("torch/conv1d_dropout1d_dynamo.onnx", Ok(None)),
+        ("torch/selu_alphadropout_dynamo.onnx", Ok(None)),
     ])
 }
 
@@ -266,4 +267,224 @@ fn training_mode_node_tests_drop_the_right_share_under_mc() {
             "{case}: dropped {dropped} of {n}, ratio {r}"
         );
     }
+}
+
+/// PyTorch's exports, with what their sites must be: kinds, and the first mask's shape.
+const TORCH: [(&str, &[SiteKind]); 5] = [
+    ("mlp_bn_legacy_training", &[SiteKind::Element]),
+    ("mlp_dynamo", &[SiteKind::Element, SiteKind::Element]),
+    ("cnn_dropout2d_dynamo", &[SiteKind::Channel, SiteKind::Element]),
+    ("conv1d_dropout1d_dynamo", &[SiteKind::Channel]),
+    ("selu_alphadropout_dynamo", &[SiteKind::Alpha]),
+];
+
+/// A nested JSON array as a float32 tensor.
+fn json_tensor(v: &serde_json::Value) -> Tensor {
+    let mut shape = vec![];
+    let mut at = v;
+    while let Some(a) = at.as_array() {
+        shape.push(a.len());
+        at = &a[0];
+    }
+    let values: Vec<f32> = f64s(v).iter().map(|&x| x as f32).collect();
+    Tensor::from_shape(&shape, &values).unwrap()
+}
+
+/// erfc, Numerical Recipes' `erfcc` (relative error below 1.2e-7).
+fn erfc(x: f64) -> f64 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = [
+        -1.265_512_23,
+        1.000_023_68,
+        0.374_091_96,
+        0.096_784_18,
+        -0.186_288_06,
+        0.278_868_07,
+        -1.135_203_98,
+        1.488_515_87,
+        -0.822_152_23,
+        0.170_872_77,
+    ]
+    .iter()
+    .rev()
+    .fold(0.0, |acc, c| acc * t + c);
+    let r = t * (-z * z + poly).exp();
+    if x >= 0.0 { r } else { 2.0 - r }
+}
+
+/// z such that P(|Z| > z) = alpha for a standard normal Z (bisection).
+fn two_sided_z(alpha: f64) -> f64 {
+    let (mut lo, mut hi) = (0.0f64, 40.0f64);
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if erfc(mid / std::f64::consts::SQRT_2) > alpha {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    0.5 * (lo + hi)
+}
+
+/// Every file in torch/ against PyTorch's own answers (`<name>.json`):
+/// - eval equals PyTorch's eval to float32 rounding;
+/// - MC with 1000 samples: each output's mean within 5 standard errors of PyTorch's 4000-sample
+///   mean, the error combining both counts (Welch: sqrt(s1²/n1 + s2²/n2));
+/// - each output's variance ratio s1²/s2² within its sampling bounds. For normal outputs the
+///   ratio is F(n1-1, n2-1), and ln F is close to normal with variance 2/(n1-1) + 2/(n2-1).
+///   Dropout outputs are not normal (two-point laws, mixtures), so the general large-sample
+///   form is used: Var(ln s²) = (κ - (n-3)/(n-1))/n with κ = μ4/σ⁴ the kurtosis (3 gives the
+///   F case back), κ estimated from our samples. Many outputs are tested at once, so the
+///   quantile is Bonferroni-corrected: a false failure anywhere in this test has probability
+///   at most 1e-4.
+///
+/// Channel dropout must give PyTorch's variance: element-wise masks on Dropout2d fail this.
+#[test]
+fn torch_exports_match_pytorch_in_eval_and_mc() {
+    let Some(dir) = shared_models() else { return };
+    let n1 = 1000usize;
+    let specs: Vec<serde_json::Value> = TORCH
+        .iter()
+        .map(|(name, _)| read_json(&dir.join(format!("torch/{name}.json"))))
+        .collect();
+    let elements: usize = specs.iter().map(|s| f64s(&s["mc_mean"]).len()).sum();
+    let z_var = two_sided_z(1e-4 / elements as f64);
+    // Every file is measured before failing, so that a failure shows the whole picture.
+    let mut problems = vec![];
+    for ((name, kinds), spec) in TORCH.iter().zip(&specs) {
+        let m = load_model(name, &dir.join(format!("torch/{name}.onnx"))).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(
+            m.sites.iter().map(|s| s.kind).collect::<Vec<_>>(),
+            *kinds,
+            "{name}: {:?}",
+            m.sites
+        );
+        for c in &m.checks {
+            assert_eq!(c.result, Outcome::Pass, "{name}: {} {}", c.check, c.detail);
+        }
+        let n2 = spec["mc_samples"].as_u64().unwrap() as f64;
+        let b = m.batch(vec![json_tensor(&spec["input"])]).unwrap();
+
+        let got = to_f64(&m.eval_session().run(&b).unwrap()[0].tensor).unwrap();
+        let want = f64s(&spec["eval"]);
+        assert_eq!(got.len(), want.len());
+        let mut eval_err = 0.0f64;
+        for (g, w) in got.iter().zip(&want) {
+            eval_err = eval_err.max((g - w).abs());
+            // Float32 rounding, summed over a few hundred terms: far below 1e-5 here.
+            assert!(
+                (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                "{name}: eval {g} vs PyTorch {w}"
+            );
+        }
+
+        let out = &m
+            .mc_session()
+            .unwrap()
+            .run(&b, McSamples::new(n1, n1).unwrap(), 20_261_127, true)
+            .unwrap()[0];
+        let samples = out.stats.samples.as_ref().unwrap();
+        let per_sample = samples.len() / n1;
+        let (means, vars) = (f64s(&spec["mc_mean"]), f64s(&spec["mc_variance"]));
+        assert_eq!(per_sample, means.len());
+        let (mut max_z, mut ratios, mut bounds) = (0.0f64, vec![], vec![]);
+        for j in 0..per_sample {
+            let (m1, v1, m2, v2) = (out.stats.mean[j], out.stats.variance[j], means[j], vars[j]);
+            let z = (m1 - m2) / (v1 / n1 as f64 + v2 / n2).sqrt();
+            max_z = max_z.max(z.abs());
+            if z.abs() > 5.0 {
+                problems.push(format!("{name} output {j}: mean {m1} vs PyTorch {m2}, z = {z:.2}"));
+            }
+            let mu4 = samples
+                .iter()
+                .skip(j)
+                .step_by(per_sample)
+                .map(|y| (y - m1).powi(4))
+                .sum::<f64>()
+                / n1 as f64;
+            let kurtosis = mu4 / (v1 * v1);
+            let term = |n: f64| (kurtosis - (n - 3.0) / (n - 1.0)) / n;
+            let bound = z_var * (term(n1 as f64) + term(n2)).sqrt();
+            let ratio = v1 / v2;
+            if ratio.ln().abs() > bound {
+                problems.push(format!(
+                    "{name} output {j}: variance {v1} vs PyTorch {v2}: ratio {ratio:.3} outside [{:.3}, {:.3}] \
+                     (kurtosis {kurtosis:.2})",
+                    (-bound).exp(),
+                    bound.exp()
+                ));
+            }
+            ratios.push(ratio);
+            bounds.push(bound);
+        }
+        let fold = |v: &[f64], f: fn(f64, f64) -> f64, init: f64| v.iter().copied().fold(init, f);
+        println!(
+            "{name}: eval max |error| {eval_err:.2e}; MC mean max |z| {max_z:.2}; variance ratio {:.3}..{:.3} \
+             (bounds from e^-{:.3}..e^{:.3} per output, z {z_var:.2})",
+            fold(&ratios, f64::min, f64::INFINITY),
+            fold(&ratios, f64::max, 0.0),
+            fold(&bounds, f64::min, f64::INFINITY),
+            fold(&bounds, f64::max, 0.0),
+        );
+        if *name == "cnn_dropout2d_dynamo" {
+            // The Dropout2d sits after the first convolution: the trunk is Conv and Relu.
+            let trunk = m.checks.iter().find(|c| c.check == "mc_shared_trunk").unwrap();
+            assert!(trunk.detail.starts_with("2 trunk nodes"), "{}", trunk.detail);
+            assert_eq!(
+                m.sites[0].mask_shape,
+                Some(vec![
+                    Dim::Symbol("batch".into()),
+                    Dim::Fixed(6),
+                    Dim::Fixed(1),
+                    Dim::Fixed(1)
+                ])
+            );
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// cnn_dropout2d_dynamo keeps its weights in `cnn_dropout2d_dynamo.onnx.data`. From a model
+/// folder it loads, and a reload (what SIGHUP runs) reads it afresh; without the file, or
+/// with a truncated one, the model fails to load with a reason that names the file, and a
+/// reload keeps the last good version serving.
+#[test]
+fn external_weights_load_from_the_model_folder_and_fail_clearly_when_missing_or_truncated() {
+    let Some(dir) = shared_models() else { return };
+    let name = "cnn_dropout2d_dynamo";
+    let folder = tempdir::TempDir::new();
+    let (onnx, data) = (format!("{name}.onnx"), format!("{name}.onnx.data"));
+    std::fs::copy(dir.join("torch").join(&onnx), folder.path().join(&onnx)).unwrap();
+    let data_path = folder.path().join(&data);
+    std::fs::copy(dir.join("torch").join(&data), &data_path).unwrap();
+    let spec = read_json(&dir.join(format!("torch/{name}.json")));
+    let eval_of = |m: &LoadedModel| {
+        let b = m.batch(vec![json_tensor(&spec["input"])]).unwrap();
+        to_f64(&m.eval_session().run(&b).unwrap()[0].tensor).unwrap()
+    };
+
+    let first = load_dir(folder.path(), None).unwrap();
+    assert!(first.failures.is_empty(), "{:?}", first.failures);
+    for (g, w) in eval_of(&first.models[name]).iter().zip(f64s(&spec["eval"])) {
+        assert!((g - w).abs() <= 1e-5, "{g} vs {w}");
+    }
+    let second = load_dir(folder.path(), Some(&first)).unwrap();
+    assert!(second.failures.is_empty(), "{:?}", second.failures);
+    assert!(!std::sync::Arc::ptr_eq(&first.models[name], &second.models[name]));
+
+    std::fs::remove_file(&data_path).unwrap();
+    let missing = load_dir(folder.path(), Some(&second)).unwrap();
+    let reason = &missing.failures[0].reason;
+    assert!(reason.contains(&data) && reason.contains("cannot be read"), "{reason}");
+    assert!(missing.failures[0].kept_previous);
+    assert!(load_dir(folder.path(), None).unwrap().models.is_empty());
+
+    let bytes = std::fs::read(dir.join("torch").join(&data)).unwrap();
+    std::fs::write(&data_path, &bytes[..bytes.len() / 2]).unwrap();
+    let truncated = load_dir(folder.path(), None).unwrap();
+    assert!(truncated.models.is_empty());
+    let reason = &truncated.failures[0].reason;
+    assert!(reason.contains(&data) && reason.contains("truncated"), "{reason}");
+    println!("missing: {}\ntruncated: {reason}", missing.failures[0].reason);
 }

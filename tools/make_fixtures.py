@@ -457,6 +457,137 @@ def two_inputs():
     assert_varies("two_inputs.onnx", feeds)
 
 
+# --------------------------------------------------------------------------
+# dropout written as random ops, as PyTorch's default (dynamo) exporter writes it
+# --------------------------------------------------------------------------
+
+CHANNEL_KEEP = 0.6
+CHANNEL_X = np.array([[[1.0, 2.0, -1.0], [0.5, 0.5, 0.5], [-2.0, 1.0, 3.0], [0.25, -0.75, 1.5]],
+                      [[0.0, -1.0, 2.0], [1.0, 1.0, -1.0], [0.5, -0.5, 0.25], [2.0, 0.0, -2.0]]], dtype=F32)
+CHANNEL_W = np.array([[0.5, -1.0], [1.0, 0.25], [-0.5, 0.75],
+                      [1.5, -0.5], [0.25, 1.0], [-1.0, 0.5],
+                      [0.75, 0.25], [-0.25, -1.5], [1.0, 1.0],
+                      [0.5, 2.0], [-1.5, 0.5], [0.25, -0.25]], dtype=F32)
+
+
+def channel_dropout():
+    """PyTorch's Dropout1d as its default exporter writes it (compare torch/conv1d_dropout1d_dynamo
+    in ../shared/real-models): Shape/Concat/ConstantOfShape give the mask shape [batch, C, 1], then
+    RandomUniformLike -> Less(keep) -> Cast -> Div(keep) -> Mul(x, .), here followed by a linear map,
+    so that every output is y_k = sum_c m_c S_ck with one mask value m_c per (row, channel)."""
+    C, L = CHANNEL_X.shape[1:]
+    nodes = [helper.make_node("Shape", ["x"], ["batch_dim"], name="shape_x", start=0, end=1),
+             helper.make_node("Concat", ["batch_dim", "channels", "one"], ["mask_shape"], name="concat_shape",
+                              axis=0),
+             helper.make_node("ConstantOfShape", ["mask_shape"], ["mask_like"], name="constant_of_shape"),
+             helper.make_node("RandomUniformLike", ["mask_like"], ["rands"], name="draw", low=0.0, high=1.0),
+             helper.make_node("Less", ["rands", "keep"], ["sampled"], name="less"),
+             helper.make_node("Cast", ["sampled"], ["bernoulli"], name="cast", to=FLOAT),
+             helper.make_node("Div", ["bernoulli", "keep"], ["noise"], name="div"),
+             helper.make_node("Mul", ["x", "noise"], ["dropped"], name="mul"),
+             helper.make_node("Reshape", ["dropped", "flat_shape"], ["flat"], name="flatten"),
+             helper.make_node("MatMul", ["flat", "W"], ["y"], name="matmul")]
+    inits = [init("keep", np.array(CHANNEL_KEEP, dtype=F32)), init("channels", np.array([C], dtype=np.int64)),
+             init("one", np.array([1], dtype=np.int64)), init("flat_shape", np.array([-1, C * L], dtype=np.int64)),
+             init("W", CHANNEL_W)]
+    model = make_model(nodes, "channel_dropout", [vi("x", FLOAT, ["batch", C, L])], [vi("y", FLOAT, ["batch", 2])],
+                       inits, opset=17, doc="y = flatten(x * m) @ W, m[batch, C, 1] = Bernoulli(0.6)/0.6 per "
+                                            "(row, channel), written as PyTorch's exporter writes Dropout1d")
+    save(model, "channel_dropout.onnx")
+
+    q = float(F32(CHANNEL_KEEP))
+    x64, W64 = CHANNEL_X.astype(np.float64), CHANNEL_W.astype(np.float64)
+    S = np.einsum("bcl,clk->bck", x64, W64.reshape(C, L, 2))  # per-channel partial sums S[b, c, k]
+    mean = S.sum(axis=1)
+    var = (1 - q) / q * (S ** 2).sum(axis=1)
+    var_elementwise = (1 - q) / q * np.einsum("bcl,clk->bk", x64 ** 2, W64.reshape(C, L, 2) ** 2)
+    write_json("channel_dropout.json", {
+        "model": "channel_dropout.onnx", "input_name": "x", "output_name": "y",
+        "keep": CHANNEL_KEEP, "keep_as_float32": q, "W": f32list(CHANNEL_W), "x": f32list(CHANNEL_X),
+        "channel_sums": S.tolist(), "expected_mean": mean.tolist(), "expected_var": var.tolist(),
+        "elementwise_var": var_elementwise.tolist(),
+        "formula": "y_k = sum_c m_c S_ck with S_ck = sum_l x_cl W_(cL+l)k and m_c in {0, 1/q} iid, P(1/q) = q; "
+                   "mean_k = sum_c S_ck; var_k = (1-q)/q * sum_c S_ck^2. elementwise_var is what one draw per "
+                   "element would give: (1-q)/q * sum_cl x_cl^2 W_(cL+l)k^2 (float64)",
+    })
+    # onnxruntime runs the random ops: its samples must be channel-dropout samples.
+    sess = ort_session(os.path.join(FIXTURES_DIR, "channel_dropout.onnx"))
+    masks = np.array(np.meshgrid(*[[0.0, 1 / q]] * C)).reshape(C, -1).T  # every mask of one row
+    outs = [sess.run(None, {"x": CHANNEL_X})[0] for _ in range(200)]
+    for y in outs:
+        for b in range(CHANNEL_X.shape[0]):
+            assert np.min(np.abs(masks @ S[b] - y[b]).max(axis=1)) < 1e-5, "not a channel-dropout sample"
+    assert any(not np.array_equal(outs[0], o) for o in outs[1:])
+
+
+ALPHA_P = 0.2
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
+
+
+def alpha_dropout():
+    """PyTorch's AlphaDropout(0.2) as its default exporter writes it (compare
+    torch/selu_alphadropout_dynamo): a keep indicator k = Cast(Less(RandomUniformLike, 1-p)), then
+    y = x * (k*a) + ((k-1)*alpha*a + alpha*a*p), with alpha = SELU's -(negative saturation) and
+    a = ((1-p)(1 + p alpha^2))^-1/2, the constants computed in float64 and stored in float32 as
+    PyTorch does. The activation is the graph input, so y's closed forms are exact."""
+    p = ALPHA_P
+    alpha = SELU_ALPHA * SELU_SCALE
+    a = ((1 - p) * (1 + p * alpha ** 2)) ** -0.5
+    D = 64
+    nodes = [helper.make_node("Shape", ["x"], ["x_shape"], name="shape_x", start=0),
+             helper.make_node("Expand", ["zero", "x_shape"], ["empty_like"], name="empty_like"),
+             helper.make_node("RandomUniformLike", ["empty_like"], ["rands"], name="draw", low=0.0, high=1.0),
+             helper.make_node("Less", ["rands", "keep"], ["sampled"], name="less"),
+             helper.make_node("Cast", ["sampled"], ["bernoulli"], name="cast", to=FLOAT),
+             helper.make_node("Add", ["bernoulli", "minus_one"], ["k_minus_one"], name="add_minus_one"),
+             helper.make_node("Mul", ["k_minus_one", "alpha_a"], ["b_part"], name="mul_alpha_a"),
+             helper.make_node("Add", ["b_part", "alpha_a_p"], ["b"], name="add_alpha_a_p"),
+             helper.make_node("Mul", ["bernoulli", "a"], ["k_a"], name="mul_a"),
+             helper.make_node("Mul", ["x", "k_a"], ["x_scaled"], name="mul_x"),
+             helper.make_node("Add", ["x_scaled", "b"], ["y"], name="add_b")]
+    inits = [init("zero", np.array(0.0, dtype=F32)), init("keep", np.array(1 - p, dtype=F32)),
+             init("minus_one", np.array(-1.0, dtype=F32)), init("alpha_a", np.array(alpha * a, dtype=F32)),
+             init("alpha_a_p", np.array(alpha * a * p, dtype=F32)), init("a", np.array(a, dtype=F32))]
+    model = make_model(nodes, "alpha_dropout", [vi("x", FLOAT, ["batch", D])], [vi("y", FLOAT, ["batch", D])],
+                       inits, opset=17, doc="AlphaDropout(0.2) written as PyTorch's exporter writes it")
+    save(model, "alpha_dropout.onnx")
+
+    # Row 0: +-1, so mean 0 and mean square 1 exactly (the SELU fixed point the correction keeps);
+    # row 1: a ramp, for the per-element closed forms away from that point.
+    x = np.stack([np.where(np.arange(D) % 2 == 0, 1.0, -1.0), np.linspace(-3, 2, D)]).astype(F32)
+    write_json("alpha_dropout.json", {
+        "model": "alpha_dropout.onnx", "input_name": "x", "output_name": "y", "p": p,
+        "saturation": alpha, "a": a, "x": f32list(x),
+        "formula": "kept (probability 1-p): a*x + alpha*a*p; dropped: -alpha*a*(1-p). Per element: "
+                   "mean = a(1-p)x, var = p(1-p) a^2 (x + alpha)^2. For a row with mean 0 and mean square 1, "
+                   "each sample's row mean has expectation 0 and its mean square expectation 1.",
+    })
+    sess = ort_session(os.path.join(FIXTURES_DIR, "alpha_dropout.onnx"))
+    ys = np.array([sess.run(None, {"x": x})[0] for _ in range(2000)], dtype=np.float64)
+    kept, dropped = a * x + alpha * a * p, -alpha * a * (1 - p)
+    assert np.all(np.minimum(np.abs(ys - kept), np.abs(ys - dropped)) < 1e-5), "not an alpha-dropout sample"
+    # Mean square of row 0 over 2000 x 64 draws: 1 within a few standard errors.
+    assert abs(np.mean(ys[:, 0] ** 2) - 1) < 0.05 and abs(np.mean(ys[:, 0])) < 0.05
+
+
+def random_normal_like():
+    """y = x + 0.1 * RandomNormalLike(x): a random op that is no dropout. The node's name ends in
+    "Like" on purpose: tract 0.23.9 picks its Random/RandomLike op by the node's *name*, so it
+    builds and runs this one; the server must refuse it by itself."""
+    nodes = [helper.make_node("RandomNormalLike", ["x"], ["noise"], name="noise_RandomNormalLike",
+                              mean=0.0, scale=1.0),
+             helper.make_node("Mul", ["noise", "noise_scale"], ["scaled_noise"], name="scale_noise"),
+             helper.make_node("Add", ["x", "scaled_noise"], ["y"], name="add_noise")]
+    model = make_model(nodes, "random_normal_like", [vi("x", FLOAT, ["batch", 4])], [vi("y", FLOAT, ["batch", 4])],
+                       [init("noise_scale", np.array(0.1, dtype=F32))],
+                       doc="y = x + 0.1 * RandomNormalLike(x): an unrecognised random op")
+    save(model, "random_normal_like.onnx")
+    sess = ort_session(os.path.join(FIXTURES_DIR, "random_normal_like.onnx"))
+    x = np.ones((2, 4), dtype=F32)
+    assert not np.array_equal(sess.run(None, {"x": x})[0], sess.run(None, {"x": x})[0])
+
+
 def main():
     os.makedirs(FIXTURES_DIR, exist_ok=True)
     reference_outputs()
@@ -472,6 +603,9 @@ def main():
     dropconnect()
     int_input()
     two_inputs()
+    channel_dropout()
+    alpha_dropout()
+    random_normal_like()
     # ORT can load/run every fixture file (those not run by record_eval: just this one).
     extra = ort_session(os.path.join(FIXTURES_DIR, "bn_training_extra_output_used.onnx"))
     assert [o.name for o in extra.get_outputs()] == ["y", "bn_running_mean_out"]

@@ -4,6 +4,10 @@
 //! so the expected activation equals the eval activation. Masks are drawn as a buffer of
 //! random `u32`s compared against a threshold: cheaper than one Bernoulli draw per element,
 //! and exact to 2^-32 in the drop probability.
+//!
+//! A mask may have any shape (a channel mask is [rows, C, 1, 1]), and one set of keep/drop
+//! draws may fill several tensors with different values: alpha dropout multiplies by one
+//! and adds the other.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -15,11 +19,25 @@ pub struct MaskSampler {
 }
 
 /// One mask to draw in a pass. Its leading axis is samples × rows, sample-major, so sample
-/// `s` of a `k`-sample pass owns the `s`-th of `k` equal blocks.
+/// `s` of a `k`-sample pass owns the `s`-th of `k` equal blocks. The draws fill one tensor
+/// per `(kept, dropped)` pair of `values`.
 pub struct MaskSpec<'a> {
     pub ratio: f32,
     pub shape: &'a [usize],
     pub datum: DatumType,
+    pub values: Vec<(f64, f64)>,
+}
+
+impl MaskSpec<'_> {
+    /// Inverted dropout: kept units scaled by 1/(1-ratio), dropped ones 0.
+    pub fn inverted(ratio: f32, shape: &[usize], datum: DatumType) -> MaskSpec<'_> {
+        MaskSpec {
+            ratio,
+            shape,
+            datum,
+            values: vec![(1.0 / (1.0 - ratio as f64), 0.0)],
+        }
+    }
 }
 
 impl MaskSampler {
@@ -32,11 +50,13 @@ impl MaskSampler {
     /// A single mask of `shape` for dropout ratio `ratio`, in the data type of the tensor
     /// it scales: sample 0 of a one-sample pass.
     pub fn sample(&mut self, ratio: f32, shape: &[usize], datum: DatumType) -> TractResult<Tensor> {
-        let spec = MaskSpec { ratio, shape, datum };
-        Ok(self.sample_pass(0, 1, &[spec])?.remove(0))
+        Ok(self
+            .sample_pass(0, 1, &[MaskSpec::inverted(ratio, shape, datum)])?
+            .remove(0))
     }
 
-    /// The masks of samples `first .. first + k`, run as one pass.
+    /// The masks of samples `first .. first + k`, run as one pass: for each spec, one tensor
+    /// per pair of values, in order.
     ///
     /// Sample `s` reads words `s·W .. (s+1)·W` of the seed's ChaCha8 stream, where `W` is
     /// one sample's mask elements (site after site). So what sample `s` sees depends only on
@@ -60,23 +80,22 @@ impl MaskSampler {
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
         rng.set_word_pos(first as u128 * w as u128);
         rng.fill(&mut self.buf[..]);
-        masks
-            .iter()
-            .zip(&blocks)
-            .map(|(m, &(block, offset))| {
-                let words: Vec<&[u32]> = (0..k)
-                    .map(|s| &self.buf[s * w + offset..s * w + offset + block])
-                    .collect();
-                let threshold = drop_threshold(m.ratio);
-                let scale = 1.0 / (1.0 - m.ratio as f64);
-                match m.datum {
-                    DatumType::F32 => fill(m.shape, &words, threshold, scale as f32, 0.0f32),
-                    DatumType::F64 => fill(m.shape, &words, threshold, scale, 0.0f64),
-                    DatumType::F16 => fill(m.shape, &words, threshold, f16::from_f64(scale), f16::from_f32(0.0)),
+        let mut out = vec![];
+        for (m, &(block, offset)) in masks.iter().zip(&blocks) {
+            let words: Vec<&[u32]> = (0..k)
+                .map(|s| &self.buf[s * w + offset..s * w + offset + block])
+                .collect();
+            let threshold = drop_threshold(m.ratio);
+            for &(kept, dropped) in &m.values {
+                out.push(match m.datum {
+                    DatumType::F32 => fill(m.shape, &words, threshold, kept as f32, dropped as f32),
+                    DatumType::F64 => fill(m.shape, &words, threshold, kept, dropped),
+                    DatumType::F16 => fill(m.shape, &words, threshold, f16::from_f64(kept), f16::from_f64(dropped)),
                     other => anyhow::bail!("dropout masks for {other:?} are not supported"),
-                }
-            })
-            .collect()
+                }?);
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -150,11 +169,8 @@ mod tests {
     fn a_sample_mask_does_not_depend_on_how_samples_are_split_into_passes() {
         let pass = |first: u64, k: usize| {
             let (a, b) = ([k * 3, 4], [k * 3, 2]);
-            let specs = [(0.3, &a[..]), (0.6, &b[..])].map(|(ratio, shape)| MaskSpec {
-                ratio,
-                shape,
-                datum: DatumType::F32,
-            });
+            let specs =
+                [(0.3, &a[..]), (0.6, &b[..])].map(|(ratio, shape)| MaskSpec::inverted(ratio, shape, DatumType::F32));
             let masks = MaskSampler::new(11).sample_pass(first, k, &specs).unwrap();
             masks.iter().map(as_f32).collect::<Vec<_>>()
         };

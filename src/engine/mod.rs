@@ -5,9 +5,12 @@
 //!   mask multiply, BatchNorm to running statistics).
 //! - [`model`]: eval and MC plans, mode-typed sessions, load-time self-checks.
 //! - [`plans`], [`trunk`]: plans per batch size; the shared deterministic trunk of MC.
+//! - [`decomposed`]: dropout written as random ops (PyTorch's spatial and alpha dropout);
+//!   every other random op is refused.
 //! - [`masks`], [`uncertainty`]: mask sampling and the MC statistics.
 //! - [`repo`]: the models folder, loaded and reloaded.
 
+pub mod decomposed;
 pub mod masks;
 pub mod model;
 pub mod onnx_graph;

@@ -14,7 +14,7 @@ use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
 
 use crate::engine::masks::{MaskSampler, MaskSpec};
-use crate::engine::onnx_graph::{self, DropoutSite, FactAt, MASK_INPUT_PREFIX, MaskInput};
+use crate::engine::onnx_graph::{self, DropoutSite, FactAt, MASK_INPUT_PREFIX, MaskInput, ProbeLookup};
 use crate::engine::plans::{self, Plans};
 use crate::engine::trunk;
 use crate::engine::uncertainty::{Accumulator, OutputStats};
@@ -195,16 +195,21 @@ impl McPlan {
             .iter()
             .map(|m| resolve(&m.shape, &symbols).map_err(|e| anyhow::anyhow!(e)))
             .collect::<TractResult<Vec<_>>>()?;
-        let specs: Vec<MaskSpec> = self
-            .masks
-            .iter()
-            .zip(&shapes)
-            .map(|(m, shape)| MaskSpec {
-                ratio: m.ratio,
-                shape,
-                datum: m.datum,
-            })
-            .collect();
+        // The masks of one site (alpha dropout has two) share their keep/drop draws.
+        let mut specs: Vec<MaskSpec> = vec![];
+        for (ix, (m, shape)) in self.masks.iter().zip(&shapes).enumerate() {
+            match specs.last_mut() {
+                Some(spec) if ix > 0 && self.masks[ix - 1].site == m.site => {
+                    spec.values.push((m.values.kept, m.values.dropped))
+                }
+                _ => specs.push(MaskSpec {
+                    ratio: m.ratio,
+                    shape,
+                    datum: m.datum,
+                    values: vec![(m.values.kept, m.values.dropped)],
+                }),
+            }
+        }
         Ok(sampler
             .sample_pass(first as u64, k, &specs)?
             .into_iter()
@@ -288,8 +293,14 @@ impl LoadedModel {
     pub fn load(name: &str, path: &Path, config: ModelConfig) -> anyhow::Result<LoadedModel> {
         let onnx = tract_onnx::onnx();
         let proto = onnx.proto_model_for_path(path).context("reading the ONNX protobuf")?;
-        let surgery = onnx_graph::analyse(&proto, &config.dropout_ratios)?;
-        let dir = path.parent().and_then(|p| p.to_str());
+        // External weights are read relative to the model's folder ("." for a bare file name).
+        let folder = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        onnx_graph::check_external_data(&proto, folder)?;
+        let mut surgery = onnx_graph::analyse(&proto, &config.dropout_ratios)?;
+        let dir = folder.to_str();
         let eval_typed = typed(&onnx, &surgery.eval_proto, dir).context("building the eval graph")?;
         let inputs = (0..eval_typed.inputs.len())
             .map(|i| {
@@ -332,9 +343,11 @@ impl LoadedModel {
                 })
             })
             .collect();
+        let probed = probe_sites(&onnx, &mut surgery, dir)?;
         let mc = build_mc(
             &onnx,
             &surgery,
+            &probed,
             dir,
             &inputs,
             &server_softmax,
@@ -765,8 +778,9 @@ fn run_with_unit_masks(plan: &McPlan, batch: &Batch) -> TractResult<Vec<NamedTen
     let mut masks = vec![];
     for m in &plan.masks {
         let shape = resolve(&m.shape, &batch.symbols).map_err(|e| anyhow::anyhow!(e))?;
-        let ones = Tensor::from_shape(&shape, &vec![1.0f32; shape.iter().product()])?;
-        masks.push(ones.cast_to_dt(m.datum)?.into_owned().into_tvalue());
+        // Each mask's keep-everything value: 1 for a scale, 0 for alpha dropout's offset.
+        let unit = Tensor::from_shape(&shape, &vec![m.values.unit; shape.iter().product()])?;
+        masks.push(unit.cast_to_dt(m.datum)?.into_owned().into_tvalue());
     }
     let outs = plan
         .run(batch, 1, masks)?
@@ -1017,9 +1031,67 @@ fn softmax_logits(proto: &ModelProto, outputs: &[TensorSpec]) -> Vec<Option<Stri
         .collect()
 }
 
+/// The activation's data type and the mask's shape, per site (in site order).
+type Probed = Vec<(DatumType, Vec<Dim>)>;
+
+/// Types the graph once more, exposing every site's activation and the tensor that shapes
+/// a file's own draw, to learn each mask's shape (and so each site's kind). A failure only
+/// refuses MC, unless the file has dropout written as random ops: their replacement by the
+/// identity is then unproven, and the model is refused.
+fn probe_sites(
+    onnx: &tract_onnx::Onnx,
+    surgery: &mut onnx_graph::Surgery,
+    dir: Option<&str>,
+) -> anyhow::Result<Result<Probed, String>> {
+    let (probe, lookups) = surgery.shape_probe_proto();
+    let fact_shape = |model: &TypedModel, at: FactAt| -> TractResult<(DatumType, Vec<Dim>)> {
+        let fact = match at {
+            FactAt::Input(i) => model.input_fact(i),
+            FactAt::Output(o) => model.output_fact(o),
+        }?;
+        // Symbols print by name only while their model lives: convert them now.
+        Ok((fact.datum_type, spec("", fact)?.shape))
+    };
+    let probed = typed(onnx, &probe, dir).and_then(|model| {
+        lookups
+            .iter()
+            .map(|l: &ProbeLookup| {
+                let (datum, activation) = fact_shape(&model, l.activation)?;
+                let mask = match l.template {
+                    Some(at) => fact_shape(&model, at)?.1,
+                    None => surgery.sites[l.site]
+                        .static_mask_shape()
+                        .unwrap_or_else(|| activation.clone()),
+                };
+                Ok((datum, activation, mask))
+            })
+            .collect::<TractResult<Vec<_>>>()
+    });
+    let probed = match probed {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some(site) = surgery.sites.iter().find(|s| s.pattern.is_some()) {
+                anyhow::bail!(
+                    "typing the graph to size the mask of dropout site '{}' failed: {e:#}",
+                    site.node
+                );
+            }
+            return Ok(Err(format!("typing the dropout inputs failed: {e:#}")));
+        }
+    };
+    let mut out = vec![];
+    for (site, (datum, activation, mask)) in surgery.sites.iter_mut().zip(probed) {
+        site.set_mask_shape(&activation, mask.clone())?;
+        out.push((datum, mask));
+    }
+    Ok(Ok(out))
+}
+
+#[allow(clippy::too_many_arguments)]
 fn build_mc(
     onnx: &tract_onnx::Onnx,
     surgery: &onnx_graph::Surgery,
+    probed: &Result<Probed, String>,
     dir: Option<&str>,
     inputs: &[TensorSpec],
     server_softmax: &[Option<String>],
@@ -1035,8 +1107,7 @@ fn build_mc(
     if !surgery.sites.iter().any(|s| s.samples()) {
         return Err("every Dropout node of the model has ratio 0".into());
     }
-    let (probe, lookups) = surgery.shape_probe_proto();
-    let probe = typed(onnx, &probe, dir).map_err(|e| format!("typing the dropout inputs failed: {e:#}"))?;
+    let probed = probed.as_ref().map_err(Clone::clone)?;
     let input_symbols: Vec<String> = inputs
         .iter()
         .flat_map(|i| i.shape.iter())
@@ -1046,34 +1117,34 @@ fn build_mc(
         })
         .collect();
     let mut masks = vec![];
-    for (k, (site, at)) in lookups.into_iter().enumerate() {
-        let fact = match at {
-            FactAt::Input(i) => probe.input_fact(i),
-            FactAt::Output(o) => probe.output_fact(o),
+    for (site, (datum, shape)) in probed.iter().enumerate() {
+        let s = &surgery.sites[site];
+        if !s.samples() {
+            continue;
         }
-        .map_err(|e| format!("{e}"))?;
-        // Symbols print by name only while their model lives: convert them now.
-        let shape: Vec<Dim> = spec("", fact).map_err(|e| format!("{e}"))?.shape;
-        for d in &shape {
+        for d in shape {
             match d {
                 Dim::Fixed(_) => {}
-                Dim::Symbol(s) if input_symbols.contains(s) => {}
+                Dim::Symbol(sym) if input_symbols.contains(sym) => {}
                 other => {
                     return Err(format!(
-                        "the input of Dropout node '{}' has dimension '{other}', which is not a dimension \
-                         of any model input, so the server cannot size its mask",
-                        surgery.sites[site].node
+                        "the mask of dropout site '{}' has dimension '{other}', which is not a dimension \
+                         of any model input, so the server cannot size it",
+                        s.node
                     ));
                 }
             }
         }
-        masks.push(MaskInput {
-            site,
-            name: format!("{MASK_INPUT_PREFIX}{k}"),
-            ratio: surgery.sites[site].ratio.expect("sampling sites have a ratio"),
-            datum: fact.datum_type,
-            shape,
-        });
+        for values in s.mask_values() {
+            masks.push(MaskInput {
+                site,
+                name: format!("{MASK_INPUT_PREFIX}{}", masks.len()),
+                ratio: s.ratio.expect("sampling sites have a ratio"),
+                values,
+                datum: *datum,
+                shape: shape.clone(),
+            });
+        }
     }
     let logits_outputs: Vec<(usize, String)> = server_softmax
         .iter()

@@ -8,10 +8,16 @@
 //! - the *MC* graph, where each Dropout with a ratio > 0 becomes `Mul(x, mask)` and `mask`
 //!   is a new graph input that the server samples (inverted dropout: 0 or 1/(1-p)).
 //!
+//! Dropout written as random ops (PyTorch's `Dropout1d/2d/3d` and `AlphaDropout`, see
+//! [`crate::engine::decomposed`]) becomes a site too: the identity in eval, and in MC a mask
+//! input shaped like the file's own draw (e.g. [batch, C, 1, 1] for channel dropout), which
+//! the `Mul` broadcasts. Any other random op is refused at load.
+//!
 //! Masks must stay graph inputs: tract folds any stateless node whose value is known, so a
 //! mask stored as an initializer would be constant-folded away.
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 
 use anyhow::{Context, bail};
 use serde::Serialize;
@@ -22,16 +28,49 @@ use tract_onnx::pb::{
 };
 use tract_onnx::prelude::*;
 
+use crate::engine::decomposed::{self, Form, MaskTemplate};
 use crate::engine::model::Dim;
 
 /// Names of the mask inputs added to the MC graph.
 pub const MASK_INPUT_PREFIX: &str = "mcd_dropout_mask_";
 
-/// One Dropout node of the file, as found at load.
+/// How a site drops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SiteKind {
+    /// One draw per element of the activation (`Dropout`, `nn.Dropout`).
+    Element,
+    /// One draw per (row, channel), broadcast over the rest (`Dropout1d/2d/3d`).
+    Channel,
+    /// A draw of some other shape that broadcasts into the activation.
+    Broadcast,
+    /// Alpha dropout: a dropped unit takes SELU's saturation value and an affine map keeps
+    /// the mean and variance (`AlphaDropout`, `FeatureAlphaDropout`).
+    Alpha,
+}
+
+/// Alpha dropout's two branches, as read from the file's constants.
+#[derive(Debug, Clone, Serialize)]
+pub struct AlphaCorrection {
+    /// A kept unit becomes `scale`·x + `kept_offset`...
+    pub scale: f64,
+    pub kept_offset: f64,
+    /// ...and a dropped one `dropped_offset`.
+    pub dropped_offset: f64,
+    /// α: the saturation value -α of SELU that the correction assumes.
+    pub saturation: f64,
+}
+
+/// One dropout site of the file, as found at load: a Dropout node, or a dropout written as
+/// random ops.
 #[derive(Debug, Clone, Serialize)]
 pub struct DropoutSite {
-    /// The node's name (or its first output's name when the node has none).
+    /// The node's name (or its first output's name when the node has none); for a dropout
+    /// written as random ops, the node whose output is the dropped activation.
     pub node: String,
+    pub kind: SiteKind,
+    /// 1 - ratio, when the file fixes it.
+    pub keep_probability: Option<f32>,
     /// The ratio, when the file fixes it.
     pub ratio: Option<f32>,
     /// Where the ratio came from: attribute, constant, initializer, default, graph input.
@@ -40,23 +79,137 @@ pub struct DropoutSite {
     /// MC always drops at sites with ratio > 0.
     pub exported_training_mode: String,
     pub mask_output_used: bool,
+    /// The shape of the mask the server samples (it broadcasts into the activation), once
+    /// typing has told it.
+    pub mask_shape: Option<Vec<Dim>>,
+    /// For a dropout written as random ops: the nodes it was recognised from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alpha_correction: Option<AlphaCorrection>,
     #[serde(skip)]
     pub(crate) input: String,
     #[serde(skip)]
     pub(crate) output: String,
     #[serde(skip)]
     pub(crate) mask_output: Option<String>,
+    /// Every node the site replaces; the replacement goes where `anchor` was.
     #[serde(skip)]
-    pub(crate) node_index: usize,
+    pub(crate) nodes: Vec<usize>,
+    #[serde(skip)]
+    pub(crate) anchor: usize,
     /// Graph inputs that fed only this node's ratio or training_mode.
     #[serde(skip)]
     pub(crate) control_inputs: Vec<String>,
+    /// For a dropout written as random ops: where its mask's shape comes from, and what it
+    /// computes. None for a Dropout node (its mask has the input's shape; it scales by
+    /// 1/(1-ratio)).
+    #[serde(skip)]
+    pub(crate) template: Option<MaskTemplate>,
+    #[serde(skip)]
+    pub(crate) form: Option<Form>,
+}
+
+/// The values of one mask input: what a kept and a dropped unit get, and the value that
+/// keeps everything as eval does (the p -> 0 limit).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MaskValues {
+    pub kept: f64,
+    pub dropped: f64,
+    pub unit: f64,
 }
 
 impl DropoutSite {
     /// A site the MC graph samples at.
     pub fn samples(&self) -> bool {
         self.ratio.is_some_and(|r| r > 0.0)
+    }
+
+    /// The mask inputs of this site, all drawn from the same keep/drop draws: one that
+    /// multiplies the activation, and for alpha dropout a second one that is added.
+    pub fn mask_values(&self) -> Vec<MaskValues> {
+        match self.form {
+            Some(Form::Scale { scale }) => vec![MaskValues {
+                kept: scale,
+                dropped: 0.0,
+                unit: 1.0,
+            }],
+            Some(Form::Alpha {
+                scale,
+                kept_offset,
+                dropped_offset,
+                ..
+            }) => vec![
+                MaskValues {
+                    kept: scale,
+                    dropped: 0.0,
+                    unit: 1.0,
+                },
+                MaskValues {
+                    kept: kept_offset,
+                    dropped: dropped_offset,
+                    unit: 0.0,
+                },
+            ],
+            None => vec![MaskValues {
+                kept: 1.0 / (1.0 - self.ratio.unwrap_or(0.0) as f64),
+                dropped: 0.0,
+                unit: 1.0,
+            }],
+        }
+    }
+
+    /// Where the typed shape probe must also read the mask's own shape.
+    pub(crate) fn template_tensor(&self) -> Option<&str> {
+        match &self.template {
+            Some(MaskTemplate::Like(t)) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// The mask's shape when the file fixes it.
+    pub(crate) fn static_mask_shape(&self) -> Option<Vec<Dim>> {
+        match &self.template {
+            Some(MaskTemplate::Static(dims)) => Some(dims.iter().map(|&d| Dim::Fixed(d)).collect()),
+            _ => None,
+        }
+    }
+
+    /// Sets the mask's shape, and with it the kind, once typing has told the activation's
+    /// shape. Refuses a mask that does not broadcast into the activation: replacing the
+    /// site by the identity in eval would then change the output's shape.
+    pub(crate) fn set_mask_shape(&mut self, activation: &[Dim], mask: Vec<Dim>) -> anyhow::Result<()> {
+        let fits = mask.len() <= activation.len()
+            && mask
+                .iter()
+                .rev()
+                .zip(activation.iter().rev())
+                .all(|(m, a)| m == a || *m == Dim::Fixed(1));
+        if !fits {
+            bail!(
+                "the random draw of dropout site '{}' has shape {}, which does not broadcast into \
+                 the activation it drops, of shape {}; the model is refused",
+                self.node,
+                crate::engine::model::shape_string(&mask),
+                crate::engine::model::shape_string(activation)
+            );
+        }
+        if self.kind != SiteKind::Alpha {
+            let channel = mask.len() == activation.len()
+                && mask.len() >= 3
+                && mask[..2] == activation[..2]
+                && mask[2..].iter().all(|d| *d == Dim::Fixed(1))
+                && activation[2..].iter().any(|d| *d != Dim::Fixed(1));
+            self.kind = if mask == activation {
+                SiteKind::Element
+            } else if channel {
+                SiteKind::Channel
+            } else {
+                SiteKind::Broadcast
+            };
+        }
+        self.mask_shape = Some(mask);
+        Ok(())
     }
 }
 
@@ -78,14 +231,26 @@ pub enum FactAt {
     Output(usize),
 }
 
-/// A mask input of the MC graph: its shape is the shape of the Dropout's input.
+/// A mask input of the MC graph. Its shape is the site's mask shape: the Dropout's input
+/// shape, or the shape of the file's own draw. The masks of one site are consecutive and
+/// drawn from the same keep/drop draws.
 #[derive(Debug, Clone)]
 pub struct MaskInput {
     pub site: usize,
     pub name: String,
     pub ratio: f32,
+    pub values: MaskValues,
     pub datum: DatumType,
     pub shape: Vec<Dim>,
+}
+
+/// What the typed shape probe tells about a site: its activation's fact, and where the
+/// mask's own shape is when the file's draw has a shape of its own.
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeLookup {
+    pub site: usize,
+    pub activation: FactAt,
+    pub template: Option<FactAt>,
 }
 
 pub fn opset(proto: &ModelProto) -> i64 {
@@ -103,6 +268,8 @@ pub fn opset(proto: &ModelProto) -> i64 {
 pub fn analyse(proto: &ModelProto, ratio_inputs: &HashMap<String, f32>) -> anyhow::Result<Surgery> {
     let graph = proto.graph.as_ref().context("the file holds no graph")?;
     refuse_dropout_in_subgraphs(graph)?;
+    // Before anything else: a random op outside a recognised pattern refuses the file.
+    let decomposed = decomposed::find(graph, &constant_tensors(graph))?;
     let opset = opset(proto);
     let constants = constant_tensors(graph);
     let initializers: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
@@ -186,20 +353,72 @@ pub fn analyse(proto: &ModelProto, ratio_inputs: &HashMap<String, f32>) -> anyho
             .cloned();
         sites.push(DropoutSite {
             node: name,
+            kind: SiteKind::Element,
+            keep_probability: ratio.map(|r| 1.0 - r),
             ratio,
             ratio_source,
             exported_training_mode,
             mask_output_used: mask_output.is_some(),
+            mask_shape: None,
+            pattern: None,
+            alpha_correction: None,
             input,
             output,
             mask_output,
-            node_index: ix,
+            nodes: vec![ix],
+            anchor: ix,
             control_inputs,
+            template: None,
+            form: None,
         });
     }
+    for d in decomposed {
+        let alpha_correction = match d.form {
+            Form::Alpha {
+                scale,
+                kept_offset,
+                dropped_offset,
+                saturation,
+            } => Some(AlphaCorrection {
+                scale,
+                kept_offset,
+                dropped_offset,
+                saturation,
+            }),
+            Form::Scale { .. } => None,
+        };
+        sites.push(DropoutSite {
+            node: d.node,
+            // Element or channel is known once typing gives the mask's shape.
+            kind: if alpha_correction.is_some() {
+                SiteKind::Alpha
+            } else {
+                SiteKind::Element
+            },
+            keep_probability: Some(d.keep as f32),
+            ratio: Some((1.0 - d.keep) as f32),
+            ratio_source: format!("{} (the keep probability the draw is compared with)", d.keep_source),
+            exported_training_mode: "random ops (a train-mode export)".into(),
+            mask_output_used: false,
+            mask_shape: None,
+            pattern: Some(d.pattern),
+            alpha_correction,
+            input: d.x,
+            output: d.out,
+            mask_output: None,
+            nodes: d.nodes,
+            anchor: d.anchor,
+            control_inputs: vec![],
+            template: Some(d.template),
+            form: Some(d.form),
+        });
+    }
+    // In graph order, so that masks are numbered as the sites appear.
+    sites.sort_by_key(|s| s.anchor);
 
     let mut base = proto.clone();
     let fixes = fix_batch_norms(base.graph.as_mut().expect("checked above"), &consumed)?;
+    spell_out_constant_of_shape_default(base.graph.as_mut().expect("checked above"));
     let mut surgery = Surgery {
         sites,
         fixes,
@@ -211,20 +430,25 @@ pub fn analyse(proto: &ModelProto, ratio_inputs: &HashMap<String, f32>) -> anyho
         eval_proto: ModelProto::default(),
         base,
     };
-    surgery.eval_proto = surgery.rewrite(None);
+    surgery.eval_proto = surgery.rewrite(None, &[]);
+    no_random_ops(&surgery.eval_proto)?;
     Ok(surgery)
 }
 
 impl Surgery {
-    /// A copy of the eval graph that also exposes every sampling site's input, so that
-    /// tract's type analysis tells us each mask's shape. Each lookup is (site, where to
-    /// read the shape): a graph input's own fact, or an output added for the purpose.
-    pub fn shape_probe_proto(&self) -> (ModelProto, Vec<(usize, FactAt)>) {
-        let mut proto = self.eval_proto.clone();
+    /// A copy of the eval graph that also exposes every site's input and, where the file
+    /// draws a mask of its own shape, the tensor that shapes it, so that tract's type
+    /// analysis tells us each mask's shape.
+    pub fn shape_probe_proto(&self) -> (ModelProto, Vec<ProbeLookup>) {
+        let wanted: Vec<String> = self
+            .sites
+            .iter()
+            .flat_map(|s| std::iter::once(s.input.clone()).chain(s.template_tensor().map(str::to_string)))
+            .collect();
+        let mut proto = self.rewrite(None, &wanted);
         let graph = proto.graph.as_mut().expect("eval proto has a graph");
-        let mut lookups = vec![];
-        for (ix, site) in self.sites.iter().enumerate().filter(|(_, s)| s.samples()) {
-            let at = if let Some(p) = graph.input.iter().position(|i| i.name == site.input) {
+        let fact_at = |name: &str| {
+            if let Some(p) = graph.input.iter().position(|i| i.name == name) {
                 // Re-declaring a graph input as an untyped output would erase its type.
                 FactAt::Input(
                     graph.input[..p]
@@ -232,17 +456,26 @@ impl Surgery {
                         .filter(|i| !self.is_initializer(&i.name))
                         .count(),
                 )
-            } else if let Some(p) = graph.output.iter().position(|o| o.name == site.input) {
-                FactAt::Output(p)
             } else {
-                graph.output.push(ValueInfoProto {
-                    name: site.input.clone(),
-                    ..Default::default()
-                });
-                FactAt::Output(graph.output.len() - 1)
-            };
-            lookups.push((ix, at));
-        }
+                FactAt::Output(
+                    graph
+                        .output
+                        .iter()
+                        .position(|o| o.name == name)
+                        .expect("rewrite declared it as an output"),
+                )
+            }
+        };
+        let lookups = self
+            .sites
+            .iter()
+            .enumerate()
+            .map(|(ix, site)| ProbeLookup {
+                site: ix,
+                activation: fact_at(&site.input),
+                template: site.template_tensor().map(fact_at),
+            })
+            .collect();
         (proto, lookups)
     }
 
@@ -257,7 +490,7 @@ impl Surgery {
     /// lists graph outputs (by index) to replace by the named tensor: the server applies
     /// those outputs' final Softmax itself.
     pub fn mc_proto(&self, masks: &[MaskInput], logits_outputs: &[(usize, String)]) -> anyhow::Result<ModelProto> {
-        let mut proto = self.rewrite(Some(masks));
+        let mut proto = self.rewrite(Some(masks), &[]);
         let graph = proto.graph.as_mut().expect("rewritten proto has a graph");
         for m in masks {
             graph.input.push(value_info(&m.name, m.datum, &m.shape)?);
@@ -265,17 +498,35 @@ impl Surgery {
         for (ix, logits) in logits_outputs {
             graph.output[*ix].name = logits.clone();
         }
+        no_random_ops(&proto)?;
         Ok(proto)
     }
 
-    fn rewrite(&self, masks: Option<&[MaskInput]>) -> ModelProto {
+    /// The graph with every site replaced: by its mask multiply where `masks` has one, else
+    /// by the identity. `extra_outputs` are declared as outputs (if not already inputs or
+    /// outputs) before nodes that nothing reads any more are dropped.
+    fn rewrite(&self, masks: Option<&[MaskInput]>, extra_outputs: &[String]) -> ModelProto {
         let mut proto = self.base.clone();
         let graph = proto.graph.as_mut().expect("base proto has a graph");
         let mut replacements: HashMap<usize, Vec<NodeProto>> = HashMap::new();
+        let mut removed: HashSet<usize> = HashSet::new();
         for (ix, site) in self.sites.iter().enumerate() {
-            let mask = masks.and_then(|ms| ms.iter().find(|m| m.site == ix));
-            let nodes = match mask {
-                Some(m) => {
+            let site_masks: Vec<&MaskInput> = masks.into_iter().flatten().filter(|m| m.site == ix).collect();
+            let nodes = match site_masks.as_slice() {
+                [scale, offset] => {
+                    // Alpha dropout: x·scale + offset, both drawn from the same keep/drop draws.
+                    let scaled = format!("{}__mcd_scaled", site.output);
+                    vec![
+                        node("Mul", &site.node, &[&site.input, &scale.name], &[&scaled]),
+                        node(
+                            "Add",
+                            &format!("{}__mcd_offset", site.node),
+                            &[&scaled, &offset.name],
+                            &[&site.output],
+                        ),
+                    ]
+                }
+                [m, ..] => {
                     let mut nodes = vec![node("Mul", &site.node, &[&site.input, &m.name], &[&site.output])];
                     if let Some(mask_out) = &site.mask_output {
                         let mut cast = node("Cast", &format!("{}__mcd_mask", site.node), &[&m.name], &[mask_out]);
@@ -289,7 +540,7 @@ impl Surgery {
                     }
                     nodes
                 }
-                None => {
+                [] => {
                     let mut nodes = vec![node("Identity", &site.node, &[&site.input], &[&site.output])];
                     if let Some(mask_out) = &site.mask_output {
                         // An eval mask keeps everything: all true, shaped as the input.
@@ -322,15 +573,27 @@ impl Surgery {
                     nodes
                 }
             };
-            replacements.insert(site.node_index, nodes);
+            replacements.insert(site.anchor, nodes);
+            removed.extend(site.nodes.iter().copied());
         }
         let old = std::mem::take(&mut graph.node);
         for (ix, n) in old.into_iter().enumerate() {
             match replacements.remove(&ix) {
                 Some(nodes) => graph.node.extend(nodes),
+                None if removed.contains(&ix) => {}
                 None => graph.node.push(n),
             }
         }
+        for name in extra_outputs {
+            if !graph.input.iter().any(|i| i.name == *name) && !graph.output.iter().any(|o| o.name == *name) {
+                graph.output.push(ValueInfoProto {
+                    name: name.clone(),
+                    ..Default::default()
+                });
+            }
+        }
+        // What fed only a replaced draw (Shape -> Concat -> ConstantOfShape) is now dead.
+        prune(graph);
         // Graph inputs that only fed a Dropout's ratio or training_mode are now dangling.
         // Drop them, or every client would have to send a value that changes nothing.
         let orphaned: HashSet<&str> = self
@@ -344,6 +607,22 @@ impl Surgery {
             .retain(|i| !orphaned.contains(i.name.as_str()) || still_used.contains(i.name.as_str()));
         proto
     }
+}
+
+/// The invariant behind serving: no graph handed to tract draws random numbers. `analyse`
+/// refuses every random op outside a recognised pattern and the rewrite removes each
+/// pattern whole, so this never fails; it is checked anyway, as a mistake here would make
+/// answers silently stochastic.
+fn no_random_ops(proto: &ModelProto) -> anyhow::Result<()> {
+    let graph = proto.graph.as_ref().context("the rewritten file holds no graph")?;
+    if let Some(n) = graph.node.iter().find(|n| decomposed::is_random(n)) {
+        bail!(
+            "{} node '{}' survived graph surgery; the model is refused (this is a bug)",
+            n.op_type,
+            node_name(n)
+        );
+    }
+    Ok(())
 }
 
 fn is_default_domain(node: &NodeProto) -> bool {
@@ -415,7 +694,146 @@ fn consumed_names(graph: &GraphProto) -> HashSet<String> {
     acc
 }
 
-fn constant_tensors(graph: &GraphProto) -> HashMap<&str, (TensorProto, &'static str)> {
+/// ONNX's `ConstantOfShape` without a `value` fills float32 zeros; tract 0.23.9 fills f64
+/// zeros instead, and then fails to type what follows (PyTorch's exporter writes it so to
+/// shape the draw of `Dropout2d`). Writing the default out changes nothing else.
+fn spell_out_constant_of_shape_default(graph: &mut GraphProto) {
+    for n in graph.node.iter_mut().filter(|n| n.op_type == "ConstantOfShape") {
+        if !n.attribute.iter().any(|a| a.name == "value") {
+            n.attribute.push(AttributeProto {
+                name: "value".into(),
+                r#type: 4, // TENSOR
+                t: Some(TensorProto {
+                    dims: vec![1],
+                    data_type: DataType::Float as i32,
+                    float_data: vec![0.0],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+    }
+}
+
+/// Drops the nodes whose outputs nothing reads, until none is left. ONNX ops have no side
+/// effects, so this never changes what the graph computes.
+fn prune(graph: &mut GraphProto) {
+    loop {
+        let used = consumed_names(graph);
+        let before = graph.node.len();
+        graph
+            .node
+            .retain(|n| n.output.is_empty() || n.output.iter().any(|o| !o.is_empty() && used.contains(o)));
+        if graph.node.len() == before {
+            return;
+        }
+    }
+}
+
+/// Weights stored outside the .onnx file (`<file>.onnx.data`, as PyTorch's exporter writes
+/// for larger models) must sit in the model's folder, whole. Checked here so that a missing
+/// or truncated file is refused with a reason that names it, before tract reads a byte.
+pub fn check_external_data(proto: &ModelProto, dir: &Path) -> anyhow::Result<()> {
+    fn tensors(g: &GraphProto) -> Vec<&TensorProto> {
+        let mut out: Vec<&TensorProto> = g.initializer.iter().collect();
+        for n in &g.node {
+            for a in &n.attribute {
+                out.extend(a.t.iter());
+                for sub in a.g.iter().chain(a.graphs.iter()) {
+                    out.extend(tensors(sub));
+                }
+            }
+        }
+        out
+    }
+    let Some(graph) = &proto.graph else { return Ok(()) };
+    let mut sizes: HashMap<String, u64> = HashMap::new();
+    for t in tensors(graph) {
+        if t.data_location != Some(1) {
+            continue; // EXTERNAL is 1; the data is in the file itself
+        }
+        let entry = |key: &str| t.external_data.iter().find(|e| e.key == key).map(|e| e.value.as_str());
+        let Some(location) = entry("location") else {
+            bail!("tensor '{}' is stored outside the model file but names no file", t.name)
+        };
+        let number = |key: &str| -> anyhow::Result<Option<u64>> {
+            entry(key)
+                .map(|v| v.parse::<u64>())
+                .transpose()
+                .with_context(|| format!("tensor '{}': external data {key} is not a number", t.name))
+        };
+        // The data belongs to the model's folder: never read a file elsewhere.
+        let relative = Path::new(location);
+        if relative.is_absolute()
+            || relative
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            bail!(
+                "tensor '{}' is stored in '{location}', outside the model's folder; the server reads \
+                 external data only from beside the model file",
+                t.name
+            );
+        }
+        let (offset, length) = (number("offset")?.unwrap_or(0), number("length")?);
+        let file = dir.join(location);
+        let size = match sizes.get(location) {
+            Some(s) => *s,
+            None => {
+                let s = std::fs::metadata(&file)
+                    .with_context(|| {
+                        format!(
+                            "the weights of tensor '{}' are stored in '{location}', which must sit beside \
+                             the model file in {}; it cannot be read",
+                            t.name,
+                            dir.display()
+                        )
+                    })?
+                    .len();
+                sizes.insert(location.to_string(), s);
+                s
+            }
+        };
+        let element_bytes = match DataType::try_from(t.data_type) {
+            Ok(DataType::Float | DataType::Int32 | DataType::Uint32) => Some(4),
+            Ok(DataType::Double | DataType::Int64 | DataType::Uint64) => Some(8),
+            Ok(DataType::Float16 | DataType::Bfloat16 | DataType::Int16 | DataType::Uint16) => Some(2),
+            Ok(DataType::Int8 | DataType::Uint8 | DataType::Bool) => Some(1),
+            _ => None,
+        };
+        // Checked: a hostile file may declare dims whose byte size overflows.
+        let needed = match element_bytes {
+            None => None,
+            Some(b) => Some(
+                t.dims
+                    .iter()
+                    .try_fold(b, |acc: u64, &d| acc.checked_mul(u64::try_from(d).unwrap_or(0)))
+                    .with_context(|| format!("tensor '{}' has shape {:?}, too large to hold", t.name, t.dims))?,
+            ),
+        };
+        if let (Some(length), Some(needed)) = (length, needed)
+            && length != needed
+        {
+            bail!(
+                "tensor '{}' declares {length} bytes in '{location}', but its shape {:?} needs {needed}",
+                t.name,
+                t.dims
+            );
+        }
+        let Some(length) = length.or(needed) else { continue };
+        let end = offset.saturating_add(length);
+        if end > size {
+            bail!(
+                "'{location}' (beside the model file) is truncated: it holds {size} bytes, and tensor \
+                 '{}' needs bytes {offset}..{end}",
+                t.name
+            );
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn constant_tensors(graph: &GraphProto) -> HashMap<&str, (TensorProto, &'static str)> {
     let mut map: HashMap<&str, (TensorProto, &'static str)> = graph
         .initializer
         .iter()
@@ -511,4 +929,64 @@ fn value_info(name: &str, datum: DatumType, shape: &[Dim]) -> anyhow::Result<Val
         }),
         ..Default::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::pb::StringStringEntryProto;
+
+    /// A model whose one initializer, FLOAT[dims], is stored in `w.bin` with these entries.
+    fn external(dims: Vec<i64>, entries: &[(&str, &str)]) -> ModelProto {
+        ModelProto {
+            graph: Some(GraphProto {
+                initializer: vec![TensorProto {
+                    name: "w".into(),
+                    dims,
+                    data_type: DataType::Float as i32,
+                    data_location: Some(1),
+                    external_data: entries
+                        .iter()
+                        .map(|(k, v)| StringStringEntryProto {
+                            key: k.to_string(),
+                            value: v.to_string(),
+                        })
+                        .collect(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn external_data_is_checked_for_presence_size_and_declared_length() {
+        let dir = std::env::temp_dir().join(format!("mcd-external-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("w.bin"), [0u8; 64]).unwrap();
+        let check = |dims: Vec<i64>, entries: &[(&str, &str)]| {
+            check_external_data(&external(dims, entries), &dir).map_err(|e| format!("{e:#}"))
+        };
+        assert!(check(vec![4, 4], &[("location", "w.bin")]).is_ok());
+        assert!(check(vec![2, 4], &[("location", "w.bin"), ("offset", "32"), ("length", "32")]).is_ok());
+        let err = check(vec![4, 4], &[("location", "w.bin"), ("offset", "4")]).unwrap_err();
+        assert!(err.contains("truncated") && err.contains("4..68"), "{err}");
+        let err = check(vec![4, 4], &[("location", "w.bin"), ("length", "60")]).unwrap_err();
+        assert!(err.contains("declares 60 bytes"), "{err}");
+        let err = check(vec![4, 4], &[("location", "other.bin")]).unwrap_err();
+        assert!(err.contains("'other.bin'") && err.contains("cannot be read"), "{err}");
+        let err = check(vec![4], &[("location", "w.bin"), ("offset", "-1")]).unwrap_err();
+        assert!(err.contains("offset is not a number"), "{err}");
+        assert!(check(vec![4], &[]).unwrap_err().contains("names no file"));
+        for outside in ["/etc/hostname", "../w.bin"] {
+            let err = check(vec![4], &[("location", outside)]).unwrap_err();
+            assert!(err.contains("outside the model's folder"), "{err}");
+        }
+        // Dims whose byte size overflows: refused, never a panic.
+        let huge = vec![i64::MAX, i64::MAX];
+        let err = check(huge, &[("location", "w.bin"), ("length", "64")]).unwrap_err();
+        assert!(err.contains("too large"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

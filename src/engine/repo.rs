@@ -142,3 +142,24 @@ pub fn load_folder(dir: &Path, model_name: Option<&str>, previous: Option<&Model
     }
     Ok(repo)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A KServe model mount: one file is served under the InferenceService's name; a
+    /// folder of several cannot take one name.
+    #[test]
+    fn model_name_renames_the_one_model_of_a_mount() {
+        let dir = std::env::temp_dir().join(format!("mcd-repo-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("model.onnx"), b"").unwrap();
+        let named = scan_named(&dir, Some("breast-cancer")).unwrap();
+        assert_eq!(named, vec![("breast-cancer".to_string(), dir.join("model.onnx"))]);
+        assert_eq!(scan_named(&dir, None).unwrap()[0].0, "model");
+        std::fs::write(dir.join("other.onnx"), b"").unwrap();
+        let e = scan_named(&dir, Some("breast-cancer")).unwrap_err();
+        assert!(e.to_string().contains("holds 2 models"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

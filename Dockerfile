@@ -1,7 +1,7 @@
 # mcd-serve container image.
 #
 #   docker build -t mcd-serve .
-#   docker run --rm -p 8080:8080 mcd-serve
+#   docker run --rm -p 8080:8080 -p 8081:8081 mcd-serve
 #
 # Stage 1 compiles a release binary with the pinned Rust toolchain; stage 2 is
 # a slim Debian runtime: no compiler, nothing installed, not root.
@@ -12,8 +12,10 @@ WORKDIR /build
 
 # 1. Dependency layer: only the manifests, with stub sources, so that the
 #    (slow) compilation of all crates.io dependencies is cached until
-#    Cargo.toml / Cargo.lock change.
-COPY Cargo.toml Cargo.lock ./
+#    Cargo.toml / Cargo.lock change. The build script and the .proto it compiles
+#    (OIP gRPC, with protox: no protoc needed) come in here too.
+COPY Cargo.toml Cargo.lock build.rs ./
+COPY proto ./proto
 RUN mkdir -p src benches \
  && echo 'fn main() {}' > src/main.rs \
  && : > src/lib.rs \

@@ -111,7 +111,7 @@ dockerfile_stub_layer() {
   command -v cargo >/dev/null || { echo "cargo not found"; return 1; }
   local d="$WORK/stub"
   mkdir -p "$d/src" "$d/benches"
-  cp Cargo.toml Cargo.lock "$d/"
+  cp -r Cargo.toml Cargo.lock build.rs proto "$d/"
   echo 'fn main() {}' >"$d/src/main.rs"
   : >"$d/src/lib.rs"
   echo 'fn main() {}' >"$d/benches/engine.rs"

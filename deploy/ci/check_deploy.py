@@ -350,7 +350,12 @@ def cargo_targets(root):
         rel = os.path.relpath(t["src_path"], os.path.abspath(root))
         kinds = t["kind"]
         if "custom-build" in kinds:
-            p.append(f"build script {rel}: the Dockerfile must COPY it (and stub it)")
+            # The build script compiles proto/: both must reach the dependency layer.
+            docker = open(os.path.join(root, "Dockerfile"), encoding="utf-8").read()
+            layer = docker[:docker.find("COPY src")]
+            if not re.search(r"^COPY Cargo\.toml Cargo\.lock " + re.escape(rel) + r" \./$", layer, re.M) \
+                    or not re.search(r"^COPY proto \./proto$", layer, re.M):
+                p.append(f"build script {rel}: the Dockerfile must COPY it and proto/ before the dependency build")
         elif any(k in kinds for k in ("bin", "lib", "bench")) and not rel.startswith(("src/", "benches/")):
             p.append(f"{kinds} target {rel} is outside src/ and benches/ (not copied by the Dockerfile)")
         elif "bench" in kinds and rel != "benches/engine.rs":
@@ -363,8 +368,8 @@ def cargo_targets(root):
     for kind in ("example", "test"):
         for t in manifest.get(kind, []):
             p.append(f"explicit [[{kind}]] {t.get('name')!r}: the Dockerfile copies no {kind}s; copy or stub it")
-    if manifest.get("package", {}).get("build"):
-        p.append("package.build is set: the Dockerfile must COPY the build script")
+    if manifest.get("package", {}).get("build") not in (None, "build.rs"):
+        p.append("package.build names another script: the Dockerfile must COPY it")
     if p:
         fail("cargo-targets", p)
     print(f"cargo-targets: stub layer resolves with --locked; {len(pkg['targets'])} targets, "

@@ -544,6 +544,9 @@ async fn every_error_is_a_json_4xx_with_its_type_and_mode_violations_count() {
 
     // Parameters: unknown ones are refused by name; mode contradictions are violations.
     let body = |params: Value| json!({"parameters": params, "inputs": [input(json!([rows, 30]), x.clone())]});
+    // A refusal still reports the mode the request asked for.
+    let (st, _, h) = infer(&s, "breast_cancer", &body(json!({"mc_samples": 5, "mc_sampels": 1}))).await;
+    assert_eq!((st, h["x-inference-mode"].to_str().unwrap()), (422, "mc_dropout"));
     let e = expect_error(
         &s,
         "breast_cancer",
@@ -608,7 +611,7 @@ async fn every_error_is_a_json_4xx_with_its_type_and_mode_violations_count() {
             "mcd_requests_total",
             &[("protocol", "oip"), ("status", "422"), ("model", "breast_cancer")]
         ),
-        9.0
+        10.0
     );
     assert_eq!(
         metric_sum(

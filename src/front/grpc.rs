@@ -309,7 +309,11 @@ impl GrpcInferenceService for GrpcFront {
         let (params, inputs) = match decoded {
             Ok(d) => d,
             Err(e) => {
-                let label = crate::core::mode::ModeLabel::Eval;
+                let label = if r.parameters.contains_key(crate::core::mode::MC_SAMPLES) {
+                    crate::core::mode::ModeLabel::McDropout
+                } else {
+                    crate::core::mode::ModeLabel::Eval
+                };
                 return Err(self.core.refuse(Protocol::Grpc, Some(&model), label, e).into());
             }
         };

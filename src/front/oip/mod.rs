@@ -120,12 +120,10 @@ async fn run_infer(
     let header_length = headers.get(HEADER_LENGTH).map(|v| v.to_str().unwrap_or("?"));
     let decoded = check_version(&model, version.as_deref())
         .and_then(|()| body.map_err(|r| body_error(&core, r)))
+        .map_err(|e| (ModeLabel::Eval, e))
         .and_then(|body| request::decode(body, header_length));
     let (mode, result) = match decoded {
-        Err(e) => {
-            let e = core.refuse(Protocol::OipRest, Some(&model), ModeLabel::Eval, e);
-            (ModeLabel::Eval, Err(e))
-        }
+        Err((mode, e)) => (mode, Err(core.refuse(Protocol::OipRest, Some(&model), mode, e))),
         Ok(req) => {
             let id = req.id;
             let binary_output = req.binary_output;

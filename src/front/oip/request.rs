@@ -13,7 +13,7 @@ use serde_json::value::RawValue;
 use tract_onnx::prelude::Tensor;
 
 use crate::core::Inputs;
-use crate::core::mode::{ModeParams, Param};
+use crate::core::mode::{ModeLabel, ModeParams, Param};
 use crate::core::tensors::{DataType, Values, WireTensor, model_inputs};
 use crate::engine::model::LoadedModel;
 use crate::error::Error;
@@ -88,7 +88,13 @@ const BINARY_DATA_SIZE: &str = "binary_data_size";
 const BINARY_DATA: &str = "binary_data";
 
 /// Splits the body by `Inference-Header-Content-Length` (absent: all JSON) and decodes it.
-pub fn decode(body: Bytes, header_length: Option<&str>) -> Result<InferRequest, Error> {
+/// A refusal carries the mode the request asked for, as far as it could be read.
+pub fn decode(body: Bytes, header_length: Option<&str>) -> Result<InferRequest, (ModeLabel, Error)> {
+    let mut label = ModeLabel::Eval;
+    decode_inner(body, header_length, &mut label).map_err(|e| (label, e))
+}
+
+fn decode_inner(body: Bytes, header_length: Option<&str>, label: &mut ModeLabel) -> Result<InferRequest, Error> {
     let (json, mut binary) = match header_length {
         None => (body, Bytes::new()),
         Some(len) => {
@@ -112,6 +118,9 @@ pub fn decode(body: Bytes, header_length: Option<&str>) -> Result<InferRequest, 
 
     let mut params = ModeParams::default();
     let mut binary_output = false;
+    if header.parameters.contains_key(crate::core::mode::MC_SAMPLES) {
+        *label = ModeLabel::McDropout;
+    }
     for (k, v) in header.parameters {
         if k == BINARY_DATA_OUTPUT {
             binary_output = boolean(&v, "request parameter 'binary_data_output'")?;

@@ -6,7 +6,9 @@
 #
 #   tools/mutants.sh                 # run (tens of minutes: one release build per mutant)
 #   tools/mutants.sh --list          # list the mutants only
+#   tools/mutants.sh --iterate       # again, skipping the mutants caught last time
 #   MUTANTS_TESTS="--lib --test engine" tools/mutants.sh    # a wider test command
+#   MUTANTS_REV=ef0c602 MUTANTS_WORK=/tmp/mcd-mutants-before tools/mutants.sh   # an older commit
 #
 # On demand only, not in .ci/run: it takes too long for every push. Needs cargo-mutants
 # (`cargo install cargo-mutants`, 27.x). Results land in mutants.out/ (outcomes.json,
@@ -24,9 +26,15 @@ command -v cargo-mutants >/dev/null || { echo "cargo-mutants is not installed: c
 mkdir -p "$WORK"
 # The sources, and the warm target dir once, with timestamps (a plain copy would rebuild
 # every dependency).
+# MUTANTS_REV=<commit> takes the sources (code and tests) of that commit instead of the
+# work tree: how the "before" score was measured.
 for f in Cargo.toml Cargo.lock rustfmt.toml src tests models benches examples; do
   rm -rf "${WORK:?}/$f"
-  [[ -e "$ROOT/$f" ]] && cp -a "$ROOT/$f" "$WORK/$f"
+  if [[ -n "${MUTANTS_REV:-}" ]]; then
+    git -C "$ROOT" archive "$MUTANTS_REV" "$f" 2>/dev/null | tar -x -C "$WORK" || true
+  elif [[ -e "$ROOT/$f" ]]; then
+    cp -a "$ROOT/$f" "$WORK/$f"
+  fi
 done
 [[ -d "$WORK/target" ]] || cp -a "$ROOT/target" "$WORK/target"
 
@@ -38,11 +46,16 @@ SITE_ANALYSIS='analyse|DropoutSite::samples|opset|is_default_domain|node_name|re
 TEST_ARGS=()
 for a in $TESTS; do TEST_ARGS+=("--cargo-arg=$a"); done
 
+# A mutant that fails a property test fails it at once; shrinking the counterexample
+# only costs time here.
+export PROPTEST_MAX_SHRINK_ITERS="${PROPTEST_MAX_SHRINK_ITERS:-0}"
+
 cd "$WORK"
 # shellcheck disable=SC2086
 nice -n 19 cargo mutants --in-place --profile release \
   --file src/engine/uncertainty.rs --file src/engine/masks.rs --file src/engine/onnx_graph.rs \
   --re "^src/engine/(uncertainty|masks)\.rs|(in|replace) ($SITE_ANALYSIS)\b" \
-  --timeout 60 --build-timeout 600 \
+  --timeout 20 --build-timeout 600 \
   --output "$WORK" "${TEST_ARGS[@]}" "$@"
-[[ " $* " == *" --list "* ]] || { rm -rf "$ROOT/mutants.out"; cp -a "$WORK/mutants.out" "$ROOT/mutants.out"; echo "results: $ROOT/mutants.out"; }
+OUT="$ROOT/mutants.out${MUTANTS_REV:+.$MUTANTS_REV}"
+[[ " $* " == *" --list "* ]] || { rm -rf "$OUT"; cp -a "$WORK/mutants.out" "$OUT"; echo "results: $OUT"; }

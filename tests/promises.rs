@@ -120,6 +120,10 @@ async fn work_whose_client_has_gone_is_skipped() {
     // one still runs.
     wait_inflight_exactly(&s, 1.0).await;
     assert_eq!(heavy.await.unwrap(), 200);
+    // The worker semaphore is fair: a request sent now runs after anything still queued,
+    // so once it has answered, the gone client's work would have run if it were not skipped.
+    let (st, _, _) = s.post("/predict", &json!({"inputs": breast_cancer_rows(1)})).await;
+    assert_eq!(st, 200);
     let m = s.metrics().await;
     assert_eq!(
         metric_sum(

@@ -76,8 +76,13 @@ wait_http() {
 
 # ---------------------------------------------------------------- server --
 MCD_PORT="$(free_port)"
+# The shutdown check sends an MC-1000 request of HEAVY_ROWS rows, which must fit the
+# admission budget and outlast the drain, and asserts it is in flight at SIGTERM.
+DRAIN_SECS=1
+HEAVY_ROWS=2048
 log "starting $BIN on 127.0.0.1:$MCD_PORT (models: $MODELS_DIR)"
-MCD_LOG_FORMAT=text "$BIN" --models "$MODELS_DIR" --addr "127.0.0.1:$MCD_PORT" --grpc-addr "127.0.0.1:0" >"$WORK/mcd-serve.log" 2>&1 &
+MCD_LOG_FORMAT=text "$BIN" --models "$MODELS_DIR" --addr "127.0.0.1:$MCD_PORT" --grpc-addr "127.0.0.1:0" \
+  --shutdown-drain-secs "$DRAIN_SECS" --max-inflight-cost $((HEAVY_ROWS * 1000 + 100000)) >"$WORK/mcd-serve.log" 2>&1 &
 MCD_PID=$!
 wait_http "http://127.0.0.1:$MCD_PORT/health/ready" 60 \
   || die "mcd-serve not ready on port $MCD_PORT within 60s"
@@ -125,7 +130,7 @@ wait_http "http://127.0.0.1:$PROM_PORT/-/ready" 60 || die "prometheus not ready 
 # ---------------------------------------------------- traffic + asserts --
 set +e
 MCD_URL="http://127.0.0.1:$MCD_PORT" PROM_URL="http://127.0.0.1:$PROM_PORT" \
-  MCD_PID="$MCD_PID" FIXTURES="$FIXTURES" timeout 300 python3 deploy/ci/prometheus_live.py
+  MCD_PID="$MCD_PID" FIXTURES="$FIXTURES" DRAIN_SECS="$DRAIN_SECS" HEAVY_ROWS="$HEAVY_ROWS" timeout 300 python3 deploy/ci/prometheus_live.py
 RC=$?
 set -e
 [[ $RC -eq 0 ]] || die "assertions failed (exit $RC)"

@@ -56,7 +56,23 @@ fn linear_dropout_matches_closed_forms() {
     let p = spec["ratio_as_float32"].as_f64().unwrap();
     let w: Vec<Vec<f64>> = serde_json::from_value(spec["W"].clone()).unwrap();
     let want_var: Vec<Vec<f64>> = serde_json::from_value(spec["expected_var"].clone()).unwrap();
-    assert_linear_closed_forms(&model, spec["x"].clone(), &w, p, Some(&want_var));
+    assert_linear_closed_forms(&model, spec["x"].clone(), 0, &w, p, Some(&want_var));
+}
+
+/// Two sites with ratios 0.1 and 0.5 side by side: each output has the closed forms of its
+/// own ratio. A sampler that drew every site at one ratio (say the first site's) gets the
+/// mean and variance of the other site wrong by far more than 5 standard errors.
+#[test]
+fn each_dropout_site_drops_at_its_own_ratio() {
+    let spec = read_json(&fixture("linear_dropout.json"));
+    let model = load(&fixture("mixed_ratios.onnx"));
+    assert_eq!(check(&model, "mc_live"), Outcome::Pass);
+    let w: Vec<Vec<f64>> = serde_json::from_value(spec["W"].clone()).unwrap();
+    let x = json!([[1.0, 2.0, -1.0, 0.5], [0.0, -3.0, 2.0, 4.0]]);
+    for (output, name, p) in [(0, "low", 0.1f32), (1, "high", 0.5f32)] {
+        assert_eq!(model.outputs[output].name, name);
+        assert_linear_closed_forms(&model, x.clone(), output, &w, p as f64, None);
+    }
 }
 
 /// y = x·Dropout_p(W) (DropConnect): the mask has no batch axis, so each sample must run
@@ -73,6 +89,7 @@ fn dropconnect_masks_without_a_batch_axis_match_closed_forms() {
     assert_linear_closed_forms(
         &model,
         json!([[1.0, 2.0, -1.0, 0.5], [0.0, -3.0, 2.0, 4.0]]),
+        0,
         &w,
         p,
         None,
@@ -81,10 +98,17 @@ fn dropconnect_masks_without_a_batch_axis_match_closed_forms() {
 
 /// Runs 20,000 MC samples of a model whose output is sum_j x_j·W_jk with every term dropped
 /// independently at ratio p, and checks mean, variance and std per element.
-fn assert_linear_closed_forms(model: &LoadedModel, x: Value, w: &[Vec<f64>], p: f64, fixture_var: Option<&[Vec<f64>]>) {
+fn assert_linear_closed_forms(
+    model: &LoadedModel,
+    x: Value,
+    output: usize,
+    w: &[Vec<f64>],
+    p: f64,
+    fixture_var: Option<&[Vec<f64>]>,
+) {
     let xs: Vec<Vec<f64>> = serde_json::from_value(x.clone()).unwrap();
     let s = 20_000usize;
-    let out = &mc(model, &batch(model, x), s, 42, false)[0];
+    let out = &mc(model, &batch(model, x), s, 42, false)[output];
     assert_eq!(out.shape, vec![xs.len(), 3]);
     for (r, x) in xs.iter().enumerate() {
         for k in 0..3 {
@@ -149,6 +173,27 @@ fn same_seed_same_answer_on_any_thread_and_other_seeds_differ() {
     }
     let other = mc(&model, &b, 50, 8, true);
     assert_ne!(other[0].stats.samples, first[0].stats.samples);
+}
+
+/// The seed is a u64: every bit of it counts. Seeds that share their low (or high) 32 bits
+/// draw different masks.
+#[test]
+fn seeds_above_2_pow_32_differ_from_their_low_32_bits() {
+    let model = load(&models_dir().join("breast_cancer.onnx"));
+    let inputs = read_json(&fixture("reference_outputs.json"))["breast_cancer"]["inputs"].clone();
+    let b = batch(&model, inputs);
+    let samples = |seed: u64| mc(&model, &b, 20, seed, true)[0].stats.samples.clone().unwrap();
+    for low in [0u64, 7, 0xdead_beef] {
+        let base = samples(low);
+        for high in [1u64 << 32, 5 << 32, 1 << 63, 0xffff_ffff_0000_0000] {
+            assert_ne!(
+                samples(low | high),
+                base,
+                "seed {:#x} answers like {low:#x}",
+                low | high
+            );
+        }
+    }
 }
 
 #[test]

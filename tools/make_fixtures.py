@@ -408,6 +408,32 @@ def dropconnect():
     assert_varies("dropconnect.onnx", {"x": x})
 
 
+MIXED_P = (0.1, 0.5)
+
+
+def mixed_ratios():
+    """Two Dropout sites with different ratios in one model, side by side on the same x:
+    low = Dropout_0.1(x) @ W, high = Dropout_0.5(x) @ W. Each output has the closed forms
+    of linear_dropout at its own ratio, so a sampler that drew every site at one site's
+    ratio gets one of them wrong."""
+    W = LINEAR_W
+    nodes = []
+    outputs = []
+    for name, p in zip(("low", "high"), MIXED_P):
+        nodes += dropout_nodes(f"dropout_{name}", "x", p, out=f"x_{name}")
+        nodes.append(helper.make_node("MatMul", [f"x_{name}", "W"], [name], name=f"matmul_{name}"))
+        outputs.append(vi(name, FLOAT, ["batch", 3]))
+    model = make_model(nodes, "mixed_ratios", [vi("x", FLOAT, ["batch", 4])], outputs, [init("W", W)], opset=13,
+                       doc="low = Dropout_0.1(x) @ W, high = Dropout_0.5(x) @ W (Constant ratios, training_mode true)")
+    save(model, "mixed_ratios.onnx")
+    x = np.array([[1.0, 2.0, -1.0, 0.5],
+                  [0.0, -3.0, 2.0, 4.0]], dtype=F32)
+    outs = record_eval("mixed_ratios.onnx", {"x": x})
+    for o in outs:
+        np.testing.assert_allclose(o, x.astype(np.float64) @ W.astype(np.float64), rtol=1e-6, atol=1e-6)
+    assert_varies("mixed_ratios.onnx", {"x": x})
+
+
 def fixed_batch():
     rng = np.random.default_rng(7)
     W1 = np.round(rng.normal(size=(8, 5)), 3).astype(F32)
@@ -601,6 +627,7 @@ def main():
     batch_dependent()
     fixed_batch()
     dropconnect()
+    mixed_ratios()
     int_input()
     two_inputs()
     channel_dropout()

@@ -8,6 +8,7 @@ with:
     MCD_URL   http://127.0.0.1:<port>        the server
     PROM_URL  http://127.0.0.1:<port>        Prometheus
     MCD_PID   pid of the server (for the graceful-shutdown check)
+    DRAIN_SECS, HEAVY_ROWS   the server's drain and the rows of the in-flight request
     FIXTURES  tests/fixtures/reference_outputs.json
 
 It sends known traffic, then asserts what Prometheus scraped and evaluated.
@@ -16,6 +17,7 @@ Every wait is bounded. Exit 0 = all assertions held; 1 = a failure, printed.
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -34,6 +36,10 @@ JOB = "mcd-serve"
 MODEL = "breast_cancer"
 MC_SAMPLES = 50
 HIGH = 0.5  # nats; a bucket boundary of mcd_predictive_entropy
+# The shutdown check: the server's drain (--shutdown-drain-secs) and the rows of an MC-1000
+# request that outlasts it (cost rows x 1000 must fit --max-inflight-cost).
+DRAIN_SECS = float(os.environ.get("DRAIN_SECS", "1"))
+HEAVY_ROWS = int(os.environ.get("HEAVY_ROWS", "2048"))
 
 
 class Fail(Exception):
@@ -180,6 +186,26 @@ def wait_scraped_total(n):
         v = scalar(f'sum(mcd_requests_total{{job="{JOB}"}})')
         return v == n, v
     until(f"Prometheus to scrape {n} requests", f)
+
+
+SAMPLE_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)(\s+\S+)?$")
+
+
+def mcd_gauge(name):
+    """The value of an unlabelled series in the server's own /metrics, parsed line by line
+    from the text format (comments skipped); a missing series is a failure, not 0."""
+    status, raw = http("GET", f"{MCD}/metrics", timeout=5)
+    if status != 200:
+        raise Fail(f"GET /metrics -> {status}")
+    for line in raw.decode().splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = SAMPLE_LINE.match(line)
+        if not m:
+            raise Fail(f"unparseable /metrics line: {line!r}")
+        if m.group(1) == name and not m.group(2):
+            return float(m.group(3))
+    raise Fail(f"/metrics has no series {name}")
 
 
 def alive(pid):
@@ -334,37 +360,55 @@ def main():
         raise Fail(f"rules with evaluation errors: {errs}")
     ok(f"all {len(rules)} rules evaluate with health=ok")
 
-    # 7. Graceful shutdown: SIGTERM during an in-flight MC request.
+    # 7. Graceful shutdown: SIGTERM while an MC request is provably in flight (the
+    #    server's own mcd_inflight_requests gauge reads 1 and the request has not
+    #    answered), then: readiness 503 during the drain, the request answers 200, a new
+    #    connection after the drain window is refused, and the process exits (status
+    #    checked by the shell). The request is sized to outlast the drain (--shutdown-
+    #    drain-secs, set by prometheus-live.sh) several times over.
     if MCD_PID:
-        heavy = [high_row] * 200
+        heavy = [high_row] * HEAVY_ROWS
         res = {}
 
         def slow():
             t = time.monotonic()
-            res["status"], res["raw"] = http("POST", f"{MCD}/predict?mc_samples=1000&seed=5", {"inputs": heavy}, timeout=60)
+            try:
+                res["status"], res["raw"] = http("POST", f"{MCD}/predict?mc_samples=1000&seed=5", {"inputs": heavy},
+                                                 timeout=120)
+            except Exception as e:  # noqa: BLE001 - reported below
+                res["status"], res["raw"] = None, repr(e).encode()
             res["secs"] = time.monotonic() - t
         th = threading.Thread(target=slow)
         th.start()
-        time.sleep(0.15)
+        inflight = until("mcd_inflight_requests reads 1 while the MC request runs",
+                         lambda: ((v := mcd_gauge("mcd_inflight_requests")) >= 1 or "status" in res, v),
+                         timeout=60, interval=0.01)
+        if "status" in res:
+            raise Fail(f"the MC request answered ({res['status']}) before it was seen in flight: make it heavier")
         os.kill(MCD_PID, signal.SIGTERM)
         t_term = time.monotonic()
-        inflight_at_term = "status" not in res
-        ready_503 = None
-        for _ in range(40):
-            try:
-                st, _ = http("GET", f"{MCD}/health/ready", timeout=2)
-            except (urllib.error.URLError, ConnectionError, OSError):
-                break
-            if st == 503:
-                ready_503 = True
-                break
-            time.sleep(0.05)
-        th.join(65)
-        step(f"request in flight at SIGTERM: {inflight_at_term}; its status {res.get('status')} after "
-             f"{res.get('secs', 0):.2f}s; /health/ready 503 seen after SIGTERM: {bool(ready_503)}")
+        if "status" in res:
+            raise Fail("the MC request answered before SIGTERM was sent")
+        ok(f"SIGTERM sent with the MC request in flight (mcd_inflight_requests = {inflight:g})")
+        until("/health/ready answers 503 during the drain",
+              lambda: ((st := http("GET", f"{MCD}/health/ready", timeout=2)[0]) == 503, st), timeout=DRAIN_SECS,
+              interval=0.05)
+        ok("/health/ready answers 503 after SIGTERM, during the drain")
+        time.sleep(max(0.0, t_term + DRAIN_SECS + 1.0 - time.monotonic()))
+        late = None
+        try:
+            late = http("POST", f"{MCD}/predict", {"inputs": [high_row]}, timeout=5)[0]
+        except (urllib.error.URLError, ConnectionError, OSError) as e:
+            late_error = e
+        if late is not None:
+            raise Fail(f"a request sent {time.monotonic() - t_term:.1f}s after SIGTERM (drain {DRAIN_SECS}s) was "
+                       f"answered {late}; the listener should be closed")
+        ok(f"a new request after the drain window is refused ({type(late_error).__name__}), "
+           f"while the in-flight one {'still runs' if th.is_alive() else 'has finished'}")
+        th.join(120)
         if res.get("status") != 200:
             raise Fail(f"in-flight MC request was not completed across SIGTERM: {res.get('status')} {res.get('raw', b'')[:200]!r}")
-        ok("in-flight request finished with 200 after SIGTERM")
+        ok(f"the in-flight request answered 200 after {res['secs']:.2f}s, across SIGTERM")
         for _ in range(400):
             if not alive(MCD_PID):
                 break

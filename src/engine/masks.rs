@@ -188,4 +188,104 @@ mod tests {
         let m = as_f32(&MaskSampler::new(3).sample(0.0, &[1000], DatumType::F32).unwrap());
         assert!(m.iter().all(|&v| v == 1.0));
     }
+
+    fn dropped_share_ok(m: &[f32], p: f64) -> Result<(), String> {
+        let n = m.len() as f64;
+        let dropped = m.iter().filter(|&&v| v == 0.0).count() as f64;
+        let sd = (n * p * (1.0 - p)).sqrt();
+        // Five standard deviations: a false failure has probability below 1e-6.
+        if (dropped - n * p).abs() < 5.0 * sd + 1e-9 {
+            Ok(())
+        } else {
+            Err(format!("dropped {dropped} of {n} at p={p}"))
+        }
+    }
+
+    /// Several sites with different ratios in one pass: each site drops at its own ratio
+    /// and scales by its own 1/(1-p), in every sample's block.
+    #[test]
+    fn each_site_of_a_pass_drops_at_its_own_ratio() {
+        let ratios = [0.1f32, 0.5, 0.8, 0.25];
+        let k = 4;
+        let shapes: Vec<[usize; 2]> = ratios.iter().map(|_| [k * 50, 250]).collect();
+        let specs: Vec<MaskSpec> = ratios
+            .iter()
+            .zip(&shapes)
+            .map(|(&ratio, shape)| MaskSpec::inverted(ratio, shape, DatumType::F32))
+            .collect();
+        let masks = MaskSampler::new(99).sample_pass(3, k, &specs).unwrap();
+        for (m, &p) in masks.iter().zip(&ratios) {
+            let m = as_f32(m);
+            let scale = (1.0 / (1.0 - p as f64)) as f32;
+            assert!(m.iter().all(|&v| v == 0.0 || v == scale), "p={p}");
+            for block in m.chunks(m.len() / k) {
+                dropped_share_ok(block, p as f64).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn f64_and_f16_masks_and_refused_types() {
+        let m = MaskSampler::new(5).sample(0.25, &[4000], DatumType::F64).unwrap();
+        let m = m.try_as_plain_ram().unwrap().as_slice::<f64>().unwrap().to_vec();
+        assert!(m.iter().all(|&v| v == 0.0 || v == 1.0 / 0.75));
+        let f32s: Vec<f32> = m.iter().map(|&v| v as f32).collect();
+        dropped_share_ok(&f32s, 0.25).unwrap();
+        let h = MaskSampler::new(5).sample(0.5, &[4000], DatumType::F16).unwrap();
+        let h = h.try_as_plain_ram().unwrap().as_slice::<f16>().unwrap().to_vec();
+        assert!(h.iter().all(|&v| v == f16::from_f32(0.0) || v == f16::from_f32(2.0)));
+        let f32s: Vec<f32> = h.iter().map(|v| v.to_f32()).collect();
+        dropped_share_ok(&f32s, 0.5).unwrap();
+        assert!(MaskSampler::new(5).sample(0.5, &[10], DatumType::I32).is_err());
+    }
+
+    #[test]
+    fn a_mask_that_does_not_split_into_the_samples_is_refused() {
+        let shape = [7usize, 3];
+        let spec = MaskSpec::inverted(0.5, &shape, DatumType::F32);
+        assert!(MaskSampler::new(1).sample_pass(0, 2, &[spec]).is_err());
+    }
+
+    #[test]
+    fn drop_thresholds() {
+        assert_eq!(drop_threshold(0.0), 0);
+        assert_eq!(drop_threshold(0.5), 1 << 31);
+        assert_eq!(drop_threshold(0.25), 1 << 30);
+        let below_one = f32::from_bits(1.0f32.to_bits() - 1);
+        assert_eq!(drop_threshold(below_one), u32::MAX - 255);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Each site's drop share is its ratio within binomial bounds, for any seed, any
+        /// first sample and several sites.
+        #[test]
+        fn drop_share_per_site(seed in proptest::prelude::any::<u64>(), first in 0u64..1_000_000, p1 in 0.05f32..0.95, p2 in 0.05f32..0.95) {
+            let (a, b) = ([2 * 2000usize], [2 * 3000usize]);
+            let specs = [MaskSpec::inverted(p1, &a, DatumType::F32), MaskSpec::inverted(p2, &b, DatumType::F32)];
+            let masks = MaskSampler::new(seed).sample_pass(first, 2, &specs).unwrap();
+            for (m, p) in masks.iter().zip([p1, p2]) {
+                let m = as_f32(m);
+                let scale = (1.0 / (1.0 - p as f64)) as f32;
+                proptest::prop_assert!(m.iter().all(|&v| v == 0.0 || v == scale));
+                proptest::prop_assert!(dropped_share_ok(&m, p as f64).is_ok(), "{:?}", dropped_share_ok(&m, p as f64));
+            }
+        }
+
+        /// Different seeds give different masks: seeds differing in any bit, including the
+        /// high 32, and the samples of one seed differ from each other.
+        #[test]
+        fn different_seeds_give_different_masks(seed in proptest::prelude::any::<u64>(), bit in 0u32..64) {
+            let other = seed ^ (1u64 << bit);
+            let a = as_f32(&MaskSampler::new(seed).sample(0.5, &[256], DatumType::F32).unwrap());
+            let b = as_f32(&MaskSampler::new(other).sample(0.5, &[256], DatumType::F32).unwrap());
+            // Equal by chance with probability 2^-256.
+            proptest::prop_assert_ne!(a, b);
+            let shape = [2 * 256usize];
+            let spec = MaskSpec::inverted(0.5, &shape, DatumType::F32);
+            let two = as_f32(&MaskSampler::new(seed).sample_pass(0, 2, &[spec]).unwrap()[0]);
+            proptest::prop_assert_ne!(&two[..256], &two[256..]);
+        }
+    }
 }

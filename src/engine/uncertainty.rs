@@ -157,13 +157,119 @@ mod tests {
         assert!((e.predictive_entropy[0] - entropy(&p)).abs() < 1e-12);
     }
 
+    /// Two-pass f64 reference: mean, then the sum of squared deviations / (n - 1), both on
+    /// values shifted by the first one (exact for close values), so that the reference
+    /// keeps its digits under a large common offset.
+    fn two_pass(values: &[Vec<f64>], j: usize) -> (f64, f64) {
+        let n = values.len() as f64;
+        let shift = values[0][j];
+        let d_mean = values.iter().map(|v| v[j] - shift).sum::<f64>() / n;
+        let var = values.iter().map(|v| (v[j] - shift - d_mean).powi(2)).sum::<f64>() / (n - 1.0);
+        (shift + d_mean, var)
+    }
+
+    /// Entropies computed straight from the samples, with no clamping: H[mean of p_s],
+    /// mean of H[p_s], and their difference.
+    fn direct_entropies(values: &[Vec<f64>], k: usize, row: usize) -> (f64, f64, f64) {
+        let h = |p: &[f64]| -> f64 { p.iter().filter(|&&x| x > 0.0).map(|&x| -x * x.ln()).sum() };
+        let n = values.len() as f64;
+        let mean: Vec<f64> = (0..k)
+            .map(|c| values.iter().map(|v| v[row * k + c]).sum::<f64>() / n)
+            .collect();
+        let predictive = h(&mean);
+        let expected = values.iter().map(|v| h(&v[row * k..(row + 1) * k])).sum::<f64>() / n;
+        (predictive, expected, predictive - expected)
+    }
+
+    #[test]
+    fn one_sample_has_zero_variance_and_its_own_entropy() {
+        let p = softmax(&[0.5, 1.5]);
+        let mut acc = Accumulator::new(2, Some(2), false);
+        acc.push(&p);
+        let s = acc.finish();
+        assert_eq!(s.count, 1);
+        assert_eq!(s.mean, p);
+        assert_eq!(s.variance, vec![0.0, 0.0]);
+        let e = s.entropy.unwrap();
+        assert!((e.expected_entropy[0] - entropy(&p)).abs() < 1e-15);
+        assert!(s.samples.is_none());
+    }
+
+    #[test]
+    fn no_entropy_unless_the_classes_divide_the_output() {
+        assert!(Accumulator::new(6, Some(4), false).finish().entropy.is_none());
+        assert!(Accumulator::new(6, Some(0), false).finish().entropy.is_none());
+        assert!(Accumulator::new(6, None, false).finish().entropy.is_none());
+        let e = Accumulator::new(6, Some(3), false).finish().entropy.unwrap();
+        assert_eq!(e.predictive_entropy.len(), 2);
+    }
+
+    #[test]
+    fn entropy_closed_forms_and_clamping_outside_the_simplex() {
+        assert!((entropy(&[0.25; 4]) - 4f64.ln()).abs() < 1e-15);
+        assert!((entropy(&[0.5, 0.5, 0.0]) - 2f64.ln()).abs() < 1e-15);
+        assert_eq!(entropy(&[1.0, 0.0]), 0.0);
+        // A float32 softmax a hair outside the simplex: -1.0000001·ln(1.0000001) < 0.
+        assert_eq!(entropy(&[1.000_000_1, 0.0]), 0.0);
+        // Mass above one in every class: the raw sum exceeds ln K.
+        assert_eq!(entropy(&[0.3, 0.3]), 2f64.ln());
+        assert_eq!(entropy(&[1.0]), 0.0);
+    }
+
+    /// A sample whose entropy rounds outside [0, ln K] counts as the bound in the expected
+    /// entropy, as it does in the predictive one.
+    #[test]
+    fn expected_entropy_clamps_each_sample() {
+        let mut acc = Accumulator::new(2, Some(2), false);
+        acc.push(&[0.3, 0.3]); // raw entropy 0.722 > ln 2
+        acc.push(&[1.000_000_1, 0.0]); // raw entropy < 0
+        let e = acc.finish().entropy.unwrap();
+        assert!((e.expected_entropy[0] - 2f64.ln() / 2.0).abs() < 1e-15);
+    }
+
     proptest! {
+        /// Welford against a two-pass f64 reference on values with a large common offset,
+        /// where the textbook sum-of-squares formula loses every digit: relative error of
+        /// the variance within 1e-6 for offsets up to 1e7 times the spread.
         #[test]
-        fn statistics_stay_in_their_ranges(
+        fn welford_matches_a_two_pass_reference_under_large_offsets(
+            offset in prop_oneof![Just(0.0f64), -1e9f64..1e9, Just(-1e9f64)],
+            scale in prop_oneof![Just(1e-3f64), Just(1.0f64), Just(1e3f64)],
+            noise in proptest::collection::vec(-1.0f64..1.0, 2..60),
+            len in 1usize..4,
+        ) {
+            let values: Vec<Vec<f64>> = noise
+                .iter()
+                .enumerate()
+                .map(|(i, z)| (0..len).map(|j| offset + scale * z * (j as f64 + 1.0) + (i % 3) as f64 * scale * 0.1).collect())
+                .collect();
+            let mut acc = Accumulator::new(len, None, true);
+            for v in &values {
+                acc.push(v);
+            }
+            let st = acc.finish();
+            prop_assert_eq!(st.count, values.len());
+            prop_assert_eq!(st.samples.as_ref().unwrap().len(), values.len() * len);
+            for j in 0..len {
+                let (mean, var) = two_pass(&values, j);
+                // f64 holds the offset to 2^-52 of itself: that bounds what any method can do.
+                let ulp = offset.abs() * f64::EPSILON;
+                prop_assert!((st.mean[j] - mean).abs() <= 1e-12 * mean.abs().max(scale) + 4.0 * ulp, "mean {} vs {}", st.mean[j], mean);
+                let tol = 1e-6 * var + 1e-9 * scale * scale + 64.0 * ulp * scale;
+                prop_assert!((st.variance[j] - var).abs() <= tol, "var {} vs {} (offset {offset}, scale {scale})", st.variance[j], var);
+                prop_assert_eq!(st.std[j], st.variance[j].sqrt());
+            }
+        }
+
+        /// Entropies and mutual information against a direct computation from the samples
+        /// (no clamping in the reference, so a sign or a swapped term shows).
+        #[test]
+        fn entropies_match_a_direct_computation_from_the_samples(
             k in 2usize..8,
             rows in 1usize..4,
             s in 2usize..20,
-            logits in proptest::collection::vec(-20.0f64..20.0, 8 * 4 * 20),
+            temperature in prop_oneof![Just(0.1f64), Just(1.0f64), Just(10.0f64)],
+            logits in proptest::collection::vec(-5.0f64..5.0, 8 * 4 * 20),
         ) {
             let mut acc = Accumulator::new(rows * k, Some(k), false);
             let mut values = vec![];
@@ -171,24 +277,22 @@ mod tests {
                 let mut sample = vec![];
                 for r in 0..rows {
                     let off = (si * rows + r) * k;
-                    sample.extend(softmax(&logits[off..off + k]));
+                    let l: Vec<f64> = logits[off..off + k].iter().map(|x| x * temperature).collect();
+                    sample.extend(softmax(&l));
                 }
                 values.push(sample.clone());
                 acc.push(&sample);
             }
             let st = acc.finish();
-            let ln_k = (k as f64).ln();
-            prop_assert!(st.variance.iter().all(|&v| v >= 0.0));
             let e = st.entropy.unwrap();
             for r in 0..rows {
-                prop_assert!((0.0..=ln_k).contains(&e.predictive_entropy[r]));
-                prop_assert!((0.0..=ln_k).contains(&e.expected_entropy[r]));
-                prop_assert!(e.mutual_information[r] >= 0.0);
+                let (predictive, expected, mi) = direct_entropies(&values, k, r);
+                prop_assert!((e.predictive_entropy[r] - predictive).abs() < 1e-12, "H[mean] {} vs {}", e.predictive_entropy[r], predictive);
+                prop_assert!((e.expected_entropy[r] - expected).abs() < 1e-12, "E[H] {} vs {}", e.expected_entropy[r], expected);
+                prop_assert!((e.mutual_information[r] - mi).abs() < 1e-12, "MI {} vs {}", e.mutual_information[r], mi);
             }
-            // Welford agrees with the two-pass textbook formula.
             for j in 0..rows * k {
-                let mean: f64 = values.iter().map(|v| v[j]).sum::<f64>() / s as f64;
-                let var: f64 = values.iter().map(|v| (v[j] - mean).powi(2)).sum::<f64>() / (s - 1) as f64;
+                let (mean, var) = two_pass(&values, j);
                 prop_assert!((st.mean[j] - mean).abs() < 1e-12);
                 prop_assert!((st.variance[j] - var).abs() < 1e-12);
             }

@@ -23,21 +23,42 @@ pub fn read_json(path: &Path) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// `../shared/real-models`, or None with a printed notice when it is absent. CI sets
-/// MCD_REQUIRE_SHARED=1 so that its absence fails instead of skipping silently.
+/// `../shared/real-models` (or `$MCD_SHARED_MODELS`), or None when it is absent. CI sets
+/// MCD_REQUIRE_SHARED=1 so that its absence fails instead of skipping.
+///
+/// A skip is announced on the process's real stderr, not with `eprintln!`: the test
+/// harness captures `print!`/`eprint!` output and throws it away for passing tests, but
+/// not writes to the stderr handle itself. So a default `cargo test` shows, between the
+/// test lines,
+///
+///     SKIPPED light_alexnet_matches_upstream: ../shared/real-models is absent ...
+///
+/// and the summary of a skipping test is not a silent "ok".
 pub fn shared_models() -> Option<PathBuf> {
-    let dir = repo_root().join("../shared/real-models");
+    let dir = std::env::var_os("MCD_SHARED_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("../shared/real-models"));
     if dir.is_dir() {
         return Some(dir);
     }
     if std::env::var("MCD_REQUIRE_SHARED").as_deref() == Ok("1") {
         panic!("{} is missing and MCD_REQUIRE_SHARED=1", dir.display());
     }
-    eprintln!(
-        "NOTICE: skipping: {} is absent (a fresh clone has no ../shared)",
+    let test = std::thread::current().name().unwrap_or("a test").to_string();
+    announce_skip(&format!(
+        "SKIPPED {test}: {} is absent, so this test checked nothing (a fresh clone has no ../shared; \
+         MCD_REQUIRE_SHARED=1 makes this a failure)",
         dir.display()
-    );
+    ));
     None
+}
+
+/// Writes a line past the harness's output capture, so that it shows for passing tests.
+pub fn announce_skip(line: &str) {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "{line}");
+    let _ = err.flush();
 }
 
 pub fn f64s(v: &serde_json::Value) -> Vec<f64> {
@@ -159,27 +180,84 @@ impl TestServer {
         prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("valid Prometheus text")
     }
 
-    pub async fn stop(mut self) {
+    /// Stops the server and checks how it stopped: `serve` must return Ok, within the
+    /// drain time plus a margin for in-flight work (the default drain is 1 s).
+    pub async fn stop(self) {
+        self.stop_within(Duration::from_secs(15)).await
+    }
+
+    pub async fn stop_within(mut self, limit: Duration) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        let _ = tokio::time::timeout(Duration::from_secs(30), self.handle).await;
+        match tokio::time::timeout(limit, self.handle).await {
+            Err(_) => panic!(
+                "the server at {} did not stop within {limit:?} of its shutdown",
+                self.base
+            ),
+            Ok(Err(join)) => panic!("the server task at {} failed: {join}", self.base),
+            Ok(Ok(Err(e))) => panic!("the server at {} stopped with an error: {e:#}", self.base),
+            Ok(Ok(Ok(()))) => {}
+        }
     }
 }
 
-/// Sum of a counter's (or gauge's) samples whose labels include every given pair.
+/// Sum of a counter's (or gauge's) samples whose labels include every given pair. Panics
+/// when no such series exists, so that `== 0` cannot pass on a missing metric: a test
+/// that means absence says so with [`assert_absent`].
 pub fn metric_sum(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let matching = series(scrape, name, labels);
+    assert!(
+        !matching.is_empty(),
+        "no series {name}{labels:?} in the scrape; series named {name}: {:?}",
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .map(|s| &s.labels)
+            .collect::<Vec<_>>()
+    );
+    sum_of(&matching)
+}
+
+/// Asserts that no series of `name` carries all of `labels`.
+pub fn assert_absent(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) {
+    let matching = series(scrape, name, labels);
+    assert!(
+        matching.is_empty(),
+        "{name}{labels:?} should be absent; found {:?}",
+        matching.iter().map(|s| (&s.labels, &s.value)).collect::<Vec<_>>()
+    );
+}
+
+/// Whether a metric family is exposed at all (any sample of that name, including a
+/// histogram's `_bucket`/`_sum`/`_count` as parsed).
+pub fn metric_exposed(scrape: &prometheus_parse::Scrape, name: &str) -> bool {
+    scrape.samples.iter().any(|s| s.metric == name)
+}
+
+fn series<'a>(
+    scrape: &'a prometheus_parse::Scrape,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Vec<&'a prometheus_parse::Sample> {
     scrape
         .samples
         .iter()
         .filter(|s| s.metric == name)
         .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .collect()
+}
+
+fn sum_of(samples: &[&prometheus_parse::Sample]) -> f64 {
+    samples
+        .iter()
         .map(|s| match &s.value {
             prometheus_parse::Value::Counter(v)
             | prometheus_parse::Value::Gauge(v)
             | prometheus_parse::Value::Untyped(v) => *v,
             prometheus_parse::Value::Histogram(h) => h.iter().map(|b| b.count).fold(0.0, f64::max),
-            prometheus_parse::Value::Summary(_) => 0.0,
+            prometheus_parse::Value::Summary(_) => panic!("{}: summaries are not summed", s.metric),
         })
         .sum()
 }

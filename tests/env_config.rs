@@ -1,0 +1,70 @@
+//! Every flag reads its `MCD_*` environment variable (README, Configuration). One test in
+//! its own binary: it sets the process environment, which no other test may see.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use mcd_serve::config::{Cli, Command, LogFormat};
+
+#[test]
+fn every_flag_reads_its_mcd_environment_variable() {
+    let vars = [
+        ("MCD_MODELS", "/srv/models"),
+        ("MCD_ADDR", "127.0.0.1:9999"),
+        ("MCD_GRPC_ADDR", "127.0.0.1:9998"),
+        ("MCD_MODEL_NAME", "breast-cancer"),
+        ("MCD_DEFAULT_MODEL", "diabetes"),
+        ("MCD_MAX_MC_SAMPLES", "77"),
+        ("MCD_MAX_INFLIGHT_COST", "1234"),
+        ("MCD_MAX_BATCH_ROWS", "12"),
+        ("MCD_REQUEST_TIMEOUT_SECS", "2.5"),
+        ("MCD_BODY_LIMIT_BYTES", "4096"),
+        ("MCD_WORKERS", "3"),
+        ("MCD_LOG_FORMAT", "json"),
+        ("MCD_SHUTDOWN_DRAIN_SECS", "0.25"),
+        ("MCD_HEALTHCHECK_URL", "http://127.0.0.1:1/ready"),
+    ];
+    for (k, v) in vars {
+        // SAFETY: the only test of this binary; nothing else reads the environment meanwhile.
+        unsafe { std::env::set_var(k, v) };
+    }
+    let serve = Cli::parse_from(["mcd-serve"]).serve;
+    assert_eq!(serve.models, PathBuf::from("/srv/models"));
+    assert_eq!(serve.addr, "127.0.0.1:9999");
+    assert_eq!(serve.grpc_addr, "127.0.0.1:9998");
+    assert_eq!(serve.model_name.as_deref(), Some("breast-cancer"));
+    assert_eq!(serve.default_model.as_deref(), Some("diabetes"));
+    assert_eq!(serve.max_mc_samples, 77);
+    assert_eq!(serve.max_inflight_cost, 1234);
+    assert_eq!(serve.max_batch_rows, 12);
+    assert_eq!(serve.request_timeout_secs, 2.5);
+    assert_eq!(serve.body_limit_bytes, 4096);
+    assert_eq!(serve.workers, Some(3));
+    assert_eq!(serve.log_format, LogFormat::Json);
+    assert_eq!(serve.shutdown_drain_secs, 0.25);
+    let limits = serve.limits();
+    assert_eq!(limits.request_timeout, Duration::from_millis(2500));
+    assert_eq!(limits.workers, 3);
+    match Cli::parse_from(["mcd-serve", "healthcheck"]).command {
+        Some(Command::Healthcheck { url, .. }) => assert_eq!(url, "http://127.0.0.1:1/ready"),
+        other => panic!("{other:?}"),
+    }
+    // A flag beats its variable.
+    assert_eq!(
+        Cli::parse_from(["mcd-serve", "--max-batch-rows", "5"])
+            .serve
+            .max_batch_rows,
+        5
+    );
+    // Every MCD_* variable the README lists was covered here.
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    for word in readme.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if word.starts_with("MCD_") && word != "MCD_REQUIRE_SHARED" && word != "MCD_SHARED_MODELS" {
+            assert!(
+                vars.iter().any(|(k, _)| *k == word),
+                "README names {word}, untested here"
+            );
+        }
+    }
+}

@@ -991,7 +991,6 @@ mod tests {
     }
 }
 
-/// The dropout-site analysis: ratio and training-mode sources, refusals, names.
 #[cfg(test)]
 mod site_tests {
     //! The dropout-site analysis on hand-built graphs: where each ratio and training mode

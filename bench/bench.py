@@ -496,8 +496,8 @@ def native_rows(exe, tag, tmp, body, duration, results):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log(f"http: starting {tag} ({exe}) on {base}")
-    srv = subprocess.Popen([str(exe), "--models", str(ROOT / "models"), "--addr", f"127.0.0.1:{port}",
-                            "--grpc-addr", "127.0.0.1:0"],
+    # An older build may predate --grpc-addr; give it only the flags every build knows.
+    srv = subprocess.Popen([str(exe), "--models", str(ROOT / "models"), "--addr", f"127.0.0.1:{port}"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         wait_ready(f"{base}/health/ready", srv)
@@ -544,8 +544,8 @@ def section_http(tmp, duration, out, facts, before=None):
         for label, params in [("OIP eval", {}), ("OIP MC-50", {"mc_samples": 50, "seed": 1})]:
             for form in ("JSON", "binary"):
                 b, headers = oip_body(tmp, bundled_input("breast_cancer"), params, form == "binary")
-                status, answer = post(oip, b.read_bytes(), headers)
-                assert status == 200, (status, answer)
+                status, oip_answer = post(oip, b.read_bytes(), headers)
+                assert status == 200, (status, oip_answer)
                 for c in (1, 64):
                     log(f"http: server {label} {form} c={c}")
                     cpu0 = cpu_seconds(srv.pid)

@@ -82,7 +82,9 @@ pub async fn serve_all(
                 .add_service(health)
                 .add_service(grpc::service(core.clone()))
                 .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    // No Nagle: an answer larger than one segment otherwise waits for the
+                    // client's delayed ACK (measured: MC-50 answers took 44 ms each).
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                     stopped(stop_rx.clone()),
                 );
             Some(tokio::spawn(server))

@@ -78,20 +78,6 @@ fn bc_request(raw: bool, params: &[(&str, ParameterChoice)]) -> pb::ModelInferRe
     request
 }
 
-fn le_f32(bytes: &[u8]) -> Vec<f64> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-        .collect()
-}
-
-fn le_f64(bytes: &[u8]) -> Vec<f64> {
-    bytes
-        .chunks_exact(8)
-        .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-        .collect()
-}
-
 /// Output `name` of an answer: its datatype, shape and raw bytes.
 fn output<'a>(r: &'a pb::ModelInferResponse, name: &str) -> (&'a str, &'a [i64], &'a [u8]) {
     let i = r

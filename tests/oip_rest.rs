@@ -347,20 +347,6 @@ async fn infer_binary(s: &TestServer, body: Vec<u8>, header_length: usize) -> (V
     split_binary(&h, &answer)
 }
 
-fn le_f32(bytes: &[u8]) -> Vec<f64> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-        .collect()
-}
-
-fn le_f64(bytes: &[u8]) -> Vec<f64> {
-    bytes
-        .chunks_exact(8)
-        .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-        .collect()
-}
-
 #[tokio::test]
 async fn binary_tensor_data_in_and_out() {
     let (s, _dir) = server().await;

@@ -214,15 +214,7 @@ async fn predict_is_not_ready_with_retry_after_while_models_load() {
     core.install(repo);
     let r = client.post(format!("{base}/predict")).json(&one).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let text = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let m = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let m = scrape(&client, &base).await;
     assert_eq!(
         metric_sum(&m, "mcd_rejected_requests_total", &[("reason", "not_ready")]),
         1.0

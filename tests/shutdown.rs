@@ -68,16 +68,7 @@ async fn wait_status(client: &reqwest::Client, url: &str, want: u16) {
 
 /// The server's own `mcd_inflight_requests`, parsed from its /metrics.
 async fn inflight(client: &reqwest::Client, base: &str) -> f64 {
-    let text = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
-    metric_sum(&scrape, "mcd_inflight_requests", &[])
+    metric_sum(&scrape(client, base).await, "mcd_inflight_requests", &[])
 }
 
 /// SIGTERM while a request is provably in flight: the server's gauge reads 1 and the

@@ -653,17 +653,8 @@ fn classify(e: &Affine, q: f64) -> Option<(Form, f64)> {
 mod tests {
     use super::*;
 
+    use crate::engine::onnx_graph::node;
     use tract_onnx::pb::{AttributeProto, ValueInfoProto};
-
-    fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
-        NodeProto {
-            op_type: op.into(),
-            name: name.into(),
-            input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: outputs.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        }
-    }
 
     fn scalar(name: &str, v: f32) -> TensorProto {
         TensorProto {

@@ -168,16 +168,7 @@ impl TestServer {
     }
 
     pub async fn metrics(&self) -> prometheus_parse::Scrape {
-        let text = self
-            .client
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("valid Prometheus text")
+        scrape(&self.client, &self.base).await
     }
 
     /// Stops the server and checks how it stopped: `serve` must return Ok, within the
@@ -324,4 +315,33 @@ pub async fn start_with_grpc(args: ServeArgs) -> (TestServer, String) {
     .wait_ready()
     .await;
     (server, grpc_url)
+}
+
+/// A server's /metrics, parsed as Prometheus text.
+pub async fn scrape(client: &reqwest::Client, base: &str) -> prometheus_parse::Scrape {
+    let text = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("valid Prometheus text")
+}
+
+/// Little-endian FP32 bytes (OIP binary data, gRPC raw contents) as f64 values.
+pub fn le_f32(bytes: &[u8]) -> Vec<f64> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+        .collect()
+}
+
+/// Little-endian FP64 bytes as values.
+pub fn le_f64(bytes: &[u8]) -> Vec<f64> {
+    bytes
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }

@@ -150,6 +150,15 @@ pub struct WireTensor {
     pub values: Values,
 }
 
+/// The admission bound on a request's rows from its declared shapes: the largest leading
+/// dim (decoding later checks that the values fill the shapes, so a shape cannot lie).
+pub fn rows_bound<'a>(shapes: impl Iterator<Item = &'a [i64]>) -> usize {
+    shapes
+        .map(|s| s.first().copied().unwrap_or(1).max(1) as usize)
+        .max()
+        .unwrap_or(1)
+}
+
 /// Named values in the model's input order. Unknown, repeated and missing names are
 /// refused by name, with the same words on every protocol.
 pub fn in_input_order<T>(model: &LoadedModel, named: Vec<(String, T)>) -> Result<Vec<(&TensorSpec, T)>, Error> {

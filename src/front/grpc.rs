@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use tract_onnx::prelude::Tensor;
 
 use crate::core::mode::{ModeParams, Param};
-use crate::core::tensors::{DataType, Values, WireTensor, model_inputs};
+use crate::core::tensors::{DataType, Values, WireTensor, model_inputs, rows_bound};
 use crate::core::{Answer, Core, Inputs, PredictRequest, Protocol};
 use crate::engine::model::LoadedModel;
 use crate::error::Error;
@@ -76,11 +76,7 @@ struct GrpcInputs(Vec<WireTensor>);
 
 impl Inputs for GrpcInputs {
     fn rows_bound(&self) -> usize {
-        self.0
-            .iter()
-            .map(|t| t.shape.first().copied().unwrap_or(1).max(1) as usize)
-            .max()
-            .unwrap_or(1)
+        rows_bound(self.0.iter().map(|t| t.shape.as_slice()))
     }
 
     fn decode(self, model: &LoadedModel) -> Result<Vec<Tensor>, Error> {

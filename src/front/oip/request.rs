@@ -14,7 +14,7 @@ use tract_onnx::prelude::Tensor;
 
 use crate::core::Inputs;
 use crate::core::mode::{ModeLabel, ModeParams, Param};
-use crate::core::tensors::{DataType, Values, WireTensor, model_inputs};
+use crate::core::tensors::{DataType, Values, WireTensor, model_inputs, rows_bound};
 use crate::engine::model::LoadedModel;
 use crate::error::Error;
 
@@ -254,11 +254,7 @@ fn boolean(v: &Value, what: &str) -> Result<bool, Error> {
 
 impl Inputs for InferInputs {
     fn rows_bound(&self) -> usize {
-        self.0
-            .iter()
-            .map(|i| i.shape.first().copied().unwrap_or(1).max(1) as usize)
-            .max()
-            .unwrap_or(1)
+        rows_bound(self.0.iter().map(|i| i.shape.as_slice()))
     }
 
     fn decode(self, model: &LoadedModel) -> Result<Vec<Tensor>, Error> {

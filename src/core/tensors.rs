@@ -236,6 +236,18 @@ pub fn to_tensor(spec: &TensorSpec, t: WireTensor) -> Result<Tensor, Error> {
             "input '{name}': shape {shape:?} holds {elements} values, got {count}"
         )));
     }
+    // As on the native API: a non-finite float is refused, never fed to the model. Checked
+    // on the values as sent (integers are always finite), before any tensor is built.
+    let non_finite = match &values {
+        Values::F32(v) => v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i] as f64)),
+        Values::F64(v) => v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i])),
+        _ => None,
+    };
+    if let Some((i, x)) = non_finite {
+        return Err(Error::InvalidValue(format!(
+            "input '{name}': element {i} = {x} is not a finite number"
+        )));
+    }
     let target = spec.datum;
     let internal = |e: TractError| Error::Internal(format!("building input '{name}': {e}"));
     let tensor = match values {
@@ -248,7 +260,7 @@ pub fn to_tensor(spec: &TensorSpec, t: WireTensor) -> Result<Tensor, Error> {
                 .enumerate()
                 .map(|(i, &x)| {
                     let y = x as f32;
-                    if y.is_finite() || !x.is_finite() {
+                    if y.is_finite() {
                         Ok(y)
                     } else {
                         Err(Error::InvalidValue(format!(
@@ -269,20 +281,8 @@ pub fn to_tensor(spec: &TensorSpec, t: WireTensor) -> Result<Tensor, Error> {
             unreachable!("canonical() leaves no raw values or strings; F64 goes to floats")
         }
     };
-    let tensor = if tensor.datum_type() != target {
-        tensor.cast_to_dt(target).map_err(internal)?.into_owned()
-    } else {
-        tensor
-    };
-    // As on the native API: a non-finite float is refused, never fed to the model.
-    if target.is_float() {
-        let values = crate::engine::model::to_f64(&tensor).map_err(internal)?;
-        if let Some(i) = values.iter().position(|x| !x.is_finite()) {
-            return Err(Error::InvalidValue(format!(
-                "input '{name}': element {i} = {} is not a finite number",
-                values[i]
-            )));
-        }
+    if tensor.datum_type() != target {
+        return Ok(tensor.cast_to_dt(target).map_err(internal)?.into_owned());
     }
     Ok(tensor)
 }
@@ -556,6 +556,15 @@ mod tests {
             t.to_plain_array_view::<f32>().unwrap().as_slice().unwrap(),
             &[1.5, -2.0]
         );
+        let nan: Vec<u8> = [1.5f32, f32::NAN].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let e = to_tensor(&f32_in, wire(DataType::F32, Values::Raw(nan))).unwrap_err();
+        assert!(e.to_string().contains("element 1 = NaN is not a finite number"), "{e}");
+        let e = to_tensor(
+            &spec(DatumType::F64),
+            wire(DataType::F64, Values::F64(vec![1.0, f64::INFINITY])),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("not a finite number"), "{e}");
         let e = to_tensor(&f32_in, wire(DataType::F32, Values::Raw(raw[..6].to_vec()))).unwrap_err();
         assert!(matches!(e, Error::ShapeMismatch(_)), "{e}");
         let mut w = wire(DataType::F32, Values::Raw(raw));

@@ -245,25 +245,16 @@ pub fn answer_outputs(model: &LoadedModel, answer: Answer) -> Result<(Vec<OutTen
                     shape: o.shape.clone(),
                     data: OutData::Floats(s.mean),
                 });
-                out.push(floats(format!("{}.variance", o.name), o.shape.clone(), s.variance));
-                out.push(floats(format!("{}.std", o.name), o.shape.clone(), s.std));
+                // The same names, in the same order, as output_meta() lists.
+                for (suffix, values) in STATS.into_iter().zip([s.variance, s.std]) {
+                    out.push(floats(format!("{}.{suffix}", o.name), o.shape.clone(), values));
+                }
                 if let Some(e) = s.entropy {
                     let rows = o.shape[..o.shape.len() - 1].to_vec();
-                    out.push(floats(
-                        format!("{}.predictive_entropy", o.name),
-                        rows.clone(),
-                        e.predictive_entropy,
-                    ));
-                    out.push(floats(
-                        format!("{}.expected_entropy", o.name),
-                        rows.clone(),
-                        e.expected_entropy,
-                    ));
-                    out.push(floats(
-                        format!("{}.mutual_information", o.name),
-                        rows,
-                        e.mutual_information,
-                    ));
+                    let per_row = [e.predictive_entropy, e.expected_entropy, e.mutual_information];
+                    for (suffix, values) in ENTROPIES.into_iter().zip(per_row) {
+                        out.push(floats(format!("{}.{suffix}", o.name), rows.clone(), values));
+                    }
                 }
                 if let Some(raw) = s.samples {
                     let mut shape = vec![s.count];

@@ -58,6 +58,20 @@ impl Protocol {
     }
 }
 
+/// Every model serves one version.
+pub const MODEL_VERSION: &str = "1";
+
+/// Which version a request may name: none (or empty, gRPC's default), or the one served;
+/// another is not found, on every protocol.
+pub fn check_version(model: &str, version: Option<&str>) -> Result<(), Error> {
+    match version {
+        None | Some("") | Some(MODEL_VERSION) => Ok(()),
+        Some(v) => Err(Error::ModelNotFound(format!(
+            "model '{model}' has no version '{v}'; it serves version {MODEL_VERSION}"
+        ))),
+    }
+}
+
 /// The body of a request, still in its protocol's form. Decoding runs on the worker
 /// pool, after admission: a 64 MiB JSON body is CPU work.
 pub trait Inputs: Send + 'static {

@@ -14,11 +14,11 @@ use tract_onnx::prelude::Tensor;
 
 use crate::core::mode::{ModeParams, Param};
 use crate::core::tensors::{DataType, Values, WireTensor, model_inputs, rows_bound};
-use crate::core::{Answer, Core, Inputs, PredictRequest, Protocol};
+use crate::core::{Answer, Core, Inputs, MODEL_VERSION, PredictRequest, Protocol, check_version};
 use crate::engine::model::LoadedModel;
 use crate::error::Error;
-use crate::front::oip::outputs::{MODEL_VERSION, PLATFORM, answer_outputs, input_meta, output_meta, select};
-use crate::front::oip::{EXTENSIONS, check_version};
+use crate::front::oip::EXTENSIONS;
+use crate::front::oip::outputs::{PLATFORM, answer_outputs, input_meta, output_meta, select};
 
 /// The generated protocol types and service traits.
 pub mod pb {
@@ -239,7 +239,7 @@ impl GrpcInferenceService for GrpcFront {
         request: Request<pb::ModelReadyRequest>,
     ) -> Result<Response<pb::ModelReadyResponse>, Status> {
         let r = request.into_inner();
-        check_version(&r.name, Some(r.version.as_str()).filter(|v| !v.is_empty()))?;
+        check_version(&r.name, Some(&r.version))?;
         let ready = self.core.model_ready(&r.name)?;
         Ok(Response::new(pb::ModelReadyResponse { ready }))
     }
@@ -260,7 +260,7 @@ impl GrpcInferenceService for GrpcFront {
         request: Request<pb::ModelMetadataRequest>,
     ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
         let r = request.into_inner();
-        check_version(&r.name, Some(r.version.as_str()).filter(|v| !v.is_empty()))?;
+        check_version(&r.name, Some(&r.version))?;
         let model = self.core.model(Some(&r.name))?;
         let tensor = |name: String, dt: DataType, shape: Vec<i64>| TensorMetadata {
             name,
@@ -300,7 +300,7 @@ impl GrpcInferenceService for GrpcFront {
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
         let mut r = request.into_inner();
         let model = r.model_name.clone();
-        let decoded = check_version(&model, Some(r.model_version.as_str()).filter(|v| !v.is_empty()))
+        let decoded = check_version(&model, Some(&r.model_version))
             .and_then(|()| Ok((mode_params(&r.parameters)?, wire_inputs(&mut r)?)));
         let (params, inputs) = match decoded {
             Ok(d) => d,

@@ -21,10 +21,11 @@ use serde_json::{Value, json};
 
 use crate::core::mode::ModeLabel;
 use crate::core::{Answer, Core, PredictRequest, Protocol};
+use crate::core::{MODEL_VERSION, check_version};
 use crate::engine::model::LoadedModel;
 use crate::error::Error;
 use crate::front::http::{MODE_HEADER, body_error};
-use outputs::{MODEL_VERSION, OutTensor, answer_outputs, metadata_json, select};
+use outputs::{OutTensor, answer_outputs, metadata_json, select};
 use request::{HEADER_LENGTH, OutputRequest};
 
 /// Our extension for MC dropout, advertised in server metadata beside the binary one.
@@ -64,16 +65,6 @@ async fn server_ready(State(core): State<Arc<Core>>) -> Response {
         axum::Json(json!({"ready": reasons.is_empty(), "reasons": reasons})),
     )
         .into_response()
-}
-
-/// Every model serves version 1; another version is not found.
-pub fn check_version(model: &str, version: Option<&str>) -> Result<(), Error> {
-    match version {
-        None | Some(MODEL_VERSION) => Ok(()),
-        Some(v) => Err(Error::ModelNotFound(format!(
-            "model '{model}' has no version '{v}'; it serves version {MODEL_VERSION}"
-        ))),
-    }
 }
 
 /// A model route's path: `/v2/models/{model}[/versions/{version}]`.

@@ -8,9 +8,9 @@
 use serde_json::{Value, json};
 use tract_onnx::prelude::*;
 
-use crate::core::Answer;
 use crate::core::mode::McRequest;
 use crate::core::tensors::{DataType, f32_bytes, f64_bytes, tensor_bytes};
+use crate::core::{Answer, MODEL_VERSION};
 use crate::engine::model::{Dim, LoadedModel, TensorSpec};
 use crate::error::Error;
 
@@ -143,8 +143,6 @@ pub fn metadata_json(model: &LoadedModel) -> Result<Value, Error> {
     }))
 }
 
-/// Every model serves one version.
-pub const MODEL_VERSION: &str = "1";
 pub const PLATFORM: &str = "onnx";
 
 /// One output of an answer, ready to encode.

@@ -34,7 +34,7 @@ pub enum Command {
         )]
         url: String,
         /// Give up after this many seconds.
-        #[arg(long, default_value_t = 3.0)]
+        #[arg(long, env = "MCD_HEALTHCHECK_TIMEOUT_SECS", default_value_t = 3.0)]
         timeout_secs: f64,
     },
 }
@@ -61,7 +61,9 @@ pub struct ServeArgs {
     /// `--model-name={{.Name}}`, the InferenceService's name, which its clients call).
     #[arg(long, env = "MCD_MODEL_NAME")]
     pub model_name: Option<String>,
-    /// Model served by `POST /predict` (default: breast_cancer if present, else the only model).
+    /// Model served by `POST /predict` (default: breast_cancer if present, else the only
+    /// model; with several and none named, `POST /predict` answers 404 `no_default_model`
+    /// and the per-model routes serve).
     #[arg(long, env = "MCD_DEFAULT_MODEL")]
     pub default_model: Option<String>,
     /// Largest `mc_samples` a request may ask for.
@@ -90,6 +92,15 @@ pub struct ServeArgs {
     /// listener, so load balancers stop sending traffic first.
     #[arg(long, env = "MCD_SHUTDOWN_DRAIN_SECS", default_value_t = 1.0)]
     pub shutdown_drain_secs: f64,
+    /// File of API keys, one per line (blank lines and `#` comments ignored), re-read on
+    /// SIGHUP. When set, predict and metadata calls on every protocol need
+    /// `Authorization: Bearer <key>`; health and metrics stay open.
+    #[arg(long, env = "MCD_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Serve `/metrics` on this address instead of the main one (e.g. a port only the
+    /// scraper reaches). Empty: on the main address.
+    #[arg(long, env = "MCD_METRICS_ADDR", default_value = "")]
+    pub metrics_addr: String,
 }
 
 impl ServeArgs {

@@ -21,8 +21,14 @@ pub enum Error {
     InvalidValue(String),
     #[error("{0}")]
     ModelNotFound(String),
+    #[error("{0}")]
+    NoDefaultModel(String),
     #[error("no route for {0}")]
     RouteNotFound(String),
+    #[error("{0}")]
+    InvalidPath(String),
+    #[error("{0}")]
+    Unauthorized(String),
     #[error("method {0} is not allowed on this route")]
     MethodNotAllowed(String),
     #[error("{0}")]
@@ -64,7 +70,10 @@ impl Error {
             Error::UnknownInput(_) => "unknown_input",
             Error::InvalidValue(_) => "invalid_value",
             Error::ModelNotFound(_) => "model_not_found",
+            Error::NoDefaultModel(_) => "no_default_model",
             Error::RouteNotFound(_) => "not_found",
+            Error::InvalidPath(_) => "invalid_path",
+            Error::Unauthorized(_) => "unauthorized",
             Error::MethodNotAllowed(_) => "method_not_allowed",
             Error::PayloadTooLarge(_) => "payload_too_large",
             Error::InvalidParameter(_) => "invalid_parameter",
@@ -86,8 +95,10 @@ impl Error {
             | Error::ShapeMismatch(_)
             | Error::MissingInput(_)
             | Error::UnknownInput(_)
-            | Error::InvalidValue(_) => StatusCode::BAD_REQUEST,
-            Error::ModelNotFound(_) | Error::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            | Error::InvalidValue(_)
+            | Error::InvalidPath(_) => StatusCode::BAD_REQUEST,
+            Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Error::ModelNotFound(_) | Error::NoDefaultModel(_) | Error::RouteNotFound(_) => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::InvalidParameter(_) | Error::ModeMismatch(_) | Error::McUnavailable(_) => {
@@ -113,8 +124,10 @@ impl Error {
             | Error::UnknownInput(_)
             | Error::InvalidValue(_)
             | Error::InvalidParameter(_)
+            | Error::InvalidPath(_)
             | Error::ModeMismatch(_) => Code::InvalidArgument,
-            Error::ModelNotFound(_) => Code::NotFound,
+            Error::Unauthorized(_) => Code::Unauthenticated,
+            Error::ModelNotFound(_) | Error::NoDefaultModel(_) => Code::NotFound,
             Error::RouteNotFound(_) | Error::MethodNotAllowed(_) => Code::Unimplemented,
             // The model cannot do what was asked (no live dropout): not the client's syntax.
             Error::McUnavailable(_) => Code::FailedPrecondition,
@@ -146,6 +159,11 @@ impl IntoResponse for Error {
             error_type: self.error_type(),
         };
         let mut response = (status, axum::Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
         if matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
             response
                 .headers_mut()

@@ -48,12 +48,12 @@ pub async fn serve_all(
         Some(l) => l.local_addr()?.to_string(),
         None => "off".into(),
     };
-    tracing::info!(addr = %http.local_addr()?, grpc_addr = %grpc_addr, models = ?names, default_model = %core.default_model, "listening; loading models");
+    tracing::info!(addr = %http.local_addr()?, grpc_addr = %grpc_addr, models = ?names, default_model = core.default_model.as_deref().unwrap_or("(none)"), "listening; loading models");
 
     let loader = core.clone();
     let dir = args.models.clone();
     let model_name = args.model_name.clone();
-    tokio::task::spawn_blocking(move || match repo::load_folder(&dir, model_name.as_deref(), None) {
+    tokio::task::spawn_blocking(move || match repo::load_folder(&dir, model_name.as_deref(), None, None) {
         Ok(r) => loader.install(r),
         Err(e) => tracing::error!(error = %e, "reading the models folder failed"),
     });
@@ -116,7 +116,8 @@ fn spawn_reload_on_sighup(state: Arc<Core>, dir: std::path::PathBuf, model_name:
             let model_name = model_name.clone();
             let _ = tokio::task::spawn_blocking(move || {
                 let previous = st.repo();
-                match repo::load_folder(&dir, model_name.as_deref(), previous.as_deref()) {
+                let keep = st.default_model.as_deref();
+                match repo::load_folder(&dir, model_name.as_deref(), previous.as_deref(), keep) {
                     Ok(r) => st.install(r),
                     Err(e) => tracing::error!(error = %e, "reload failed; keeping the loaded models"),
                 }

@@ -409,6 +409,26 @@ fn a_ratio_given_as_graph_input_refuses_mc_unless_the_config_fixes_it() {
     assert!((dropped - 0.25 * n).abs() < 5.0 * (n * 0.25 * 0.75).sqrt());
 }
 
+/// Probe finding h: a variance above zero is not evidence that dropout moves a model.
+/// `dead_dropout` adds 1e-6·Dropout(x) to 1: its MC variance is rounding (a few float32
+/// ulps), and a saturated softmax hid the same in breast_cancer (variance 1.1e-39). The
+/// check measures the logits' spread against their scale.
+#[test]
+fn mc_live_asks_for_a_spread_far_above_float_rounding() {
+    let m = load(&fixture("dead_dropout.onnx"));
+    assert_eq!(check(&m, "mc_live"), Outcome::Fail);
+    let reason = m.mc_unavailable_reason().unwrap();
+    assert!(reason.contains("float rounding"), "{reason}");
+    assert!(m.healthy(), "eval stays available");
+    for name in ["breast_cancer", "diabetes", "digits_cnn"] {
+        let m = load(&models_dir().join(format!("{name}.onnx")));
+        let live = m.checks.iter().find(|c| c.check == "mc_live").unwrap();
+        assert_eq!(live.result, Outcome::Pass, "{name}: {}", live.detail);
+        let spread: f64 = live.detail.split(" by ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+        assert!(spread > 1e-2, "{name}: dropout moves the logits by only {spread:e} of their scale");
+    }
+}
+
 #[test]
 fn degenerate_or_absent_dropout_refuses_mc_with_the_reason() {
     let m = load(&fixture("no_dropout.onnx"));

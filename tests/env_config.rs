@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use mcd_serve::config::{Cli, Command, LogFormat};
 
 #[test]
@@ -24,6 +24,9 @@ fn every_flag_reads_its_mcd_environment_variable() {
         ("MCD_LOG_FORMAT", "json"),
         ("MCD_SHUTDOWN_DRAIN_SECS", "0.25"),
         ("MCD_HEALTHCHECK_URL", "http://127.0.0.1:1/ready"),
+        ("MCD_HEALTHCHECK_TIMEOUT_SECS", "0.5"),
+        ("MCD_API_KEY_FILE", "/run/secrets/keys"),
+        ("MCD_METRICS_ADDR", "127.0.0.1:9997"),
     ];
     for (k, v) in vars {
         // SAFETY: the only test of this binary; nothing else reads the environment meanwhile.
@@ -43,11 +46,16 @@ fn every_flag_reads_its_mcd_environment_variable() {
     assert_eq!(serve.workers, Some(3));
     assert_eq!(serve.log_format, LogFormat::Json);
     assert_eq!(serve.shutdown_drain_secs, 0.25);
+    assert_eq!(serve.api_key_file, Some(PathBuf::from("/run/secrets/keys")));
+    assert_eq!(serve.metrics_addr, "127.0.0.1:9997");
     let limits = serve.limits();
     assert_eq!(limits.request_timeout, Duration::from_millis(2500));
     assert_eq!(limits.workers, 3);
     match Cli::parse_from(["mcd-serve", "healthcheck"]).command {
-        Some(Command::Healthcheck { url, .. }) => assert_eq!(url, "http://127.0.0.1:1/ready"),
+        Some(Command::Healthcheck { url, timeout_secs }) => {
+            assert_eq!(url, "http://127.0.0.1:1/ready");
+            assert_eq!(timeout_secs, 0.5);
+        }
         other => panic!("{other:?}"),
     }
     // A flag beats its variable.
@@ -57,8 +65,22 @@ fn every_flag_reads_its_mcd_environment_variable() {
             .max_batch_rows,
         5
     );
-    // Every MCD_* variable the README lists was covered here.
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    // Every flag of the server and of `healthcheck` has a variable, set above and listed in
+    // the README's table (`--help` is clap's own).
+    let cli = Cli::command();
+    let healthcheck = cli.find_subcommand("healthcheck").expect("the healthcheck subcommand");
+    for arg in cli.get_arguments().chain(healthcheck.get_arguments()) {
+        let id = arg.get_id().as_str();
+        if id == "help" || id == "version" {
+            continue;
+        }
+        let env = arg.get_env().unwrap_or_else(|| panic!("flag --{id} has no MCD_* variable"));
+        let env = env.to_str().unwrap();
+        assert!(vars.iter().any(|(k, _)| *k == env), "{env} (--{id}) is not tested here");
+        assert!(readme.contains(&format!("`{env}`")), "README's table does not list {env} (--{id})");
+    }
+    // Every MCD_* variable the README lists was covered here.
     for word in readme.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
         if word.starts_with("MCD_") && word != "MCD_REQUIRE_SHARED" && word != "MCD_SHARED_MODELS" {
             assert!(

@@ -382,6 +382,19 @@ def zero_ratio():
     record_eval("zero_ratio.onnx", {"x": SMALL_X})
 
 
+def dead_dropout():
+    """y = 1 + 1e-6 * Dropout_0.5(x): dropout fires, but moves y by a few float32 ulps of
+    its scale. Its MC variance is not zero (rounding), yet there is no uncertainty to
+    report: the mc_live self-check must refuse it (probe finding h)."""
+    nodes = dropout_nodes("dropout", "x", 0.5)
+    nodes += [helper.make_node("Mul", ["dropout_out", "tiny"], ["scaled"], name="scale_down"),
+              helper.make_node("Add", ["scaled", "one"], ["y"], name="offset")]
+    model = make_model(nodes, "dead_dropout", [vi("x", FLOAT, ["batch", 4])], [vi("y", FLOAT, ["batch", 4])],
+                       [init("tiny", np.array(1e-6, dtype=F32)), init("one", np.array(1.0, dtype=F32))],
+                       doc="y = 1 + 1e-6 * Dropout(x): dropout moves y by float rounding only")
+    save(model, "dead_dropout.onnx")
+
+
 def batch_dependent():
     nodes = dropout_nodes("dropout", "x", 0.2)
     nodes += [helper.make_node("MatMul", ["dropout_out", "W"], ["h"], name="matmul"),
@@ -624,6 +637,7 @@ def main():
     dropout_ratio_input()
     no_dropout()
     zero_ratio()
+    dead_dropout()
     batch_dependent()
     fixed_batch()
     dropconnect()

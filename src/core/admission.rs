@@ -67,11 +67,15 @@ impl Admission {
                 .expect("worker semaphore is never closed: this is a bug");
             let (tx, rx) = oneshot::channel();
             tokio::task::spawn_blocking(move || {
-                let _permits = (admitted, worker);
+                let permits = (admitted, worker);
                 if tx.is_closed() {
                     return;
                 }
-                let _ = tx.send(std::panic::catch_unwind(AssertUnwindSafe(work)));
+                let outcome = std::panic::catch_unwind(AssertUnwindSafe(work));
+                // Capacity comes back before the answer leaves: a client that sends its next
+                // request as soon as it reads this one must find the budget free.
+                drop(permits);
+                let _ = tx.send(outcome);
             });
             rx.await
         };
@@ -102,15 +106,22 @@ mod tests {
         let r = a.run(1, || -> Result<(), Error> { panic!("injected panic") }).await;
         assert!(matches!(r, Err(PoolError::Panicked(m)) if m == "injected panic"));
         assert_eq!(a.run(1, || Ok(7)).await.ok().unwrap().unwrap(), 7);
-        // The budget comes back whole once the work has really ended (the permits drop on
-        // the worker thread just after it hands over the result).
-        for _ in 0..100 {
-            if a.available() == 100 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
         assert_eq!(a.available(), 100);
+    }
+
+    /// Probe finding c: a request that took the whole budget and was refused (413, 400)
+    /// must give the budget back before its answer is sent, or the client's next request,
+    /// sent as soon as it reads that answer, is refused 429.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_budget_is_back_before_the_answer_is() {
+        let a = Admission::new(1000, 2, Duration::from_secs(5));
+        let mut early = 0;
+        for _ in 0..2000 {
+            let r = a.run(1000, || -> Result<(), Error> { Err(Error::PayloadTooLarge("too many rows".into())) });
+            assert!(matches!(r.await, Ok(Err(Error::PayloadTooLarge(_)))));
+            early += (a.available() != 1000) as usize;
+        }
+        assert_eq!(early, 0, "answers that arrived before their capacity was returned");
     }
 
     #[tokio::test]

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use tract_onnx::prelude::Tensor;
 
-use crate::engine::model::{Batch, LoadedModel, McOutput, NamedTensor, Outcome};
+use crate::engine::model::{Batch, LoadedModel, McOutput, NamedTensor};
 use crate::engine::repo::ModelRepo;
 use crate::error::Error;
 use admission::{Admission, PoolError};
@@ -107,14 +107,15 @@ pub struct Core {
     /// Readiness, for the front ends that push it (gRPC health).
     ready: tokio::sync::watch::Sender<bool>,
     shutting_down: AtomicBool,
-    pub default_model: String,
+    /// None: several models and none named (`POST /predict` is then 404).
+    pub default_model: Option<String>,
     pub metrics: Metrics,
     pub limits: Limits,
     admission: Admission,
 }
 
 impl Core {
-    pub fn new(default_model: String, limits: Limits) -> Arc<Self> {
+    pub fn new(default_model: Option<String>, limits: Limits) -> Arc<Self> {
         Arc::new(Core {
             repo: RwLock::new(None),
             ready: tokio::sync::watch::Sender::new(false),
@@ -153,7 +154,11 @@ impl Core {
         self.ready.subscribe()
     }
 
-    /// Empty when ready: every model loaded, every eval check passed, not shutting down.
+    /// Empty when ready. Readiness means every model that should serve has a healthy
+    /// version serving, and the server is not stopping. A failed reload of a model that
+    /// keeps serving its last good version is not a readiness matter: the same bad file
+    /// reaches every replica, and taking them all out of the Service would stop models
+    /// that still answer. It shows in `/models`, `mcd_model_load_failures` and an alert.
     pub fn not_ready_reasons(&self) -> Vec<String> {
         let mut reasons = vec![];
         if self.shutting_down.load(Ordering::SeqCst) {
@@ -162,7 +167,7 @@ impl Core {
         match self.repo() {
             None => reasons.push("models are still loading".into()),
             Some(repo) => {
-                for f in &repo.failures {
+                for f in repo.failures.iter().filter(|f| !f.kept_previous) {
                     reasons.push(format!(
                         "model '{}' failed to load from {}: {}",
                         f.model,
@@ -170,36 +175,64 @@ impl Core {
                         f.reason
                     ));
                 }
-                for (name, m) in &repo.models {
-                    for c in m
-                        .checks
-                        .iter()
-                        .filter(|c| c.result == Outcome::Fail && c.check != "mc_live")
-                    {
-                        reasons.push(format!("model '{name}' failed self-check {}: {}", c.check, c.detail));
-                    }
+                for (name, m) in repo.models.iter().filter(|(_, m)| !m.healthy()) {
+                    reasons.push(format!("model '{name}' failed its self-checks: {}", m.failed_checks()));
                 }
             }
         }
         reasons
     }
 
-    /// The model a metadata request names (None: the default model), or why there is none.
+    /// The model a request names (None: the default model), or why there is none: a model
+    /// that never loaded is 503 with its load failure, not 404.
     pub fn model(&self, name: Option<&str>) -> Result<Arc<LoadedModel>, Error> {
         let repo = self
             .repo()
             .ok_or_else(|| Error::NotReady("models are still loading".into()))?;
-        let name = name.unwrap_or(&self.default_model);
-        repo.models
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Error::ModelNotFound(format!("no model named '{name}'")))
+        let name = match name.or(self.default_model.as_deref()) {
+            Some(name) => name,
+            None => {
+                let names: Vec<&str> = repo.models.keys().map(String::as_str).collect();
+                return Err(Error::NoDefaultModel(format!(
+                    "no default model: this server serves {} models ({}); call /models/{{name}}/predict, or start it with --default-model NAME (MCD_DEFAULT_MODEL)",
+                    names.len(),
+                    names.join(", ")
+                )));
+            }
+        };
+        if let Some(m) = repo.models.get(name) {
+            return Ok(m.clone());
+        }
+        match repo.failures.iter().find(|f| f.model == name) {
+            Some(f) => Err(Error::ModelUnhealthy(format!(
+                "model '{name}' failed to load from {}: {}",
+                f.file.display(),
+                f.reason
+            ))),
+            None => Err(Error::ModelNotFound(format!("no model named '{name}'"))),
+        }
+    }
+
+    /// The name a request's metrics carry: a model of the folder (loaded or failed), else
+    /// [`UNKNOWN_MODEL`], so a client cannot grow the label set.
+    fn model_label(&self, name: Option<&str>) -> String {
+        let known = |n: &str| {
+            self.repo()
+                .is_some_and(|r| r.models.contains_key(n) || r.failures.iter().any(|f| f.model == n))
+        };
+        match name.or(self.default_model.as_deref()) {
+            Some(n) if known(n) => n.to_string(),
+            _ => UNKNOWN_MODEL.to_string(),
+        }
     }
 
     /// Whether a model exists, has passed its eval checks, and the server is not stopping.
     pub fn model_ready(&self, name: &str) -> Result<bool, Error> {
-        let model = self.model(Some(name))?;
-        Ok(model.healthy() && !self.shutting_down.load(Ordering::SeqCst))
+        match self.model(Some(name)) {
+            Ok(model) => Ok(model.healthy() && !self.shutting_down.load(Ordering::SeqCst)),
+            Err(Error::ModelUnhealthy(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// The one predict path. `encode` turns the typed answer into the protocol's body; it
@@ -213,14 +246,12 @@ impl Core {
         let _inflight = Inflight::new(&self.metrics.inflight);
         let label = request.params.label();
         let protocol = request.protocol;
-        let name = request.model.clone().unwrap_or_else(|| self.default_model.clone());
-        let model = self.model(Some(&name));
-        let model_label = if model.is_ok() { name.as_str() } else { UNKNOWN_MODEL };
-        let result = match model {
+        let model_label = self.model_label(request.model.as_deref());
+        let result = match self.model(request.model.as_deref()) {
             Ok(model) => self.run(model, request, encode).await,
             Err(e) => Err(e),
         };
-        self.record(protocol, model_label, label, result.as_ref().err(), started);
+        self.record(protocol, &model_label, label, result.as_ref().err(), started);
         Reply { mode: label, result }
     }
 
@@ -228,10 +259,8 @@ impl Core {
     /// [`predict`](Self::predict) (a body that is not the protocol's syntax, an unknown
     /// query parameter), and hands its error back.
     pub fn refuse(&self, protocol: Protocol, model: Option<&str>, mode: ModeLabel, error: Error) -> Error {
-        let name = model.unwrap_or(&self.default_model);
-        let known = self.repo().is_some_and(|r| r.models.contains_key(name));
-        let model = if known { name } else { UNKNOWN_MODEL };
-        self.record(protocol, model, mode, Some(&error), Instant::now());
+        let model = self.model_label(model);
+        self.record(protocol, &model, mode, Some(&error), Instant::now());
         error
     }
 

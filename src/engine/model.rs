@@ -379,6 +379,16 @@ impl LoadedModel {
             .all(|c| c.result != Outcome::Fail || c.check == "mc_live")
     }
 
+    /// The eval self-checks that failed, as `check: detail; ...` (empty when healthy).
+    pub fn failed_checks(&self) -> String {
+        self.checks
+            .iter()
+            .filter(|c| c.result == Outcome::Fail && c.check != "mc_live")
+            .map(|c| format!("{}: {}", c.check, c.detail))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
     pub fn mc_unavailable_reason(&self) -> Option<&str> {
         self.mc.as_ref().err().map(String::as_str)
     }
@@ -587,33 +597,7 @@ impl LoadedModel {
         });
         let live = match &self.mc {
             Err(reason) => skipped("mc_live", reason),
-            Ok(_) => match self
-                .mc_session()
-                .and_then(|s| s.run(&probe, McSamples(PROBE_MC_SAMPLES), 0, false))
-            {
-                Err(e) => fail("mc_live", format!("MC failed on the probe input: {e}")),
-                Ok(outs) => {
-                    let max = outs
-                        .iter()
-                        .flat_map(|o| o.stats.variance.iter())
-                        .cloned()
-                        .fold(0.0, f64::max);
-                    if max > 0.0 {
-                        pass(
-                            "mc_live",
-                            &format!("{PROBE_MC_SAMPLES} MC samples on the probe: largest output variance {max:.3e}"),
-                        )
-                    } else {
-                        fail(
-                            "mc_live",
-                            format!(
-                                "{PROBE_MC_SAMPLES} MC samples on the probe input gave zero variance in every \
-                                 output, so MC dropout is degenerate for this model"
-                            ),
-                        )
-                    }
-                }
-            },
+            Ok(plan) => check_live(plan, &probe),
         };
         if live.result == Outcome::Fail {
             self.mc = Err(live.detail.clone());
@@ -799,6 +783,80 @@ fn unnamed(tensors: impl IntoIterator<Item = Tensor>) -> Vec<NamedTensor> {
             tensor,
         })
         .collect()
+}
+
+/// Dropout must move the raw MC graph's outputs (the logits, where the server applies the
+/// softmax) by far more than float rounding: a variance merely above zero proves nothing
+/// (a saturated softmax gives 1e-39 from rounding alone). The spread of each element over
+/// the samples is measured against the output's scale.
+fn check_live(plan: &McPlan, probe: &Batch) -> CheckResult {
+    const CHECK: &str = "mc_live";
+    let k = PROBE_MC_SAMPLES;
+    let shared = matches!(plan.trunk, Trunk::Shared { .. });
+    // As a request runs: all samples in one pass when the masks are batch-led, else one
+    // pass per sample. Per output, the samples one after the other.
+    let per_pass = if plan.batch.is_some() { k } else { 1 };
+    let mut sampler = MaskSampler::new(0x6c_69_76_65);
+    let mut raw: Vec<Vec<f64>> = vec![];
+    let mut done = 0;
+    while done < k {
+        let step = per_pass.min(k - done);
+        let outs = plan
+            .sample_masks(probe, done, step, &mut sampler)
+            .and_then(|masks| McPlan::run_plans(&plan.plans, shared, probe, step, masks))
+            .and_then(|outs| outs.iter().map(|t| to_f64(t)).collect::<TractResult<Vec<_>>>());
+        match outs {
+            Ok(outs) => {
+                raw.resize_with(outs.len(), Vec::new);
+                for (all, values) in raw.iter_mut().zip(outs) {
+                    all.extend(values);
+                }
+            }
+            Err(e) => return fail(CHECK, format!("MC failed on the probe input: {e:#}")),
+        }
+        done += step;
+    }
+    let best = raw.iter().map(|v| relative_spread(v, k)).fold(0.0f64, f64::max);
+    if best >= LIVE_SPREAD {
+        pass(
+            CHECK,
+            &format!(
+                "{k} MC samples on the probe moved an output by {best:.3e} of its scale (the check asks {LIVE_SPREAD:.0e})"
+            ),
+        )
+    } else {
+        fail(
+            CHECK,
+            format!(
+                "{k} MC samples on the probe moved no output by more than {best:.3e} of its scale, \
+                 below {LIVE_SPREAD:.0e}: that is float rounding, not dropout, so MC dropout is degenerate for \
+                 this model (zero variance)"
+            ),
+        )
+    }
+}
+
+/// The least spread, relative to an output's scale, that counts as dropout moving it:
+/// about 800 float32 ulps, far above rounding, far below what a dropout site does.
+const LIVE_SPREAD: f64 = 1e-4;
+
+/// `values` holds `k` samples one after the other; the largest (max − min) over the samples
+/// of any element, divided by the largest magnitude in the output (0 when all are 0).
+fn relative_spread(values: &[f64], k: usize) -> f64 {
+    let n = values.len() / k.max(1);
+    let scale = values.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    if n == 0 || !(scale > 0.0) || !scale.is_finite() {
+        return 0.0;
+    }
+    let spread = (0..n)
+        .map(|e| {
+            let (lo, hi) = (0..k)
+                .map(|s| values[s * n + e])
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
+            hi - lo
+        })
+        .fold(0.0f64, f64::max);
+    spread / scale
 }
 
 /// Compares the shared-trunk MC graph with the full one on the probe, with the same masks,

@@ -64,20 +64,18 @@ pub fn scan_named(dir: &Path, model_name: Option<&str>) -> std::io::Result<Vec<(
 }
 
 /// Which model `POST /predict` serves: the one named, else `breast_cancer` when present,
-/// else the only one.
-pub fn default_model(names: &[String], requested: Option<&str>) -> Result<String, String> {
+/// else the only one. A folder of several models with none named has no default: the
+/// per-model routes serve them all, as Triton and KServe users expect.
+pub fn default_model(names: &[String], requested: Option<&str>) -> Result<Option<String>, String> {
     match requested {
-        Some(r) if names.iter().any(|n| n == r) => Ok(r.to_string()),
+        Some(r) if names.iter().any(|n| n == r) => Ok(Some(r.to_string())),
         Some(r) => Err(format!(
             "the default model '{r}' is not among the models found: {names:?}"
         )),
-        None if names.iter().any(|n| n == "breast_cancer") => Ok("breast_cancer".into()),
-        None if names.len() == 1 => Ok(names[0].clone()),
         None if names.is_empty() => Err("no *.onnx models found".into()),
-        None => Err(format!(
-            "{} models found ({names:?}) and none named as the default: pass --default-model or set MCD_DEFAULT_MODEL",
-            names.len()
-        )),
+        None if names.iter().any(|n| n == "breast_cancer") => Ok(Some("breast_cancer".into())),
+        None if names.len() == 1 => Ok(Some(names[0].clone())),
+        None => Ok(None),
     }
 }
 
@@ -112,33 +110,68 @@ pub fn load_model(name: &str, path: &Path) -> Result<LoadedModel, String> {
 /// Loads every model in `dir`. A file that fails keeps the previous good version, if one
 /// is given, serving under its name; other files load regardless.
 pub fn load_dir(dir: &Path, previous: Option<&ModelRepo>) -> std::io::Result<ModelRepo> {
-    load_folder(dir, None, previous)
+    load_folder(dir, None, previous, None)
 }
 
 /// As [`load_dir`], with the folder's single model served as `model_name` when given.
-pub fn load_folder(dir: &Path, model_name: Option<&str>, previous: Option<&ModelRepo>) -> std::io::Result<ModelRepo> {
+///
+/// On a reload (`previous` given) nothing that serves is lost to a bad folder:
+/// - a file that fails to load, or loads but fails its eval self-checks, keeps its last
+///   good version serving, reported as a failure with `kept_previous`;
+/// - the model named `keep` (the default model) keeps serving its last version when its
+///   file is gone, so `POST /predict` cannot turn into a 404 under a ready server;
+/// - a folder with no model at all is refused (an error), as it is at startup.
+pub fn load_folder(
+    dir: &Path,
+    model_name: Option<&str>,
+    previous: Option<&ModelRepo>,
+    keep: Option<&str>,
+) -> std::io::Result<ModelRepo> {
+    let found = scan_named(dir, model_name)?;
+    if found.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("no *.onnx models in {}", dir.display()),
+        ));
+    }
     let mut repo = ModelRepo::default();
-    for (name, path) in scan_named(dir, model_name)? {
+    for (name, path) in found {
         let start = Instant::now();
-        match load_model(&name, &path) {
-            Ok(m) => {
+        let old = previous.and_then(|p| p.models.get(&name)).filter(|m| m.healthy()).cloned();
+        let failure = match load_model(&name, &path) {
+            Ok(m) if m.healthy() || old.is_none() => {
                 repo.load_times.insert(name.clone(), start.elapsed());
                 repo.models.insert(name, Arc::new(m));
+                continue;
             }
-            Err(reason) => {
-                let old = previous.and_then(|p| p.models.get(&name)).cloned();
-                tracing::error!(model = %name, file = %path.display(), %reason, kept_previous = old.is_some(), "model failed to load");
-                repo.failures.push(LoadFailure {
-                    model: name.clone(),
-                    file: path,
-                    reason,
-                    kept_previous: old.is_some(),
-                });
-                if let Some(old) = old {
-                    repo.models.insert(name, old);
-                }
-            }
+            Ok(m) => format!("the new version failed its self-checks: {}", m.failed_checks()),
+            Err(reason) => reason,
+        };
+        tracing::error!(model = %name, file = %path.display(), reason = %failure, kept_previous = old.is_some(), "model failed to load");
+        repo.failures.push(LoadFailure {
+            model: name.clone(),
+            file: path,
+            reason: failure,
+            kept_previous: old.is_some(),
+        });
+        if let Some(old) = old {
+            repo.models.insert(name, old);
         }
+    }
+    if let Some(name) = keep
+        && !repo.models.contains_key(name)
+        && !repo.failures.iter().any(|f| f.model == name)
+        && let Some(old) = previous.and_then(|p| p.models.get(name))
+    {
+        let reason = "its file is gone from the models folder; as the default model it keeps serving its last version until the server restarts".to_string();
+        tracing::error!(model = %name, %reason, "default model removed");
+        repo.failures.push(LoadFailure {
+            model: name.to_string(),
+            file: old.path.clone(),
+            reason,
+            kept_previous: true,
+        });
+        repo.models.insert(name.to_string(), old.clone());
     }
     Ok(repo)
 }

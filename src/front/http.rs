@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -13,6 +14,7 @@ use axum::routing::get;
 use serde_json::json;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::classify::ServerErrorsFailureClass;
 use tower_http::trace::TraceLayer;
 
 use crate::core::Core;
@@ -46,10 +48,27 @@ pub fn router(core: Arc<Core>) -> Router {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("-");
             tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path())
-        }))
+        })
+        .on_failure(log_failure))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(RequestCounter::default()))
         .with_state(core)
+}
+
+/// tower-http logs every 5xx at ERROR. Most of ours are expected and counted in the
+/// metrics: readiness at 503 while loading or draining, 503 for an unhealthy model, 504 on
+/// a timeout. Only a 500 (a bug) or a broken connection is an error.
+fn log_failure(class: ServerErrorsFailureClass, latency: Duration, _: &tracing::Span) {
+    let ms = latency.as_secs_f64() * 1e3;
+    match class {
+        ServerErrorsFailureClass::StatusCode(StatusCode::INTERNAL_SERVER_ERROR) => {
+            tracing::error!(status = 500, latency_ms = ms, "internal server error")
+        }
+        ServerErrorsFailureClass::StatusCode(status) => {
+            tracing::debug!(status = status.as_u16(), latency_ms = ms, "answered with a server status")
+        }
+        ServerErrorsFailureClass::Error(error) => tracing::error!(%error, latency_ms = ms, "response failed"),
+    }
 }
 
 /// Request ids: a per-process random prefix and a counter, unless the client sent one.

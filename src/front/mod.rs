@@ -1,6 +1,7 @@
 //! The front ends: each decodes its protocol into the core's request and encodes the
 //! core's answer. None of them decides anything a request means.
 
+pub mod extract;
 pub mod grpc;
 pub mod http;
 pub mod native;

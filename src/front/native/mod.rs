@@ -11,7 +11,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -21,6 +21,7 @@ use crate::core::mode::{ModeLabel, ModeParams, Param};
 use crate::core::{Answer, Core, Inputs, PredictRequest, Protocol};
 use crate::engine::model::LoadedModel;
 use crate::error::Error;
+use crate::front::extract::Path;
 use crate::front::http::{MODE_HEADER, body_error};
 use json::{floats_to_json, parse_request, tensor_to_json};
 
@@ -179,7 +180,7 @@ async fn list_models(State(core): State<Arc<Core>>) -> Result<Response, Error> {
         .map(|m| {
             json!({
                 "name": m.name,
-                "default": m.name == core.default_model,
+                "default": core.default_model.as_deref() == Some(m.name.as_str()),
                 "healthy": m.healthy(),
                 "mc_available": m.mc_unavailable_reason().is_none(),
                 "dropout_sites": m.sampling_sites(),
@@ -194,13 +195,27 @@ async fn list_models(State(core): State<Arc<Core>>) -> Result<Response, Error> {
 }
 
 async fn model_metadata(State(core): State<Arc<Core>>, Path(name): Path<String>) -> Result<Response, Error> {
-    let m = core.model(Some(&name))?;
     let repo = core.repo();
+    let load_failure = repo.as_ref().and_then(|r| r.failures.iter().find(|f| f.model == name));
+    let m = match core.model(Some(&name)) {
+        Ok(m) => m,
+        // A model that never loaded: the error, with the failure itself to read.
+        Err(e) => {
+            return Ok(match load_failure {
+                Some(f) => (
+                    e.status(),
+                    axum::Json(json!({"error": e.to_string(), "error_type": e.error_type(), "name": name, "load_failure": f})),
+                )
+                    .into_response(),
+                None => e.into_response(),
+            });
+        }
+    };
     Ok(axum::Json(json!({
         "name": m.name,
         "file": m.path.file_name().map(|f| f.to_string_lossy()),
         "description": m.config.description,
-        "default": m.name == core.default_model,
+        "default": core.default_model.as_deref() == Some(m.name.as_str()),
         "inputs": m.inputs,
         "outputs": m.outputs,
         "probability_outputs": m.probability_output_names(),
@@ -212,7 +227,7 @@ async fn model_metadata(State(core): State<Arc<Core>>, Path(name): Path<String>)
         "mc_available": m.mc_unavailable_reason().is_none(),
         "mc_unavailable_reason": m.mc_unavailable_reason(),
         "max_mc_samples": core.limits.max_mc_samples,
-        "load_failure": repo.as_ref().and_then(|r| r.failures.iter().find(|f| f.model == name)),
+        "load_failure": load_failure,
     }))
     .into_response())
 }

@@ -117,10 +117,18 @@ fn spawn_reload_on_sighup(state: Arc<Core>, dir: std::path::PathBuf, model_name:
             let _ = tokio::task::spawn_blocking(move || {
                 let previous = st.repo();
                 let keep = st.default_model.as_deref();
-                match repo::load_folder(&dir, model_name.as_deref(), previous.as_deref(), keep) {
-                    Ok(r) => st.install(r),
-                    Err(e) => tracing::error!(error = %e, "reload failed; keeping the loaded models"),
-                }
+                let result = match repo::load_folder(&dir, model_name.as_deref(), previous.as_deref(), keep) {
+                    Ok(r) => {
+                        let partial = !r.failures.is_empty();
+                        st.install(r);
+                        if partial { "partial" } else { "ok" }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "reload refused; keeping the loaded models");
+                        "refused"
+                    }
+                };
+                st.metrics.reloads.with_label_values(&[result]).inc();
             })
             .await;
         }

@@ -73,6 +73,24 @@ async fn health_listing_and_metadata() {
     ] {
         assert!(checks.contains(&(c, "pass")), "{c}: {checks:?}");
     }
+    // Probe finding g: every known label series reads 0 before its first event (metric_sum
+    // panics on a missing series), so rate() and alerts see the first one.
+    let m = s.metrics().await;
+    for reason in mcd_serve::core::admission::REJECT_REASONS {
+        assert_eq!(metric_sum(&m, "mcd_rejected_requests_total", &[("reason", reason)]), 0.0, "{reason}");
+    }
+    for model in ["breast_cancer", "diabetes", "digits_cnn"] {
+        for reason in mcd_serve::core::mode::VIOLATION_REASONS {
+            let labels = [("model", model), ("reason", reason)];
+            assert_eq!(metric_sum(&m, "mcd_mode_violations_total", &labels), 0.0, "{labels:?}");
+        }
+    }
+    for result in mcd_serve::core::metrics::RELOAD_RESULTS {
+        assert_eq!(metric_sum(&m, "mcd_model_reloads_total", &[("result", result)]), 0.0);
+    }
+    for protocol in ["native", "oip", "grpc"] {
+        assert_eq!(metric_sum(&m, "mcd_auth_failures_total", &[("protocol", protocol)]), 0.0);
+    }
     s.stop().await;
 }
 
@@ -184,6 +202,16 @@ async fn every_client_error_is_a_typed_4xx() {
         .map(|v| v.as_f64().unwrap())
         .collect();
 
+    // Probe finding b: a path axum cannot decode (not UTF-8) is our JSON error on every
+    // route, not axum's text/plain "Invalid URL".
+    for path in ["/models/%FF/predict", "/v2/models/%FF/infer", "/v2/models/%FF/versions/1/infer"] {
+        let (st, b) = s.post_raw(path, "{}").await;
+        assert_eq!((st, b["error_type"].as_str().unwrap()), (400, "invalid_path"), "{path}: {b}");
+    }
+    for path in ["/models/%FF", "/v2/models/%FF", "/v2/models/%FF/ready"] {
+        let (st, b) = s.get(path).await;
+        assert_eq!((st, b["error_type"].as_str().unwrap()), (400, "invalid_path"), "{path}: {b}");
+    }
     let (st, b) = s.post_raw("/predict", "{\"inputs\": [[1, 2").await;
     assert_eq!((st, b["error_type"].as_str().unwrap()), (400, "malformed_json"));
     let (st, b) = s.post_raw("/predict", "[1, 2]").await;
@@ -534,6 +562,22 @@ async fn readiness_follows_the_self_checks_and_load_failures() {
     assert_eq!((st, b["error_type"].as_str().unwrap()), (503, "model_unhealthy"));
     let (_, list) = s.get("/models").await;
     assert_eq!(list["load_failures"][0]["model"], "broken");
+    // Probe finding e: a model that never loaded is 503 model_unhealthy with its load
+    // failure, on predict and on metadata, on both REST protocols; never "no model named".
+    let oip = r#"{"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}]}"#;
+    for (path, body) in [("/models/broken/predict", r#"{"inputs": [[1.0]]}"#), ("/v2/models/broken/infer", oip)] {
+        let (st, b) = s.post_raw(path, body).await;
+        assert_eq!((st, b["error_type"].as_str().unwrap()), (503, "model_unhealthy"), "{path}: {b}");
+        assert!(b["error"].as_str().unwrap().contains("failed to load"), "{path}: {b}");
+    }
+    let (st, meta) = s.get("/models/broken").await;
+    assert_eq!((st, meta["error_type"].as_str().unwrap()), (503, "model_unhealthy"), "{meta}");
+    assert!(meta["load_failure"]["reason"].is_string(), "{meta}");
+    assert_eq!(meta["load_failure"]["kept_previous"], false);
+    assert_eq!(s.get("/v2/models/broken").await.0, 503);
+    let (st, ready) = s.get("/v2/models/broken/ready").await;
+    assert_eq!((st, &ready["ready"]), (503, &json!(false)));
+    assert_eq!(s.get("/models/nothing_here").await.0, 404);
     let m = s.metrics().await;
     assert_eq!(metric_sum(&m, "mcd_ready", &[]), 0.0);
     assert_eq!(
@@ -551,14 +595,39 @@ async fn readiness_follows_the_self_checks_and_load_failures() {
     s.stop().await;
 }
 
+/// Probe finding f: a folder of models with none named the default serves, as Triton and
+/// KServe users expect; only `POST /predict` has nothing to answer, and says why.
 #[tokio::test]
-async fn several_models_and_no_default_refuses_to_start() {
+async fn several_models_and_no_default_serve_by_name() {
     let dir = model_folder(&[models_dir().join("diabetes.onnx"), models_dir().join("digits_cnn.onnx")]);
+    let s = TestServer::start(ServeArgs::for_models(dir.path())).await;
+    assert_eq!(s.get("/health/ready").await.0, 200);
+    let row = reference("diabetes")["inputs"][0].clone();
+    let (st, b) = s.post_raw("/predict", json!({"inputs": [row.clone()]}).to_string()).await;
+    assert_eq!((st, b["error_type"].as_str().unwrap()), (404, "no_default_model"), "{b}");
+    let msg = b["error"].as_str().unwrap();
+    assert!(
+        msg.contains("diabetes") && msg.contains("digits_cnn") && msg.contains("--default-model"),
+        "{msg}"
+    );
+    let (st, b, _) = s.post("/models/diabetes/predict", &json!({"inputs": [row]})).await;
+    assert_eq!((st, b["model"].as_str()), (200, Some("diabetes")), "{b}");
+    let (_, list) = s.get("/models").await;
+    assert!(list["default_model"].is_null(), "{list}");
+    assert!(list["models"].as_array().unwrap().iter().all(|m| m["default"] == false));
+    let m = s.metrics().await;
+    assert_eq!(
+        metric_sum(&m, "mcd_requests_total", &[("model", "_unknown"), ("status", "404")]),
+        1.0
+    );
+    s.stop().await;
+    // A folder with no model at all still refuses to start.
+    let empty = model_folder(&[]);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let err = mcd_serve::server::serve(ServeArgs::for_models(dir.path()), listener, async {})
+    let err = mcd_serve::server::serve(ServeArgs::for_models(empty.path()), listener, async {})
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("--default-model"), "{err}");
+    assert!(err.to_string().contains("no *.onnx models"), "{err}");
 }
 
 #[test]

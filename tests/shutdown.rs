@@ -5,6 +5,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
@@ -13,6 +14,8 @@ use serde_json::{Value, json};
 struct Proc {
     child: Child,
     base: String,
+    /// Every line the server has written to stdout so far (JSON logs).
+    logs: Arc<Mutex<Vec<String>>>,
 }
 
 impl Drop for Proc {
@@ -38,10 +41,11 @@ fn spawn(models: &std::path::Path, extra: &[&str]) -> Proc {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let addr = listening_addr(&mut child);
+    let (addr, logs) = listening_addr(&mut child);
     Proc {
         child,
         base: format!("http://{addr}"),
+        logs,
     }
 }
 
@@ -173,10 +177,11 @@ async fn the_binary_reads_its_settings_from_mcd_environment_variables() {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let addr = listening_addr(&mut child);
+    let (addr, logs) = listening_addr(&mut child);
     let p = Proc {
         child,
         base: format!("http://{addr}"),
+        logs,
     };
     let client = reqwest::Client::new();
     wait_status(&client, &format!("{}/health/ready", p.base), 200).await;
@@ -214,9 +219,11 @@ async fn the_binary_reads_its_settings_from_mcd_environment_variables() {
     drop(p);
 }
 
-/// The first JSON log line that names the listening address.
-fn listening_addr(child: &mut Child) -> String {
+/// The address of the first JSON log line that names one, and every line as it comes.
+fn listening_addr(child: &mut Child) -> (String, Arc<Mutex<Vec<String>>>) {
     let stdout = child.stdout.take().unwrap();
+    let logs = Arc::new(Mutex::new(vec![]));
+    let kept = logs.clone();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut sent = false;
@@ -229,37 +236,222 @@ fn listening_addr(child: &mut Child) -> String {
                 tx.send(addr.to_string()).unwrap();
                 sent = true;
             }
+            kept.lock().unwrap().push(line);
         }
     });
-    rx.recv_timeout(Duration::from_secs(30))
-        .expect("the server logged no listening address in JSON")
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the server logged no listening address in JSON");
+    (addr, logs)
 }
 
+async fn get_json(client: &reqwest::Client, url: &str) -> (u16, Value) {
+    let r = client.get(url).send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+/// Waits until `mcd_model_reloads_total{result}` reads `n`: the reload has been applied.
+async fn wait_reloads(client: &reqwest::Client, base: &str, result: &str, n: f64) {
+    for _ in 0..600 {
+        if metric_sum(&scrape(client, base).await, "mcd_model_reloads_total", &[("result", result)]) >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no {result} reload was counted");
+}
+
+/// Readiness that keeps a fleet up, and probe finding d. The same bad file reaches every
+/// replica, so readiness must not fall while every model still serves a version: a broken
+/// file, the default model's file removed, an emptied folder. Each is reported instead
+/// (`/models`, `mcd_model_load_failures`, `mcd_model_reloads_total`), and `POST /predict`
+/// never turns 404 under a ready server.
 #[tokio::test]
-async fn sighup_reload_keeps_the_last_good_model_when_the_file_breaks() {
-    let dir = model_folder(&[models_dir().join("breast_cancer.onnx")]);
+async fn sighup_reloads_never_take_a_serving_replica_out_of_readiness() {
+    let dir = model_folder(&[models_dir().join("breast_cancer.onnx"), models_dir().join("diabetes.onnx")]);
     let p = spawn(dir.path(), &[]);
     let client = reqwest::Client::new();
-    wait_status(&client, &format!("{}/health/ready", p.base), 200).await;
-    std::fs::write(dir.path().join("breast_cancer.onnx"), b"half a file").unwrap();
+    let ready_url = format!("{}/health/ready", p.base);
+    wait_status(&client, &ready_url, 200).await;
+    let refs = read_json(&fixture("reference_outputs.json"));
+    let predict = |path: &str, model: &str| {
+        let r = client
+            .post(format!("{}{path}", p.base))
+            .json(&json!({"inputs": [refs[model]["inputs"][0].clone()]}))
+            .send();
+        async move { r.await.unwrap().status().as_u16() }
+    };
+
+    // A broken file: diabetes keeps its last good version.
+    std::fs::write(dir.path().join("diabetes.onnx"), b"half a file").unwrap();
     signal(&p, "HUP");
-    wait_status(&client, &format!("{}/health/ready", p.base), 503).await;
-    let list: Value = client
-        .get(format!("{}/models", p.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    wait_reloads(&client, &p.base, "partial", 1.0).await;
+    assert_eq!(get_json(&client, &ready_url).await.0, 200);
+    assert_eq!(predict("/models/diabetes/predict", "diabetes").await, 200);
+    let (_, list) = get_json(&client, &format!("{}/models", p.base)).await;
+    assert_eq!(list["load_failures"][0]["model"], "diabetes");
     assert_eq!(list["load_failures"][0]["kept_previous"], true);
-    let r = client
-        .post(format!("{}/predict", p.base))
-        .json(&json!({"inputs": [vec![10.0; 30]]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "the last good model keeps serving");
+    let m = scrape(&client, &p.base).await;
+    assert_eq!(metric_sum(&m, "mcd_model_load_failures", &[]), 1.0);
+    assert_eq!(metric_sum(&m, "mcd_ready", &[]), 1.0);
+
+    // The default model's file is removed: it keeps serving, and /models says why.
+    std::fs::remove_file(dir.path().join("breast_cancer.onnx")).unwrap();
+    signal(&p, "HUP");
+    wait_reloads(&client, &p.base, "partial", 2.0).await;
+    assert_eq!(get_json(&client, &ready_url).await.0, 200);
+    assert_eq!(predict("/predict", "breast_cancer").await, 200);
+    let (_, list) = get_json(&client, &format!("{}/models", p.base)).await;
+    assert_eq!(list["default_model"], "breast_cancer");
+    let gone = list["load_failures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["model"] == "breast_cancer")
+        .expect("the removed default model is reported");
+    assert!(gone["reason"].as_str().unwrap().contains("gone"), "{gone}");
+
+    // Every file removed: the reload is refused as startup would refuse it; all serve.
+    std::fs::remove_file(dir.path().join("diabetes.onnx")).unwrap();
+    signal(&p, "HUP");
+    wait_reloads(&client, &p.base, "refused", 1.0).await;
+    assert_eq!(get_json(&client, &ready_url).await.0, 200);
+    assert_eq!(predict("/predict", "breast_cancer").await, 200);
+    assert_eq!(predict("/models/diabetes/predict", "diabetes").await, 200);
+
+    // Good files again: a clean reload clears the failures.
+    for f in ["breast_cancer.onnx", "diabetes.onnx"] {
+        std::fs::copy(models_dir().join(f), dir.path().join(f)).unwrap();
+    }
+    signal(&p, "HUP");
+    wait_reloads(&client, &p.base, "ok", 1.0).await;
+    let m = scrape(&client, &p.base).await;
+    assert_eq!(metric_sum(&m, "mcd_model_load_failures", &[]), 0.0);
+    assert_eq!(get_json(&client, &ready_url).await.0, 200);
+}
+
+/// Probe finding j: a 503 from readiness is expected (loading, draining, a model that never
+/// loaded) and counted; it must not log at ERROR, where alerts on log levels would page.
+#[tokio::test]
+async fn expected_503s_are_not_logged_as_errors() {
+    let dir = model_folder(&[models_dir().join("breast_cancer.onnx")]);
+    std::fs::write(dir.path().join("broken.onnx"), b"not a protobuf").unwrap();
+    let p = spawn(dir.path(), &[]);
+    let client = reqwest::Client::new();
+    let ready_url = format!("{}/health/ready", p.base);
+    wait_status(&client, &ready_url, 503).await;
+    for _ in 0..5 {
+        assert_eq!(get_json(&client, &ready_url).await.0, 503);
+    }
+    assert_eq!(
+        client.post(format!("{}/models/broken/predict", p.base)).body("{}").send().await.unwrap().status(),
+        503
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let logs = p.logs.lock().unwrap().clone();
+    let errors: Vec<&String> = logs
+        .iter()
+        .filter(|l| serde_json::from_str::<Value>(l).is_ok_and(|v| v["level"] == "ERROR"))
+        .collect();
+    // The load failure itself is an error, once; the answers about it are not.
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(errors[0].contains("model failed to load"), "{errors:#?}");
+}
+
+/// One HTTP/1.1 exchange on a raw connection: the status and whether the answer said
+/// `Connection: close`. None when the connection failed before a whole answer came.
+async fn exchange(stream: &mut tokio::net::TcpStream, request: &[u8]) -> Option<(u16, bool)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(request).await.ok()?;
+    let mut buf = vec![];
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())?;
+            while buf.len() < end + 4 + len {
+                let n = stream.read(&mut chunk).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let status = head.split(' ').nth(1)?.parse().ok()?;
+            return Some((status, head.contains("\nconnection: close")));
+        }
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Probe finding i: clients looping on keep-alive connections through a SIGTERM. Every
+/// request written to a connection that had already been answered on must be answered:
+/// during the drain the server says `Connection: close`, so the next request goes on a new
+/// connection, which is either served or refused at connect (nothing sent, nothing lost).
+#[tokio::test]
+async fn keep_alive_clients_lose_no_request_through_the_drain() {
+    let p = spawn(&models_dir(), &["--shutdown-drain-secs", "1"]);
+    let client = reqwest::Client::new();
+    wait_status(&client, &format!("{}/health/ready", p.base), 200).await;
+    let addr = p.base.trim_start_matches("http://").to_string();
+    let row = read_json(&fixture("reference_outputs.json"))["breast_cancer"]["inputs"][0].clone();
+    let body = json!({"inputs": [row]}).to_string();
+    let request = format!(
+        "POST /predict HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes();
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            let (addr, request) = (addr.clone(), request.clone());
+            tokio::spawn(async move {
+                // (answered, answered after a Connection: close, lost on a reused connection)
+                let (mut answered, mut closed, mut lost) = (0u32, 0u32, 0u32);
+                'connect: loop {
+                    let Ok(mut stream) = tokio::net::TcpStream::connect(&addr).await else {
+                        return (answered, closed, lost); // the listener has closed
+                    };
+                    let mut used = false;
+                    loop {
+                        match exchange(&mut stream, &request).await {
+                            Some((200, close)) => {
+                                answered += 1;
+                                used = true;
+                                if close {
+                                    closed += 1;
+                                    continue 'connect;
+                                }
+                            }
+                            Some((status, _)) => panic!("answered {status}"),
+                            // A new connection the closing listener had queued but never
+                            // accepted: the kernel resets it. Only reuse can lose a request.
+                            None if !used => continue 'connect,
+                            None => {
+                                lost += 1;
+                                continue 'connect;
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(&p, "TERM");
+    let (mut answered, mut closed, mut lost) = (0, 0, 0);
+    for c in clients {
+        let (a, c, l) = tokio::time::timeout(Duration::from_secs(30), c).await.unwrap().unwrap();
+        (answered, closed, lost) = (answered + a, closed + c, lost + l);
+    }
+    println!("answered {answered}, of which with Connection: close {closed}; lost {lost}");
+    assert!(closed > 0, "no answer during the drain said Connection: close");
+    assert_eq!(lost, 0, "requests written to a kept-alive connection and never answered");
 }
 
 #[test]

@@ -5,9 +5,13 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::core::Protocol;
 use crate::core::admission::REJECT_REASONS;
 use crate::core::mode::VIOLATION_REASONS;
 use crate::engine::repo::ModelRepo;
+
+/// The `result` of `mcd_model_reloads_total`.
+pub const RELOAD_RESULTS: [&str; 3] = ["ok", "partial", "refused"];
 
 /// Label used for requests naming a model the repository does not have.
 pub const UNKNOWN_MODEL: &str = "_unknown";
@@ -36,6 +40,8 @@ pub struct Metrics {
     pub model_info: IntGaugeVec,
     pub ready: IntGauge,
     pub load_failures: IntGauge,
+    pub reloads: IntCounterVec,
+    pub auth_failures: IntCounterVec,
     pub panics: prometheus::IntCounter,
     pub startup_seconds: Histogram,
 }
@@ -61,7 +67,7 @@ impl Metrics {
         let counter = |name: &str, help: &str, labels: &[&str]| {
             IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter: this is a bug")
         };
-        Metrics {
+        let metrics = Metrics {
             requests: reg(
                 &registry,
                 counter(
@@ -146,14 +152,39 @@ impl Metrics {
                 &registry,
                 IntGauge::new(
                     "mcd_ready",
-                    "1 when every model loaded and passed its checks and the server is not shutting down.",
+                    "1 when every model of the folder has a healthy version serving and the server is not shutting down.",
                 )
                 .expect("valid gauge"),
             ),
             load_failures: reg(
                 &registry,
-                IntGauge::new("mcd_model_load_failures", "Model files that failed their last load.")
-                    .expect("valid gauge"),
+                IntGauge::new(
+                    "mcd_model_load_failures",
+                    "Model files that failed their last load (including those whose previous version keeps serving).",
+                )
+                .expect("valid gauge"),
+            ),
+            reloads: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "mcd_model_reloads_total",
+                        "SIGHUP reloads: ok (every file loaded), partial (some kept their last good version), refused (the folder was unreadable or empty; nothing changed).",
+                    ),
+                    &["result"],
+                )
+                .expect("valid counter"),
+            ),
+            auth_failures: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "mcd_auth_failures_total",
+                        "Calls refused for a missing or unknown API key, by protocol.",
+                    ),
+                    &["protocol"],
+                )
+                .expect("valid counter"),
             ),
             panics: reg(
                 &registry,
@@ -175,7 +206,15 @@ impl Metrics {
                 .expect("valid histogram"),
             ),
             registry,
+        };
+        // Series an alert or a dashboard reads from the start, not from the first event.
+        for result in RELOAD_RESULTS {
+            metrics.reloads.with_label_values(&[result]);
         }
+        for protocol in [Protocol::Native, Protocol::OipRest, Protocol::Grpc] {
+            metrics.auth_failures.with_label_values(&[protocol.as_str()]);
+        }
+        metrics
     }
 
     /// Publishes a (re)loaded repository: model info, self-check results, load times and

@@ -138,6 +138,11 @@ impl Core {
         self.refresh_ready();
     }
 
+    /// Whether the drain has begun (readiness is 503 from then on).
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
         self.refresh_ready();

@@ -9,6 +9,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderValue, Method, Request, StatusCode, Uri, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
@@ -36,6 +37,7 @@ pub fn router(core: Arc<Core>) -> Router {
         .fallback(|uri: Uri| async move { Error::RouteNotFound(uri.path().to_string()) })
         .method_not_allowed_fallback(|method: Method| async move { Error::MethodNotAllowed(method.to_string()) })
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(core.clone(), close_while_draining))
         .layer(CatchPanicLayer::custom(move |panic: Box<dyn std::any::Any + Send>| {
             panic_core.metrics.panics.inc();
             tracing::error!(panic = %panic_message(&*panic), "handler panicked");
@@ -53,6 +55,22 @@ pub fn router(core: Arc<Core>) -> Router {
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(RequestCounter::default()))
         .with_state(core)
+}
+
+/// During the drain, every HTTP/1 answer says `Connection: close`. A client looping on a
+/// keep-alive connection then opens a new one for its next request, which either reaches
+/// the still-open listener or is refused at connect, where it knows nothing was sent.
+/// Without it the listener's close raced requests already written to idle connections, and
+/// those were lost unanswered. (HTTP/2 has GOAWAY for this, and forbids the header.)
+async fn close_while_draining(State(core): State<Arc<Core>>, request: Request<Body>, next: Next) -> Response {
+    let http1 = request.version() < axum::http::Version::HTTP_2;
+    let mut response = next.run(request).await;
+    if http1 && core.is_shutting_down() {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 /// tower-http logs every 5xx at ERROR. Most of ours are expected and counted in the

@@ -43,6 +43,19 @@ fn main() -> anyhow::Result<()> {
                         .map_err(|e| anyhow::anyhow!("binding the gRPC address {addr}: {e}"))?,
                 ),
             };
-            mcd_serve::server::serve_all(args, listener, grpc, mcd_serve::server::shutdown_signal()).await
+            let metrics = match args.metrics_addr.trim() {
+                "" => None,
+                addr => Some(
+                    tokio::net::TcpListener::bind(addr)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("binding the metrics address {addr}: {e}"))?,
+                ),
+            };
+            let listeners = mcd_serve::server::Listeners {
+                http: listener,
+                grpc,
+                metrics,
+            };
+            mcd_serve::server::serve_listeners(args, listeners, mcd_serve::server::shutdown_signal()).await
         })
 }

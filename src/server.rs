@@ -9,9 +9,10 @@ use tokio::net::TcpListener;
 
 use crate::config::ServeArgs;
 use crate::core::Core;
+use crate::core::auth::ApiKeys;
 use crate::engine::repo;
 use crate::front::grpc;
-use crate::front::http::router;
+use crate::front::http::{metrics_router, router, router_without_metrics};
 
 /// Serves HTTP on `listener` until `shutdown` resolves, then drains (see [`serve_all`]).
 /// The gRPC service is not started: this is the entry point of tests and embedders that
@@ -37,26 +38,68 @@ pub async fn serve_all(
     grpc: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let listeners = Listeners {
+        http,
+        grpc,
+        metrics: None,
+    };
+    serve_listeners(args, listeners, shutdown).await
+}
+
+/// The sockets the server answers on, bound by the caller (port 0 in tests).
+pub struct Listeners {
+    /// Native and OIP REST, health, and `/metrics` unless `metrics` is given.
+    pub http: TcpListener,
+    /// OIP gRPC and `grpc.health.v1`.
+    pub grpc: Option<TcpListener>,
+    /// `/metrics` alone (`--metrics-addr`), for a port only the scraper reaches.
+    pub metrics: Option<TcpListener>,
+}
+
+/// As [`serve_all`], with every listener the configuration asks for.
+pub async fn serve_listeners(
+    args: ServeArgs,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let Listeners { http, grpc, metrics } = listeners;
     let names: Vec<String> = repo::scan_named(&args.models, args.model_name.as_deref())
         .with_context(|| format!("reading the models folder {}", args.models.display()))?
         .into_iter()
         .map(|(n, _)| n)
         .collect();
     let default = repo::default_model(&names, args.default_model.as_deref()).map_err(anyhow::Error::msg)?;
-    let core = Core::new(default, args.limits());
-    let grpc_addr = match &grpc {
-        Some(l) => l.local_addr()?.to_string(),
-        None => "off".into(),
+    let keys = match &args.api_key_file {
+        None => ApiKeys::open(),
+        Some(path) => ApiKeys::from_file(path).map_err(anyhow::Error::msg)?,
     };
-    tracing::info!(addr = %http.local_addr()?, grpc_addr = %grpc_addr, models = ?names, default_model = core.default_model.as_deref().unwrap_or("(none)"), "listening; loading models");
+    let core = Core::new(default, args.limits(), keys);
+    let addr_of = |l: &Option<TcpListener>| -> anyhow::Result<String> {
+        Ok(match l {
+            Some(l) => l.local_addr()?.to_string(),
+            None => "off".into(),
+        })
+    };
+    let (grpc_addr, metrics_addr) = (addr_of(&grpc)?, addr_of(&metrics)?);
+    tracing::info!(
+        addr = %http.local_addr()?,
+        grpc_addr = %grpc_addr,
+        metrics_addr = %metrics_addr,
+        api_keys = core.keys.required(),
+        models = ?names,
+        default_model = core.default_model.as_deref().unwrap_or("(none)"),
+        "listening; loading models"
+    );
 
     let loader = core.clone();
     let dir = args.models.clone();
     let model_name = args.model_name.clone();
-    tokio::task::spawn_blocking(move || match repo::load_folder(&dir, model_name.as_deref(), None, None) {
-        Ok(r) => loader.install(r),
-        Err(e) => tracing::error!(error = %e, "reading the models folder failed"),
-    });
+    tokio::task::spawn_blocking(
+        move || match repo::load_folder(&dir, model_name.as_deref(), None, None) {
+            Ok(r) => loader.install(r),
+            Err(e) => tracing::error!(error = %e, "reading the models folder failed"),
+        },
+    );
     spawn_reload_on_sighup(core.clone(), args.models.clone(), args.model_name.clone());
 
     // One stop signal for both listeners, after the drain window.
@@ -90,9 +133,22 @@ pub async fn serve_all(
             Some(tokio::spawn(server))
         }
     };
-    axum::serve(http, router(core))
+    let metrics_task = metrics.map(|listener| {
+        let server =
+            axum::serve(listener, metrics_router(core.clone())).with_graceful_shutdown(stopped(stop_rx.clone()));
+        tokio::spawn(async move { server.await })
+    });
+    let main_router = if metrics_task.is_some() {
+        router_without_metrics(core)
+    } else {
+        router(core)
+    };
+    axum::serve(http, main_router)
         .with_graceful_shutdown(stopped(stop_rx))
         .await?;
+    if let Some(task) = metrics_task {
+        task.await.context("the metrics server task")??;
+    }
     if let Some(task) = grpc_task {
         task.await.context("the gRPC server task")??;
     }
@@ -111,6 +167,12 @@ fn spawn_reload_on_sighup(state: Arc<Core>, dir: std::path::PathBuf, model_name:
         };
         while hup.recv().await.is_some() {
             tracing::info!("SIGHUP: reloading models");
+            if state.keys.required() {
+                match state.keys.reload() {
+                    Ok(n) => tracing::info!(keys = n, "API keys reloaded"),
+                    Err(e) => tracing::error!(error = %e, "API key reload failed; the keys in force stay"),
+                }
+            }
             let st = state.clone();
             let dir = dir.clone();
             let model_name = model_name.clone();

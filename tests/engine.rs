@@ -424,8 +424,20 @@ fn mc_live_asks_for_a_spread_far_above_float_rounding() {
         let m = load(&models_dir().join(format!("{name}.onnx")));
         let live = m.checks.iter().find(|c| c.check == "mc_live").unwrap();
         assert_eq!(live.result, Outcome::Pass, "{name}: {}", live.detail);
-        let spread: f64 = live.detail.split(" by ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
-        assert!(spread > 1e-2, "{name}: dropout moves the logits by only {spread:e} of their scale");
+        let spread: f64 = live
+            .detail
+            .split(" by ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            spread > 1e-2,
+            "{name}: dropout moves the logits by only {spread:e} of their scale"
+        );
     }
 }
 

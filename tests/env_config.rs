@@ -75,10 +75,15 @@ fn every_flag_reads_its_mcd_environment_variable() {
         if id == "help" || id == "version" {
             continue;
         }
-        let env = arg.get_env().unwrap_or_else(|| panic!("flag --{id} has no MCD_* variable"));
+        let env = arg
+            .get_env()
+            .unwrap_or_else(|| panic!("flag --{id} has no MCD_* variable"));
         let env = env.to_str().unwrap();
         assert!(vars.iter().any(|(k, _)| *k == env), "{env} (--{id}) is not tested here");
-        assert!(readme.contains(&format!("`{env}`")), "README's table does not list {env} (--{id})");
+        assert!(
+            readme.contains(&format!("`{env}`")),
+            "README's table does not list {env} (--{id})"
+        );
     }
     // Every MCD_* variable the README lists was covered here.
     for word in readme.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {

@@ -77,7 +77,11 @@ async fn health_listing_and_metadata() {
     // panics on a missing series), so rate() and alerts see the first one.
     let m = s.metrics().await;
     for reason in mcd_serve::core::admission::REJECT_REASONS {
-        assert_eq!(metric_sum(&m, "mcd_rejected_requests_total", &[("reason", reason)]), 0.0, "{reason}");
+        assert_eq!(
+            metric_sum(&m, "mcd_rejected_requests_total", &[("reason", reason)]),
+            0.0,
+            "{reason}"
+        );
     }
     for model in ["breast_cancer", "diabetes", "digits_cnn"] {
         for reason in mcd_serve::core::mode::VIOLATION_REASONS {
@@ -89,7 +93,10 @@ async fn health_listing_and_metadata() {
         assert_eq!(metric_sum(&m, "mcd_model_reloads_total", &[("result", result)]), 0.0);
     }
     for protocol in ["native", "oip", "grpc"] {
-        assert_eq!(metric_sum(&m, "mcd_auth_failures_total", &[("protocol", protocol)]), 0.0);
+        assert_eq!(
+            metric_sum(&m, "mcd_auth_failures_total", &[("protocol", protocol)]),
+            0.0
+        );
     }
     s.stop().await;
 }
@@ -204,13 +211,25 @@ async fn every_client_error_is_a_typed_4xx() {
 
     // Probe finding b: a path axum cannot decode (not UTF-8) is our JSON error on every
     // route, not axum's text/plain "Invalid URL".
-    for path in ["/models/%FF/predict", "/v2/models/%FF/infer", "/v2/models/%FF/versions/1/infer"] {
+    for path in [
+        "/models/%FF/predict",
+        "/v2/models/%FF/infer",
+        "/v2/models/%FF/versions/1/infer",
+    ] {
         let (st, b) = s.post_raw(path, "{}").await;
-        assert_eq!((st, b["error_type"].as_str().unwrap()), (400, "invalid_path"), "{path}: {b}");
+        assert_eq!(
+            (st, b["error_type"].as_str().unwrap()),
+            (400, "invalid_path"),
+            "{path}: {b}"
+        );
     }
     for path in ["/models/%FF", "/v2/models/%FF", "/v2/models/%FF/ready"] {
         let (st, b) = s.get(path).await;
-        assert_eq!((st, b["error_type"].as_str().unwrap()), (400, "invalid_path"), "{path}: {b}");
+        assert_eq!(
+            (st, b["error_type"].as_str().unwrap()),
+            (400, "invalid_path"),
+            "{path}: {b}"
+        );
     }
     let (st, b) = s.post_raw("/predict", "{\"inputs\": [[1, 2").await;
     assert_eq!((st, b["error_type"].as_str().unwrap()), (400, "malformed_json"));
@@ -565,13 +584,24 @@ async fn readiness_follows_the_self_checks_and_load_failures() {
     // Probe finding e: a model that never loaded is 503 model_unhealthy with its load
     // failure, on predict and on metadata, on both REST protocols; never "no model named".
     let oip = r#"{"inputs": [{"name": "x", "shape": [1, 1], "datatype": "FP32", "data": [1.0]}]}"#;
-    for (path, body) in [("/models/broken/predict", r#"{"inputs": [[1.0]]}"#), ("/v2/models/broken/infer", oip)] {
+    for (path, body) in [
+        ("/models/broken/predict", r#"{"inputs": [[1.0]]}"#),
+        ("/v2/models/broken/infer", oip),
+    ] {
         let (st, b) = s.post_raw(path, body).await;
-        assert_eq!((st, b["error_type"].as_str().unwrap()), (503, "model_unhealthy"), "{path}: {b}");
+        assert_eq!(
+            (st, b["error_type"].as_str().unwrap()),
+            (503, "model_unhealthy"),
+            "{path}: {b}"
+        );
         assert!(b["error"].as_str().unwrap().contains("failed to load"), "{path}: {b}");
     }
     let (st, meta) = s.get("/models/broken").await;
-    assert_eq!((st, meta["error_type"].as_str().unwrap()), (503, "model_unhealthy"), "{meta}");
+    assert_eq!(
+        (st, meta["error_type"].as_str().unwrap()),
+        (503, "model_unhealthy"),
+        "{meta}"
+    );
     assert!(meta["load_failure"]["reason"].is_string(), "{meta}");
     assert_eq!(meta["load_failure"]["kept_previous"], false);
     assert_eq!(s.get("/v2/models/broken").await.0, 503);
@@ -603,8 +633,14 @@ async fn several_models_and_no_default_serve_by_name() {
     let s = TestServer::start(ServeArgs::for_models(dir.path())).await;
     assert_eq!(s.get("/health/ready").await.0, 200);
     let row = reference("diabetes")["inputs"][0].clone();
-    let (st, b) = s.post_raw("/predict", json!({"inputs": [row.clone()]}).to_string()).await;
-    assert_eq!((st, b["error_type"].as_str().unwrap()), (404, "no_default_model"), "{b}");
+    let (st, b) = s
+        .post_raw("/predict", json!({"inputs": [row.clone()]}).to_string())
+        .await;
+    assert_eq!(
+        (st, b["error_type"].as_str().unwrap()),
+        (404, "no_default_model"),
+        "{b}"
+    );
     let msg = b["error"].as_str().unwrap();
     assert!(
         msg.contains("diabetes") && msg.contains("digits_cnn") && msg.contains("--default-model"),

@@ -179,7 +179,11 @@ async fn more_rows_than_max_batch_rows_is_413() {
 #[tokio::test]
 async fn predict_is_not_ready_with_retry_after_while_models_load() {
     let args = ServeArgs::for_models(models_dir());
-    let core = mcd_serve::core::Core::new("breast_cancer".into(), args.limits());
+    let core = mcd_serve::core::Core::new(
+        Some("breast_cancer".into()),
+        args.limits(),
+        mcd_serve::core::auth::ApiKeys::open(),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -3,72 +3,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::process::*;
 use common::*;
 use serde_json::{Value, json};
-
-struct Proc {
-    child: Child,
-    base: String,
-    /// Every line the server has written to stdout so far (JSON logs).
-    logs: Arc<Mutex<Vec<String>>>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-    }
-}
-
-fn spawn(models: &std::path::Path, extra: &[&str]) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mcd-serve"))
-        .args([
-            "--models",
-            models.to_str().unwrap(),
-            "--addr",
-            "127.0.0.1:0",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let (addr, logs) = listening_addr(&mut child);
-    Proc {
-        child,
-        base: format!("http://{addr}"),
-        logs,
-    }
-}
-
-fn signal(p: &Proc, sig: &str) {
-    let ok = Command::new("kill")
-        .args([&format!("-{sig}"), &p.child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-}
-
-async fn wait_status(client: &reqwest::Client, url: &str, want: u16) {
-    for _ in 0..600 {
-        if let Ok(r) = client.get(url).send().await
-            && r.status().as_u16() == want
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{url} never answered {want}");
-}
 
 /// The server's own `mcd_inflight_requests`, parsed from its /metrics.
 async fn inflight(client: &reqwest::Client, base: &str) -> f64 {
@@ -219,32 +159,6 @@ async fn the_binary_reads_its_settings_from_mcd_environment_variables() {
     drop(p);
 }
 
-/// The address of the first JSON log line that names one, and every line as it comes.
-fn listening_addr(child: &mut Child) -> (String, Arc<Mutex<Vec<String>>>) {
-    let stdout = child.stdout.take().unwrap();
-    let logs = Arc::new(Mutex::new(vec![]));
-    let kept = logs.clone();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if !sent
-                && let Ok(v) = serde_json::from_str::<Value>(&line)
-                && let Some(addr) = v["fields"]["addr"].as_str()
-            {
-                tx.send(addr.to_string()).unwrap();
-                sent = true;
-            }
-            kept.lock().unwrap().push(line);
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the server logged no listening address in JSON");
-    (addr, logs)
-}
-
 async fn get_json(client: &reqwest::Client, url: &str) -> (u16, Value) {
     let r = client.get(url).send().await.unwrap();
     (r.status().as_u16(), r.json().await.unwrap())
@@ -253,7 +167,12 @@ async fn get_json(client: &reqwest::Client, url: &str) -> (u16, Value) {
 /// Waits until `mcd_model_reloads_total{result}` reads `n`: the reload has been applied.
 async fn wait_reloads(client: &reqwest::Client, base: &str, result: &str, n: f64) {
     for _ in 0..600 {
-        if metric_sum(&scrape(client, base).await, "mcd_model_reloads_total", &[("result", result)]) >= n {
+        if metric_sum(
+            &scrape(client, base).await,
+            "mcd_model_reloads_total",
+            &[("result", result)],
+        ) >= n
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -268,7 +187,10 @@ async fn wait_reloads(client: &reqwest::Client, base: &str, result: &str, n: f64
 /// never turns 404 under a ready server.
 #[tokio::test]
 async fn sighup_reloads_never_take_a_serving_replica_out_of_readiness() {
-    let dir = model_folder(&[models_dir().join("breast_cancer.onnx"), models_dir().join("diabetes.onnx")]);
+    let dir = model_folder(&[
+        models_dir().join("breast_cancer.onnx"),
+        models_dir().join("diabetes.onnx"),
+    ]);
     let p = spawn(dir.path(), &[]);
     let client = reqwest::Client::new();
     let ready_url = format!("{}/health/ready", p.base);
@@ -344,7 +266,13 @@ async fn expected_503s_are_not_logged_as_errors() {
         assert_eq!(get_json(&client, &ready_url).await.0, 503);
     }
     assert_eq!(
-        client.post(format!("{}/models/broken/predict", p.base)).body("{}").send().await.unwrap().status(),
+        client
+            .post(format!("{}/models/broken/predict", p.base))
+            .body("{}")
+            .send()
+            .await
+            .unwrap()
+            .status(),
         503
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -451,7 +379,10 @@ async fn keep_alive_clients_lose_no_request_through_the_drain() {
     }
     println!("answered {answered}, of which with Connection: close {closed}; lost {lost}");
     assert!(closed > 0, "no answer during the drain said Connection: close");
-    assert_eq!(lost, 0, "requests written to a kept-alive connection and never answered");
+    assert_eq!(
+        lost, 0,
+        "requests written to a kept-alive connection and never answered"
+    );
 }
 
 #[test]

@@ -117,7 +117,9 @@ mod tests {
         let a = Admission::new(1000, 2, Duration::from_secs(5));
         let mut early = 0;
         for _ in 0..2000 {
-            let r = a.run(1000, || -> Result<(), Error> { Err(Error::PayloadTooLarge("too many rows".into())) });
+            let r = a.run(1000, || -> Result<(), Error> {
+                Err(Error::PayloadTooLarge("too many rows".into()))
+            });
             assert!(matches!(r.await, Ok(Err(Error::PayloadTooLarge(_)))));
             early += (a.available() != 1000) as usize;
         }

@@ -8,6 +8,7 @@
 //! the typed [`Answer`].
 
 pub mod admission;
+pub mod auth;
 pub mod metrics;
 pub mod mode;
 pub mod tensors;
@@ -22,6 +23,7 @@ use crate::engine::model::{Batch, LoadedModel, McOutput, NamedTensor};
 use crate::engine::repo::ModelRepo;
 use crate::error::Error;
 use admission::{Admission, PoolError};
+use auth::ApiKeys;
 use metrics::{Metrics, UNKNOWN_MODEL};
 use mode::{McRequest, Mode, ModeLabel, ModeParams};
 
@@ -111,11 +113,12 @@ pub struct Core {
     pub default_model: Option<String>,
     pub metrics: Metrics,
     pub limits: Limits,
+    pub keys: ApiKeys,
     admission: Admission,
 }
 
 impl Core {
-    pub fn new(default_model: Option<String>, limits: Limits) -> Arc<Self> {
+    pub fn new(default_model: Option<String>, limits: Limits, keys: ApiKeys) -> Arc<Self> {
         Arc::new(Core {
             repo: RwLock::new(None),
             ready: tokio::sync::watch::Sender::new(false),
@@ -124,6 +127,7 @@ impl Core {
             metrics: Metrics::new(),
             admission: Admission::new(limits.max_inflight_cost, limits.workers, limits.request_timeout),
             limits,
+            keys,
         })
     }
 
@@ -136,6 +140,16 @@ impl Core {
         self.metrics.install(&repo);
         *self.repo.write().expect("repo lock poisoned: this is a bug") = Some(Arc::new(repo));
         self.refresh_ready();
+    }
+
+    /// Whether a call may go on: always, without a key file; else only with a known key
+    /// in its `Authorization` (HTTP header or gRPC metadata). A refusal is counted.
+    pub fn authorize(&self, protocol: Protocol, authorization: Option<&[u8]>) -> Result<(), Error> {
+        self.keys.check(authorization).inspect_err(|e| {
+            self.metrics.auth_failures.with_label_values(&[protocol.as_str()]).inc();
+            // The reason only: never the header, which holds the key.
+            tracing::info!(protocol = protocol.as_str(), error = %e, "unauthorized");
+        })
     }
 
     /// Whether the drain has begun (readiness is 503 from then on).

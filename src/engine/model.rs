@@ -845,7 +845,8 @@ const LIVE_SPREAD: f64 = 1e-4;
 fn relative_spread(values: &[f64], k: usize) -> f64 {
     let n = values.len() / k.max(1);
     let scale = values.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    if n == 0 || !(scale > 0.0) || !scale.is_finite() {
+    // NaN scales fail too: neither comparison holds.
+    if n == 0 || scale.is_nan() || scale <= 0.0 || !scale.is_finite() {
         return 0.0;
     }
     let spread = (0..n)

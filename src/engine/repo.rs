@@ -137,7 +137,10 @@ pub fn load_folder(
     let mut repo = ModelRepo::default();
     for (name, path) in found {
         let start = Instant::now();
-        let old = previous.and_then(|p| p.models.get(&name)).filter(|m| m.healthy()).cloned();
+        let old = previous
+            .and_then(|p| p.models.get(&name))
+            .filter(|m| m.healthy())
+            .cloned();
         let failure = match load_model(&name, &path) {
             Ok(m) if m.healthy() || old.is_none() => {
                 repo.load_times.insert(name.clone(), start.elapsed());

@@ -220,6 +220,15 @@ fn response_parameters(parameters: &serde_json::Value) -> HashMap<String, pb::In
     out
 }
 
+impl GrpcFront {
+    /// Predict and metadata calls carry the key as HTTP does, in `authorization` metadata;
+    /// liveness and readiness stay open for probes.
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let header = request.metadata().get("authorization").map(|v| v.as_bytes());
+        Ok(self.core.authorize(Protocol::Grpc, header)?)
+    }
+}
+
 #[tonic::async_trait]
 impl GrpcInferenceService for GrpcFront {
     async fn server_live(&self, _: Request<pb::ServerLiveRequest>) -> Result<Response<pb::ServerLiveResponse>, Status> {
@@ -246,8 +255,9 @@ impl GrpcInferenceService for GrpcFront {
 
     async fn server_metadata(
         &self,
-        _: Request<pb::ServerMetadataRequest>,
+        request: Request<pb::ServerMetadataRequest>,
     ) -> Result<Response<pb::ServerMetadataResponse>, Status> {
+        self.authorize(&request)?;
         Ok(Response::new(pb::ServerMetadataResponse {
             name: "mcd-serve".into(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -259,6 +269,7 @@ impl GrpcInferenceService for GrpcFront {
         &self,
         request: Request<pb::ModelMetadataRequest>,
     ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
+        self.authorize(&request)?;
         let r = request.into_inner();
         check_version(&r.name, Some(&r.version))?;
         let model = self.core.model(Some(&r.name))?;
@@ -298,6 +309,7 @@ impl GrpcInferenceService for GrpcFront {
         &self,
         request: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
+        self.authorize(&request)?;
         let mut r = request.into_inner();
         let model = r.model_name.clone();
         let decoded = check_version(&model, Some(&r.model_version))

@@ -14,44 +14,97 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
 use tower_http::classify::ServerErrorsFailureClass;
+use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
-use crate::core::Core;
 use crate::core::admission::panic_message;
+use crate::core::{Core, Protocol};
 use crate::error::Error;
 
 /// The header every predict answer carries: the mode the request asked for.
 pub const MODE_HEADER: &str = "x-inference-mode";
 
+/// Every route on one listener: the APIs, health and `/metrics`.
 pub fn router(core: Arc<Core>) -> Router {
+    build(core, true)
+}
+
+/// The APIs and health, for when `/metrics` has a listener of its own.
+pub fn router_without_metrics(core: Arc<Core>) -> Router {
+    build(core, false)
+}
+
+/// `/metrics` alone (`--metrics-addr`).
+pub fn metrics_router(core: Arc<Core>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .fallback(|uri: Uri| async move { Error::RouteNotFound(uri.path().to_string()) })
+        .with_state(core)
+}
+
+/// Calls that need no API key: probes and scrapers carry none. Everything else (predict,
+/// metadata, and unknown paths, so that a key-less caller learns nothing of the routes)
+/// needs one when a key file is set.
+fn open_path(path: &str) -> bool {
+    matches!(
+        path,
+        "/health/live" | "/health/ready" | "/metrics" | "/openapi.json" | "/v2/health/live" | "/v2/health/ready"
+    ) || (path.starts_with("/v2/models/") && path.ends_with("/ready"))
+}
+
+async fn require_key(State(core): State<Arc<Core>>, request: Request<Body>, next: Next) -> Response {
+    let path = request.uri().path();
+    if !open_path(path) {
+        let protocol = if path == "/v2" || path.starts_with("/v2/") {
+            Protocol::OipRest
+        } else {
+            Protocol::Native
+        };
+        let header = request.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
+        if let Err(e) = core.authorize(protocol, header) {
+            return e.into_response();
+        }
+    }
+    next.run(request).await
+}
+
+fn build(core: Arc<Core>, with_metrics: bool) -> Router {
     let body_limit = core.limits.body_limit_bytes;
     let panic_core = core.clone();
-    Router::new()
+    let routes = Router::new()
         .merge(super::native::routes())
         .merge(super::oip::routes())
         .route("/health/live", get(|| async { axum::Json(json!({"status": "live"})) }))
-        .route("/health/ready", get(ready))
-        .route("/metrics", get(metrics))
+        .route("/health/ready", get(ready));
+    let routes = if with_metrics {
+        routes.route("/metrics", get(metrics))
+    } else {
+        routes
+    };
+    routes
         .fallback(|uri: Uri| async move { Error::RouteNotFound(uri.path().to_string()) })
         .method_not_allowed_fallback(|method: Method| async move { Error::MethodNotAllowed(method.to_string()) })
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(core.clone(), close_while_draining))
+        .layer(axum::middleware::from_fn_with_state(core.clone(), require_key))
         .layer(CatchPanicLayer::custom(move |panic: Box<dyn std::any::Any + Send>| {
             panic_core.metrics.panics.inc();
             tracing::error!(panic = %panic_message(&*panic), "handler panicked");
             Error::Internal("the request handler panicked; the server keeps serving".into()).into_response()
         }))
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<Body>| {
-            let id = req
-                .headers()
-                .get("x-request-id")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-");
-            tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path())
-        })
-        .on_failure(log_failure))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request<Body>| {
+                    let id = req
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-");
+                    tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path())
+                })
+                .on_failure(log_failure),
+        )
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(RequestCounter::default()))
         .with_state(core)
@@ -83,7 +136,11 @@ fn log_failure(class: ServerErrorsFailureClass, latency: Duration, _: &tracing::
             tracing::error!(status = 500, latency_ms = ms, "internal server error")
         }
         ServerErrorsFailureClass::StatusCode(status) => {
-            tracing::debug!(status = status.as_u16(), latency_ms = ms, "answered with a server status")
+            tracing::debug!(
+                status = status.as_u16(),
+                latency_ms = ms,
+                "answered with a server status"
+            )
         }
         ServerErrorsFailureClass::Error(error) => tracing::error!(%error, latency_ms = ms, "response failed"),
     }

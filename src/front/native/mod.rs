@@ -204,7 +204,9 @@ async fn model_metadata(State(core): State<Arc<Core>>, Path(name): Path<String>)
             return Ok(match load_failure {
                 Some(f) => (
                     e.status(),
-                    axum::Json(json!({"error": e.to_string(), "error_type": e.error_type(), "name": name, "load_failure": f})),
+                    axum::Json(
+                        json!({"error": e.to_string(), "error_type": e.error_type(), "name": name, "load_failure": f}),
+                    ),
                 )
                     .into_response(),
                 None => e.into_response(),

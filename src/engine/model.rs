@@ -786,9 +786,9 @@ fn unnamed(tensors: impl IntoIterator<Item = Tensor>) -> Vec<NamedTensor> {
 }
 
 /// Dropout must move the raw MC graph's outputs (the logits, where the server applies the
-/// softmax) by far more than float rounding: a variance merely above zero proves nothing
-/// (a saturated softmax gives 1e-39 from rounding alone). The spread of each element over
-/// the samples is measured against the output's scale.
+/// softmax, centred per row) by far more than float rounding: a variance merely above zero
+/// proves nothing (a saturated softmax gives 1e-39 from rounding alone). The spread of each
+/// element over the samples is measured against the output's scale.
 fn check_live(plan: &McPlan, probe: &Batch) -> CheckResult {
     const CHECK: &str = "mc_live";
     let k = PROBE_MC_SAMPLES;
@@ -804,7 +804,21 @@ fn check_live(plan: &McPlan, probe: &Batch) -> CheckResult {
         let outs = plan
             .sample_masks(probe, done, step, &mut sampler)
             .and_then(|masks| McPlan::run_plans(&plan.plans, shared, probe, step, masks))
-            .and_then(|outs| outs.iter().map(|t| to_f64(t)).collect::<TractResult<Vec<_>>>());
+            .and_then(|outs| {
+                outs.iter()
+                    .zip(&plan.softmax)
+                    .map(|(t, &softmax)| {
+                        let mut values = to_f64(t)?;
+                        if softmax {
+                            center_rows(
+                                &mut values,
+                                *t.shape().last().expect("softmax outputs have a last axis"),
+                            );
+                        }
+                        Ok(values)
+                    })
+                    .collect::<TractResult<Vec<_>>>()
+            });
         match outs {
             Ok(outs) => {
                 raw.resize_with(outs.len(), Vec::new);
@@ -833,6 +847,16 @@ fn check_live(plan: &McPlan, probe: &Batch) -> CheckResult {
                  this model (zero variance)"
             ),
         )
+    }
+}
+
+/// Subtracts each row's mean: softmax ignores a shift shared by a row's logits, so only
+/// what is left can move a probability. (With equal weights every logit of a row moves
+/// alike, and the probabilities never move at all.)
+fn center_rows(values: &mut [f64], classes: usize) {
+    for row in values.chunks_exact_mut(classes.max(1)) {
+        let mean = row.iter().sum::<f64>() / row.len() as f64;
+        row.iter_mut().for_each(|v| *v -= mean);
     }
 }
 

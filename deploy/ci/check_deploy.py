@@ -27,10 +27,12 @@ import yaml
 COUNTERS_GAUGES = {
     "mcd_requests_total", "mcd_mode_checks_total", "mcd_mode_violations_total",
     "mcd_inflight_requests", "mcd_rejected_requests_total", "mcd_model_info", "mcd_ready",
+    "mcd_model_load_failures", "mcd_model_reloads_total", "mcd_auth_failures_total",
+    "mcd_internal_panics_total",
 }
 HISTOGRAMS = {
     "mcd_request_duration_seconds", "mcd_inference_duration_seconds",
-    "mcd_mc_samples", "mcd_predictive_entropy",
+    "mcd_mc_samples", "mcd_predictive_entropy", "mcd_model_load_duration_seconds",
 }
 PROM_BUILTIN = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
 

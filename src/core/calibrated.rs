@@ -77,7 +77,7 @@ fn output(cal: &ModelCalibration, o: &McOutput) -> Result<Option<Calibrated>, Er
             let sets = p
                 .sets
                 .iter()
-                .map(|l| (l.level, rows.iter().map(|r| calibration::aps_set(r, l.threshold)).collect()))
+                .map(|l| (l.level, rows.iter().map(|r| calibration::prediction_set(r, l.threshold)).collect()))
                 .collect();
             let referral = cal.referral(p).ok_or_else(|| {
                 Error::Internal(format!("calibration of '{}' lacks the model's referral target", o.name))

@@ -329,6 +329,35 @@ mod tests {
     }
 
     #[test]
+    fn auto_takes_its_criterion_and_refuses_it_elsewhere() {
+        let auto = |pairs: &[(&str, Param)]| decide(&params(pairs), 100);
+        let Mode::McDropout(mc) = auto(&[(MC_SAMPLES, Param::Str("auto".into()))]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(mc.samples, McCount::Auto { max: McSamples::new(100, 100).unwrap(), se: DEFAULT_MC_SE });
+        let Mode::McDropout(mc) = auto(&[
+            (MC_SAMPLES, Param::Str("auto".into())),
+            (MC_MAX, Param::Uint(40)),
+            (MC_SE, Param::Str("0.5".into())),
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(mc.samples, McCount::Auto { max: McSamples::new(40, 40).unwrap(), se: 0.5 });
+        assert_eq!(mc.samples.bound(), 40);
+        for bad in [
+            vec![(MC_SAMPLES, Param::Str("auto".into())), (MC_MAX, Param::Int(101))],
+            vec![(MC_SAMPLES, Param::Str("auto".into())), (MC_SE, Param::Double(0.0))],
+            vec![(MC_SAMPLES, Param::Str("auto".into())), (MC_SE, Param::Str("nan".into()))],
+            vec![(MC_SAMPLES, Param::Int(10)), (MC_SE, Param::Double(0.1))],
+            vec![(MC_MAX, Param::Int(10))],
+        ] {
+            let e = auto(&bad).unwrap_err();
+            assert!(matches!(e.error, Error::InvalidParameter(_)), "{bad:?}: {:?}", e.error);
+        }
+    }
+
+    #[test]
     fn unknown_and_repeated_parameters_are_refused() {
         let mut p = ModeParams::default();
         assert!(p.set("mc_sample", Param::Int(5), "query parameter").is_err());

@@ -611,7 +611,8 @@ mod tests {
     /// level: the count must fall inside the 1e-6 central intervals of those two ends.
     #[test]
     fn regression_coverage_is_within_binomial_bounds_over_many_seeds() {
-        let (seeds, n) = (20_000usize, 99usize);
+        // n = 50: (n+1)·level is no integer, so dropping the +1 changes the rank.
+        let (seeds, n) = (20_000usize, 50usize);
         let mut covered = [0usize; LEVELS.len()];
         for seed in 0..seeds {
             let mut rng = ChaCha8Rng::seed_from_u64(seed as u64);

@@ -77,8 +77,8 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
         let line_no = ix + 1;
         let at = |e: String| anyhow!("{}:{line_no}: {e}", args.data.display());
         let (inputs, target) = split_line(line).map_err(at)?;
-        let tensors = parse_request(&model, &serde_json::to_vec(&json!({ "inputs": inputs }))?)
-            .map_err(|e| at(e.to_string()))?;
+        let tensors =
+            parse_request(&model, &serde_json::to_vec(&json!({ "inputs": inputs }))?).map_err(|e| at(e.to_string()))?;
         let batch = model.batch(tensors).map_err(|e| at(e.to_string()))?;
         if batch.rows() != 1 {
             return Err(at(format!("each line holds one row; this one holds {}", batch.rows())));
@@ -106,7 +106,10 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
         .collect();
     let file = CalibrationFile {
         format: FORMAT.into(),
-        model_file: path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+        model_file: path
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         model_sha256: calibration::sha256_file(&path)?,
         created: calibration::rfc3339(SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs()),
         n: n as usize,
@@ -144,9 +147,12 @@ fn target_for<'t>(model: &LoadedModel, calibrated: &[usize], o: usize, target: &
         return Ok(target);
     }
     let name = &model.outputs[o].name;
-    target
-        .get(name)
-        .ok_or_else(|| format!("model '{}' has several outputs: \"target\" must be an object with '{name}'", model.name))
+    target.get(name).ok_or_else(|| {
+        format!(
+            "model '{}' has several outputs: \"target\" must be an object with '{name}'",
+            model.name
+        )
+    })
 }
 
 fn add(collected: &mut BTreeMap<usize, Collected>, o: usize, out: &McOutput, target: &Value) -> Result<(), String> {
@@ -154,10 +160,12 @@ fn add(collected: &mut BTreeMap<usize, Collected>, o: usize, out: &McOutput, tar
     match &s.entropy {
         Some(e) => {
             let classes = s.mean.len();
-            let k = target
-                .as_u64()
-                .filter(|&k| (k as usize) < classes)
-                .ok_or_else(|| format!("target of '{}' must be a class index in [0, {classes}), got {target}", out.name))?;
+            let k = target.as_u64().filter(|&k| (k as usize) < classes).ok_or_else(|| {
+                format!(
+                    "target of '{}' must be a class index in [0, {classes}), got {target}",
+                    out.name
+                )
+            })?;
             let entry = collected.entry(o).or_insert_with(|| Collected::Probabilities {
                 mean: vec![],
                 entropy: vec![],
@@ -257,7 +265,10 @@ fn report(file: &CalibrationFile, own_target: f64, out: &Path) -> String {
                         "  level {:<4}  coverage {:.3}  mean width {:?}  quantile {}\n",
                         l.level,
                         l.calibration_coverage,
-                        l.calibration_mean_width.iter().map(|w| (w * 1e3).round() / 1e3).collect::<Vec<_>>(),
+                        l.calibration_mean_width
+                            .iter()
+                            .map(|w| (w * 1e3).round() / 1e3)
+                            .collect::<Vec<_>>(),
                         l.quantile.iter().map(|q| bound(*q)).collect::<Vec<_>>().join(", ")
                     );
                 }
@@ -271,11 +282,16 @@ fn report(file: &CalibrationFile, own_target: f64, out: &Path) -> String {
                     );
                 }
                 for f in &c.referral {
-                    let mark = if (f.target_error - own_target).abs() < 1e-12 { " (served)" } else { "" };
+                    let mark = if (f.target_error - own_target).abs() < 1e-12 {
+                        " (served)"
+                    } else {
+                        ""
+                    };
                     r += &format!(
                         "  refer at target error {:<5}{mark}: entropy threshold {}, refers {:.1}%, accepted error {:.4} (upper bound {:.4})\n",
                         f.target_error,
-                        f.threshold.map_or("none: refer every row".into(), |t| format!("{t:.5}")),
+                        f.threshold
+                            .map_or("none: refer every row".into(), |t| format!("{t:.5}")),
                         100.0 * (1.0 - f.coverage),
                         f.accepted_error,
                         f.error_upper_bound

@@ -71,7 +71,10 @@ async fn calibrate_writes_a_file_that_every_front_end_serves() {
         assert!(report.contains("120 rows") && report.contains("level 0.95"), "{report}");
     }
     let cal = read_json(&dir.path().join("breast_cancer.calibration.json"));
-    assert_eq!((cal["n"].as_u64(), cal["mc_samples"].as_u64(), cal["seed"].as_u64()), (Some(120), Some(30), Some(3)));
+    assert_eq!(
+        (cal["n"].as_u64(), cal["mc_samples"].as_u64(), cal["seed"].as_u64()),
+        (Some(120), Some(30), Some(3))
+    );
     let hash = mcd_serve::engine::calibration::sha256_file(&dir.path().join("breast_cancer.onnx")).unwrap();
     assert_eq!(cal["model_sha256"], hash.as_str());
     assert_eq!(cal["outputs"]["probabilities"]["method"], "lac");
@@ -82,7 +85,10 @@ async fn calibrate_writes_a_file_that_every_front_end_serves() {
 
     // Native: intervals shaped like the mean, sets per row, referral per row.
     let (status, d, _) = s
-        .post("/models/diabetes/predict?mc_samples=20&seed=1", &json!({"inputs": diabetes_rows()}))
+        .post(
+            "/models/diabetes/predict?mc_samples=20&seed=1",
+            &json!({"inputs": diabetes_rows()}),
+        )
         .await;
     assert_eq!(status, 200, "{d}");
     let p = &d["outputs"]["prediction"];
@@ -91,15 +97,27 @@ async fn calibrate_writes_a_file_that_every_front_end_serves() {
         let i = &p["intervals"][level];
         let (lo, hi) = (f64s(&i["lower"]), f64s(&i["upper"]));
         assert_eq!(i["lower"].as_array().unwrap().len(), 3);
-        assert_eq!(i["lower"][0].as_array().unwrap().len(), 1, "shaped like the mean [3, 1]");
+        assert_eq!(
+            i["lower"][0].as_array().unwrap().len(),
+            1,
+            "shaped like the mean [3, 1]"
+        );
         for j in 0..3 {
-            assert!(lo[j] < mean[j] && mean[j] < hi[j], "{level}: {} {} {}", lo[j], mean[j], hi[j]);
+            assert!(
+                lo[j] < mean[j] && mean[j] < hi[j],
+                "{level}: {} {} {}",
+                lo[j],
+                mean[j],
+                hi[j]
+            );
         }
     }
     let w = |l: &str| f64s(&p["intervals"][l]["upper"])[0] - f64s(&p["intervals"][l]["lower"])[0];
     assert!(w("0.8") < w("0.9") && w("0.9") < w("0.95"), "intervals nest by level");
 
-    let (status, b, _) = s.post("/predict?mc_samples=20&seed=1", &json!({"inputs": bc_rows()})).await;
+    let (status, b, _) = s
+        .post("/predict?mc_samples=20&seed=1", &json!({"inputs": bc_rows()}))
+        .await;
     assert_eq!(status, 200, "{b}");
     let pr = &b["outputs"]["probabilities"];
     for level in LEVELS {
@@ -107,7 +125,10 @@ async fn calibrate_writes_a_file_that_every_front_end_serves() {
         assert_eq!(sets.len(), 3);
         for set in sets {
             let set = set.as_array().unwrap();
-            assert!(!set.is_empty() && set.iter().all(|k| k.as_u64().unwrap() < 2), "{set:?}");
+            assert!(
+                !set.is_empty() && set.iter().all(|k| k.as_u64().unwrap() < 2),
+                "{set:?}"
+            );
         }
     }
     let refer = pr["refer"].as_array().unwrap();
@@ -129,11 +150,21 @@ async fn calibrate_writes_a_file_that_every_front_end_serves() {
 
     // OIP REST: derived outputs, listed in metadata.
     let (_, meta) = s.get("/v2/models/diabetes").await;
-    let listed: Vec<&str> = meta["outputs"].as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap()).collect();
+    let listed: Vec<&str> = meta["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["name"].as_str().unwrap())
+        .collect();
     assert!(listed.contains(&"prediction.interval_0.95_lower") && listed.contains(&"prediction.interval_0.99_upper"));
     let (_, meta) = s.get("/v2/models/breast_cancer").await;
     let outputs = meta["outputs"].as_array().unwrap();
-    let find = |n: &str| outputs.iter().find(|o| o["name"] == n).unwrap_or_else(|| panic!("{n} not listed"));
+    let find = |n: &str| {
+        outputs
+            .iter()
+            .find(|o| o["name"] == n)
+            .unwrap_or_else(|| panic!("{n} not listed"))
+    };
     assert_eq!(find("probabilities.set_0.9")["datatype"], "BOOL");
     assert_eq!(find("probabilities.refer")["shape"], json!([-1]));
     let x = f64s(&bc_rows());
@@ -143,10 +174,26 @@ async fn calibrate_writes_a_file_that_every_front_end_serves() {
     });
     let (status, o, _) = s.post("/v2/models/breast_cancer/infer", &body).await;
     assert_eq!(status, 200, "{o}");
-    let out = |n: &str| o["outputs"].as_array().unwrap().iter().find(|t| t["name"] == n).cloned().unwrap();
+    let out = |n: &str| {
+        o["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == n)
+            .cloned()
+            .unwrap()
+    };
     let set = out("probabilities.set_0.95");
-    assert_eq!((set["datatype"].clone(), set["shape"].clone()), (json!("BOOL"), json!([3, 2])));
-    let mask: Vec<bool> = set["data"].as_array().unwrap().iter().map(|v| v.as_bool().unwrap()).collect();
+    assert_eq!(
+        (set["datatype"].clone(), set["shape"].clone()),
+        (json!("BOOL"), json!([3, 2]))
+    );
+    let mask: Vec<bool> = set["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_bool().unwrap())
+        .collect();
     for (r, native) in pr["prediction_sets"]["0.95"].as_array().unwrap().iter().enumerate() {
         let members: Vec<u64> = (0..2).filter(|&k| mask[r * 2 + k as usize]).collect();
         let mut native: Vec<u64> = native.as_array().unwrap().iter().map(|k| k.as_u64().unwrap()).collect();
@@ -184,15 +231,29 @@ async fn calibrate_writes_a_file_that_every_front_end_serves() {
         ..Default::default()
     };
     let r = client.model_infer(request).await.unwrap().into_inner();
-    let i = r.outputs.iter().position(|o| o.name == "prediction.interval_0.95_upper").unwrap();
-    assert_eq!((r.outputs[i].datatype.as_str(), r.outputs[i].shape.as_slice()), ("FP64", &[3i64, 1][..]));
-    assert_eq!(le_f64(&r.raw_output_contents[i]), f64s(&p["intervals"]["0.95"]["upper"]));
+    let i = r
+        .outputs
+        .iter()
+        .position(|o| o.name == "prediction.interval_0.95_upper")
+        .unwrap();
+    assert_eq!(
+        (r.outputs[i].datatype.as_str(), r.outputs[i].shape.as_slice()),
+        ("FP64", &[3i64, 1][..])
+    );
+    assert_eq!(
+        le_f64(&r.raw_output_contents[i]),
+        f64s(&p["intervals"]["0.95"]["upper"])
+    );
 
     // Metrics: referrals counted per row, set sizes observed per row.
     let scrape = s.metrics().await;
     let labels = [("model", "breast_cancer"), ("output", "probabilities")];
     let referred = refer.iter().filter(|r| r.as_bool().unwrap()).count() as f64;
-    assert_eq!(metric_sum(&scrape, "mcd_referrals_total", &labels), 2.0 * referred, "native + OIP");
+    assert_eq!(
+        metric_sum(&scrape, "mcd_referrals_total", &labels),
+        2.0 * referred,
+        "native + OIP"
+    );
     assert_eq!(metric_sum(&scrape, "mcd_prediction_set_size_count", &labels), 6.0);
     s.stop().await;
 }
@@ -211,10 +272,15 @@ async fn bad_lines_are_refused_with_their_line_number() {
     let err = String::from_utf8_lossy(&calibrate(dir.path(), "breast_cancer", &lines).stderr).to_string();
     assert!(err.contains("rows.jsonl:4:") && err.contains("shape"), "{err}");
     let mut lines = rows("breast_cancer", 5);
-    lines[4] = lines[4].replace("\"target\":1", "\"target\":2").replace("\"target\":0", "\"target\":2");
+    lines[4] = lines[4]
+        .replace("\"target\":1", "\"target\":2")
+        .replace("\"target\":0", "\"target\":2");
     let err = String::from_utf8_lossy(&calibrate(dir.path(), "breast_cancer", &lines).stderr).to_string();
     assert!(err.contains("rows.jsonl:5:") && err.contains("class index"), "{err}");
-    assert!(!dir.path().join("breast_cancer.calibration.json").exists(), "nothing written");
+    assert!(
+        !dir.path().join("breast_cancer.calibration.json").exists(),
+        "nothing written"
+    );
 }
 
 #[tokio::test]
@@ -234,11 +300,22 @@ async fn a_calibration_made_for_another_model_file_is_refused_at_load() {
     let (status, ready) = s.get("/health/ready").await;
     assert_eq!(status, 503);
     let reasons = ready["reasons"].to_string();
-    assert!(reasons.contains("diabetes") && reasons.contains("stale") && reasons.contains("SHA-256"), "{reasons}");
+    assert!(
+        reasons.contains("diabetes") && reasons.contains("stale") && reasons.contains("SHA-256"),
+        "{reasons}"
+    );
     let (_, models) = s.get("/models").await;
-    assert!(models["load_failures"][0]["reason"].as_str().unwrap().contains("re-run `mcd-serve calibrate`"));
+    assert!(
+        models["load_failures"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("re-run `mcd-serve calibrate`")
+    );
     let (status, _, _) = s
-        .post("/models/diabetes/predict?mc_samples=5", &json!({"inputs": diabetes_rows()}))
+        .post(
+            "/models/diabetes/predict?mc_samples=5",
+            &json!({"inputs": diabetes_rows()}),
+        )
         .await;
     assert_eq!(status, 404, "a model with a stale calibration is not served");
     s.stop().await;
@@ -263,7 +340,10 @@ async fn auto_stops_at_the_criterion_and_equals_the_fixed_count() {
     let (status, a, _) = s.post("/predict?mc_samples=auto&mc_se=0.05&seed=7", &body).await;
     assert_eq!(status, 200, "{a}");
     let n = a["mc_samples"].as_u64().unwrap();
-    assert_eq!((a["mc_converged"].clone(), a["mc_se"].clone(), a["mc_max"].clone()), (json!(true), json!(0.05), json!(1000)));
+    assert_eq!(
+        (a["mc_converged"].clone(), a["mc_se"].clone(), a["mc_max"].clone()),
+        (json!(true), json!(0.05), json!(1000))
+    );
     assert!(n.is_multiple_of(16) && n > 16, "whole chunks, more than one: {n}");
     assert!(max_se(&a, "probabilities") <= 0.05);
     // The same seed and count asked for directly: the same answer, bit for bit; one chunk
@@ -278,7 +358,10 @@ async fn auto_stops_at_the_criterion_and_equals_the_fixed_count() {
     let (_, d, _) = s
         .post("/models/diabetes/predict?mc_samples=auto&mc_max=40&seed=2", &body)
         .await;
-    assert_eq!((d["mc_samples"].clone(), d["mc_converged"].clone()), (json!(40), json!(false)));
+    assert_eq!(
+        (d["mc_samples"].clone(), d["mc_converged"].clone()),
+        (json!(40), json!(false))
+    );
     let (_, fixed, _) = s.post("/models/diabetes/predict?mc_samples=40&seed=2", &body).await;
     assert_eq!(fixed["outputs"], d["outputs"]);
 
@@ -298,9 +381,18 @@ async fn auto_stops_at_the_criterion_and_equals_the_fixed_count() {
     let sum = metric_sum(&scrape, "mcd_mc_samples_sum", &[("model", "diabetes")]);
     assert_eq!(sum, 80.0);
 
-    for bad in ["mc_samples=5&mc_se=0.1", "mc_samples=auto&mc_se=-1", "mc_samples=auto&mc_max=1", "mc_max=5"] {
+    for bad in [
+        "mc_samples=5&mc_se=0.1",
+        "mc_samples=auto&mc_se=-1",
+        "mc_samples=auto&mc_max=1",
+        "mc_max=5",
+    ] {
         let (status, e, _) = s.post(&format!("/predict?{bad}"), &json!({"inputs": bc_rows()})).await;
-        assert_eq!((status, e["error_type"].as_str()), (422, Some("invalid_parameter")), "{bad}: {e}");
+        assert_eq!(
+            (status, e["error_type"].as_str()),
+            (422, Some("invalid_parameter")),
+            "{bad}: {e}"
+        );
     }
     s.stop().await;
 }

@@ -70,14 +70,22 @@ fn output(cal: &ModelCalibration, o: &McOutput) -> Result<Option<Calibrated>, Er
         }
         Some(OutputCalibration::Probabilities(p)) => {
             let classes = *o.shape.last().unwrap_or(&1);
-            let entropy = s.entropy.as_ref().ok_or_else(|| {
-                Error::Internal(format!("probability output '{}' has no entropies", o.name))
-            })?;
+            let entropy = s
+                .entropy
+                .as_ref()
+                .ok_or_else(|| Error::Internal(format!("probability output '{}' has no entropies", o.name)))?;
             let rows: Vec<&[f64]> = s.mean.chunks_exact(classes.max(1)).collect();
             let sets = p
                 .sets
                 .iter()
-                .map(|l| (l.level, rows.iter().map(|r| calibration::prediction_set(r, l.threshold)).collect()))
+                .map(|l| {
+                    (
+                        l.level,
+                        rows.iter()
+                            .map(|r| calibration::prediction_set(r, l.threshold))
+                            .collect(),
+                    )
+                })
                 .collect();
             let referral = cal.referral(p).ok_or_else(|| {
                 Error::Internal(format!("calibration of '{}' lacks the model's referral target", o.name))

@@ -352,14 +352,22 @@ impl Core {
         Ok(answer)
     }
 
-    fn record_calibrated(&self, model: &LoadedModel, outputs: &[McOutput], calibrated: &[Option<calibrated::Calibrated>]) {
+    fn record_calibrated(
+        &self,
+        model: &LoadedModel,
+        outputs: &[McOutput],
+        calibrated: &[Option<calibrated::Calibrated>],
+    ) {
         for (o, c) in outputs.iter().zip(calibrated) {
             let Some(calibrated::Calibrated::Sets(sets)) = c else {
                 continue;
             };
             let labels = [model.name.as_str(), o.name.as_str()];
             let referred = sets.refer.iter().filter(|r| **r).count();
-            self.metrics.referrals.with_label_values(&labels).inc_by(referred as u64);
+            self.metrics
+                .referrals
+                .with_label_values(&labels)
+                .inc_by(referred as u64);
             let sizes = self.metrics.prediction_set_size.with_label_values(&labels);
             let at = |(level, _): &&(f64, Vec<Vec<usize>>)| *level == crate::engine::calibration::METRIC_SET_LEVEL;
             for row in sets.sets.iter().find(at).map(|(_, rows)| rows).into_iter().flatten() {

@@ -110,7 +110,10 @@ impl ModeLabel {
 pub enum McCount {
     Fixed(McSamples),
     /// Draw in chunks until every output element's std/√n is at most `se`, or `max`.
-    Auto { max: McSamples, se: f64 },
+    Auto {
+        max: McSamples,
+        se: f64,
+    },
 }
 
 impl McCount {
@@ -198,9 +201,9 @@ pub fn decide(params: &ModeParams, max_samples: usize) -> Result<Mode, Refusal> 
         };
         let se = match &params.mc_se {
             None => DEFAULT_MC_SE,
-            Some(v) => number(v).filter(|x| x.is_finite() && *x > 0.0).ok_or_else(|| {
-                Error::InvalidParameter(format!("mc_se must be a positive number, got {v}"))
-            })?,
+            Some(v) => number(v)
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .ok_or_else(|| Error::InvalidParameter(format!("mc_se must be a positive number, got {v}")))?,
         };
         McCount::Auto { max, se }
     } else {
@@ -290,7 +293,10 @@ mod tests {
         let Mode::McDropout(mc) = decide(&p, 10).unwrap() else {
             panic!()
         };
-        assert_eq!((mc.samples, mc.seed, mc.return_samples), (McCount::Fixed(McSamples::new(5, 5).unwrap()), 9, true));
+        assert_eq!(
+            (mc.samples, mc.seed, mc.return_samples),
+            (McCount::Fixed(McSamples::new(5, 5).unwrap()), 9, true)
+        );
         let v = decide(&params(&[(SEED, Param::Int(1))]), 10).unwrap_err();
         assert_eq!(v.violation, Some("seed_without_mc"));
         let v = decide(&params(&[(RETURN_SAMPLES, Param::Bool(false))]), 10).unwrap_err();
@@ -334,7 +340,13 @@ mod tests {
         let Mode::McDropout(mc) = auto(&[(MC_SAMPLES, Param::Str("auto".into()))]).unwrap() else {
             panic!()
         };
-        assert_eq!(mc.samples, McCount::Auto { max: McSamples::new(100, 100).unwrap(), se: DEFAULT_MC_SE });
+        assert_eq!(
+            mc.samples,
+            McCount::Auto {
+                max: McSamples::new(100, 100).unwrap(),
+                se: DEFAULT_MC_SE
+            }
+        );
         let Mode::McDropout(mc) = auto(&[
             (MC_SAMPLES, Param::Str("auto".into())),
             (MC_MAX, Param::Uint(40)),
@@ -343,12 +355,21 @@ mod tests {
         .unwrap() else {
             panic!()
         };
-        assert_eq!(mc.samples, McCount::Auto { max: McSamples::new(40, 40).unwrap(), se: 0.5 });
+        assert_eq!(
+            mc.samples,
+            McCount::Auto {
+                max: McSamples::new(40, 40).unwrap(),
+                se: 0.5
+            }
+        );
         assert_eq!(mc.samples.bound(), 40);
         for bad in [
             vec![(MC_SAMPLES, Param::Str("auto".into())), (MC_MAX, Param::Int(101))],
             vec![(MC_SAMPLES, Param::Str("auto".into())), (MC_SE, Param::Double(0.0))],
-            vec![(MC_SAMPLES, Param::Str("auto".into())), (MC_SE, Param::Str("nan".into()))],
+            vec![
+                (MC_SAMPLES, Param::Str("auto".into())),
+                (MC_SE, Param::Str("nan".into())),
+            ],
             vec![(MC_SAMPLES, Param::Int(10)), (MC_SE, Param::Double(0.1))],
             vec![(MC_MAX, Param::Int(10))],
         ] {

@@ -175,7 +175,9 @@ pub fn load(model: &LoadedModel) -> Result<Option<ModelCalibration>, String> {
     let refer_target = model.config.refer_target_error.unwrap_or(DEFAULT_REFER_TARGET);
     for (name, cal) in &file.outputs {
         let Some(ix) = model.outputs.iter().position(|o| &o.name == name) else {
-            return Err(format!("{shown} calibrates output '{name}', which the model does not have"));
+            return Err(format!(
+                "{shown} calibrates output '{name}', which the model does not have"
+            ));
         };
         let probability = model.probability_classes[ix].is_some();
         match cal {
@@ -189,7 +191,9 @@ pub fn load(model: &LoadedModel) -> Result<Option<ModelCalibration>, String> {
                     "{shown} calibrates '{name}' as a probability output, but it is not one"
                 ));
             }
-            OutputCalibration::Probabilities(s) if !s.referral.iter().any(|r| same_target(r.target_error, refer_target)) => {
+            OutputCalibration::Probabilities(s)
+                if !s.referral.iter().any(|r| same_target(r.target_error, refer_target)) =>
+            {
                 return Err(format!(
                     "the referral target {refer_target} of model '{}' is not among the targets {shown} was computed for; \
                      re-run `mcd-serve calibrate` (it adds the model's own target)",
@@ -694,7 +698,11 @@ mod tests {
         }
         for (i, &level) in LEVELS.iter().enumerate() {
             let (lo, _) = binomial_bounds(seeds, level, TAIL);
-            assert!(covered[i] >= lo, "level {level}: {} of {seeds} covered, lower bound {lo}", covered[i]);
+            assert!(
+                covered[i] >= lo,
+                "level {level}: {} of {seeds} covered, lower bound {lo}",
+                covered[i]
+            );
             // At 0.99, 99 rows make the threshold the largest score: sets are near-total.
             let mean_size = sizes[i] as f64 / seeds as f64;
             let most = if level < 0.99 { k as f64 - 0.5 } else { k as f64 };

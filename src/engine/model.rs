@@ -784,7 +784,9 @@ impl McDraw<'_> {
                         .push((shape, Accumulator::new(per_sample, classes, self.keep_samples)));
                 }
                 for s in 0..k {
-                    self.accumulators[o].1.push(&values[s * per_sample..(s + 1) * per_sample]);
+                    self.accumulators[o]
+                        .1
+                        .push(&values[s * per_sample..(s + 1) * per_sample]);
                 }
             }
             self.done += k;

@@ -17,13 +17,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
+use crate::core::calibrated::Calibrated;
 use crate::core::mode::{ModeLabel, ModeParams, Param};
 use crate::core::{Answer, Core, Inputs, PredictRequest, Protocol};
+use crate::engine::calibration::level_key;
 use crate::engine::model::LoadedModel;
 use crate::error::Error;
 use crate::front::http::{MODE_HEADER, body_error};
-use crate::core::calibrated::Calibrated;
-use crate::engine::calibration::level_key;
 use json::{floats_to_json, nest, parse_request, tensor_to_json};
 
 pub fn routes() -> Router<Arc<Core>> {

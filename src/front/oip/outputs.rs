@@ -13,9 +13,9 @@ use serde_json::{Value, json};
 use tract_onnx::prelude::*;
 
 use crate::core::calibrated::Calibrated;
-use crate::engine::calibration::{OutputCalibration, level_key};
 use crate::core::tensors::{DataType, f32_bytes, f64_bytes, tensor_bytes};
 use crate::core::{Answer, MODEL_VERSION};
+use crate::engine::calibration::{OutputCalibration, level_key};
 use crate::engine::model::{Dim, LoadedModel, TensorSpec};
 use crate::error::Error;
 
@@ -125,7 +125,11 @@ pub fn output_meta(model: &LoadedModel) -> Result<Vec<OutputMeta>, Error> {
             Some(OutputCalibration::Regression(r)) => {
                 for l in &r.intervals {
                     for bound in ["lower", "upper"] {
-                        out.push(mc_only(interval_name(&spec.name, l.level, bound), DataType::F64, shape.clone()));
+                        out.push(mc_only(
+                            interval_name(&spec.name, l.level, bound),
+                            DataType::F64,
+                            shape.clone(),
+                        ));
                     }
                 }
             }

@@ -37,6 +37,9 @@ pub enum Command {
         #[arg(long, env = "MCD_HEALTHCHECK_TIMEOUT_SECS", default_value_t = 3.0)]
         timeout_secs: f64,
     },
+    /// Calibrate a model's MC answers on labelled rows (JSON Lines) and write
+    /// `<stem>.calibration.json` beside it: conformal intervals, prediction sets, referral.
+    Calibrate(crate::calibrate::CalibrateArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

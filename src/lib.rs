@@ -6,8 +6,10 @@
 //!   and its guards, admission, the worker pool, timeouts, inference and metrics.
 //! - [`front`]: the protocols, which only decode requests and encode answers.
 //!
-//! Around them: [`error`] (the one error type), [`config`], [`server`], [`healthcheck`].
+//! Around them: [`error`] (the one error type), [`config`], [`server`], [`healthcheck`],
+//! [`calibrate`] (the `calibrate` subcommand).
 
+pub mod calibrate;
 pub mod config;
 pub mod core;
 pub mod engine;

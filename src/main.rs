@@ -6,14 +6,18 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(Command::Healthcheck { url, timeout_secs }) = cli.command {
-        return match mcd_serve::healthcheck::probe(&url, Duration::from_secs_f64(timeout_secs)) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                eprintln!("unhealthy: {e}");
-                std::process::exit(1);
-            }
-        };
+    match cli.command {
+        Some(Command::Healthcheck { url, timeout_secs }) => {
+            return match mcd_serve::healthcheck::probe(&url, Duration::from_secs_f64(timeout_secs)) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    eprintln!("unhealthy: {e}");
+                    std::process::exit(1);
+                }
+            };
+        }
+        Some(Command::Calibrate(args)) => return mcd_serve::calibrate::run(&args),
+        None => {}
     }
     let args = cli.serve;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));

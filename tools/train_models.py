@@ -14,6 +14,14 @@ Writes into ``models/``:
   breast_cancer.onnx, breast_cancer.model.json
   diabetes.onnx,      diabetes.model.json
   digits_cnn.onnx,    digits_cnn.model.json
+and the calibration rows (JSON Lines, as ``mcd-serve calibrate --data`` reads them) into
+``tools/calibration-data/<model>.jsonl``.
+
+Splits: the held-out test set is sklearn's ``train_test_split(test_size=0.2,
+random_state=0)`` (stratified for the classifiers), as before; the calibration set is
+carved out of the other 80% (``CAL_FRACTION`` of it, same seed, stratified likewise), and
+the model trains on the rest. Calibrate afterwards with
+``mcd-serve calibrate --model <name> --data tools/calibration-data/<name>.jsonl``.
 
 Usage (from the repository root):
   tools/.venv/bin/python tools/train_models.py
@@ -40,6 +48,12 @@ from sklearn.model_selection import train_test_split  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS_DIR = os.path.join(REPO_ROOT, "models")
+
+CAL_DIR = os.path.join(REPO_ROOT, "tools", "calibration-data")
+# Share of the training 80% held back for conformal calibration. Large enough that the
+# 0.99 level is bounded (n >= 99) and that a 2% referral target can be met with a 95%
+# upper bound (at least 149 accepted rows with no error).
+CAL_FRACTION = 0.4
 
 OPSET = 17
 IR_VERSION = 8
@@ -71,6 +85,30 @@ def load_digits_split():
     X = d.images.astype(F32)[:, None, :, :]
     return train_test_split(X, d.target.astype(np.int64),
                             test_size=0.2, random_state=SPLIT_SEED, stratify=d.target)
+
+
+def carve_calibration(Xtr, ytr, stratify):
+    """(X_fit, X_cal, y_fit, y_cal): the calibration split out of the training split."""
+    return train_test_split(Xtr, ytr, test_size=CAL_FRACTION, random_state=SPLIT_SEED,
+                            stratify=ytr if stratify else None)
+
+
+def _short(v):
+    """A float32 as its shortest decimal (what the server parses back to the same f32)."""
+    return float(str(F32(v)))
+
+
+def nested(a):
+    return [nested(x) for x in a] if np.ndim(a) > 0 else _short(a)
+
+
+def write_calibration_rows(name, X, y):
+    """One line per row: {"inputs": [row], "target": class index or value}."""
+    os.makedirs(CAL_DIR, exist_ok=True)
+    with open(os.path.join(CAL_DIR, f"{name}.jsonl"), "w") as f:
+        for x, t in zip(X, y):
+            target = int(t) if np.issubdtype(np.asarray(t).dtype, np.integer) else _short(t)
+            f.write(json.dumps({"inputs": [nested(x)], "target": target}, separators=(",", ":")) + "\n")
 
 
 # --------------------------------------------------------------------------
@@ -393,6 +431,8 @@ def r6(v):
 def build_breast_cancer():
     seed, ratio, epochs, bs, lr = 1, 0.3, 150, 32, 1e-3
     Xtr, Xte, ytr, yte = load_breast_cancer_split()
+    Xtr, Xcal, ytr, ycal = carve_calibration(Xtr, ytr, stratify=True)
+    write_calibration_rows("breast_cancer", Xcal, ycal)
     mean = Xtr.mean(axis=0).astype(F32)
     std = Xtr.std(axis=0).astype(F32)
     norm = lambda X: ((X - mean) / std).astype(F32)  # noqa: E731  (same ops as the graph)
@@ -434,7 +474,7 @@ def build_breast_cancer():
         "metrics": metrics,
         "training": {"epochs": epochs, "batch_size": bs, "optimizer": "adam", "learning_rate": lr,
                      "loss": "cross_entropy", "dropout_ratio": ratio, "dropout_nodes": ["dropout1", "dropout2"],
-                     "seed": seed, "split_seed": SPLIT_SEED, "n_train": int(len(ytr)), "n_test": int(len(yte)),
+                     "seed": seed, "split_seed": SPLIT_SEED, "n_train": int(len(ytr)), "n_calibration": int(len(ycal)), "n_test": int(len(yte)),
                      "final_train_loss": r6(final_loss)},
     })
     return {"name": "breast_cancer", "train_seconds": train_s, "metrics": metrics,
@@ -444,6 +484,8 @@ def build_breast_cancer():
 def build_diabetes():
     seed, ratio, epochs, bs, lr, wd = 2, 0.2, 100, 32, 1e-3, 1e-4
     Xtr, Xte, ytr, yte = load_diabetes_split()
+    Xtr, Xcal, ytr, ycal = carve_calibration(Xtr, ytr, stratify=False)
+    write_calibration_rows("diabetes", Xcal, ycal)
     mean = Xtr.mean(axis=0).astype(F32)
     std = Xtr.std(axis=0).astype(F32)
     y_mean = F32(ytr.mean())
@@ -503,7 +545,7 @@ def build_diabetes():
         "training": {"epochs": epochs, "batch_size": bs, "optimizer": "adam", "learning_rate": lr,
                      "weight_decay": wd, "loss": "mse_on_standardized_target", "dropout_ratio": ratio,
                      "dropout_nodes": ["dropout1", "dropout2"], "seed": seed, "split_seed": SPLIT_SEED,
-                     "n_train": int(len(ytr)), "n_test": int(len(yte)), "final_train_loss": r6(final_loss)},
+                     "n_train": int(len(ytr)), "n_calibration": int(len(ycal)), "n_test": int(len(yte)), "final_train_loss": r6(final_loss)},
     })
     return {"name": "diabetes", "train_seconds": train_s, "metrics": metrics,
             "ort_eval_max_abs_diff": max_abs, "ort_training_mode_variation": varying}
@@ -512,6 +554,8 @@ def build_diabetes():
 def build_digits():
     seed, ratio, epochs, bs, lr = 3, 0.5, 30, 32, 2e-3
     Xtr, Xte, ytr, yte = load_digits_split()
+    Xtr, Xcal, ytr, ycal = carve_calibration(Xtr, ytr, stratify=True)
+    write_calibration_rows("digits_cnn", Xcal, ycal)
     scale = F32(16.0)
     pre = lambda X: (X / scale).astype(F32)  # noqa: E731
 
@@ -553,7 +597,7 @@ def build_digits():
         "metrics": metrics,
         "training": {"epochs": epochs, "batch_size": bs, "optimizer": "adam", "learning_rate": lr,
                      "loss": "cross_entropy", "dropout_ratio": ratio, "dropout_nodes": ["dropout1"],
-                     "seed": seed, "split_seed": SPLIT_SEED, "n_train": int(len(ytr)), "n_test": int(len(yte)),
+                     "seed": seed, "split_seed": SPLIT_SEED, "n_train": int(len(ytr)), "n_calibration": int(len(ycal)), "n_test": int(len(yte)),
                      "final_train_loss": r6(final_loss)},
     })
     return {"name": "digits_cnn", "train_seconds": train_s, "metrics": metrics,

@@ -8,6 +8,7 @@ use prometheus::{
 use crate::core::Protocol;
 use crate::core::admission::REJECT_REASONS;
 use crate::core::mode::VIOLATION_REASONS;
+use crate::engine::calibration::OutputCalibration;
 use crate::engine::repo::ModelRepo;
 
 /// The `result` of `mcd_model_reloads_total`.
@@ -24,6 +25,7 @@ const ENTROPY_BUCKETS: &[f64] = &[
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
+const SET_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0, 20.0, 50.0, 100.0];
 const SAMPLE_BUCKETS: &[f64] = &[2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0];
 
 pub struct Metrics {
@@ -33,6 +35,8 @@ pub struct Metrics {
     pub inference_duration: HistogramVec,
     pub mc_samples: HistogramVec,
     pub predictive_entropy: HistogramVec,
+    pub referrals: IntCounterVec,
+    pub prediction_set_size: HistogramVec,
     pub mode_checks: IntCounterVec,
     pub mode_violations: IntCounterVec,
     pub inflight: IntGauge,
@@ -98,7 +102,7 @@ impl Metrics {
                 &registry,
                 hist(
                     "mcd_mc_samples",
-                    "MC samples requested per MC request.",
+                    "MC samples drawn per MC request (for mc_samples=auto, the count it chose).",
                     &["model"],
                     SAMPLE_BUCKETS,
                 ),
@@ -110,6 +114,23 @@ impl Metrics {
                     "Predictive entropy (nats) of MC answers, one observation per row.",
                     &["model", "output"],
                     ENTROPY_BUCKETS,
+                ),
+            ),
+            referrals: reg(
+                &registry,
+                counter(
+                    "mcd_referrals_total",
+                    "Rows of calibrated MC answers referred to a person: predictive entropy above the model's referral threshold.",
+                    &["model", "output"],
+                ),
+            ),
+            prediction_set_size: reg(
+                &registry,
+                hist(
+                    "mcd_prediction_set_size",
+                    "Classes in the conformal prediction set at level 0.95, one observation per row of a calibrated MC answer.",
+                    &["model", "output"],
+                    SET_SIZE_BUCKETS,
                 ),
             ),
             mode_checks: reg(
@@ -233,6 +254,18 @@ impl Metrics {
             }
             for reason in VIOLATION_REASONS {
                 self.mode_violations.with_label_values(&[name.as_str(), reason]);
+            }
+            let calibrated_sets = model.calibration.as_ref().map(|c| {
+                c.file
+                    .outputs
+                    .iter()
+                    .filter(|(_, o)| matches!(o, OutputCalibration::Probabilities(_)))
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+            });
+            for output in calibrated_sets.into_iter().flatten() {
+                self.referrals.with_label_values(&[name.as_str(), output]);
+                self.prediction_set_size.with_label_values(&[name.as_str(), output]);
             }
         }
         for reason in REJECT_REASONS {

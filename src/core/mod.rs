@@ -7,8 +7,10 @@
 //! timeout, inference, the statistics and the metrics. The front end then only encodes
 //! the typed [`Answer`].
 
+pub mod adaptive;
 pub mod admission;
 pub mod auth;
+pub mod calibrated;
 pub mod metrics;
 pub mod mode;
 pub mod tensors;
@@ -94,7 +96,18 @@ pub struct PredictRequest<I> {
 /// What inference produced, typed by mode.
 pub enum Answer {
     Eval(Vec<NamedTensor>),
-    McDropout { request: McRequest, outputs: Vec<McOutput> },
+    McDropout(McAnswer),
+}
+
+pub struct McAnswer {
+    pub request: McRequest,
+    /// Samples drawn: the request's count, or what `mc_samples=auto` chose.
+    pub samples: usize,
+    /// For `mc_samples=auto`: whether it met its criterion, and the criterion.
+    pub auto: Option<adaptive::AutoOutcome>,
+    pub outputs: Vec<McOutput>,
+    /// Per output, in order: what the model's calibration adds.
+    pub calibrated: Vec<Option<calibrated::Calibrated>>,
 }
 
 /// The outcome of a predict request, with the mode it asked for (what the front end
@@ -314,10 +327,7 @@ impl Core {
                         .inc();
                     return Err(e);
                 }
-                m.mc_samples
-                    .with_label_values(&[model.name.as_str()])
-                    .observe(mc.samples.get() as f64);
-                mc.samples.get()
+                mc.samples.bound()
             }
         };
         let cost = (request.inputs.rows_bound().max(1) as u64).saturating_mul(samples as u64);
@@ -356,9 +366,11 @@ impl Core {
         let answer = match mode {
             Mode::Eval => Answer::Eval(model.eval_session().run(batch)?),
             Mode::McDropout(request) => {
-                let outputs = model
-                    .mc_session()?
-                    .run(batch, request.samples, request.seed, request.return_samples)?;
+                let (outputs, samples, auto) = adaptive::draw(&model.mc_session()?, batch, request)?;
+                self.metrics
+                    .mc_samples
+                    .with_label_values(&[model.name.as_str()])
+                    .observe(samples as f64);
                 for o in &outputs {
                     if let Some(e) = &o.stats.entropy {
                         let hist = self
@@ -370,7 +382,15 @@ impl Core {
                         }
                     }
                 }
-                Answer::McDropout { request, outputs }
+                let calibrated = calibrated::compute(model, &outputs)?;
+                self.record_calibrated(model, &outputs, &calibrated);
+                Answer::McDropout(McAnswer {
+                    request,
+                    samples,
+                    auto,
+                    outputs,
+                    calibrated,
+                })
             }
         };
         self.metrics
@@ -378,6 +398,30 @@ impl Core {
             .with_label_values(&[model.name.as_str(), mode.label().as_str()])
             .observe(t.elapsed().as_secs_f64());
         Ok(answer)
+    }
+
+    fn record_calibrated(
+        &self,
+        model: &LoadedModel,
+        outputs: &[McOutput],
+        calibrated: &[Option<calibrated::Calibrated>],
+    ) {
+        for (o, c) in outputs.iter().zip(calibrated) {
+            let Some(calibrated::Calibrated::Sets(sets)) = c else {
+                continue;
+            };
+            let labels = [model.name.as_str(), o.name.as_str()];
+            let referred = sets.refer.iter().filter(|r| **r).count();
+            self.metrics
+                .referrals
+                .with_label_values(&labels)
+                .inc_by(referred as u64);
+            let sizes = self.metrics.prediction_set_size.with_label_values(&labels);
+            let at = |(level, _): &&(f64, Vec<Vec<usize>>)| *level == crate::engine::calibration::METRIC_SET_LEVEL;
+            for row in sets.sets.iter().find(at).map(|(_, rows)| rows).into_iter().flatten() {
+                sizes.observe(row.len() as f64);
+            }
+        }
     }
 
     fn record(&self, protocol: Protocol, model: &str, mode: ModeLabel, error: Option<&Error>, started: Instant) {

@@ -37,7 +37,14 @@ impl std::fmt::Display for Param {
 pub const MC_SAMPLES: &str = "mc_samples";
 pub const SEED: &str = "seed";
 pub const RETURN_SAMPLES: &str = "return_samples";
-pub const MODE_PARAMS: [&str; 3] = [MC_SAMPLES, SEED, RETURN_SAMPLES];
+/// With `mc_samples=auto`: the most samples to draw, and the standard error to stop at.
+pub const MC_MAX: &str = "mc_max";
+pub const MC_SE: &str = "mc_se";
+pub const MODE_PARAMS: [&str; 5] = [MC_SAMPLES, SEED, RETURN_SAMPLES, MC_MAX, MC_SE];
+/// The `mc_samples` value that asks for an adaptive count.
+pub const AUTO: &str = "auto";
+/// The standard error `mc_samples=auto` stops at unless `mc_se` says otherwise.
+pub const DEFAULT_MC_SE: f64 = 0.01;
 
 /// The mode parameters of one request, as its front end found them.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -45,6 +52,8 @@ pub struct ModeParams {
     pub mc_samples: Option<Param>,
     pub seed: Option<Param>,
     pub return_samples: Option<Param>,
+    pub mc_max: Option<Param>,
+    pub mc_se: Option<Param>,
 }
 
 impl ModeParams {
@@ -56,9 +65,11 @@ impl ModeParams {
             MC_SAMPLES => &mut self.mc_samples,
             SEED => &mut self.seed,
             RETURN_SAMPLES => &mut self.return_samples,
+            MC_MAX => &mut self.mc_max,
+            MC_SE => &mut self.mc_se,
             other => {
                 return Err(Error::InvalidParameter(format!(
-                    "unknown {where_} '{other}'; the known ones are mc_samples, seed and return_samples"
+                    "unknown {where_} '{other}'; the known ones are mc_samples, seed, return_samples, mc_max and mc_se"
                 )));
             }
         };
@@ -94,16 +105,36 @@ impl ModeLabel {
     }
 }
 
+/// How many samples an MC request draws.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum McCount {
+    Fixed(McSamples),
+    /// Draw in chunks until every output element's std/√n is at most `se`, or `max`.
+    Auto {
+        max: McSamples,
+        se: f64,
+    },
+}
+
+impl McCount {
+    /// The most samples the request may draw: its admission cost per row.
+    pub fn bound(self) -> usize {
+        match self {
+            McCount::Fixed(n) | McCount::Auto { max: n, .. } => n.get(),
+        }
+    }
+}
+
 /// An MC request, valid by construction.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct McRequest {
-    pub samples: McSamples,
+    pub samples: McCount,
     pub seed: u64,
     pub return_samples: bool,
 }
 
 /// What a predict request asked for, once its parameters are validated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Mode {
     Eval,
     McDropout(McRequest),
@@ -153,13 +184,38 @@ pub fn decide(params: &ModeParams, max_samples: usize) -> Result<Mode, Refusal> 
                 error: Error::ModeMismatch("'return_samples' only applies to MC dropout: add mc_samples=N".into()),
             });
         }
+        if params.mc_max.is_some() || params.mc_se.is_some() {
+            return Err(Error::InvalidParameter("'mc_max' and 'mc_se' only apply with mc_samples=auto".into()).into());
+        }
         return Ok(Mode::Eval);
     };
-    let bad_samples =
-        || Error::InvalidParameter(format!("mc_samples must be an integer in [2, {max_samples}], got {n}"));
-    let samples = integer(n).ok_or_else(bad_samples)?;
-    let samples = usize::try_from(samples).map_err(|_| bad_samples())?;
-    let samples = McSamples::new(samples, max_samples)?;
+    let count = |n: &Param, name: &str| {
+        let bad = || Error::InvalidParameter(format!("{name} must be an integer in [2, {max_samples}], got {n}"));
+        let v = integer(n).ok_or_else(bad)?;
+        McSamples::new(usize::try_from(v).map_err(|_| bad())?, max_samples).map_err(|_| bad())
+    };
+    let samples = if matches!(n, Param::Str(s) if s.trim() == AUTO) {
+        let max = match &params.mc_max {
+            None => McSamples::new(max_samples, max_samples)?,
+            Some(m) => count(m, MC_MAX)?,
+        };
+        let se = match &params.mc_se {
+            None => DEFAULT_MC_SE,
+            Some(v) => number(v)
+                .filter(|x| x.is_finite() && *x > 0.0)
+                .ok_or_else(|| Error::InvalidParameter(format!("mc_se must be a positive number, got {v}")))?,
+        };
+        McCount::Auto { max, se }
+    } else {
+        if params.mc_max.is_some() || params.mc_se.is_some() {
+            return Err(Error::InvalidParameter("'mc_max' and 'mc_se' only apply with mc_samples=auto".into()).into());
+        }
+        McCount::Fixed(count(n, MC_SAMPLES).map_err(|_| {
+            Error::InvalidParameter(format!(
+                "mc_samples must be an integer in [2, {max_samples}] or 'auto', got {n}"
+            ))
+        })?)
+    };
     let seed = match &params.seed {
         // Drawn seeds stay below 2^53, so JavaScript clients read them exactly.
         None => rand::random::<u64>() >> 11,
@@ -188,6 +244,17 @@ fn integer(p: &Param) -> Option<u64> {
         Param::Double(v) if v.fract() == 0.0 && *v >= 0.0 && *v < 18_446_744_073_709_551_616.0 => Some(*v as u64),
         Param::Str(s) => s.trim().parse().ok(),
         Param::Double(_) | Param::Bool(_) => None,
+    }
+}
+
+/// A finite or infinite float from any protocol's spelling of a number.
+fn number(p: &Param) -> Option<f64> {
+    match p {
+        Param::Double(v) => Some(*v),
+        Param::Int(v) => Some(*v as f64),
+        Param::Uint(v) => Some(*v as f64),
+        Param::Str(s) => s.trim().parse().ok(),
+        Param::Bool(_) => None,
     }
 }
 
@@ -226,7 +293,10 @@ mod tests {
         let Mode::McDropout(mc) = decide(&p, 10).unwrap() else {
             panic!()
         };
-        assert_eq!((mc.samples.get(), mc.seed, mc.return_samples), (5, 9, true));
+        assert_eq!(
+            (mc.samples, mc.seed, mc.return_samples),
+            (McCount::Fixed(McSamples::new(5, 5).unwrap()), 9, true)
+        );
         let v = decide(&params(&[(SEED, Param::Int(1))]), 10).unwrap_err();
         assert_eq!(v.violation, Some("seed_without_mc"));
         let v = decide(&params(&[(RETURN_SAMPLES, Param::Bool(false))]), 10).unwrap_err();
@@ -246,7 +316,7 @@ mod tests {
             let Mode::McDropout(mc) = decide(&params(&[(MC_SAMPLES, p.clone())]), 100).unwrap() else {
                 panic!("{p}")
             };
-            assert_eq!(mc.samples.get(), 50, "{p}");
+            assert_eq!(mc.samples.bound(), 50, "{p}");
         }
         for p in [
             Param::Double(50.5),
@@ -262,6 +332,50 @@ mod tests {
             panic!()
         };
         assert_eq!(mc.seed, u64::MAX);
+    }
+
+    #[test]
+    fn auto_takes_its_criterion_and_refuses_it_elsewhere() {
+        let auto = |pairs: &[(&str, Param)]| decide(&params(pairs), 100);
+        let Mode::McDropout(mc) = auto(&[(MC_SAMPLES, Param::Str("auto".into()))]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            mc.samples,
+            McCount::Auto {
+                max: McSamples::new(100, 100).unwrap(),
+                se: DEFAULT_MC_SE
+            }
+        );
+        let Mode::McDropout(mc) = auto(&[
+            (MC_SAMPLES, Param::Str("auto".into())),
+            (MC_MAX, Param::Uint(40)),
+            (MC_SE, Param::Str("0.5".into())),
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            mc.samples,
+            McCount::Auto {
+                max: McSamples::new(40, 40).unwrap(),
+                se: 0.5
+            }
+        );
+        assert_eq!(mc.samples.bound(), 40);
+        for bad in [
+            vec![(MC_SAMPLES, Param::Str("auto".into())), (MC_MAX, Param::Int(101))],
+            vec![(MC_SAMPLES, Param::Str("auto".into())), (MC_SE, Param::Double(0.0))],
+            vec![
+                (MC_SAMPLES, Param::Str("auto".into())),
+                (MC_SE, Param::Str("nan".into())),
+            ],
+            vec![(MC_SAMPLES, Param::Int(10)), (MC_SE, Param::Double(0.1))],
+            vec![(MC_MAX, Param::Int(10))],
+        ] {
+            let e = auto(&bad).unwrap_err();
+            assert!(matches!(e.error, Error::InvalidParameter(_)), "{bad:?}: {:?}", e.error);
+        }
     }
 
     #[test]

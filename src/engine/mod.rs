@@ -9,7 +9,9 @@
 //!   every other random op is refused.
 //! - [`masks`], [`uncertainty`]: mask sampling and the MC statistics.
 //! - [`repo`]: the models folder, loaded and reloaded.
+//! - [`calibration`]: conformal intervals, prediction sets and referral, and their file.
 
+pub mod calibration;
 pub mod decomposed;
 pub mod masks;
 pub mod model;

@@ -40,6 +40,9 @@ pub struct ModelConfig {
     /// Dropout ratios for graph inputs that carry one. Without a value here, MC dropout is
     /// refused for such a model (eval still works: the input is dropped from its interface).
     pub dropout_ratios: HashMap<String, f32>,
+    /// The accepted-case error rate that referral aims at (default 0.02); the model's
+    /// calibration must have been computed for it.
+    pub refer_target_error: Option<f64>,
 }
 
 /// One dimension of a declared shape.
@@ -230,6 +233,8 @@ pub struct LoadedModel {
     pub sites: Vec<DropoutSite>,
     pub fixes: Vec<String>,
     pub checks: Vec<CheckResult>,
+    /// Checked against this very file at load (see `engine::calibration`).
+    pub calibration: Option<crate::engine::calibration::ModelCalibration>,
     eval: EvalPlan,
     mc: Result<McPlan, String>,
 }
@@ -365,6 +370,7 @@ impl LoadedModel {
             sites: surgery.sites,
             fixes: surgery.fixes,
             checks: vec![],
+            calibration: None,
             eval: EvalPlan { plans: eval_plans },
             mc,
         };
@@ -687,13 +693,9 @@ impl McSession<'_> {
         seed: u64,
         keep_samples: bool,
     ) -> Result<Vec<McOutput>, Error> {
-        let elements: usize = batch.tensors.iter().map(|t| t.len()).sum::<usize>().max(1);
-        let per_pass = if self.plan.batch.is_some() {
-            MAX_PASS_INPUT_ELEMENTS / elements
-        } else {
-            1
-        };
-        self.run_in_passes(batch, samples, seed, keep_samples, per_pass)
+        let mut draw = self.start(batch, seed, keep_samples);
+        draw.draw(samples.get())?;
+        Ok(draw.finish())
     }
 
     /// As [`run`](Self::run), with at most `per_pass` samples per forward pass (1 gives the
@@ -706,35 +708,91 @@ impl McSession<'_> {
         keep_samples: bool,
         per_pass: usize,
     ) -> Result<Vec<McOutput>, Error> {
-        let n = samples.get();
+        let mut draw = self.start(batch, seed, keep_samples);
+        draw.per_pass = per_pass.max(1);
+        draw.draw(samples.get())?;
+        Ok(draw.finish())
+    }
+
+    /// Starts drawing samples of `batch`, to be drawn in as many steps as the caller likes:
+    /// sample `s` is the same whichever step draws it.
+    pub fn start<'s>(&'s self, batch: &'s Batch, seed: u64, keep_samples: bool) -> McDraw<'s> {
+        let elements: usize = batch.tensors.iter().map(|t| t.len()).sum::<usize>().max(1);
         let per_pass = if self.plan.batch.is_some() {
-            per_pass.clamp(1, n)
+            (MAX_PASS_INPUT_ELEMENTS / elements).max(1)
         } else {
             1
         };
-        let mut sampler = MaskSampler::new(seed);
-        let mut accumulators: Vec<(Vec<usize>, Accumulator)> = vec![];
-        let mut done = 0;
-        while done < n {
-            let k = per_pass.min(n - done);
-            let masks = internal(self.plan.sample_masks(batch, done, k, &mut sampler))?;
-            let outs = internal(self.plan.run(batch, k, masks))?;
+        McDraw {
+            model: self.model,
+            plan: self.plan,
+            batch,
+            sampler: MaskSampler::new(seed),
+            accumulators: vec![],
+            done: 0,
+            keep_samples,
+            per_pass,
+        }
+    }
+}
+
+/// MC samples drawn so far, summarised per output.
+pub struct McDraw<'s> {
+    model: &'s LoadedModel,
+    plan: &'s McPlan,
+    batch: &'s Batch,
+    sampler: MaskSampler,
+    accumulators: Vec<(Vec<usize>, Accumulator)>,
+    done: usize,
+    keep_samples: bool,
+    per_pass: usize,
+}
+
+impl McDraw<'_> {
+    /// Draws the next `n` samples, in passes of at most the pass size.
+    pub fn draw(&mut self, n: usize) -> Result<(), Error> {
+        let per_pass = if self.plan.batch.is_some() { self.per_pass } else { 1 };
+        let end = self.done + n;
+        while self.done < end {
+            let k = per_pass.min(end - self.done);
+            let masks = internal(self.plan.sample_masks(self.batch, self.done, k, &mut self.sampler))?;
+            let outs = internal(self.plan.run(self.batch, k, masks))?;
             for (o, (mut shape, values)) in outs.into_iter().enumerate() {
                 let per_sample = values.len() / k;
-                if accumulators.len() <= o {
+                if self.accumulators.len() <= o {
                     if k > 1 {
                         shape[0] /= k;
                     }
                     let classes = self.model.probability_classes.get(o).copied().flatten();
-                    accumulators.push((shape, Accumulator::new(per_sample, classes, keep_samples)));
+                    self.accumulators
+                        .push((shape, Accumulator::new(per_sample, classes, self.keep_samples)));
                 }
                 for s in 0..k {
-                    accumulators[o].1.push(&values[s * per_sample..(s + 1) * per_sample]);
+                    self.accumulators[o]
+                        .1
+                        .push(&values[s * per_sample..(s + 1) * per_sample]);
                 }
             }
-            done += k;
+            self.done += k;
         }
-        Ok(accumulators
+        Ok(())
+    }
+
+    pub fn count(&self) -> usize {
+        self.done
+    }
+
+    /// The largest Monte-Carlo standard error of a mean (std/√n) over every element of
+    /// every output; infinite before two samples.
+    pub fn max_standard_error(&self) -> f64 {
+        self.accumulators
+            .iter()
+            .map(|(_, a)| a.max_standard_error())
+            .fold(if self.done < 2 { f64::INFINITY } else { 0.0 }, f64::max)
+    }
+
+    pub fn finish(self) -> Vec<McOutput> {
+        self.accumulators
             .into_iter()
             .zip(&self.model.outputs)
             .map(|((shape, acc), spec)| McOutput {
@@ -742,7 +800,7 @@ impl McSession<'_> {
                 shape,
                 stats: acc.finish(),
             })
-            .collect())
+            .collect()
     }
 }
 

@@ -107,6 +107,13 @@ pub fn load_model(name: &str, path: &Path) -> Result<LoadedModel, String> {
     }
 }
 
+/// Attaches the model's calibration; a stale or mismatched one fails the load, so it is
+/// never silently used.
+fn with_calibration(mut m: LoadedModel) -> Result<LoadedModel, String> {
+    m.calibration = crate::engine::calibration::load(&m)?;
+    Ok(m)
+}
+
 /// Loads every model in `dir`. A file that fails keeps the previous good version, if one
 /// is given, serving under its name; other files load regardless.
 pub fn load_dir(dir: &Path, previous: Option<&ModelRepo>) -> std::io::Result<ModelRepo> {
@@ -141,7 +148,7 @@ pub fn load_folder(
             .and_then(|p| p.models.get(&name))
             .filter(|m| m.healthy())
             .cloned();
-        let failure = match load_model(&name, &path) {
+        let failure = match load_model(&name, &path).and_then(with_calibration) {
             Ok(m) if m.healthy() || old.is_none() => {
                 repo.load_times.insert(name.clone(), start.elapsed());
                 repo.models.insert(name, Arc::new(m));

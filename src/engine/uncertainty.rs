@@ -73,6 +73,16 @@ impl Accumulator {
         }
     }
 
+    /// The largest std/√n over the elements: how far each mean may still move.
+    pub fn max_standard_error(&self) -> f64 {
+        if self.count < 2 {
+            return f64::INFINITY;
+        }
+        let n = self.count as f64;
+        let largest = self.m2.iter().cloned().fold(0.0, f64::max);
+        (largest / (n - 1.0) / n).max(0.0).sqrt()
+    }
+
     pub fn finish(self) -> OutputStats {
         let n = self.count;
         let variance: Vec<f64> = if n >= 2 {

@@ -257,7 +257,8 @@ pub fn floats_to_json(shape: &[usize], values: &[f64]) -> Value {
     )
 }
 
-fn nest(shape: &[usize], leaves: &mut dyn Iterator<Item = Value>) -> Value {
+/// Flat leaves in row-major order as nested JSON arrays of `shape`.
+pub fn nest(shape: &[usize], leaves: &mut dyn Iterator<Item = Value>) -> Value {
     match shape.split_first() {
         None => leaves.next().unwrap_or(Value::Null),
         Some((&n, rest)) => Value::Array((0..n).map(|_| nest(rest, leaves)).collect()),

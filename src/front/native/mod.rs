@@ -17,13 +17,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
+use crate::core::calibrated::Calibrated;
 use crate::core::mode::{ModeLabel, ModeParams, Param};
 use crate::core::{Answer, Core, Inputs, PredictRequest, Protocol};
+use crate::engine::calibration::level_key;
 use crate::engine::model::LoadedModel;
 use crate::error::Error;
 use crate::front::extract::Path;
 use crate::front::http::{MODE_HEADER, body_error};
-use json::{floats_to_json, parse_request, tensor_to_json};
+use json::{floats_to_json, nest, parse_request, tensor_to_json};
 
 pub fn routes() -> Router<Arc<Core>> {
     Router::new()
@@ -129,8 +131,8 @@ fn encode(model: &LoadedModel, answer: Answer) -> Result<Vec<u8>, Error> {
             }
             json!({"model": model.name, "mode": "eval", "outputs": out})
         }
-        Answer::McDropout { request, outputs } => {
-            for o in outputs {
+        Answer::McDropout(answer) => {
+            for (o, calibrated) in answer.outputs.into_iter().zip(&answer.calibrated) {
                 let s = &o.stats;
                 let mut entry = serde_json::Map::new();
                 entry.insert("mean".into(), floats_to_json(&o.shape, &s.mean));
@@ -156,18 +158,58 @@ fn encode(model: &LoadedModel, answer: Answer) -> Result<Vec<u8>, Error> {
                     shape.extend(&o.shape);
                     entry.insert("samples".into(), floats_to_json(&shape, raw));
                 }
+                if let Some(c) = calibrated {
+                    calibrated_json(&mut entry, &o.shape, c);
+                }
                 out.insert(o.name, Value::Object(entry));
             }
-            json!({
+            let mut body = json!({
                 "model": model.name,
                 "mode": "mc_dropout",
-                "mc_samples": request.samples.get(),
-                "seed": request.seed,
-                "outputs": out,
-            })
+                "mc_samples": answer.samples,
+                "seed": answer.request.seed,
+            });
+            if let Some(auto) = answer.auto {
+                body["mc_converged"] = auto.converged.into();
+                body["mc_se"] = auto.se.into();
+                body["mc_max"] = auto.max.into();
+            }
+            body["outputs"] = Value::Object(out);
+            body
         }
     };
     serde_json::to_vec(&body).map_err(|e| Error::Internal(format!("encoding the answer: {e}")))
+}
+
+/// A calibrated output's fields: `intervals` keyed by level, each bound shaped like the
+/// mean; or `prediction_sets` keyed by level (class indices per row), `refer` per row and
+/// the threshold and target behind it.
+fn calibrated_json(entry: &mut serde_json::Map<String, Value>, shape: &[usize], c: &Calibrated) {
+    match c {
+        Calibrated::Intervals(levels) => {
+            let mut by_level = serde_json::Map::new();
+            for l in levels {
+                by_level.insert(
+                    level_key(l.level),
+                    json!({"lower": floats_to_json(shape, &l.lower), "upper": floats_to_json(shape, &l.upper)}),
+                );
+            }
+            entry.insert("intervals".into(), Value::Object(by_level));
+        }
+        Calibrated::Sets(sets) => {
+            let rows_shape = &shape[..shape.len().saturating_sub(1)];
+            let mut by_level = serde_json::Map::new();
+            for (level, rows) in &sets.sets {
+                let mut rows = rows.iter().map(|set| json!(set));
+                by_level.insert(level_key(*level), nest(rows_shape, &mut rows));
+            }
+            entry.insert("prediction_sets".into(), Value::Object(by_level));
+            let mut refer = sets.refer.iter().map(|r| Value::Bool(*r));
+            entry.insert("refer".into(), nest(rows_shape, &mut refer));
+            entry.insert("refer_threshold".into(), json!(sets.refer_threshold));
+            entry.insert("refer_target_error".into(), json!(sets.refer_target_error));
+        }
+    }
 }
 
 async fn list_models(State(core): State<Arc<Core>>) -> Result<Response, Error> {
@@ -229,6 +271,11 @@ async fn model_metadata(State(core): State<Arc<Core>>, Path(name): Path<String>)
         "mc_available": m.mc_unavailable_reason().is_none(),
         "mc_unavailable_reason": m.mc_unavailable_reason(),
         "max_mc_samples": core.limits.max_mc_samples,
+        "refer_target_error": m.calibration.as_ref().map(|c| c.refer_target),
+        "calibration": m.calibration.as_ref().map(|c| json!({
+            "file": c.path.file_name().map(|f| f.to_string_lossy()),
+            "summary": c.file,
+        })),
         "load_failure": load_failure,
     }))
     .into_response())

@@ -3,14 +3,19 @@
 //! Eval answers carry each model output under its own name. MC answers carry the mean
 //! under the output's name, and the statistics as derived outputs `y.variance`, `y.std`,
 //! for probability outputs `y.predictive_entropy`, `y.expected_entropy` and
-//! `y.mutual_information` (one value per row), and `y.samples` when asked for.
+//! `y.mutual_information` (one value per row), and `y.samples` when asked for. A model
+//! with a calibration adds, for a regression output, `y.interval_0.95_lower` and
+//! `y.interval_0.95_upper` per level (FP64, shaped like `y`; ±inf where unbounded), and for
+//! a probability output `y.set_0.95` per level, a BOOL membership mask shaped like `y`
+//! (sets are ragged, a mask is a tensor), and `y.refer` (BOOL, one per row).
 
 use serde_json::{Value, json};
 use tract_onnx::prelude::*;
 
-use crate::core::mode::McRequest;
+use crate::core::calibrated::Calibrated;
 use crate::core::tensors::{DataType, f32_bytes, f64_bytes, tensor_bytes};
 use crate::core::{Answer, MODEL_VERSION};
+use crate::engine::calibration::{OutputCalibration, level_key};
 use crate::engine::model::{Dim, LoadedModel, TensorSpec};
 use crate::error::Error;
 
@@ -18,6 +23,15 @@ use crate::error::Error;
 const STATS: [&str; 2] = ["variance", "std"];
 const ENTROPIES: [&str; 3] = ["predictive_entropy", "expected_entropy", "mutual_information"];
 const SAMPLES: &str = "samples";
+const REFER: &str = "refer";
+
+fn interval_name(output: &str, level: f64, bound: &str) -> String {
+    format!("{output}.interval_{}_{bound}", level_key(level))
+}
+
+fn set_name(output: &str, level: f64) -> String {
+    format!("{output}.set_{}", level_key(level))
+}
 
 /// One output as the protocol describes it: name, datatype, shape (-1 for a variable
 /// dim), and whether only MC answers carry it.
@@ -90,15 +104,42 @@ pub fn output_meta(model: &LoadedModel) -> Result<Vec<OutputMeta>, Error> {
                 mc_only: true,
             });
         }
+        let rows = shape[..shape.len().saturating_sub(1)].to_vec();
         if classes.is_some() {
             for suffix in ENTROPIES {
                 out.push(OutputMeta {
                     name: format!("{}.{suffix}", spec.name),
                     datatype: DataType::F64,
-                    shape: shape[..shape.len().saturating_sub(1)].to_vec(),
+                    shape: rows.clone(),
                     mc_only: true,
                 });
             }
+        }
+        let mc_only = |name: String, datatype: DataType, shape: Vec<i64>| OutputMeta {
+            name,
+            datatype,
+            shape,
+            mc_only: true,
+        };
+        match model.calibration.as_ref().and_then(|c| c.output(&spec.name)) {
+            Some(OutputCalibration::Regression(r)) => {
+                for l in &r.intervals {
+                    for bound in ["lower", "upper"] {
+                        out.push(mc_only(
+                            interval_name(&spec.name, l.level, bound),
+                            DataType::F64,
+                            shape.clone(),
+                        ));
+                    }
+                }
+            }
+            Some(OutputCalibration::Probabilities(p)) => {
+                for l in &p.sets {
+                    out.push(mc_only(set_name(&spec.name, l.level), DataType::Bool, shape.clone()));
+                }
+                out.push(mc_only(format!("{}.{REFER}", spec.name), DataType::Bool, rows));
+            }
+            None => {}
         }
         let mut samples = vec![-1];
         samples.extend(&shape);
@@ -139,6 +180,8 @@ pub fn metadata_json(model: &LoadedModel) -> Result<Value, Error> {
         "parameters": {
             "mc_available": model.mc_unavailable_reason().is_none(),
             "dropout_sites": model.sampling_sites(),
+            "calibrated": model.calibration.is_some(),
+            "refer_target_error": model.calibration.as_ref().map(|c| c.refer_target),
         },
     }))
 }
@@ -158,6 +201,8 @@ pub enum OutData {
     Tensor(Tensor),
     /// Statistics, sent as FP32 or FP64 by `datatype`.
     Floats(Vec<f64>),
+    /// Set membership and referral flags.
+    Bools(Vec<bool>),
 }
 
 impl OutTensor {
@@ -167,6 +212,7 @@ impl OutTensor {
             OutData::Tensor(t) => tensor_bytes(t)?.1,
             OutData::Floats(v) if self.datatype == DataType::F32 => f32_bytes(v),
             OutData::Floats(v) => f64_bytes(v),
+            OutData::Bools(v) => v.iter().map(|b| *b as u8).collect(),
         })
     }
 
@@ -182,6 +228,7 @@ impl OutTensor {
                 Value::Array(v.iter().map(|&x| number(x as f32 as f64)).collect())
             }
             OutData::Floats(v) => Value::Array(v.iter().map(|&x| number(x)).collect()),
+            OutData::Bools(v) => Value::Array(v.iter().map(|&b| Value::Bool(b)).collect()),
             OutData::Tensor(t) => {
                 let internal = |e: TractError| Error::Internal(format!("encoding output '{}': {e}", self.name));
                 if t.datum_type() == DatumType::Bool {
@@ -226,11 +273,16 @@ pub fn answer_outputs(model: &LoadedModel, answer: Answer) -> Result<(Vec<OutTen
                 .collect::<Result<Vec<_>, Error>>()?;
             Ok((out, json!({"mode": "eval"})))
         }
-        Answer::McDropout { request, outputs } => {
-            let McRequest { samples, seed, .. } = request;
+        Answer::McDropout(answer) => {
             let mut out = vec![];
-            for (o, spec) in outputs.into_iter().zip(&model.outputs) {
+            for ((o, spec), calibrated) in answer.outputs.into_iter().zip(&model.outputs).zip(&answer.calibrated) {
                 let s = o.stats;
+                let bools = |name: String, shape: Vec<usize>, values: Vec<bool>| OutTensor {
+                    name,
+                    datatype: DataType::Bool,
+                    shape,
+                    data: OutData::Bools(values),
+                };
                 let floats = |name: String, shape: Vec<usize>, values: Vec<f64>| OutTensor {
                     name,
                     datatype: DataType::F64,
@@ -254,13 +306,42 @@ pub fn answer_outputs(model: &LoadedModel, answer: Answer) -> Result<(Vec<OutTen
                         out.push(floats(format!("{}.{suffix}", o.name), rows.clone(), values));
                     }
                 }
+                let rows = o.shape[..o.shape.len().saturating_sub(1)].to_vec();
+                match calibrated {
+                    Some(Calibrated::Intervals(levels)) => {
+                        for l in levels {
+                            for (bound, values) in [("lower", &l.lower), ("upper", &l.upper)] {
+                                let name = interval_name(&o.name, l.level, bound);
+                                out.push(floats(name, o.shape.clone(), values.clone()));
+                            }
+                        }
+                    }
+                    Some(Calibrated::Sets(sets)) => {
+                        for (level, per_row) in &sets.sets {
+                            let mut mask = vec![false; per_row.len() * sets.classes];
+                            for (r, set) in per_row.iter().enumerate() {
+                                for &k in set {
+                                    mask[r * sets.classes + k] = true;
+                                }
+                            }
+                            out.push(bools(set_name(&o.name, *level), o.shape.clone(), mask));
+                        }
+                        out.push(bools(format!("{}.{REFER}", o.name), rows, sets.refer.clone()));
+                    }
+                    None => {}
+                }
                 if let Some(raw) = s.samples {
                     let mut shape = vec![s.count];
                     shape.extend(&o.shape);
                     out.push(floats(format!("{}.{SAMPLES}", o.name), shape, raw));
                 }
             }
-            let params = json!({"mode": "mc_dropout", "mc_samples": samples.get(), "seed": seed});
+            let mut params = json!({"mode": "mc_dropout", "mc_samples": answer.samples, "seed": answer.request.seed});
+            if let Some(auto) = answer.auto {
+                params["mc_converged"] = auto.converged.into();
+                params["mc_se"] = auto.se.into();
+                params["mc_max"] = auto.max.into();
+            }
             Ok((out, params))
         }
     }

@@ -1,0 +1,304 @@
+//! `mcd-serve calibrate`: runs MC on labelled rows through the serving engine and writes
+//! `<stem>.calibration.json` beside the model (see `engine::calibration` for the maths).
+//!
+//! The data file is JSON Lines, one labelled row per line:
+//! `{"inputs": <as in /predict, one row>, "target": <class index, or value(s)>}`. A model
+//! with several calibrated outputs takes `"target": {"<output>": ..., ...}`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, anyhow, bail};
+use serde_json::{Value, json};
+use tract_onnx::prelude::DatumType;
+
+use crate::engine::calibration::{
+    self, CalibrationFile, ClassRow, DEFAULT_REFER_TARGET, FORMAT, OutputCalibration, REFER_TARGETS, RegressionRow,
+};
+use crate::engine::model::{LoadedModel, McOutput, McSamples};
+use crate::engine::repo;
+use crate::front::native::json::parse_request;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CalibrateArgs {
+    /// Folder of `*.onnx` models.
+    #[arg(long, env = "MCD_MODELS", default_value = "models")]
+    pub models: PathBuf,
+    /// The model to calibrate (its file stem).
+    #[arg(long)]
+    pub model: String,
+    /// Labelled rows, JSON Lines: {"inputs": ..., "target": ...}.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// MC samples per row.
+    #[arg(long, default_value_t = 100)]
+    pub mc_samples: usize,
+    /// Row i (from 0) runs with seed `seed + i`.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// What an output contributes, per calibration row.
+enum Collected {
+    Regression {
+        mean: Vec<Vec<f64>>,
+        std: Vec<Vec<f64>>,
+        target: Vec<Vec<f64>>,
+    },
+    Probabilities {
+        mean: Vec<Vec<f64>>,
+        entropy: Vec<f64>,
+        target: Vec<usize>,
+    },
+}
+
+pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
+    let path = args.models.join(format!("{}.onnx", args.model));
+    if !path.is_file() {
+        bail!("no model file {}", path.display());
+    }
+    let model = repo::load_model(&args.model, &path).map_err(|e| anyhow!("loading {}: {e}", path.display()))?;
+    let session = model.mc_session().map_err(|e| anyhow!("{e}"))?;
+    let samples = McSamples::new(args.mc_samples, usize::MAX).map_err(|e| anyhow!("--mc-samples: {e}"))?;
+    let calibrated: Vec<usize> = (0..model.outputs.len())
+        .filter(|&i| model.probability_classes[i].is_some() || is_float(model.outputs[i].datum))
+        .collect();
+    if calibrated.is_empty() {
+        bail!("model '{}' has no float or probability output to calibrate", model.name);
+    }
+    let text = std::fs::read_to_string(&args.data).with_context(|| format!("reading {}", args.data.display()))?;
+    let mut collected: BTreeMap<usize, Collected> = BTreeMap::new();
+    let mut n = 0u64;
+    for (ix, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let line_no = ix + 1;
+        let at = |e: String| anyhow!("{}:{line_no}: {e}", args.data.display());
+        let (inputs, target) = split_line(line).map_err(at)?;
+        let tensors =
+            parse_request(&model, &serde_json::to_vec(&json!({ "inputs": inputs }))?).map_err(|e| at(e.to_string()))?;
+        let batch = model.batch(tensors).map_err(|e| at(e.to_string()))?;
+        if batch.rows() != 1 {
+            return Err(at(format!("each line holds one row; this one holds {}", batch.rows())));
+        }
+        let outputs = session
+            .run(&batch, samples, args.seed.wrapping_add(n), false)
+            .map_err(|e| at(e.to_string()))?;
+        for &o in &calibrated {
+            let target = target_for(&model, &calibrated, o, &target).map_err(at)?;
+            add(&mut collected, o, &outputs[o], target).map_err(at)?;
+        }
+        n += 1;
+    }
+    if n == 0 {
+        bail!("{} holds no rows", args.data.display());
+    }
+    let mut targets = REFER_TARGETS.to_vec();
+    let own = model.config.refer_target_error.unwrap_or(DEFAULT_REFER_TARGET);
+    if !targets.iter().any(|t| (t - own).abs() < 1e-12) {
+        targets.push(own);
+    }
+    let outputs = collected
+        .into_iter()
+        .map(|(o, c)| (model.outputs[o].name.clone(), fit(c, &targets)))
+        .collect();
+    let file = CalibrationFile {
+        format: FORMAT.into(),
+        model_file: path
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        model_sha256: calibration::sha256_file(&path)?,
+        created: calibration::rfc3339(SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs()),
+        n: n as usize,
+        mc_samples: samples.get(),
+        seed: args.seed,
+        outputs,
+    };
+    let out = calibration::calibration_path(&path);
+    write_atomically(&out, &serde_json::to_vec_pretty(&file)?)?;
+    print!("{}", report(&file, own, &out));
+    Ok(())
+}
+
+fn is_float(d: DatumType) -> bool {
+    matches!(d, DatumType::F16 | DatumType::F32 | DatumType::F64)
+}
+
+fn split_line(line: &str) -> Result<(Value, Value), String> {
+    let value: Value = serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))?;
+    let Value::Object(mut o) = value else {
+        return Err("each line must be an object {\"inputs\": ..., \"target\": ...}".into());
+    };
+    let inputs = o.remove("inputs").ok_or("no \"inputs\" field")?;
+    let target = o.remove("target").ok_or("no \"target\" field")?;
+    if let Some(k) = o.keys().next() {
+        return Err(format!("unknown field \"{k}\"; a line has \"inputs\" and \"target\""));
+    }
+    Ok((inputs, target))
+}
+
+/// The target of output `o`: the line's target itself when one output is calibrated,
+/// else its entry under the output's name.
+fn target_for<'t>(model: &LoadedModel, calibrated: &[usize], o: usize, target: &'t Value) -> Result<&'t Value, String> {
+    if calibrated.len() == 1 {
+        return Ok(target);
+    }
+    let name = &model.outputs[o].name;
+    target.get(name).ok_or_else(|| {
+        format!(
+            "model '{}' has several outputs: \"target\" must be an object with '{name}'",
+            model.name
+        )
+    })
+}
+
+fn add(collected: &mut BTreeMap<usize, Collected>, o: usize, out: &McOutput, target: &Value) -> Result<(), String> {
+    let s = &out.stats;
+    match &s.entropy {
+        Some(e) => {
+            let classes = s.mean.len();
+            let k = target.as_u64().filter(|&k| (k as usize) < classes).ok_or_else(|| {
+                format!(
+                    "target of '{}' must be a class index in [0, {classes}), got {target}",
+                    out.name
+                )
+            })?;
+            let entry = collected.entry(o).or_insert_with(|| Collected::Probabilities {
+                mean: vec![],
+                entropy: vec![],
+                target: vec![],
+            });
+            if let Collected::Probabilities { mean, entropy, target } = entry {
+                mean.push(s.mean.clone());
+                entropy.push(e.predictive_entropy[0]);
+                target.push(k as usize);
+            }
+        }
+        None => {
+            let values: Vec<f64> = match target {
+                Value::Number(x) => vec![x.as_f64().unwrap_or(f64::NAN)],
+                Value::Array(a) => flatten(a),
+                _ => vec![],
+            };
+            if values.len() != s.mean.len() || values.iter().any(|v| !v.is_finite()) {
+                return Err(format!(
+                    "target of '{}' must be {} finite number(s), one per element of a row, got {target}",
+                    out.name,
+                    s.mean.len()
+                ));
+            }
+            let entry = collected.entry(o).or_insert_with(|| Collected::Regression {
+                mean: vec![],
+                std: vec![],
+                target: vec![],
+            });
+            if let Collected::Regression { mean, std, target } = entry {
+                mean.push(s.mean.clone());
+                std.push(s.std.clone());
+                target.push(values);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn flatten(a: &[Value]) -> Vec<f64> {
+    a.iter()
+        .flat_map(|v| match v {
+            Value::Array(inner) => flatten(inner),
+            Value::Number(x) => vec![x.as_f64().unwrap_or(f64::NAN)],
+            _ => vec![f64::NAN],
+        })
+        .collect()
+}
+
+fn fit(c: Collected, targets: &[f64]) -> OutputCalibration {
+    match c {
+        Collected::Regression { mean, std, target } => {
+            let rows: Vec<RegressionRow> = (0..mean.len())
+                .map(|i| RegressionRow {
+                    mean: &mean[i],
+                    std: &std[i],
+                    target: &target[i],
+                })
+                .collect();
+            OutputCalibration::Regression(calibration::fit_regression(&rows))
+        }
+        Collected::Probabilities { mean, entropy, target } => {
+            let rows: Vec<ClassRow> = (0..mean.len())
+                .map(|i| ClassRow {
+                    probabilities: &mean[i],
+                    predictive_entropy: entropy[i],
+                    target: target[i],
+                })
+                .collect();
+            OutputCalibration::Probabilities(calibration::fit_sets(&rows, targets))
+        }
+    }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
+/// The short report: coverage per level on the calibration set, set sizes, referral.
+fn report(file: &CalibrationFile, own_target: f64, out: &Path) -> String {
+    let mut r = format!(
+        "wrote {} ({} rows, mc_samples {}, seed {})\n",
+        out.display(),
+        file.n,
+        file.mc_samples,
+        file.seed
+    );
+    let bound = |q: Option<f64>| q.map_or("unbounded (too few rows)".to_string(), |q| format!("{q:.4}"));
+    for (name, cal) in &file.outputs {
+        match cal {
+            OutputCalibration::Regression(c) => {
+                r += &format!("{name}: regression, noise variance {:?}\n", c.noise_variance);
+                for l in &c.intervals {
+                    r += &format!(
+                        "  level {:<4}  coverage {:.3}  mean width {:?}  quantile {}\n",
+                        l.level,
+                        l.calibration_coverage,
+                        l.calibration_mean_width
+                            .iter()
+                            .map(|w| (w * 1e3).round() / 1e3)
+                            .collect::<Vec<_>>(),
+                        l.quantile.iter().map(|q| bound(*q)).collect::<Vec<_>>().join(", ")
+                    );
+                }
+            }
+            OutputCalibration::Probabilities(c) => {
+                r += &format!("{name}: prediction sets ({})\n", c.method.to_uppercase());
+                for l in &c.sets {
+                    r += &format!(
+                        "  level {:<4}  coverage {:.3}  mean set size {:.3}\n",
+                        l.level, l.calibration_coverage, l.calibration_mean_size
+                    );
+                }
+                for f in &c.referral {
+                    let mark = if (f.target_error - own_target).abs() < 1e-12 {
+                        " (served)"
+                    } else {
+                        ""
+                    };
+                    r += &format!(
+                        "  refer at target error {:<5}{mark}: entropy threshold {}, refers {:.1}%, accepted error {:.4} (upper bound {:.4})\n",
+                        f.target_error,
+                        f.threshold
+                            .map_or("none: refer every row".into(), |t| format!("{t:.5}")),
+                        100.0 * (1.0 - f.coverage),
+                        f.accepted_error,
+                        f.error_upper_bound
+                    );
+                }
+            }
+        }
+    }
+    r
+}

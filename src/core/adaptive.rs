@@ -1,0 +1,54 @@
+//! How many MC samples a request draws: a fixed count, or `mc_samples=auto`, which draws
+//! chunks of [`CHUNK`] samples until every element of every output has a Monte-Carlo
+//! standard error of its mean (std/√n) of at most `mc_se`, or `mc_max` samples are drawn.
+//!
+//! Sample `s` reads its own stretch of the seed's stream (`engine::masks`), so the samples
+//! an `auto` request drew are the samples of a fixed request for that count: with the same
+//! seed the two answers agree.
+
+use crate::core::mode::{McCount, McRequest};
+use crate::engine::model::{Batch, McOutput, McSession};
+use crate::error::Error;
+
+/// Samples per chunk of an `auto` request: enough for a usable std from the first chunk,
+/// few enough that the count stops close to where the criterion is met.
+pub const CHUNK: usize = 16;
+
+/// What an `auto` request ended with.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AutoOutcome {
+    pub converged: bool,
+    /// The criterion it was given: the standard error, and the most samples.
+    pub se: f64,
+    pub max: usize,
+}
+
+/// The samples drawn, their count, and for `auto` how it ended.
+pub fn draw(
+    session: &McSession<'_>,
+    batch: &Batch,
+    request: McRequest,
+) -> Result<(Vec<McOutput>, usize, Option<AutoOutcome>), Error> {
+    match request.samples {
+        McCount::Fixed(n) => Ok((
+            session.run(batch, n, request.seed, request.return_samples)?,
+            n.get(),
+            None,
+        )),
+        McCount::Auto { max, se } => {
+            let max = max.get();
+            let mut draw = session.start(batch, request.seed, request.return_samples);
+            let converged = loop {
+                draw.draw(CHUNK.min(max - draw.count()))?;
+                if draw.max_standard_error() <= se {
+                    break true;
+                }
+                if draw.count() >= max {
+                    break false;
+                }
+            };
+            let count = draw.count();
+            Ok((draw.finish(), count, Some(AutoOutcome { converged, se, max })))
+        }
+    }
+}

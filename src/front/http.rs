@@ -31,6 +31,7 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/health/live", get(|| async { axum::Json(json!({"status": "live"})) }))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(super::openapi::serve))
         .fallback(|uri: Uri| async move { Error::RouteNotFound(uri.path().to_string()) })
         .method_not_allowed_fallback(|method: Method| async move { Error::MethodNotAllowed(method.to_string()) })
         .layer(DefaultBodyLimit::max(body_limit))

@@ -59,7 +59,7 @@ report="$work/report.json"
 status=0
 "$VENV/bin/schemathesis" run "$base/openapi.json" \
     --checks not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance \
-    --max-examples "$MAX_EXAMPLES" --seed 13 --generation-deterministic --generation-database none \
+    --max-examples "$MAX_EXAMPLES" --seed 13 --generation-deterministic \
     --request-timeout 10 --workers 2 --no-color \
     --report json --report-json-path "$report" || status=$?
 

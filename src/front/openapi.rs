@@ -528,12 +528,13 @@ fn flat_data() -> RefOr<Schema> {
 struct ModeQuery {
     /// MC dropout with this many passes (2..=--max-mc-samples), or `auto` to sample until
     /// the standard error reaches `mc_se` or `mc_max` passes.
-    #[param(schema_with = mc_samples)]
+    #[param(schema_with = mc_samples, example = 5)]
     mc_samples: Option<String>,
     /// The dropout masks' seed (MC only).
-    #[param(minimum = 0)]
+    #[param(minimum = 0, example = 1)]
     seed: Option<u64>,
     /// Also return every pass (MC only): `true`, `false`, `1` or `0`.
+    #[param(example = true)]
     return_samples: Option<bool>,
     /// With `mc_samples=auto`: the most passes.
     #[param(minimum = 2)]
@@ -564,6 +565,14 @@ struct BinaryHeader {
 
 // ---- Operations ---------------------------------------------------------------------
 
+/// One row of breast_cancer's features (the README's example): the examples let
+/// schemathesis reach real predictions, eval and MC, and check their answers.
+const ROW: [f32; 30] = [
+    13.46, 28.21, 85.89, 562.1, 0.07517, 0.04726, 0.01271, 0.01117, 0.1421, 0.05763, 0.1689, 1.15, 1.4, 14.91,
+    0.004942, 0.01203, 0.007508, 0.005179, 0.01442, 0.001684, 14.69, 35.63, 97.11, 680.6, 0.1108, 0.1457,
+    0.07934, 0.05781, 0.2694, 0.07061,
+];
+
 const PREDICT_HELP: &str = "Eval without `mc_samples`, MC dropout with it. Every answer \
                             (refusals too) says in `x-inference-mode` which mode was asked for.";
 
@@ -571,7 +580,7 @@ const PREDICT_HELP: &str = "Eval without `mc_samples`, MC dropout with it. Every
     post, path = "/predict", tag = "native",
     description = PREDICT_HELP,
     params(ModeQuery, RequestIdHeader),
-    request_body(content = NativeRequest, content_type = "application/json"),
+    request_body(content = NativeRequest, content_type = "application/json", example = json!({"inputs": [ROW, ROW]})),
     responses(
         (status = 200, description = "The prediction", body = PredictAnswer, headers(
             ("x-inference-mode" = String, description = "eval or mc_dropout"),
@@ -591,8 +600,8 @@ fn predict_default() {}
 #[utoipa::path(
     post, path = "/models/{name}/predict", tag = "native",
     description = PREDICT_HELP,
-    params(("name" = String, Path, description = "A model's name"), ModeQuery, RequestIdHeader),
-    request_body(content = NativeRequest, content_type = "application/json"),
+    params(("name" = String, Path, description = "A model's name", example = "breast_cancer"), ModeQuery, RequestIdHeader),
+    request_body(content = NativeRequest, content_type = "application/json", example = json!({"inputs": [ROW, ROW]})),
     responses(
         (status = 200, description = "The prediction", body = PredictAnswer, headers(
             ("x-inference-mode" = String, description = "eval or mc_dropout"),
@@ -620,7 +629,7 @@ fn list_models() {}
 
 #[utoipa::path(
     get, path = "/models/{name}", tag = "native",
-    params(("name" = String, Path, description = "A model's name")),
+    params(("name" = String, Path, description = "A model's name", example = "breast_cancer")),
     responses(
         (status = 200, description = "The model's inputs, outputs, dropout sites and self-checks", body = ModelMetadata),
         (status = 400, description = "The path is malformed", body = ErrorBody),
@@ -682,7 +691,7 @@ const MODEL_ERRORS_HELP: &str = "Only version \"1\" exists; another version answ
 
 #[utoipa::path(
     get, path = "/v2/models/{model}", tag = "oip",
-    params(("model" = String, Path)),
+    params(("model" = String, Path, example = "breast_cancer")),
     responses(
         (status = 200, description = "Model metadata", body = OipModelMetadata),
         (status = 400, description = "The path is malformed", body = ErrorBody),
@@ -695,7 +704,7 @@ fn oip_model_metadata() {}
 #[utoipa::path(
     get, path = "/v2/models/{model}/versions/{version}", tag = "oip",
     description = MODEL_ERRORS_HELP,
-    params(("model" = String, Path), ("version" = String, Path)),
+    params(("model" = String, Path, example = "breast_cancer"), ("version" = String, Path, example = "1")),
     responses(
         (status = 200, description = "Model metadata", body = OipModelMetadata),
         (status = 400, description = "The path is malformed", body = ErrorBody),
@@ -707,7 +716,7 @@ fn oip_model_version_metadata() {}
 
 #[utoipa::path(
     get, path = "/v2/models/{model}/ready", tag = "oip",
-    params(("model" = String, Path)),
+    params(("model" = String, Path, example = "breast_cancer")),
     responses(
         (status = 200, description = "The model serves", body = OipModelReady),
         (status = 400, description = "The path is malformed", body = ErrorBody),
@@ -720,7 +729,7 @@ fn oip_model_ready() {}
 #[utoipa::path(
     get, path = "/v2/models/{model}/versions/{version}/ready", tag = "oip",
     description = MODEL_ERRORS_HELP,
-    params(("model" = String, Path), ("version" = String, Path)),
+    params(("model" = String, Path, example = "breast_cancer"), ("version" = String, Path, example = "1")),
     responses(
         (status = 200, description = "The model serves", body = OipModelReady),
         (status = 400, description = "The path is malformed", body = ErrorBody),
@@ -739,9 +748,13 @@ const INFER_HELP: &str = "MC dropout through request `parameters` (`mc_samples`,
 #[utoipa::path(
     post, path = "/v2/models/{model}/infer", tag = "oip",
     description = INFER_HELP,
-    params(("model" = String, Path), BinaryHeader, RequestIdHeader),
+    params(("model" = String, Path, example = "breast_cancer"), BinaryHeader, RequestIdHeader),
     request_body(content(
-        (OipInferRequest = "application/json"),
+        (OipInferRequest = "application/json", example = json!({
+            "id": "example",
+            "parameters": {"mc_samples": 5, "seed": 1},
+            "inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": ROW}],
+        })),
         (Binary = "application/octet-stream"),
     )),
     responses(
@@ -765,9 +778,13 @@ fn oip_infer() {}
 #[utoipa::path(
     post, path = "/v2/models/{model}/versions/{version}/infer", tag = "oip",
     description = INFER_HELP,
-    params(("model" = String, Path), ("version" = String, Path), BinaryHeader, RequestIdHeader),
+    params(("model" = String, Path, example = "breast_cancer"), ("version" = String, Path, example = "1"), BinaryHeader, RequestIdHeader),
     request_body(content(
-        (OipInferRequest = "application/json"),
+        (OipInferRequest = "application/json", example = json!({
+            "id": "example",
+            "parameters": {"mc_samples": 5, "seed": 1},
+            "inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": ROW}],
+        })),
         (Binary = "application/octet-stream"),
     )),
     responses(

@@ -148,16 +148,39 @@ fn rows(rng: &mut ChaCha8Rng, dims: &[usize], n: usize) -> Value {
 
 /// A random JSON value of bounded depth: the generated (structure-free) half of the corpus.
 fn random_json(rng: &mut ChaCha8Rng, depth: u32) -> Value {
-    let pick = if depth == 0 { rng.random_range(0..5) } else { rng.random_range(0..7) };
+    let pick = if depth == 0 {
+        rng.random_range(0..5)
+    } else {
+        rng.random_range(0..7)
+    };
     match pick {
         0 => Value::Null,
         1 => json!(rng.random_bool(0.5)),
         2 => json!(rng.random::<f64>() * 10f64.powi(rng.random_range(-5..300))),
         3 => json!(rng.random::<i64>()),
-        4 => json!(["", "NaN", "inf", "features", "mc_samples", "FP32", "\u{0}", "é"].choose(rng).unwrap()),
-        5 => Value::Array((0..rng.random_range(0..6)).map(|_| random_json(rng, depth - 1)).collect()),
+        4 => json!(
+            ["", "NaN", "inf", "features", "mc_samples", "FP32", "\u{0}", "é"]
+                .choose(rng)
+                .unwrap()
+        ),
+        5 => Value::Array(
+            (0..rng.random_range(0..6))
+                .map(|_| random_json(rng, depth - 1))
+                .collect(),
+        ),
         _ => {
-            let keys = ["inputs", "features", "image", "name", "shape", "datatype", "data", "parameters", "outputs", "x"];
+            let keys = [
+                "inputs",
+                "features",
+                "image",
+                "name",
+                "shape",
+                "datatype",
+                "data",
+                "parameters",
+                "outputs",
+                "x",
+            ];
             Value::Object(
                 (0..rng.random_range(0..5))
                     .map(|_| (keys.choose(rng).unwrap().to_string(), random_json(rng, depth - 1)))
@@ -199,13 +222,17 @@ fn mutate(rng: &mut ChaCha8Rng, mut b: Vec<u8>) -> Vec<u8> {
             3 => {
                 // Replace a number with junk.
                 if let Some(start) = (at..b.len()).find(|&i| b[i].is_ascii_digit()) {
-                    let end = (start..b.len()).find(|&i| !b"0123456789.e-".contains(&b[i])).unwrap_or(b.len());
+                    let end = (start..b.len())
+                        .find(|&i| !b"0123456789.e-".contains(&b[i]))
+                        .unwrap_or(b.len());
                     b.splice(start..end, JUNK.choose(rng).unwrap().iter().copied());
                 }
             }
             4 => {
                 let depth = *[64usize, 200, 5_000, 100_000].choose(rng).unwrap();
-                let deep: Vec<u8> = std::iter::repeat_n(b'[', depth).chain(std::iter::repeat_n(b']', depth)).collect();
+                let deep: Vec<u8> = std::iter::repeat_n(b'[', depth)
+                    .chain(std::iter::repeat_n(b']', depth))
+                    .collect();
                 b.splice(at..at, deep);
             }
             5 if !b.is_empty() => {
@@ -223,13 +250,44 @@ fn query(rng: &mut ChaCha8Rng, valid: bool) -> String {
     if valid {
         return match rng.random_range(0..4) {
             0 => String::new(),
-            1 => format!("?mc_samples={}&seed={}", rng.random_range(2..=MAX_MC), rng.random::<u32>()),
+            1 => format!(
+                "?mc_samples={}&seed={}",
+                rng.random_range(2..=MAX_MC),
+                rng.random::<u32>()
+            ),
             2 => format!("?mc_samples={}&return_samples=true", rng.random_range(2..=5)),
             _ => format!("?mc_samples={}", rng.random_range(2..=MAX_MC)),
         };
     }
-    let keys = ["mc_samples", "seed", "return_samples", "mc%5Fsamples", "MC_SAMPLES", "mc_sample", "", "%FF", "mc_max", "mc_se"];
-    let values = ["", "0", "1", "2", "-1", "1e3", "abc", "%FF", "%", "99999999999999999999", "true", "auto", "5", "%00", "+5"];
+    let keys = [
+        "mc_samples",
+        "seed",
+        "return_samples",
+        "mc%5Fsamples",
+        "MC_SAMPLES",
+        "mc_sample",
+        "",
+        "%FF",
+        "mc_max",
+        "mc_se",
+    ];
+    let values = [
+        "",
+        "0",
+        "1",
+        "2",
+        "-1",
+        "1e3",
+        "abc",
+        "%FF",
+        "%",
+        "99999999999999999999",
+        "true",
+        "auto",
+        "5",
+        "%00",
+        "+5",
+    ];
     let mut q = String::from("?");
     for i in 0..rng.random_range(1..5) {
         if i > 0 {
@@ -249,7 +307,18 @@ fn model_name(rng: &mut ChaCha8Rng, valid: bool) -> String {
         return MODELS.choose(rng).unwrap().0.to_string();
     }
     let long = "a".repeat(3000);
-    let names = ["nope", "%FF", "%2F", "..", "%00", "%C3%A9", "breast_cancer%20", "BREAST_CANCER", &long, "%E2%82"];
+    let names = [
+        "nope",
+        "%FF",
+        "%2F",
+        "..",
+        "%00",
+        "%C3%A9",
+        "breast_cancer%20",
+        "BREAST_CANCER",
+        &long,
+        "%E2%82",
+    ];
     names.choose(rng).unwrap().to_string()
 }
 
@@ -267,7 +336,9 @@ fn native_body(rng: &mut ChaCha8Rng, model: usize) -> Vec<u8> {
 fn oip_json_body(rng: &mut ChaCha8Rng, model: usize) -> Vec<u8> {
     let (_, input, dims) = MODELS[model];
     let n = rng.random_range(1..4);
-    let data: Vec<f32> = (0..n * dims.iter().product::<usize>()).map(|_| rng.random_range(-5.0..5.0)).collect();
+    let data: Vec<f32> = (0..n * dims.iter().product::<usize>())
+        .map(|_| rng.random_range(-5.0..5.0))
+        .collect();
     let mut shape = vec![n];
     shape.extend(dims);
     let mut req = json!({"id": "fuzz", "inputs": [{"name": input, "shape": shape, "datatype": "FP32", "data": data}]});
@@ -275,7 +346,10 @@ fn oip_json_body(rng: &mut ChaCha8Rng, model: usize) -> Vec<u8> {
         req["parameters"] = json!({"mc_samples": rng.random_range(2..=MAX_MC), "seed": rng.random::<u32>()});
     }
     if rng.random_bool(0.3) {
-        req["outputs"] = json!([{"name": ["probabilities", "prediction", "probabilities.std"].choose(rng).unwrap()}]);
+        let name = ["probabilities", "prediction", "probabilities.std"]
+            .choose(rng)
+            .unwrap();
+        req["outputs"] = json!([{ "name": name }]);
     }
     serde_json::to_vec(&req).unwrap()
 }
@@ -405,7 +479,10 @@ fn http_case(rng: &mut ChaCha8Rng) -> HttpCase {
             let mut b = http_request("POST", &target, &headers, &body);
             let cl = format!("content-length: {}", body.len());
             let at = b.windows(cl.len()).position(|w| w == cl.as_bytes()).unwrap();
-            b.splice(at..at + cl.len(), format!("content-length: {}", body.len() + 100).into_bytes());
+            b.splice(
+                at..at + cl.len(),
+                format!("content-length: {}", body.len() + 100).into_bytes(),
+            );
             bytes = Some(b);
             framed = false;
             half_close = true;
@@ -442,7 +519,10 @@ fn grpc_case(rng: &mut ChaCha8Rng) -> GrpcCase {
     let name = if valid {
         MODELS[model].0.to_string()
     } else {
-        ["nope", "", "..", "\u{ff}", "breast_cancer\u{0}"].choose(rng).unwrap().to_string()
+        ["nope", "", "..", "\u{ff}", "breast_cancer\u{0}"]
+            .choose(rng)
+            .unwrap()
+            .to_string()
     };
     let version = if rng.random_bool(0.85) {
         String::new()
@@ -457,7 +537,9 @@ fn grpc_case(rng: &mut ChaCha8Rng) -> GrpcCase {
     let (_, input, dims) = MODELS[model];
     let n = rng.random_range(0..4);
     let count = n * dims.iter().product::<usize>();
-    let mut shape: Vec<i64> = std::iter::once(n as i64).chain(dims.iter().map(|&d| d as i64)).collect();
+    let mut shape: Vec<i64> = std::iter::once(n as i64)
+        .chain(dims.iter().map(|&d| d as i64))
+        .collect();
     // Wrong shapes: a changed dim, a dropped or added axis, negative and huge dims.
     if rng.random_bool(0.3) {
         let i = rng.random_range(0..shape.len());
@@ -474,7 +556,10 @@ fn grpc_case(rng: &mut ChaCha8Rng) -> GrpcCase {
     let datatype = if rng.random_bool(0.85) {
         "FP32".to_string()
     } else {
-        ["FP64", "INT64", "BOOL", "BYTES", "FP16", "UINT8", "fp32", "", "COMPLEX"].choose(rng).unwrap().to_string()
+        ["FP64", "INT64", "BOOL", "BYTES", "FP16", "UINT8", "fp32", "", "COMPLEX"]
+            .choose(rng)
+            .unwrap()
+            .to_string()
     };
     let mut values: Vec<f32> = (0..count).map(|_| rng.random_range(-5.0..5.0)).collect();
     if rng.random_bool(0.2) {
@@ -484,7 +569,11 @@ fn grpc_case(rng: &mut ChaCha8Rng) -> GrpcCase {
         values[0] = *[f32::NAN, f32::INFINITY, f32::MAX].choose(rng).unwrap();
     }
     let mut tensor = pb::model_infer_request::InferInputTensor {
-        name: if rng.random_bool(0.9) { input.to_string() } else { "x".to_string() },
+        name: if rng.random_bool(0.9) {
+            input.to_string()
+        } else {
+            "x".to_string()
+        },
         datatype,
         shape,
         ..Default::default()
@@ -519,7 +608,16 @@ fn grpc_case(rng: &mut ChaCha8Rng) -> GrpcCase {
     }
     let mut parameters = std::collections::HashMap::new();
     for _ in 0..rng.random_range(0..3) {
-        let key = ["mc_samples", "seed", "return_samples", "binary_data_output", "mc_sample", ""].choose(rng).unwrap();
+        let key = [
+            "mc_samples",
+            "seed",
+            "return_samples",
+            "binary_data_output",
+            "mc_sample",
+            "",
+        ]
+        .choose(rng)
+        .unwrap();
         parameters.insert(key.to_string(), grpc_param(rng));
     }
     let mut inputs = vec![tensor];
@@ -528,7 +626,10 @@ fn grpc_case(rng: &mut ChaCha8Rng) -> GrpcCase {
     }
     let outputs = if rng.random_bool(0.2) {
         vec![pb::model_infer_request::InferRequestedOutputTensor {
-            name: ["probabilities", "nope", "probabilities.variance", "prediction.samples"].choose(rng).unwrap().to_string(),
+            name: ["probabilities", "nope", "probabilities.variance", "prediction.samples"]
+                .choose(rng)
+                .unwrap()
+                .to_string(),
             parameters: Default::default(),
         }]
     } else {
@@ -576,7 +677,8 @@ fn excerpt(bytes: &[u8]) -> String {
 /// The status, headers and body of an HTTP/1.1 answer read to EOF, or None.
 fn parse_answer(raw: &[u8]) -> Option<(u16, String, Vec<u8>)> {
     let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&raw[..end]).ok()?;
+    // Lossy: an echoed x-request-id may hold any obs-text byte.
+    let head = String::from_utf8_lossy(&raw[..end]);
     let status = head.split(' ').nth(1)?.parse().ok()?;
     Some((status, head.to_ascii_lowercase(), raw[end + 4..].to_vec()))
 }
@@ -591,7 +693,10 @@ fn path_is_not_utf8(request: &[u8]) -> bool {
     while let Some(b) = it.next() {
         if b == b'%' {
             let hex: Vec<u8> = it.by_ref().take(2).collect();
-            match std::str::from_utf8(&hex).ok().and_then(|h| u8::from_str_radix(h, 16).ok()) {
+            match std::str::from_utf8(&hex)
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
                 Some(v) => bytes.push(v),
                 None => return true,
             }
@@ -622,17 +727,17 @@ async fn run_http(addr: &str, case: &HttpCase, tally: &Mutex<Tally>) {
                 .fail(format!("hang over {HANG:?}: {}", excerpt(&case.bytes)));
         }
         Ok(Err(e)) => {
-            return tally
-                .lock()
-                .unwrap()
-                .fail(format!("could not connect: {e}"));
+            return tally.lock().unwrap().fail(format!("could not connect: {e}"));
         }
         Ok(Ok(a)) => a,
     };
     let mut t = tally.lock().unwrap();
     let Some((status, head, body)) = parse_answer(&answer) else {
         if case.framed {
-            t.fail(format!("no HTTP answer to a well-formed request: {}", excerpt(&case.bytes)));
+            t.fail(format!(
+                "no HTTP answer to a well-formed request: {}",
+                excerpt(&case.bytes)
+            ));
         } else {
             t.count(format!("http {} closed", case.family));
         }
@@ -643,13 +748,19 @@ async fn run_http(addr: &str, case: &HttpCase, tally: &Mutex<Tally>) {
         t.fail(format!("{status} {}\n  for {}", excerpt(&body), excerpt(&case.bytes)));
     } else if (400..500).contains(&status) && case.framed {
         let json: Option<Value> = serde_json::from_slice(&body).ok();
-        let ok = json.as_ref().is_some_and(|v| v["error"].is_string() && v["error_type"].is_string())
+        let ok = json
+            .as_ref()
+            .is_some_and(|v| v["error"].is_string() && v["error_type"].is_string())
             && head.contains("content-type: application/json");
         if !ok {
             if path_is_not_utf8(&case.bytes) {
                 t.known_non_json += 1;
             } else {
-                t.fail(format!("{status} without the JSON error body: {}\n  for {}", excerpt(&body), excerpt(&case.bytes)));
+                t.fail(format!(
+                    "{status} without the JSON error body: {}\n  for {}",
+                    excerpt(&body),
+                    excerpt(&case.bytes)
+                ));
             }
         }
     }
@@ -661,12 +772,24 @@ async fn run_grpc(
     tally: &Mutex<Tally>,
 ) {
     let (rpc, result) = match case {
-        GrpcCase::Infer(r) => ("infer", tokio::time::timeout(HANG, client.model_infer(r)).await.map(|r| r.map(drop))),
+        GrpcCase::Infer(r) => (
+            "infer",
+            tokio::time::timeout(HANG, client.model_infer(r))
+                .await
+                .map(|r| r.map(drop)),
+        ),
         GrpcCase::Metadata(r) => (
             "metadata",
-            tokio::time::timeout(HANG, client.model_metadata(r)).await.map(|r| r.map(drop)),
+            tokio::time::timeout(HANG, client.model_metadata(r))
+                .await
+                .map(|r| r.map(drop)),
         ),
-        GrpcCase::Ready(r) => ("ready", tokio::time::timeout(HANG, client.model_ready(r)).await.map(|r| r.map(drop))),
+        GrpcCase::Ready(r) => (
+            "ready",
+            tokio::time::timeout(HANG, client.model_ready(r))
+                .await
+                .map(|r| r.map(drop)),
+        ),
     };
     let mut t = tally.lock().unwrap();
     match result {
@@ -733,7 +856,9 @@ async fn ten_thousand_fuzzed_requests_get_no_5xx_no_hang_and_leave_the_server_re
             let (corpus, tally, addr, mut grpc) = (corpus.clone(), tally.clone(), server.http.clone(), grpc.clone());
             tokio::spawn(async move {
                 loop {
-                    let Some(case) = corpus.lock().unwrap().pop() else { break };
+                    let Some(case) = corpus.lock().unwrap().pop() else {
+                        break;
+                    };
                     match case {
                         Case::Http(h) => run_http(&addr, &h, &tally).await,
                         Case::Grpc(g) => run_grpc(&mut grpc, g, &tally).await,
@@ -756,7 +881,10 @@ async fn ten_thousand_fuzzed_requests_get_no_5xx_no_hang_and_leave_the_server_re
     let ready_status = client.get(&ready).send().await.map(|r| r.status().as_u16());
     let rss = peak_rss_kib(server.child.id());
     let t = tally.lock().unwrap();
-    println!("fuzz: {} requests in {elapsed:.1?} over {CONNECTIONS} connections", HTTP_CASES + GRPC_CASES);
+    println!(
+        "fuzz: {} requests in {elapsed:.1?} over {CONNECTIONS} connections",
+        HTTP_CASES + GRPC_CASES
+    );
     for (k, n) in &t.histogram {
         println!("  {k:<28} {n}");
     }
@@ -769,5 +897,8 @@ async fn ten_thousand_fuzzed_requests_get_no_5xx_no_hang_and_leave_the_server_re
     assert!(t.failures.is_empty(), "fuzz failures:\n{}", t.failures.join("\n"));
     assert!(alive, "the server exited during the fuzz run");
     assert_eq!(ready_status.ok(), Some(200), "/health/ready after the fuzz run");
-    assert!(rss < RSS_BOUND_KIB, "peak RSS {rss} KiB over the bound of {RSS_BOUND_KIB} KiB");
+    assert!(
+        rss < RSS_BOUND_KIB,
+        "peak RSS {rss} KiB over the bound of {RSS_BOUND_KIB} KiB"
+    );
 }

@@ -581,6 +581,10 @@ mod props {
     use axum::http::StatusCode;
     use proptest::prelude::*;
 
+    fn flat<T: Datum + Copy>(t: &Tensor) -> Vec<T> {
+        t.to_plain_array_view::<T>().unwrap().iter().copied().collect()
+    }
+
     const WIRE_TYPES: [DataType; 13] = [
         DataType::Bool,
         DataType::U8,
@@ -640,7 +644,7 @@ mod props {
             let w = WireTensor { name: "x".into(), datatype: DataType::F32, shape: vec![rows as i64, 2], values: Values::Raw(raw) };
             let t = to_tensor(&spec(DatumType::F32), w).unwrap();
             prop_assert_eq!(t.shape(), &[rows, 2]);
-            prop_assert_eq!(t.to_plain_array_view::<f32>().unwrap().as_slice().unwrap(), values.as_slice());
+            prop_assert_eq!(flat::<f32>(&t), values.clone());
             let (dt, back) = tensor_bytes(&t).unwrap();
             prop_assert_eq!(dt, DataType::F32);
             prop_assert_eq!(back, values.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
@@ -654,9 +658,9 @@ mod props {
             let raw32: Vec<u8> = [a, b].iter().flat_map(|x| x.to_le_bytes()).collect();
             let raw64: Vec<u8> = [a as i64, b as i64].iter().flat_map(|x| x.to_le_bytes()).collect();
             let t = to_tensor(&spec(DatumType::I64), w(DataType::I64, raw64.clone())).unwrap();
-            prop_assert_eq!(t.to_plain_array_view::<i64>().unwrap().as_slice().unwrap(), &[a as i64, b as i64]);
+            prop_assert_eq!(flat::<i64>(&t), vec![a as i64, b as i64]);
             let t = to_tensor(&spec(DatumType::I64), w(DataType::I32, raw32)).unwrap();
-            prop_assert_eq!(t.to_plain_array_view::<i64>().unwrap().as_slice().unwrap(), &[a as i64, b as i64]);
+            prop_assert_eq!(flat::<i64>(&t), vec![a as i64, b as i64]);
             let e = to_tensor(&spec(DatumType::I32), w(DataType::I64, raw64)).unwrap_err();
             prop_assert!(matches!(e, Error::InvalidValue(_)), "{}", e);
         }

@@ -276,6 +276,10 @@ mod props {
     use axum::http::StatusCode;
     use proptest::prelude::*;
 
+    fn flat<T: Datum + Copy>(t: &Tensor) -> Vec<T> {
+        t.to_plain_array_view::<T>().unwrap().iter().copied().collect()
+    }
+
     fn spec(datum: DatumType, rank: usize) -> TensorSpec {
         let mut shape = vec![Dim::Symbol("batch".into())];
         shape.extend((1..rank).map(|_| Dim::Fixed(3)));
@@ -299,8 +303,7 @@ mod props {
         leaf.prop_recursive(5, 64, 6, |inner| {
             prop_oneof![
                 prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-                prop::collection::btree_map(".{0,3}", inner, 0..3)
-                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+                prop::collection::btree_map(".{0,3}", inner, 0..3).prop_map(|m| Value::Object(m.into_iter().collect())),
             ]
         })
     }
@@ -308,7 +311,7 @@ mod props {
     /// Row-major f32 values and a shape of the given rank.
     fn tensor_values(rank: usize) -> impl Strategy<Value = (Vec<usize>, Vec<f32>)> {
         prop::collection::vec(1usize..4, rank).prop_flat_map(|shape| {
-            let n = shape.iter().product();
+            let n: usize = shape.iter().product();
             (Just(shape), prop::collection::vec(-1e30f32..1e30, n))
         })
     }
@@ -332,7 +335,7 @@ mod props {
             let json = floats_to_json(&shape, &as_f64);
             let t = to_tensor(&spec(DatumType::F32, shape.len()), &json).unwrap();
             prop_assert_eq!(t.shape(), shape.as_slice());
-            prop_assert_eq!(t.to_plain_array_view::<f32>().unwrap().as_slice().unwrap(), values.as_slice());
+            prop_assert_eq!(flat::<f32>(&t), values);
             prop_assert_eq!(tensor_to_json(&t).unwrap(), json);
         }
 
@@ -343,7 +346,8 @@ mod props {
             let mut json = floats_to_json(&shape, &as_f64);
             let rows = json.as_array_mut().unwrap();
             let row = row % rows.len();
-            rows[row].as_array_mut().unwrap().push(rows[row][0].clone());
+            let first = rows[row][0].clone();
+            rows[row].as_array_mut().unwrap().push(first);
             let refused = rows.len() > 1 || row > 0;
             let e = to_tensor(&spec(DatumType::F32, shape.len()), &json);
             if refused {
@@ -357,7 +361,7 @@ mod props {
             let json = Value::Array(vec![Value::Array(vec![x.into(); 3])]);
             let r = to_tensor(&spec(DatumType::I8, 2), &json);
             if i8::try_from(x).is_ok() {
-                prop_assert_eq!(r.unwrap().to_plain_array_view::<i8>().unwrap().as_slice().unwrap(), &[x as i8; 3]);
+                prop_assert_eq!(flat::<i8>(&r.unwrap()), vec![x as i8; 3]);
             } else {
                 prop_assert!(matches!(r, Err(Error::InvalidValue(_))));
             }

@@ -585,22 +585,6 @@ mod props {
         t.to_plain_array_view::<T>().unwrap().iter().copied().collect()
     }
 
-    const WIRE_TYPES: [DataType; 13] = [
-        DataType::Bool,
-        DataType::U8,
-        DataType::U16,
-        DataType::U32,
-        DataType::U64,
-        DataType::I8,
-        DataType::I16,
-        DataType::I32,
-        DataType::I64,
-        DataType::F16,
-        DataType::F32,
-        DataType::F64,
-        DataType::Bytes,
-    ];
-
     fn spec(datum: DatumType) -> TensorSpec {
         TensorSpec {
             name: "x".into(),
@@ -618,7 +602,7 @@ mod props {
         #[test]
         fn raw_bytes_are_a_tensor_or_a_400(
             bytes in prop::collection::vec(any::<u8>(), 0..64),
-            dt in prop::sample::select(WIRE_TYPES.to_vec()),
+            dt in prop::sample::select(DataType::ALL.to_vec()),
             shape in prop::collection::vec(-2i64..5, 0..4),
             input in prop::sample::select(vec![DatumType::F32, DatumType::F64, DatumType::I64, DatumType::I32, DatumType::U8, DatumType::Bool]),
         ) {
@@ -667,7 +651,7 @@ mod props {
 
         /// The name of the datatype parses back to it; anything else is a 400.
         #[test]
-        fn datatype_names_round_trip(dt in prop::sample::select(WIRE_TYPES.to_vec()), junk in "[A-Za-z0-9]{0,8}") {
+        fn datatype_names_round_trip(dt in prop::sample::select(DataType::ALL.to_vec()), junk in "[A-Za-z0-9]{0,8}") {
             prop_assert_eq!(DataType::parse(dt.as_str()).unwrap(), dt);
             if let Err(e) = DataType::parse(&junk) {
                 prop_assert_eq!(e.status(), StatusCode::BAD_REQUEST);

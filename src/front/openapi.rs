@@ -31,6 +31,44 @@ pub fn document() -> Value {
     doc.servers = Some(vec![Server::new("/")]);
     let mut doc = serde_json::to_value(doc).expect("the document serialises");
     put_literals(&mut doc);
+    let paths = doc["paths"].as_object_mut().expect("paths");
+    // Routes that differ from another only by one more path parameter are described once.
+    let name = json!({"name": "name", "in": "path", "required": true, "description": "A model's name (the file stem)",
+                      "schema": {"type": "string"}, "example": "breast_cancer"});
+    let version = json!({"name": "version", "in": "path", "required": true,
+                         "description": "Only version \"1\" exists; another answers 404 model_not_found",
+                         "schema": {"type": "string"}, "example": "1"});
+    for (from, to, param) in [
+        ("/predict", "/models/{name}/predict", &name),
+        ("/v2/models/{model}", "/v2/models/{model}/versions/{version}", &version),
+        (
+            "/v2/models/{model}/ready",
+            "/v2/models/{model}/versions/{version}/ready",
+            &version,
+        ),
+        (
+            "/v2/models/{model}/infer",
+            "/v2/models/{model}/versions/{version}/infer",
+            &version,
+        ),
+    ] {
+        let mut item = paths[from].clone();
+        for op in item.as_object_mut().expect("a path item").values_mut() {
+            op["operationId"] = json!(format!(
+                "{}_{}",
+                op["operationId"].as_str().unwrap_or(""),
+                param["name"].as_str().unwrap_or("")
+            ));
+            op["parameters"]
+                .as_array_mut()
+                .expect("parameters")
+                .insert(0, param.clone());
+            if let Some(not_found) = op["responses"].get_mut("404") {
+                not_found["description"] = json!("No model of that name, or no such version");
+            }
+        }
+        paths.insert(to.to_string(), item);
+    }
     doc
 }
 
@@ -43,12 +81,10 @@ pub fn document() -> Value {
                        by proto/inference.proto."
     ),
     paths(
-        predict_default, predict_named, list_models, model_metadata,
+        predict_default, list_models, model_metadata,
         health_live, health_ready, metrics, openapi_json,
         oip_server_metadata, oip_live, oip_ready,
-        oip_model_metadata, oip_model_version_metadata,
-        oip_model_ready, oip_model_version_ready,
-        oip_infer, oip_version_infer,
+        oip_model_metadata, oip_model_ready, oip_infer,
     ),
     components(schemas(
         ErrorBody, Tensor, NestedNumbers, NativeRequest, EvalAnswer, McAnswer, McOutput, Interval,
@@ -598,27 +634,6 @@ const PREDICT_HELP: &str = "Eval without `mc_samples`, MC dropout with it. Every
 fn predict_default() {}
 
 #[utoipa::path(
-    post, path = "/models/{name}/predict", tag = "native",
-    description = PREDICT_HELP,
-    params(("name" = String, Path, description = "A model's name", example = "breast_cancer"), ModeQuery, RequestIdHeader),
-    request_body(content = NativeRequest, content_type = "application/json", example = json!({"inputs": [ROW, ROW]})),
-    responses(
-        (status = 200, description = "The prediction", body = PredictAnswer, headers(
-            ("x-inference-mode" = String, description = "eval or mc_dropout"),
-            ("x-request-id" = String, description = "The request's id"),
-        )),
-        (status = 400, description = "The body is not a valid request for the model", body = ErrorBody),
-        (status = 404, description = "No model of that name", body = ErrorBody),
-        (status = 413, description = "Body or batch over the limit", body = ErrorBody),
-        (status = 422, description = "A query parameter is invalid or contradicts the mode, or MC is unavailable", body = ErrorBody),
-        (status = 429, description = "At capacity", body = ErrorBody),
-        (status = 503, description = "Not ready, or the model is unhealthy", body = ErrorBody),
-        (status = 504, description = "Inference took too long", body = ErrorBody),
-    )
-)]
-fn predict_named() {}
-
-#[utoipa::path(
     get, path = "/models", tag = "native",
     responses(
         (status = 200, description = "Every model, and the files that failed to load", body = ModelList),
@@ -687,8 +702,6 @@ fn oip_live() {}
 )]
 fn oip_ready() {}
 
-const MODEL_ERRORS_HELP: &str = "Only version \"1\" exists; another version answers 404.";
-
 #[utoipa::path(
     get, path = "/v2/models/{model}", tag = "oip",
     params(("model" = String, Path, example = "breast_cancer")),
@@ -702,19 +715,6 @@ const MODEL_ERRORS_HELP: &str = "Only version \"1\" exists; another version answ
 fn oip_model_metadata() {}
 
 #[utoipa::path(
-    get, path = "/v2/models/{model}/versions/{version}", tag = "oip",
-    description = MODEL_ERRORS_HELP,
-    params(("model" = String, Path, example = "breast_cancer"), ("version" = String, Path, example = "1")),
-    responses(
-        (status = 200, description = "Model metadata", body = OipModelMetadata),
-        (status = 400, description = "The path is malformed", body = ErrorBody),
-        (status = 404, description = "No such model or version", body = ErrorBody),
-        (status = 503, description = "Not ready, or the model is unhealthy", body = ErrorBody),
-    )
-)]
-fn oip_model_version_metadata() {}
-
-#[utoipa::path(
     get, path = "/v2/models/{model}/ready", tag = "oip",
     params(("model" = String, Path, example = "breast_cancer")),
     responses(
@@ -725,19 +725,6 @@ fn oip_model_version_metadata() {}
     )
 )]
 fn oip_model_ready() {}
-
-#[utoipa::path(
-    get, path = "/v2/models/{model}/versions/{version}/ready", tag = "oip",
-    description = MODEL_ERRORS_HELP,
-    params(("model" = String, Path, example = "breast_cancer"), ("version" = String, Path, example = "1")),
-    responses(
-        (status = 200, description = "The model serves", body = OipModelReady),
-        (status = 400, description = "The path is malformed", body = ErrorBody),
-        (status = 404, description = "No such model or version", body = ErrorBody),
-        (status = 503, description = "The model does not serve", body = OipModelReady),
-    )
-)]
-fn oip_model_version_ready() {}
 
 const INFER_HELP: &str = "MC dropout through request `parameters` (`mc_samples`, `seed`, \
                           `return_samples`). With the binary tensor data extension the body is \
@@ -774,33 +761,3 @@ const INFER_HELP: &str = "MC dropout through request `parameters` (`mc_samples`,
     )
 )]
 fn oip_infer() {}
-
-#[utoipa::path(
-    post, path = "/v2/models/{model}/versions/{version}/infer", tag = "oip",
-    description = INFER_HELP,
-    params(("model" = String, Path, example = "breast_cancer"), ("version" = String, Path, example = "1"), BinaryHeader, RequestIdHeader),
-    request_body(content(
-        (OipInferRequest = "application/json", example = json!({
-            "id": "example",
-            "parameters": {"mc_samples": 5, "seed": 1},
-            "inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": ROW}],
-        })),
-        (Binary = "application/octet-stream"),
-    )),
-    responses(
-        (status = 200, description = "The outputs", content(
-            (OipInferAnswer = "application/json"),
-            (Binary = "application/octet-stream"),
-        ), headers(
-            ("x-inference-mode" = String, description = "eval or mc_dropout"),
-        )),
-        (status = 400, description = "The request is not valid for the protocol or the model", body = ErrorBody),
-        (status = 404, description = "No such model or version", body = ErrorBody),
-        (status = 413, description = "Body or batch over the limit", body = ErrorBody),
-        (status = 422, description = "A parameter is invalid or contradicts the mode, or MC is unavailable", body = ErrorBody),
-        (status = 429, description = "At capacity", body = ErrorBody),
-        (status = 503, description = "Not ready, or the model is unhealthy", body = ErrorBody),
-        (status = 504, description = "Inference took too long", body = ErrorBody),
-    )
-)]
-fn oip_version_infer() {}

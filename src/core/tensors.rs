@@ -497,7 +497,7 @@ mod tests {
     use super::*;
     use crate::engine::model::Dim;
 
-    fn spec(datum: DatumType) -> TensorSpec {
+    pub(super) fn spec(datum: DatumType) -> TensorSpec {
         TensorSpec {
             name: "x".into(),
             dtype: "x",
@@ -576,22 +576,13 @@ mod tests {
 
 #[cfg(test)]
 mod props {
+    use super::tests::spec;
     use super::*;
-    use crate::engine::model::Dim;
     use axum::http::StatusCode;
     use proptest::prelude::*;
 
     fn flat<T: Datum + Copy>(t: &Tensor) -> Vec<T> {
         t.to_plain_array_view::<T>().unwrap().iter().copied().collect()
-    }
-
-    fn spec(datum: DatumType) -> TensorSpec {
-        TensorSpec {
-            name: "x".into(),
-            dtype: "x",
-            datum,
-            shape: vec![Dim::Symbol("batch".into()), Dim::Fixed(2)],
-        }
     }
 
     proptest! {

@@ -387,3 +387,68 @@ mod tests {
         assert!(e.to_string().contains("twice"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use axum::http::StatusCode;
+    use proptest::prelude::*;
+
+    fn any_param() -> impl Strategy<Value = Param> {
+        prop_oneof![
+            ".{0,8}".prop_map(Param::Str),
+            "[0-9 +-]{0,22}".prop_map(Param::Str),
+            any::<i64>().prop_map(Param::Int),
+            any::<u64>().prop_map(Param::Uint),
+            any::<f64>().prop_map(Param::Double),
+            any::<bool>().prop_map(Param::Bool),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        /// Any parameters: a mode, or a 422 refusal; a violation label only for a
+        /// parameter that needs MC sent without mc_samples.
+        #[test]
+        fn any_parameters_decide_or_refuse_with_422(
+            n in prop::option::of(any_param()),
+            seed in prop::option::of(any_param()),
+            samples in prop::option::of(any_param()),
+            max in 2usize..2000,
+        ) {
+            let p = ModeParams { mc_samples: n.clone(), seed: seed.clone(), return_samples: samples.clone() };
+            match decide(&p, max) {
+                Ok(Mode::Eval) => prop_assert!(n.is_none() && seed.is_none() && samples.is_none()),
+                Ok(Mode::McDropout(mc)) => {
+                    prop_assert!(n.is_some());
+                    prop_assert!((2..=max).contains(&mc.samples.get()));
+                }
+                Err(r) => {
+                    prop_assert_eq!(r.error.status(), StatusCode::UNPROCESSABLE_ENTITY, "{}", r.error);
+                    prop_assert_eq!(r.violation.is_some(), n.is_none());
+                }
+            }
+        }
+
+        /// A count in range, in every spelling a protocol uses, is that count; outside the
+        /// range it is an invalid parameter.
+        #[test]
+        fn counts_round_trip_in_every_spelling(k in 0u64..5000, seed in any::<u64>(), max in 2usize..2000) {
+            for p in [Param::Str(k.to_string()), Param::Uint(k), Param::Int(k as i64), Param::Double(k as f64)] {
+                let params = ModeParams { mc_samples: Some(p), seed: Some(Param::Str(seed.to_string())), return_samples: None };
+                match decide(&params, max) {
+                    Ok(Mode::McDropout(mc)) => {
+                        prop_assert!((2..=max as u64).contains(&k));
+                        prop_assert_eq!((mc.samples.get() as u64, mc.seed), (k, seed));
+                    }
+                    Ok(Mode::Eval) => prop_assert!(false, "eval with mc_samples"),
+                    Err(r) => {
+                        prop_assert!(!(2..=max as u64).contains(&k));
+                        prop_assert!(matches!(r.error, Error::InvalidParameter(_)), "{}", r.error);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -497,7 +497,7 @@ mod tests {
     use super::*;
     use crate::engine::model::Dim;
 
-    fn spec(datum: DatumType) -> TensorSpec {
+    pub(super) fn spec(datum: DatumType) -> TensorSpec {
         TensorSpec {
             name: "x".into(),
             dtype: "x",
@@ -571,5 +571,82 @@ mod tests {
         w.shape = vec![1, 3];
         let e = to_tensor(&f32_in, w).unwrap_err();
         assert!(e.to_string().contains("holds 3 values, got 2"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod props {
+    use super::tests::spec;
+    use super::*;
+    use axum::http::StatusCode;
+    use proptest::prelude::*;
+
+    fn flat<T: Datum + Copy>(t: &Tensor) -> Vec<T> {
+        t.to_plain_array_view::<T>().unwrap().iter().copied().collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        /// Arbitrary bytes under any declared datatype and shape, into an input of any
+        /// type: a tensor or a 400, never a panic.
+        #[test]
+        fn raw_bytes_are_a_tensor_or_a_400(
+            bytes in prop::collection::vec(any::<u8>(), 0..64),
+            dt in prop::sample::select(DataType::ALL.to_vec()),
+            shape in prop::collection::vec(-2i64..5, 0..4),
+            input in prop::sample::select(vec![DatumType::F32, DatumType::F64, DatumType::I64, DatumType::I32, DatumType::U8, DatumType::Bool]),
+        ) {
+            let w = WireTensor { name: "x".into(), datatype: dt, shape, values: Values::Raw(bytes) };
+            if let Err(e) = to_tensor(&spec(input), w) {
+                prop_assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{}", e);
+            }
+        }
+
+        /// Huge declared dims never allocate or overflow: refused, not panicked.
+        #[test]
+        fn huge_shapes_are_refused(d in prop::sample::select(vec![i64::MAX, i64::MIN, 1 << 62, u32::MAX as i64]), values in prop::collection::vec(any::<f32>(), 0..8)) {
+            let w = WireTensor { name: "x".into(), datatype: DataType::F32, shape: vec![d, 2], values: Values::F32(values) };
+            prop_assert!(to_tensor(&spec(DatumType::F32), w).is_err());
+        }
+
+        /// Finite FP32 values sent as little-endian bytes come back exactly, in the
+        /// declared shape.
+        #[test]
+        fn fp32_bytes_round_trip(rows in 1usize..5, seed in prop::collection::vec(-1e38f32..1e38, 10)) {
+            let values: Vec<f32> = seed.iter().cycle().take(rows * 2).copied().collect();
+            let raw: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let w = WireTensor { name: "x".into(), datatype: DataType::F32, shape: vec![rows as i64, 2], values: Values::Raw(raw) };
+            let t = to_tensor(&spec(DatumType::F32), w).unwrap();
+            prop_assert_eq!(t.shape(), &[rows, 2]);
+            prop_assert_eq!(flat::<f32>(&t), values.clone());
+            let (dt, back) = tensor_bytes(&t).unwrap();
+            prop_assert_eq!(dt, DataType::F32);
+            prop_assert_eq!(back, values.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
+        }
+
+        /// Integer bytes round-trip into an input of their type, widen exactly into a
+        /// wider one, and are refused (not truncated) into a narrower one.
+        #[test]
+        fn integer_bytes_round_trip_and_only_widen(a in any::<i32>(), b in any::<i32>()) {
+            let w = |dt, raw: Vec<u8>| WireTensor { name: "x".into(), datatype: dt, shape: vec![1, 2], values: Values::Raw(raw) };
+            let raw32: Vec<u8> = [a, b].iter().flat_map(|x| x.to_le_bytes()).collect();
+            let raw64: Vec<u8> = [a as i64, b as i64].iter().flat_map(|x| x.to_le_bytes()).collect();
+            let t = to_tensor(&spec(DatumType::I64), w(DataType::I64, raw64.clone())).unwrap();
+            prop_assert_eq!(flat::<i64>(&t), vec![a as i64, b as i64]);
+            let t = to_tensor(&spec(DatumType::I64), w(DataType::I32, raw32)).unwrap();
+            prop_assert_eq!(flat::<i64>(&t), vec![a as i64, b as i64]);
+            let e = to_tensor(&spec(DatumType::I32), w(DataType::I64, raw64)).unwrap_err();
+            prop_assert!(matches!(e, Error::InvalidValue(_)), "{}", e);
+        }
+
+        /// The name of the datatype parses back to it; anything else is a 400.
+        #[test]
+        fn datatype_names_round_trip(dt in prop::sample::select(DataType::ALL.to_vec()), junk in "[A-Za-z0-9]{0,8}") {
+            prop_assert_eq!(DataType::parse(dt.as_str()).unwrap(), dt);
+            if let Err(e) = DataType::parse(&junk) {
+                prop_assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+            }
+        }
     }
 }

@@ -76,7 +76,8 @@ fn build(core: Arc<Core>, with_metrics: bool) -> Router {
         .merge(super::native::routes())
         .merge(super::oip::routes())
         .route("/health/live", get(|| async { axum::Json(json!({"status": "live"})) }))
-        .route("/health/ready", get(ready));
+        .route("/health/ready", get(ready))
+        .route("/openapi.json", get(super::openapi::serve));
     let routes = if with_metrics {
         routes.route("/metrics", get(metrics))
     } else {

@@ -6,3 +6,4 @@ pub mod grpc;
 pub mod http;
 pub mod native;
 pub mod oip;
+pub mod openapi;

@@ -269,3 +269,103 @@ pub fn nest(shape: &[usize], leaves: &mut dyn Iterator<Item = Value>) -> Value {
 pub fn object() -> Map<String, Value> {
     Map::new()
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use crate::engine::model::Dim;
+    use axum::http::StatusCode;
+    use proptest::prelude::*;
+
+    fn flat<T: Datum + Copy>(t: &Tensor) -> Vec<T> {
+        t.to_plain_array_view::<T>().unwrap().iter().copied().collect()
+    }
+
+    fn spec(datum: DatumType, rank: usize) -> TensorSpec {
+        let mut shape = vec![Dim::Symbol("batch".into())];
+        shape.extend((1..rank).map(|_| Dim::Fixed(3)));
+        TensorSpec {
+            name: "x".into(),
+            dtype: "float32",
+            datum,
+            shape,
+        }
+    }
+
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<f64>().prop_map(|x| Number::from_f64(x).map_or(Value::Null, Value::Number)),
+            any::<i64>().prop_map(|x| Value::Number(x.into())),
+            any::<u64>().prop_map(|x| Value::Number(x.into())),
+            ".{0,4}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(5, 64, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map(".{0,3}", inner, 0..3).prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Row-major f32 values and a shape of the given rank.
+    fn tensor_values(rank: usize) -> impl Strategy<Value = (Vec<usize>, Vec<f32>)> {
+        prop::collection::vec(1usize..4, rank).prop_flat_map(|shape| {
+            let n: usize = shape.iter().product();
+            (Just(shape), prop::collection::vec(-1e30f32..1e30, n))
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Any JSON at all: a tensor or a 400, never a panic, never a 5xx.
+        #[test]
+        fn any_json_is_a_tensor_or_a_400(v in any_json(), rank in 1usize..4, dt in prop::sample::select(vec![DatumType::F32, DatumType::F64, DatumType::I64, DatumType::I8, DatumType::Bool, DatumType::F16])) {
+            if let Err(e) = to_tensor(&spec(dt, rank), &v) {
+                prop_assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{}", e);
+            }
+        }
+
+        /// Nested arrays of f32 values become the tensor of that shape and those values,
+        /// and encode back to the same JSON.
+        #[test]
+        fn nested_arrays_round_trip((shape, values) in (1usize..4).prop_flat_map(tensor_values)) {
+            let as_f64: Vec<f64> = values.iter().map(|&x| x as f64).collect();
+            let json = floats_to_json(&shape, &as_f64);
+            let t = to_tensor(&spec(DatumType::F32, shape.len()), &json).unwrap();
+            prop_assert_eq!(t.shape(), shape.as_slice());
+            prop_assert_eq!(flat::<f32>(&t), values);
+            prop_assert_eq!(tensor_to_json(&t).unwrap(), json);
+        }
+
+        /// A ragged array (one row longer) is refused as ragged, naming where.
+        #[test]
+        fn ragged_arrays_are_refused_as_ragged((shape, values) in (2usize..4).prop_flat_map(tensor_values), row in 0usize..3) {
+            let as_f64: Vec<f64> = values.iter().map(|&x| x as f64).collect();
+            let mut json = floats_to_json(&shape, &as_f64);
+            let rows = json.as_array_mut().unwrap();
+            let row = row % rows.len();
+            let first = rows[row][0].clone();
+            rows[row].as_array_mut().unwrap().push(first);
+            let refused = rows.len() > 1 || row > 0;
+            let e = to_tensor(&spec(DatumType::F32, shape.len()), &json);
+            if refused {
+                prop_assert!(matches!(e, Err(Error::RaggedArray(_))), "{:?}", e.map(|t| t.shape().to_vec()));
+            }
+        }
+
+        /// Integers out of a narrow input type's range are refused, not wrapped.
+        #[test]
+        fn narrow_integers_are_range_checked(x in any::<i64>()) {
+            let json = Value::Array(vec![Value::Array(vec![x.into(); 3])]);
+            let r = to_tensor(&spec(DatumType::I8, 2), &json);
+            if i8::try_from(x).is_ok() {
+                prop_assert_eq!(flat::<i8>(&r.unwrap()), vec![x as i8; 3]);
+            } else {
+                prop_assert!(matches!(r, Err(Error::InvalidValue(_))));
+            }
+        }
+    }
+}

@@ -295,3 +295,39 @@ mod tests {
         assert_eq!(e.status(), StatusCode::UNPROCESSABLE_ENTITY);
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use crate::core::mode::{Mode, decide};
+    use axum::http::StatusCode;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        /// Any query string: mode parameters, or a 422; never a panic.
+        #[test]
+        fn any_query_is_read_or_a_422(q in "[a-z_%&=;+0-9A-F.\\-]{0,40}", raw in ".{0,20}") {
+            for q in [q.as_str(), raw.as_str()] {
+                if let Err((_, e)) = mode_params(Some(q)) {
+                    prop_assert_eq!(e.status(), StatusCode::UNPROCESSABLE_ENTITY, "{}", e);
+                }
+            }
+        }
+
+        /// A well-formed MC query, with its keys and values percent-encoded or not, decides
+        /// the mode it says.
+        #[test]
+        fn mc_queries_decide_what_they_say(n in 2usize..100, seed in any::<u64>(), ret in any::<bool>(), encode in any::<bool>()) {
+            let key = |k: &str| if encode { k.replace('_', "%5F") } else { k.to_string() };
+            let q = format!("{}={n}&{}={seed}&{}={ret}", key("mc_samples"), key("seed"), key("return_samples"));
+            let params = mode_params(Some(&q)).map_err(|(_, e)| e).unwrap();
+            prop_assert_eq!(params.label(), ModeLabel::McDropout);
+            let Ok(Mode::McDropout(mc)) = decide(&params, 100) else {
+                return Err(TestCaseError::fail("not MC"));
+            };
+            prop_assert_eq!((mc.samples.get(), mc.seed, mc.return_samples), (n, seed, ret));
+        }
+    }
+}

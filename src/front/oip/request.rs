@@ -330,3 +330,124 @@ fn flatten(v: Value, out: &mut Vec<Value>) {
         leaf => out.push(leaf),
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use axum::http::StatusCode;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    /// A valid binary-extension body: the JSON header and the raw values after it.
+    fn binary_body(chunks: &[Vec<u8>], params: &Value) -> (Vec<u8>, usize) {
+        let inputs: Vec<Value> = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| json!({"name": format!("in{i}"), "shape": [c.len()], "datatype": "UINT8", "parameters": {"binary_data_size": c.len()}}))
+            .collect();
+        let mut body = serde_json::to_vec(&json!({"id": "p", "parameters": params, "inputs": inputs})).unwrap();
+        let len = body.len();
+        body.extend(chunks.iter().flatten());
+        (body, len)
+    }
+
+    fn client_error(e: &Error) -> bool {
+        e.status().is_client_error()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        /// Arbitrary bytes with an arbitrary header value: decoded or refused with a 4xx,
+        /// never a panic.
+        #[test]
+        fn any_body_and_header_length_is_decoded_or_a_4xx(
+            body in prop::collection::vec(any::<u8>(), 0..200),
+            len in prop::option::of(prop_oneof![(0usize..250).prop_map(|n| n.to_string()), ".{0,6}"]),
+        ) {
+            if let Err((_, e)) = decode(Bytes::from(body), len.as_deref()) {
+                prop_assert!(client_error(&e), "{}", e);
+            }
+        }
+
+        /// Valid binary bodies split back into exactly the bytes of each input, in order,
+        /// with the mode parameters read.
+        #[test]
+        fn binary_bodies_split_exactly(
+            chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..40), 1..4),
+            samples in 2u64..100,
+        ) {
+            let (body, len) = binary_body(&chunks, &json!({"mc_samples": samples}));
+            let req = decode(Bytes::from(body), Some(&len.to_string())).map_err(|(_, e)| e).unwrap();
+            prop_assert_eq!(req.params.mc_samples, Some(Param::Uint(samples)));
+            prop_assert_eq!(req.inputs.0.len(), chunks.len());
+            for (input, chunk) in req.inputs.0.iter().zip(&chunks) {
+                match &input.data {
+                    Pending::Binary(b) => prop_assert_eq!(b.as_ref(), chunk.as_slice()),
+                    Pending::Json(_) => prop_assert!(false, "decoded as JSON"),
+                }
+            }
+        }
+
+        /// A header length that does not match the body is refused as malformed.
+        #[test]
+        fn wrong_header_lengths_are_refused(
+            chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 1..40), 1..3),
+            delta in prop_oneof![-5i64..0, 1i64..5],
+        ) {
+            let (body, len) = binary_body(&chunks, &json!({}));
+            let wrong = (len as i64 + delta).max(0) as usize;
+            let e = decode(Bytes::from(body), Some(&wrong.to_string())).map(|_| ()).map_err(|(_, e)| e);
+            prop_assert!(matches!(e, Err(Error::MalformedJson(_))), "{:?}", e);
+        }
+
+        /// Flipping any byte of a valid body (header or binary section) never panics.
+        #[test]
+        fn flipped_bytes_are_decoded_or_a_4xx(
+            chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 1..20), 1..3),
+            at in any::<prop::sample::Index>(),
+            bit in 0u8..8,
+        ) {
+            let (mut body, len) = binary_body(&chunks, &json!({"mc_samples": 5, "seed": 1}));
+            let i = at.index(body.len());
+            body[i] ^= 1 << bit;
+            if let Err((_, e)) = decode(Bytes::from(body), Some(&len.to_string())) {
+                prop_assert!(client_error(&e), "{}", e);
+            }
+        }
+
+        /// Request parameters of any JSON kind become mode parameters or a 422; the
+        /// refusal's mode label says MC whenever mc_samples was present.
+        #[test]
+        fn request_parameters_are_read_or_a_422(
+            key in prop::sample::select(vec!["mc_samples", "seed", "return_samples", "binary_data_output", "other"]),
+            v in prop_oneof![any::<i64>().prop_map(Value::from), any::<f64>().prop_map(Value::from), any::<bool>().prop_map(Value::from), ".{0,5}".prop_map(Value::from), Just(json!([1])), Just(json!({}))],
+        ) {
+            let body = serde_json::to_vec(&json!({"parameters": {key: v}, "inputs": []})).unwrap();
+            match decode(Bytes::from(body), None) {
+                Ok(_) => prop_assert!(key != "other"),
+                Err((label, e)) => {
+                    prop_assert_eq!(e.status(), StatusCode::UNPROCESSABLE_ENTITY, "{}", e);
+                    prop_assert_eq!(label == ModeLabel::McDropout, key == "mc_samples");
+                }
+            }
+        }
+
+        /// JSON `data`, flat or nested, is read as the datatype's kind of value, or
+        /// refused as a 400 that names the element.
+        #[test]
+        fn json_data_is_read_or_a_400(
+            data in prop::collection::vec(prop_oneof![any::<i64>().prop_map(Value::from), any::<f64>().prop_map(Value::from), any::<bool>().prop_map(Value::from), Just(Value::Null)], 0..8),
+            nested in any::<bool>(),
+            dt in prop::sample::select(vec!["FP32", "FP64", "INT8", "INT64", "UINT64", "BOOL", "BYTES", "FP16"]),
+        ) {
+            let count = data.len();
+            let data = if nested { json!([data]) } else { json!(data) };
+            let raw = RawValue::from_string(data.to_string()).unwrap();
+            match json_values("x", DataType::parse(dt).unwrap(), &raw) {
+                Ok(values) => prop_assert_eq!(values.len(), count),
+                Err(e) => prop_assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{}", e),
+            }
+        }
+    }
+}

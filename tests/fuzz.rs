@@ -857,7 +857,11 @@ async fn ten_thousand_fuzzed_requests_get_no_5xx_no_hang_and_leave_the_server_re
     for (k, n) in &t.histogram {
         println!("  {k:<28} {n}");
     }
-    println!("fuzz: server peak RSS {} MiB (bound {} MiB)", rss / 1024, RSS_BOUND_KIB / 1024);
+    println!(
+        "fuzz: server peak RSS {} MiB (bound {} MiB)",
+        rss / 1024,
+        RSS_BOUND_KIB / 1024
+    );
     assert!(t.failures.is_empty(), "fuzz failures:\n{}", t.failures.join("\n"));
     assert!(alive, "the server exited during the fuzz run");
     assert_eq!(ready_status.ok(), Some(200), "/health/ready after the fuzz run");

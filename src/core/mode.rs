@@ -417,12 +417,12 @@ mod props {
             samples in prop::option::of(any_param()),
             max in 2usize..2000,
         ) {
-            let p = ModeParams { mc_samples: n.clone(), seed: seed.clone(), return_samples: samples.clone() };
+            let p = ModeParams { mc_samples: n.clone(), seed: seed.clone(), return_samples: samples.clone(), ..Default::default() };
             match decide(&p, max) {
                 Ok(Mode::Eval) => prop_assert!(n.is_none() && seed.is_none() && samples.is_none()),
                 Ok(Mode::McDropout(mc)) => {
                     prop_assert!(n.is_some());
-                    prop_assert!((2..=max).contains(&mc.samples.get()));
+                    prop_assert!((2..=max).contains(&mc.samples.bound()));
                 }
                 Err(r) => {
                     prop_assert_eq!(r.error.status(), StatusCode::UNPROCESSABLE_ENTITY, "{}", r.error);
@@ -436,11 +436,11 @@ mod props {
         #[test]
         fn counts_round_trip_in_every_spelling(k in 0u64..5000, seed in any::<u64>(), max in 2usize..2000) {
             for p in [Param::Str(k.to_string()), Param::Uint(k), Param::Int(k as i64), Param::Double(k as f64)] {
-                let params = ModeParams { mc_samples: Some(p), seed: Some(Param::Str(seed.to_string())), return_samples: None };
+                let params = ModeParams { mc_samples: Some(p), seed: Some(Param::Str(seed.to_string())), ..Default::default() };
                 match decide(&params, max) {
                     Ok(Mode::McDropout(mc)) => {
                         prop_assert!((2..=max as u64).contains(&k));
-                        prop_assert_eq!((mc.samples.get() as u64, mc.seed), (k, seed));
+                        prop_assert_eq!((mc.samples, mc.seed), (McCount::Fixed(McSamples::new(k as usize, max).unwrap()), seed));
                     }
                     Ok(Mode::Eval) => prop_assert!(false, "eval with mc_samples"),
                     Err(r) => {

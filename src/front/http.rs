@@ -46,7 +46,7 @@ pub fn metrics_router(core: Arc<Core>) -> Router {
 /// Calls that need no API key: probes and scrapers carry none. Everything else (predict,
 /// metadata, and unknown paths, so that a key-less caller learns nothing of the routes)
 /// needs one when a key file is set.
-fn open_path(path: &str) -> bool {
+pub fn open_path(path: &str) -> bool {
     matches!(
         path,
         "/health/live" | "/health/ready" | "/metrics" | "/openapi.json" | "/v2/health/live" | "/v2/health/ready"

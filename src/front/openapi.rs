@@ -69,6 +69,27 @@ pub fn document() -> Value {
         }
         paths.insert(to.to_string(), item);
     }
+    // With --api-key-file, every call but the probes' and the scrapers' needs a bearer key
+    // (`front::http::open_path` is the one list); without it, none does. So the key is
+    // optional here (`{}` or bearer), and a 401 is a documented answer of each such call.
+    let guarded: Vec<String> = paths
+        .keys()
+        .filter(|p| !crate::front::http::open_path(&p.replace("{model}", "m").replace("{version}", "1")))
+        .cloned()
+        .collect();
+    for path in guarded {
+        for op in paths[&path].as_object_mut().expect("a path item").values_mut() {
+            op["security"] = json!([{}, {"bearer": []}]);
+            op["responses"]["401"] = json!({
+                "description": "An API key is required (--api-key-file) and none, or an unknown one, was sent",
+                "headers": {"WWW-Authenticate": {"schema": {"type": "string", "const": "Bearer"}}},
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+            });
+        }
+    }
+    doc["components"]["securitySchemes"] = json!({
+        "bearer": {"type": "http", "scheme": "bearer", "description": "A key from the server's --api-key-file"},
+    });
     doc
 }
 

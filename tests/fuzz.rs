@@ -14,8 +14,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -51,49 +49,27 @@ const MODELS: [(&str, &str, &[usize]); 3] = [
 ];
 
 struct Server {
-    child: Child,
+    proc: common::process::Proc,
     http: String,
     grpc: String,
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-    }
-}
-
 fn spawn() -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mcd-serve"))
-        .args(["--models", common::models_dir().to_str().unwrap()])
-        .args(["--default-model", "breast_cancer", "--addr", "127.0.0.1:0"])
-        .args(["--grpc-addr", "127.0.0.1:0", "--log-format", "json"])
-        .args(["--body-limit-bytes", &BODY_LIMIT.to_string()])
-        .args(["--max-mc-samples", &MAX_MC.to_string()])
-        .env("RUST_LOG", "warn,mcd_serve=info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    // Keeps draining the log, so the server never blocks on a full pipe.
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if !sent
-                && let Ok(v) = serde_json::from_str::<Value>(&line)
-                && let (Some(h), Some(g)) = (v["fields"]["addr"].as_str(), v["fields"]["grpc_addr"].as_str())
-            {
-                tx.send((h.to_string(), g.to_string())).unwrap();
-                sent = true;
-            }
-        }
-    });
-    let (http, grpc) = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the server logged no listening addresses");
-    Server { child, http, grpc }
+    let proc = common::process::spawn_with_env(
+        &common::models_dir(),
+        &[
+            "--default-model",
+            "breast_cancer",
+            "--body-limit-bytes",
+            &BODY_LIMIT.to_string(),
+            "--max-mc-samples",
+            &MAX_MC.to_string(),
+        ],
+        &[("RUST_LOG", "warn,mcd_serve=info")],
+    );
+    let http = proc.base.trim_start_matches("http://").to_string();
+    let grpc = proc.listening_field("grpc_addr");
+    Server { proc, http, grpc }
 }
 
 // ---- The corpus ------------------------------------------------------------------------
@@ -846,9 +822,9 @@ async fn ten_thousand_fuzzed_requests_get_no_5xx_no_hang_and_leave_the_server_re
         .unwrap_or_else(|_| panic!("the fuzz run took over {OVERALL:?}"));
     let elapsed = started.elapsed();
 
-    let alive = server.child.try_wait().unwrap().is_none();
+    let alive = server.proc.child.try_wait().unwrap().is_none();
     let ready_status = client.get(&ready).send().await.map(|r| r.status().as_u16());
-    let rss = peak_rss_kib(server.child.id());
+    let rss = peak_rss_kib(server.proc.child.id());
     let t = tally.lock().unwrap();
     println!(
         "fuzz: {} requests in {elapsed:.1?} over {CONNECTIONS} connections",

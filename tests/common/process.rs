@@ -84,6 +84,8 @@ pub fn listening_addr(child: &mut Child) -> (String, Arc<Mutex<Vec<String>>>) {
         let mut sent = false;
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
+            // Kept before the address is sent, so the caller finds the line in `logs`.
+            kept.lock().unwrap().push(line.clone());
             if !sent
                 && let Ok(v) = serde_json::from_str::<Value>(&line)
                 && let Some(addr) = v["fields"]["addr"].as_str()
@@ -91,7 +93,6 @@ pub fn listening_addr(child: &mut Child) -> (String, Arc<Mutex<Vec<String>>>) {
                 tx.send(addr.to_string()).unwrap();
                 sent = true;
             }
-            kept.lock().unwrap().push(line);
         }
     });
     let addr = rx

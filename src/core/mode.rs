@@ -90,6 +90,17 @@ impl ModeParams {
     }
 }
 
+/// The mode a request asked for, from the names of the parameters it sent, for a request
+/// refused before they could all be read: naming `mc_samples` is asking for MC, whatever
+/// its value. (Once read, [`ModeParams::label`] says the same.)
+pub fn asked_for<'a>(mut names: impl Iterator<Item = &'a String>) -> ModeLabel {
+    if names.any(|n| n == MC_SAMPLES) {
+        ModeLabel::McDropout
+    } else {
+        ModeLabel::Eval
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModeLabel {
     Eval,

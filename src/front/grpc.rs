@@ -317,11 +317,7 @@ impl GrpcInferenceService for GrpcFront {
         let (params, inputs) = match decoded {
             Ok(d) => d,
             Err(e) => {
-                let label = if r.parameters.contains_key(crate::core::mode::MC_SAMPLES) {
-                    crate::core::mode::ModeLabel::McDropout
-                } else {
-                    crate::core::mode::ModeLabel::Eval
-                };
+                let label = crate::core::mode::asked_for(r.parameters.keys());
                 return Err(self.core.refuse(Protocol::Grpc, Some(&model), label, e).into());
             }
         };

@@ -118,9 +118,7 @@ fn decode_inner(body: Bytes, header_length: Option<&str>, label: &mut ModeLabel)
 
     let mut params = ModeParams::default();
     let mut binary_output = false;
-    if header.parameters.contains_key(crate::core::mode::MC_SAMPLES) {
-        *label = ModeLabel::McDropout;
-    }
+    *label = crate::core::mode::asked_for(header.parameters.keys());
     for (k, v) in header.parameters {
         if k == BINARY_DATA_OUTPUT {
             binary_output = boolean(&v, "request parameter 'binary_data_output'")?;

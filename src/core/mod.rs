@@ -218,43 +218,38 @@ impl Core {
     /// The model a request names (None: the default model), or why there is none: a model
     /// that never loaded is 503 with its load failure, not 404.
     pub fn model(&self, name: Option<&str>) -> Result<Arc<LoadedModel>, Error> {
-        let repo = self
-            .repo()
-            .ok_or_else(|| Error::NotReady("models are still loading".into()))?;
-        let name = match name.or(self.default_model.as_deref()) {
-            Some(name) => name,
-            None => {
-                let names: Vec<&str> = repo.models.keys().map(String::as_str).collect();
-                return Err(Error::NoDefaultModel(format!(
-                    "no default model: this server serves {} models ({}); call /models/{{name}}/predict, or start it with --default-model NAME (MCD_DEFAULT_MODEL)",
-                    names.len(),
-                    names.join(", ")
-                )));
-            }
-        };
-        if let Some(m) = repo.models.get(name) {
-            return Ok(m.clone());
-        }
-        match repo.failures.iter().find(|f| f.model == name) {
-            Some(f) => Err(Error::ModelUnhealthy(format!(
-                "model '{name}' failed to load from {}: {}",
-                f.file.display(),
-                f.reason
-            ))),
-            None => Err(Error::ModelNotFound(format!("no model named '{name}'"))),
-        }
+        self.lookup(name).1
     }
 
-    /// The name a request's metrics carry: a model of the folder (loaded or failed), else
+    /// [`model`](Self::model), read from one snapshot of the repository together with the
+    /// name the request's metrics carry: a model of the folder (loaded or failed), else
     /// [`UNKNOWN_MODEL`], so a client cannot grow the label set.
-    fn model_label(&self, name: Option<&str>) -> String {
-        let known = |n: &str| {
-            self.repo()
-                .is_some_and(|r| r.models.contains_key(n) || r.failures.iter().any(|f| f.model == n))
+    fn lookup(&self, name: Option<&str>) -> (String, Result<Arc<LoadedModel>, Error>) {
+        let unknown = |e| (UNKNOWN_MODEL.to_string(), Err(e));
+        let Some(repo) = self.repo() else {
+            return unknown(Error::NotReady("models are still loading".into()));
         };
-        match name.or(self.default_model.as_deref()) {
-            Some(n) if known(n) => n.to_string(),
-            _ => UNKNOWN_MODEL.to_string(),
+        let Some(name) = name.or(self.default_model.as_deref()) else {
+            let names: Vec<&str> = repo.models.keys().map(String::as_str).collect();
+            return unknown(Error::NoDefaultModel(format!(
+                "no default model: this server serves {} models ({}); call /models/{{name}}/predict, or start it with --default-model NAME (MCD_DEFAULT_MODEL)",
+                names.len(),
+                names.join(", ")
+            )));
+        };
+        if let Some(m) = repo.models.get(name) {
+            return (name.to_string(), Ok(m.clone()));
+        }
+        match repo.failures.iter().find(|f| f.model == name) {
+            Some(f) => (
+                name.to_string(),
+                Err(Error::ModelUnhealthy(format!(
+                    "model '{name}' failed to load from {}: {}",
+                    f.file.display(),
+                    f.reason
+                ))),
+            ),
+            None => unknown(Error::ModelNotFound(format!("no model named '{name}'"))),
         }
     }
 
@@ -278,8 +273,8 @@ impl Core {
         let _inflight = Inflight::new(&self.metrics.inflight);
         let label = request.params.label();
         let protocol = request.protocol;
-        let model_label = self.model_label(request.model.as_deref());
-        let result = match self.model(request.model.as_deref()) {
+        let (model_label, model) = self.lookup(request.model.as_deref());
+        let result = match model {
             Ok(model) => self.run(model, request, encode).await,
             Err(e) => Err(e),
         };
@@ -291,7 +286,7 @@ impl Core {
     /// [`predict`](Self::predict) (a body that is not the protocol's syntax, an unknown
     /// query parameter), and hands its error back.
     pub fn refuse(&self, protocol: Protocol, model: Option<&str>, mode: ModeLabel, error: Error) -> Error {
-        let model = self.model_label(model);
+        let (model, _) = self.lookup(model);
         self.record(protocol, &model, mode, Some(&error), Instant::now());
         error
     }

@@ -83,12 +83,19 @@ fn build(core: Arc<Core>, with_metrics: bool) -> Router {
     } else {
         routes
     };
-    routes
+    let routes = routes
         .fallback(|uri: Uri| async move { Error::RouteNotFound(uri.path().to_string()) })
         .method_not_allowed_fallback(|method: Method| async move { Error::MethodNotAllowed(method.to_string()) })
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(axum::middleware::from_fn_with_state(core.clone(), close_while_draining))
-        .layer(axum::middleware::from_fn_with_state(core.clone(), require_key))
+        .layer(axum::middleware::from_fn_with_state(core.clone(), close_while_draining));
+    // The key file is fixed at start (SIGHUP changes the keys, not whether there are any),
+    // so a server without one has no key check on its request path at all.
+    let routes = if core.keys.required() {
+        routes.layer(axum::middleware::from_fn_with_state(core.clone(), require_key))
+    } else {
+        routes
+    };
+    routes
         .layer(CatchPanicLayer::custom(move |panic: Box<dyn std::any::Any + Send>| {
             panic_core.metrics.panics.inc();
             tracing::error!(panic = %panic_message(&*panic), "handler panicked");

@@ -759,12 +759,8 @@ mod tests {
     #[test]
     fn bernoulli_of_a_constant_probability_is_a_draw() {
         let mut fill = node("ConstantOfShape", "fill", &["shape"], &["probs"]);
-        fill.attribute.push(AttributeProto {
-            name: "value".into(),
-            r#type: 4,
-            t: Some(scalar("", 0.8)),
-            ..Default::default()
-        });
+        fill.attribute
+            .push(crate::engine::onnx_graph::tensor_attribute("value", scalar("", 0.8)));
         let mut g = graph(
             vec![
                 node("Shape", "shape", &["x"], &["shape"]),

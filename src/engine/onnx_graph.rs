@@ -557,17 +557,15 @@ impl Surgery {
                             &[&shape_name],
                             &[mask_out],
                         );
-                        fill.attribute.push(AttributeProto {
-                            name: "value".into(),
-                            r#type: 4, // TENSOR
-                            t: Some(TensorProto {
+                        fill.attribute.push(tensor_attribute(
+                            "value",
+                            TensorProto {
                                 dims: vec![1],
                                 data_type: DataType::Bool as i32,
                                 int32_data: vec![1],
                                 ..Default::default()
-                            }),
-                            ..Default::default()
-                        });
+                            },
+                        ));
                         nodes.push(fill);
                     }
                     nodes
@@ -700,17 +698,15 @@ fn consumed_names(graph: &GraphProto) -> HashSet<String> {
 fn spell_out_constant_of_shape_default(graph: &mut GraphProto) {
     for n in graph.node.iter_mut().filter(|n| n.op_type == "ConstantOfShape") {
         if !n.attribute.iter().any(|a| a.name == "value") {
-            n.attribute.push(AttributeProto {
-                name: "value".into(),
-                r#type: 4, // TENSOR
-                t: Some(TensorProto {
+            n.attribute.push(tensor_attribute(
+                "value",
+                TensorProto {
                     dims: vec![1],
                     data_type: DataType::Float as i32,
                     float_data: vec![0.0],
                     ..Default::default()
-                }),
-                ..Default::default()
-            });
+                },
+            ));
         }
     }
 }
@@ -857,6 +853,16 @@ pub(crate) fn constant_tensors(graph: &GraphProto) -> HashMap<&str, (TensorProto
         }
     }
     map
+}
+
+/// A node attribute holding a tensor (ONNX `AttributeType::TENSOR`).
+pub(crate) fn tensor_attribute(name: &str, t: TensorProto) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: 4, // TENSOR
+        t: Some(t),
+        ..Default::default()
+    }
 }
 
 fn scalar_f32(t: &TensorProto) -> anyhow::Result<f32> {

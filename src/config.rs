@@ -88,6 +88,14 @@ pub struct ServeArgs {
     /// Inference threads (default: the number of cores).
     #[arg(long, env = "MCD_WORKERS")]
     pub workers: Option<usize>,
+    /// Microseconds an inference worker holding a request waits for more requests to share
+    /// its pass (Triton's `max_queue_delay_microseconds`). 0: never wait; requests that
+    /// arrive while a pass runs are still merged into the next one.
+    #[arg(long, env = "MCD_MAX_BATCH_DELAY_US", default_value_t = 0)]
+    pub max_batch_delay_us: u64,
+    /// Most request rows merged into one pass (a single larger request still runs).
+    #[arg(long, env = "MCD_MAX_PASS_ROWS", default_value_t = 256)]
+    pub max_pass_rows: usize,
     /// Log format.
     #[arg(long, env = "MCD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -117,6 +125,8 @@ impl ServeArgs {
             workers: self
                 .workers
                 .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+            max_batch_delay: Duration::from_micros(self.max_batch_delay_us),
+            max_pass_rows: self.max_pass_rows.max(1),
         }
     }
 

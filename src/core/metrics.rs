@@ -26,6 +26,12 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 const SET_SIZE_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0, 20.0, 50.0, 100.0];
+/// Request rows per pass: powers of two up to the default pass cap, then the request cap.
+const ROW_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 4096.0];
+/// Queue waits start far below request latency: a merged request waits for one pass.
+const QUEUE_BUCKETS: &[f64] = &[
+    0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0, 5.0, 30.0,
+];
 const SAMPLE_BUCKETS: &[f64] = &[2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0];
 
 pub struct Metrics {
@@ -33,6 +39,8 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub inference_duration: HistogramVec,
+    pub batch_rows: HistogramVec,
+    pub queue_duration: HistogramVec,
     pub mc_samples: HistogramVec,
     pub predictive_entropy: HistogramVec,
     pub referrals: IntCounterVec,
@@ -93,9 +101,27 @@ impl Metrics {
                 &registry,
                 hist(
                     "mcd_inference_duration_seconds",
-                    "Engine time only, per predict request.",
+                    "Engine time of the pass that served each predict request (a merged pass counts once per request in it).",
                     &["model", "mode"],
                     LATENCY_BUCKETS,
+                ),
+            ),
+            batch_rows: reg(
+                &registry,
+                hist(
+                    "mcd_batch_rows",
+                    "Request rows per pass; above the request's own rows when concurrent requests were merged (an MC pass runs each row once per sample).",
+                    &["model", "mode"],
+                    ROW_BUCKETS,
+                ),
+            ),
+            queue_duration: reg(
+                &registry,
+                hist(
+                    "mcd_queue_duration_seconds",
+                    "Time an admitted predict request waited for an inference worker.",
+                    &["model", "mode"],
+                    QUEUE_BUCKETS,
                 ),
             ),
             mc_samples: reg(

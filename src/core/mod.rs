@@ -10,22 +10,26 @@
 pub mod adaptive;
 pub mod admission;
 pub mod auth;
+pub mod batcher;
 pub mod calibrated;
 pub mod metrics;
 pub mod mode;
 pub mod tensors;
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tract_onnx::prelude::Tensor;
 
-use crate::engine::model::{Batch, LoadedModel, McOutput, NamedTensor};
+use crate::engine::model::{Batch, LoadedModel, McOutput, McPart, NamedTensor};
 use crate::engine::repo::ModelRepo;
 use crate::error::Error;
-use admission::{Admission, PoolError};
+use admission::{Admission, panic_message};
 use auth::ApiKeys;
+use batcher::{Batcher, Job, Pending};
 use metrics::{Metrics, UNKNOWN_MODEL};
 use mode::{McRequest, Mode, ModeLabel, ModeParams};
 
@@ -38,7 +42,13 @@ pub struct Limits {
     pub max_batch_rows: usize,
     pub request_timeout: Duration,
     pub body_limit_bytes: usize,
+    /// Inference threads.
     pub workers: usize,
+    /// How long a worker holding a mergeable request waits for others to share its pass
+    /// (zero: never; requests that arrive during a pass still share the next one).
+    pub max_batch_delay: Duration,
+    /// Most request rows merged into one pass.
+    pub max_pass_rows: usize,
 }
 
 /// The protocol a request came by: the `protocol` label of the request metrics.
@@ -128,17 +138,26 @@ pub struct Core {
     pub limits: Limits,
     pub keys: ApiKeys,
     admission: Admission,
+    batcher: Batcher,
 }
 
 impl Core {
     pub fn new(default_model: Option<String>, limits: Limits, keys: ApiKeys) -> Arc<Self> {
-        Arc::new(Core {
+        Arc::new_cyclic(|core| Core {
             repo: RwLock::new(None),
             ready: tokio::sync::watch::Sender::new(false),
             shutting_down: AtomicBool::new(false),
             default_model,
             metrics: Metrics::new(),
-            admission: Admission::new(limits.max_inflight_cost, limits.workers, limits.request_timeout),
+            admission: Admission::new(limits.max_inflight_cost),
+            // Requests are merged by count here and split into passes by their real rows
+            // once decoded: a request has at least one row.
+            batcher: Batcher::start(
+                core.clone(),
+                limits.workers,
+                limits.max_batch_delay,
+                limits.max_pass_rows,
+            ),
             limits,
             keys,
         })
@@ -326,25 +345,168 @@ impl Core {
             }
         };
         let cost = (request.inputs.rows_bound().max(1) as u64).saturating_mul(samples as u64);
-        let core = self.clone();
-        let inputs = request.inputs;
-        let work = move || {
-            let batch = core.batch(&model, inputs)?;
-            let answer = core.infer(&model, &batch, mode)?;
-            encode(&model, answer)
-        };
-        match self.admission.run(cost, work).await {
-            Ok(result) => result,
-            Err(PoolError::Rejected(e)) => Err(e),
-            Err(PoolError::Panicked(message)) => {
-                m.panics.inc();
-                tracing::error!(panic = %message, "inference panicked");
-                Err(Error::Internal("inference panicked; the server keeps serving".into()))
+        let admitted = self.admission.admit(cost)?;
+        let (tx, rx) = oneshot::channel();
+        self.batcher.submit(Job {
+            model,
+            mode,
+            enqueued: Instant::now(),
+            request: Box::new(Request {
+                inputs: Some(request.inputs),
+                encode,
+                tx,
+                admitted,
+            }),
+        });
+        match tokio::time::timeout(self.limits.request_timeout, rx).await {
+            // Dropping `rx` marks the job abandoned: a worker that has not started it skips it.
+            Err(_) => Err(Error::Timeout(self.limits.request_timeout)),
+            Ok(Err(_)) => Err(Error::Internal("the inference worker stopped".into())),
+            Ok(Ok(result)) => result,
+        }
+    }
+
+    /// Runs a group of jobs the batcher took together (on an inference thread): decodes
+    /// each, splits them into passes by rows, runs each pass and answers every job.
+    pub(crate) fn serve_group(&self, group: Vec<Job>) {
+        let mut decoded: Vec<(Job, Batch)> = Vec::with_capacity(group.len());
+        for mut job in group {
+            if job.request.abandoned() {
+                continue;
+            }
+            self.metrics
+                .queue_duration
+                .with_label_values(&[job.model.name.as_str(), job.mode.label().as_str()])
+                .observe(job.enqueued.elapsed().as_secs_f64());
+            let model = job.model.clone();
+            match std::panic::catch_unwind(AssertUnwindSafe(|| self.batch(&model, job.request.as_mut()))) {
+                Ok(Ok(batch)) => decoded.push((job, batch)),
+                Ok(Err(e)) => self.respond(job, Err(e)),
+                Err(panic) => {
+                    let e = self.panicked(&*panic);
+                    self.respond(job, Err(e))
+                }
+            }
+        }
+        while !decoded.is_empty() {
+            let pass = self.next_pass(&mut decoded);
+            let t = Instant::now();
+            let answers = std::panic::catch_unwind(AssertUnwindSafe(|| self.infer_pass(&pass)));
+            let seconds = t.elapsed().as_secs_f64();
+            let (model, mode) = (&pass[0].0.model, pass[0].0.mode.label());
+            let labels = [model.name.as_str(), mode.as_str()];
+            self.metrics
+                .batch_rows
+                .with_label_values(&labels)
+                .observe(pass.iter().map(|(_, b)| b.rows()).sum::<usize>() as f64);
+            let timer = self.metrics.inference_duration.with_label_values(&labels);
+            let answers = match answers {
+                Ok(answers) => answers,
+                Err(panic) => {
+                    let e = self.panicked(&*panic);
+                    pass.iter().map(|_| Err(e.clone())).collect()
+                }
+            };
+            for ((job, _), answer) in pass.into_iter().zip(answers) {
+                timer.observe(seconds);
+                self.respond(job, answer);
             }
         }
     }
 
-    fn batch(&self, model: &LoadedModel, inputs: impl Inputs) -> Result<Batch, Error> {
+    /// Takes the next pass off `decoded`: its first job, and the following jobs that can
+    /// share its pass within the row cap (an MC pass also within one pass's size, so that
+    /// each job gets the answer it gets alone).
+    fn next_pass(&self, decoded: &mut Vec<(Job, Batch)>) -> Vec<(Job, Batch)> {
+        let first = decoded.remove(0);
+        let model = first.0.model.clone();
+        let mode = first.0.mode;
+        let mc_fits = |rows: usize, batch: &Batch| match mode {
+            Mode::Eval => true,
+            Mode::McDropout(mc) => model.mc_one_pass(rows, LoadedModel::row_elements(batch), mc.samples.bound()),
+        };
+        let mut rows = first.1.rows();
+        if rows >= self.limits.max_pass_rows || !mc_fits(rows, &first.1) {
+            return vec![first];
+        }
+        let mut pass = vec![first];
+        let mut i = 0;
+        while i < decoded.len() {
+            let b = &decoded[i].1;
+            let together = rows + b.rows();
+            if together <= self.limits.max_pass_rows && model.same_pass(&pass[0].1, b) && mc_fits(together, b) {
+                rows = together;
+                pass.push(decoded.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        pass
+    }
+
+    /// One pass for the jobs of `pass` (same model and pass class); per job, its answer.
+    fn infer_pass(&self, pass: &[(Job, Batch)]) -> Vec<Result<Answer, Error>> {
+        let model = &pass[0].0.model;
+        let all = |e: Error| pass.iter().map(|_| Err(e.clone())).collect();
+        match (pass, pass[0].0.mode) {
+            ([(job, batch)], mode) => vec![self.infer(&job.model, batch, mode)],
+            (_, Mode::Eval) => {
+                let batches: Vec<&Batch> = pass.iter().map(|(_, b)| b).collect();
+                match model.eval_session().run_merged(&batches) {
+                    Ok(outputs) => outputs.into_iter().map(|o| Ok(Answer::Eval(o))).collect(),
+                    Err(e) => all(e),
+                }
+            }
+            (_, Mode::McDropout(first)) => {
+                let mode::McCount::Fixed(samples) = first.samples else {
+                    return all(Error::Internal("an `auto` MC request was merged: this is a bug".into()));
+                };
+                let mut requests = vec![];
+                let mut parts = vec![];
+                for (job, batch) in pass {
+                    let Mode::McDropout(request) = job.mode else {
+                        return all(Error::Internal(
+                            "an eval request was merged into MC: this is a bug".into(),
+                        ));
+                    };
+                    requests.push(request);
+                    parts.push(McPart {
+                        batch,
+                        seed: request.seed,
+                        keep_samples: request.return_samples,
+                    });
+                }
+                let outputs = model.mc_session().and_then(|s| s.run_merged(&parts, samples));
+                match outputs {
+                    Ok(outputs) => requests
+                        .into_iter()
+                        .zip(outputs)
+                        .map(|(request, outputs)| self.mc_answer(model, request, outputs, samples.get(), None))
+                        .collect(),
+                    Err(e) => all(e),
+                }
+            }
+        }
+    }
+
+    /// Encodes and sends a job's answer, counting a panic of its encoder.
+    fn respond(&self, job: Job, answer: Result<Answer, Error>) {
+        if let Some(panic) = job.request.respond(&job.model, answer) {
+            self.panicked_message(&panic);
+        }
+    }
+
+    fn panicked(&self, panic: &(dyn std::any::Any + Send)) -> Error {
+        self.panicked_message(&panic_message(panic))
+    }
+
+    fn panicked_message(&self, message: &str) -> Error {
+        self.metrics.panics.inc();
+        tracing::error!(panic = %message, "inference panicked");
+        Error::Internal("inference panicked; the server keeps serving".into())
+    }
+
+    fn batch(&self, model: &LoadedModel, inputs: &mut dyn Pending) -> Result<Batch, Error> {
         let batch = model.batch(inputs.decode(model)?)?;
         let max_rows = self.limits.max_batch_rows;
         if batch.rows() > max_rows {
@@ -356,45 +518,52 @@ impl Core {
         Ok(batch)
     }
 
+    /// One request alone: eval, or MC in as many passes as it needs (`auto` included).
     fn infer(&self, model: &LoadedModel, batch: &Batch, mode: Mode) -> Result<Answer, Error> {
-        let t = Instant::now();
-        let answer = match mode {
-            Mode::Eval => Answer::Eval(model.eval_session().run(batch)?),
+        match mode {
+            Mode::Eval => Ok(Answer::Eval(model.eval_session().run(batch)?)),
             Mode::McDropout(request) => {
                 let (outputs, samples, auto) = adaptive::draw(&model.mc_session()?, batch, request)?;
-                self.metrics
-                    .mc_samples
-                    .with_label_values(&[model.name.as_str()])
-                    .observe(samples as f64);
-                for o in &outputs {
-                    if let Some(e) = &o.stats.entropy {
-                        let hist = self
-                            .metrics
-                            .predictive_entropy
-                            .with_label_values(&[model.name.as_str(), o.name.as_str()]);
-                        for h in &e.predictive_entropy {
-                            hist.observe(*h);
-                        }
-                    }
-                }
-                let calibrated = calibrated::compute(model, &outputs)?;
-                self.record_calibrated(model, &outputs, &calibrated);
-                Answer::McDropout(McAnswer {
-                    request,
-                    samples,
-                    auto,
-                    outputs,
-                    calibrated,
-                })
+                self.mc_answer(model, request, outputs, samples, auto)
             }
-        };
-        self.metrics
-            .inference_duration
-            .with_label_values(&[model.name.as_str(), mode.label().as_str()])
-            .observe(t.elapsed().as_secs_f64());
-        Ok(answer)
+        }
     }
 
+    /// An MC request's answer from its samples' summaries: the calibrated additions, and
+    /// the metrics that describe its uncertainty.
+    fn mc_answer(
+        &self,
+        model: &LoadedModel,
+        request: McRequest,
+        outputs: Vec<McOutput>,
+        samples: usize,
+        auto: Option<adaptive::AutoOutcome>,
+    ) -> Result<Answer, Error> {
+        self.metrics
+            .mc_samples
+            .with_label_values(&[model.name.as_str()])
+            .observe(samples as f64);
+        for o in &outputs {
+            if let Some(e) = &o.stats.entropy {
+                let hist = self
+                    .metrics
+                    .predictive_entropy
+                    .with_label_values(&[model.name.as_str(), o.name.as_str()]);
+                for h in &e.predictive_entropy {
+                    hist.observe(*h);
+                }
+            }
+        }
+        let calibrated = calibrated::compute(model, &outputs)?;
+        self.record_calibrated(model, &outputs, &calibrated);
+        Ok(Answer::McDropout(McAnswer {
+            request,
+            samples,
+            auto,
+            outputs,
+            calibrated,
+        }))
+    }
     fn record_calibrated(
         &self,
         model: &LoadedModel,
@@ -458,5 +627,50 @@ impl<'a> Inflight<'a> {
 impl Drop for Inflight<'_> {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+/// A queued request, typed by its front end's answer `T`.
+struct Request<I, E, T> {
+    inputs: Option<I>,
+    encode: E,
+    tx: oneshot::Sender<Result<T, Error>>,
+    /// Its admission: given back when the work ends, before the answer is sent.
+    admitted: OwnedSemaphorePermit,
+}
+
+impl<I, E, T> Pending for Request<I, E, T>
+where
+    I: Inputs,
+    E: FnOnce(&LoadedModel, Answer) -> Result<T, Error> + Send + 'static,
+    T: Send + 'static,
+{
+    fn abandoned(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    fn decode(&mut self, model: &LoadedModel) -> Result<Vec<Tensor>, Error> {
+        match self.inputs.take() {
+            Some(inputs) => inputs.decode(model),
+            None => Err(Error::Internal("a request was decoded twice: this is a bug".into())),
+        }
+    }
+
+    fn respond(self: Box<Self>, model: &LoadedModel, answer: Result<Answer, Error>) -> Option<String> {
+        let Request {
+            encode, tx, admitted, ..
+        } = *self;
+        let mut panicked = None;
+        let body = answer.and_then(|answer| {
+            std::panic::catch_unwind(AssertUnwindSafe(|| encode(model, answer))).unwrap_or_else(|panic| {
+                panicked = Some(panic_message(&*panic));
+                Err(Error::Internal("inference panicked; the server keeps serving".into()))
+            })
+        });
+        // Capacity comes back before the answer leaves: a client that sends its next
+        // request as soon as it reads this one must find the budget free.
+        drop(admitted);
+        let _ = tx.send(body);
+        panicked
     }
 }

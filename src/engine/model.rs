@@ -20,6 +20,9 @@ use crate::engine::trunk;
 use crate::engine::uncertainty::{Accumulator, OutputStats};
 use crate::error::Error;
 
+mod merged;
+pub use merged::{McPart, padded_rows};
+
 /// Upper bound on input elements fed to one MC pass; more samples than fit run in chunks.
 const MAX_PASS_INPUT_ELEMENTS: usize = 1 << 24;
 /// Samples drawn by the load-time liveness check.

@@ -205,3 +205,90 @@ fn interleave(per_part: &[Vec<TValue>], m: usize, parts: &[McPart], k: usize, pa
     }
     Ok(merged)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(name: &str) -> LoadedModel {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let config = std::fs::read(dir.join(format!("{name}.model.json")))
+            .map(|b| serde_json::from_slice(&b).unwrap())
+            .unwrap_or_default();
+        LoadedModel::load(name, &dir.join(format!("{name}.onnx")), config).unwrap()
+    }
+
+    /// The most an eval output computed by an in-graph f32 Softmax may move with its place
+    /// in the pass: measured 4 (README, docs/performance.md), doubled because the exp and
+    /// the normalising sum can each land on a different rounding.
+    const EVAL_SOFTMAX_ULPS: i64 = 8;
+
+    fn f32_ulps(a: &[f64], b: &[f64]) -> i64 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| ((*x as f32).to_bits() as i64 - (*y as f32).to_bits() as i64).abs())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Each part of a merged pass gets the answer it gets alone: MC bit for bit on all three
+    /// bundled models (the server owns the softmax of MC answers, in f64); eval bit for bit
+    /// on the two MLPs, and on digits_cnn within [`EVAL_SOFTMAX_ULPS`]: tract's f32 Softmax
+    /// computes exp in a vector body and a scalar tail, so an element's last bits depend on
+    /// where it falls in the pass's buffer (a row sent inside a larger request moves the
+    /// same way, with no batching at all).
+    #[test]
+    fn each_part_of_a_merged_pass_gets_its_answer_alone() {
+        for name in ["breast_cancer", "diabetes", "digits_cnn"] {
+            let m = load(name);
+            let parts: Vec<Batch> = (0..40)
+                .map(|i| m.probe_batch(1 + (i as usize % 3), i).unwrap())
+                .collect();
+            let eval_alone: Vec<Vec<f64>> = parts
+                .iter()
+                .map(|p| to_f64(&m.eval_session().run(p).unwrap()[0].tensor).unwrap())
+                .collect();
+            let s = m.mc_session().unwrap();
+            let samples = McSamples::new(20, 1000).unwrap();
+            let mc_alone: Vec<Vec<McOutput>> = parts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| s.run(p, samples, i as u64, i % 2 == 0).unwrap())
+                .collect();
+            let mut worst_eval = 0;
+            for n in [2, 3, 5, 8, 13, 21, 40] {
+                let refs: Vec<&Batch> = parts[..n].iter().collect();
+                for (i, out) in m.eval_session().run_merged(&refs).unwrap().iter().enumerate() {
+                    worst_eval = worst_eval.max(f32_ulps(&to_f64(&out[0].tensor).unwrap(), &eval_alone[i]));
+                }
+                let mc: Vec<McPart> = refs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, batch)| McPart {
+                        batch,
+                        seed: i as u64,
+                        keep_samples: i % 2 == 0,
+                    })
+                    .collect();
+                for (i, out) in s.run_merged(&mc, samples).unwrap().iter().enumerate() {
+                    let (a, b) = (&out[0], &mc_alone[i][0]);
+                    assert_eq!(a.shape, b.shape, "{name}: part {i} of {n}");
+                    for (x, y) in [(&a.stats.mean, &b.stats.mean), (&a.stats.variance, &b.stats.variance)] {
+                        let bits = |v: &Vec<f64>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(x), bits(y), "{name}: MC part {i} of a merged pass of {n}");
+                    }
+                    assert_eq!(
+                        a.stats.samples.as_ref().map(|s| s.len()),
+                        b.stats.samples.as_ref().map(|s| s.len())
+                    );
+                }
+            }
+            let bound = if name == "digits_cnn" { EVAL_SOFTMAX_ULPS } else { 0 };
+            assert!(
+                worst_eval <= bound,
+                "{name}: eval of a merged pass is {worst_eval} f32 ulps from alone (bound {bound})"
+            );
+            eprintln!("{name}: eval at most {worst_eval} f32 ulps from alone; MC bit-identical");
+        }
+    }
+}

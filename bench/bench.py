@@ -779,8 +779,9 @@ def section_http(tmp, duration, out, facts, before=None, fastapi=True, protocols
     facts["http"] = results
 
     out.append("## Server memory\n")
-    out.append("`/proc/PID/status` (summed over the FastAPI service's processes: the uvicorn master and "
-               "its 2 workers; VmHWM summed is an upper bound of their joint peak), with the three "
+    out.append("`/proc/PID/status` (summed over the FastAPI service's processes: the uvicorn master, "
+               "its 2 workers and multiprocessing's resource tracker; VmHWM summed is an upper bound "
+               "of their joint peak), with the three "
                "bundled models loaded: ready before traffic, and after all the load above.\n")
     out.append("| target | processes | ready: VmHWM | ready: VmRSS | after load: VmHWM | after load: VmRSS |")
     out.append("|---|---|---|---|---|---|")

@@ -1,5 +1,7 @@
 """Benchmark driver for bench/run: mcd-serve's engine against onnxruntime, MC cost growth,
-and HTTP load against the real server and a bare-axum baseline.
+and HTTP load against the server, the build before (issue 11's "today"), the FastAPI +
+onnxruntime service a team would write instead (bench/fastapi_service.py) and a bare-axum
+baseline, with issue 11's targets computed under the table.
 
 Run through `bench/run` (it makes the venv and builds the binaries). Writes markdown to
 bench/results.md and prints it.
@@ -18,11 +20,16 @@ Method
   include the binding's per-call overhead; ours are in-process Rust times and include
   mask sampling, input tiling and the summary statistics (mean/var/std/entropies).
 - HTTP: wrk (Debian) with a Lua script for the POST body, fixed duration per run, one wrk
-  thread, against 127.0.0.1 only.
+  thread, against 127.0.0.1 only. Every bundled model, eval and MC-50, at 1, 16 and 64
+  connections, for every target; all servers run for the whole section and the order of
+  the targets rotates from cell to cell. Before any load the harness checks that the
+  FastAPI service's eval answers match mcd-serve's (float tolerance) and its MC answers
+  have the same fields, and aborts when they do not.
 """
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -46,6 +53,8 @@ BUNDLED = ["breast_cancer", "diabetes", "digits_cnn"]
 LIGHT_DIR = ROOT.parent / "shared" / "real-models" / "onnx-light-models"
 LIGHT = ["bvlc_alexnet", "inception_v1", "squeezenet", "vgg19"]
 GROWTH_N = [2, 10, 50, 100, 500]
+# Where the lead keeps the build of main before issue 11 ("today" for the targets).
+DEFAULT_BEFORE = Path("/work/bench-before/mcd-serve")
 
 
 def log(msg):
@@ -467,9 +476,49 @@ def wrk_env(headers):
     }
 
 
+def proc_tree(pid):
+    """pid and every live descendant (uvicorn's workers are children of its master)."""
+    children = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
 def cpu_seconds(pid):
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds (user + system) of pid and its live descendants."""
+    total = 0.0
+    for p in proc_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def tree_status(pid):
+    """VmHWM and VmRSS summed over pid and its descendants (one process for mcd-serve)."""
+    hwm = rss = n = 0
+    for p in proc_tree(pid):
+        try:
+            s = proc_status(p)
+        except (OSError, AttributeError):
+            continue
+        hwm += s["hwm_kb"]
+        rss += s["rss_kb"]
+        n += 1
+    return {"hwm_kb": hwm, "rss_kb": rss, "processes": n}
 
 
 def stop(proc, timeout=30):
@@ -478,166 +527,353 @@ def stop(proc, timeout=30):
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait()
 
 
-def native_load(base, srv, tag, body, duration, results):
-    """Native eval and MC-50 at concurrency 1, 8 and 64, with the server's CPU share."""
-    for label, path in [("eval", "/predict"), ("MC-50", "/predict?mc_samples=50&seed=1")]:
-        for c in (1, 8, 64):
-            log(f"http: {tag} {label} c={c}")
-            cpu0 = cpu_seconds(srv.pid)
-            r = wrk(base + path, body, c, duration)
-            r["server_cpu"] = (cpu_seconds(srv.pid) - cpu0) / (r["duration_us"] / 1e6)
-            results.append((tag, label, c, r, loadavg()))
+HTTP_MODES = [("eval", ""), ("MC-50", "?mc_samples=50&seed=1")]
+HTTP_CONNS = (1, 16, 64)
+NEW, BEFORE, FASTAPI, BARE = "mcd-serve", "mcd-serve before", "FastAPI + ORT", "bare axum"
 
 
-def native_rows(exe, tag, tmp, body, duration, results):
-    """Native eval and MC-50 rows for another build of the server (before/after)."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log(f"http: starting {tag} ({exe}) on {base}")
-    # An older build may predate --grpc-addr; give it only the flags every build knows.
-    srv = subprocess.Popen([str(exe), "--models", str(ROOT / "models"), "--addr", f"127.0.0.1:{port}"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    try:
-        wait_ready(f"{base}/health/ready", srv)
-        wrk(f"{base}/predict", body, 8, 2)
-        native_load(base, srv, tag, body, duration, results)
-    finally:
-        stop(srv)
+class Target:
+    """A server under test: its process, base URL and the routes of a model."""
 
-
-def section_http(tmp, duration, out, facts, before=None):
-    out.append("## HTTP load: wrk against the server and a bare-axum baseline\n")
-    server_exe = ROOT / "target/release/mcd-serve"
-    bare_exe = ROOT / "target/release/examples/bare_axum"
-    body = tmp / "bc_row.json"
-    write_body(bundled_input("breast_cancer"), body)
-    logs = tmp / "server.log"
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log(f"http: starting the server on {base}")
-    grpc_port = free_port()
-    srv = subprocess.Popen(
-        [str(server_exe), "--models", str(ROOT / "models"), "--addr", f"127.0.0.1:{port}",
-         "--grpc-addr", f"127.0.0.1:{grpc_port}"],
-        stdout=open(logs, "w"), stderr=subprocess.STDOUT,
-    )
-    results = []
-    try:
-        wait_ready(f"{base}/health/ready", srv)
-        rss_idle = proc_status(srv.pid)
-        status, answer = post(f"{base}/predict", body.read_bytes())
-        assert status == 200, (status, answer)
-        answer_path = tmp / "eval_answer.json"
-        answer_path.write_bytes(answer)
-        status, mc_answer = post(f"{base}/predict?mc_samples=50&seed=1", body.read_bytes())
-        assert status == 200 and b"mc_dropout" in mc_answer, (status, mc_answer)
-        facts["eval_answer_bytes"] = len(answer)
-        facts["mc_answer_bytes"] = len(mc_answer)
-        # warm-up, not recorded
-        wrk(f"{base}/predict", body, 8, 2)
-        native_load(base, srv, "mcd-serve", body, duration, results)
-        # The same row over OIP v2 REST: JSON both ways, and the binary tensor data
-        # extension both ways (tritonclient's default: no Content-Type).
-        oip = f"{base}/v2/models/breast_cancer/infer"
-        for label, params in [("OIP eval", {}), ("OIP MC-50", {"mc_samples": 50, "seed": 1})]:
-            for form in ("JSON", "binary"):
-                b, headers = oip_body(tmp, bundled_input("breast_cancer"), params, form == "binary")
-                status, oip_answer = post(oip, b.read_bytes(), headers)
-                assert status == 200, (status, oip_answer)
-                for c in (1, 64):
-                    log(f"http: server {label} {form} c={c}")
-                    cpu0 = cpu_seconds(srv.pid)
-                    r = wrk(oip, b, c, duration, headers=wrk_env(headers))
-                    r["server_cpu"] = (cpu_seconds(srv.pid) - cpu0) / (r["duration_us"] / 1e6)
-                    results.append(("mcd-serve", f"{label}, {form}", c, r, loadavg()))
-        # OIP gRPC beside REST, at 16 and 64 concurrent callers (examples/grpc_load.rs, raw
-        # contents as tritonclient sends them).
-        rows_json = tmp / "bc_rows.json"
-        rows_json.write_text(json.dumps(np.asarray(bundled_input("breast_cancer")).tolist()))
-        for label, mc in [("gRPC eval", None), ("gRPC MC-50", 50)]:
-            for c in (16, 64):
-                log(f"http: server {label} c={c}")
-                cpu0 = cpu_seconds(srv.pid)
-                r = grpc_load(f"http://127.0.0.1:{grpc_port}", rows_json, c, duration, mc)
-                r["server_cpu"] = (cpu_seconds(srv.pid) - cpu0) / (r["duration_us"] / 1e6)
-                results.append(("mcd-serve", label, c, r, loadavg()))
-        for label, path in [("eval", "/predict"), ("MC-50", "/predict?mc_samples=50&seed=1")]:
-            log(f"http: server {label} c=16")
-            cpu0 = cpu_seconds(srv.pid)
-            r = wrk(base + path, body, 16, duration)
-            r["server_cpu"] = (cpu_seconds(srv.pid) - cpu0) / (r["duration_us"] / 1e6)
-            results.append(("mcd-serve", label, 16, r, loadavg()))
-        # a burst of the other models so every model has run, then read the high-water mark
-        for name in ("diabetes", "digits_cnn"):
-            b = tmp / f"{name}.json"
-            write_body(bundled_input(name), b)
-            for _ in range(20):
-                status, _ = post(f"{base}/models/{name}/predict?mc_samples=100", b.read_bytes())
-                assert status == 200, (name, status)
-        rss_after = proc_status(srv.pid)
-        facts["rss_idle"] = rss_idle
-        facts["rss_after"] = rss_after
-    finally:
-        stop(srv)
-    if before:
-        native_rows(before, "mcd-serve before", tmp, body, duration, results)
-    bport = free_port()
-    bbase = f"http://127.0.0.1:{bport}"
-    log(f"http: starting bare_axum on {bbase}")
-    bare = subprocess.Popen([str(bare_exe), f"127.0.0.1:{bport}", str(answer_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_ready(f"{bbase}/health/ready", bare, timeout_s=30)
-        status, bare_answer = post(f"{bbase}/predict", body.read_bytes())
-        assert status == 200 and len(bare_answer) == len(answer), (status, bare_answer)
-        wrk(f"{bbase}/predict", body, 8, 2)
-        for c in (1, 8, 64):
-            log(f"http: bare_axum c={c}")
-            cpu0 = cpu_seconds(bare.pid)
-            r = wrk(f"{bbase}/predict", body, c, duration)
-            r["server_cpu"] = (cpu_seconds(bare.pid) - cpu0) / (r["duration_us"] / 1e6)
-            results.append(("bare axum", "eval-sized answer", c, r, loadavg()))
-    finally:
-        stop(bare, timeout=10)
-
-    out.append(
-        f"`wrk -t1 -c C -d {duration}s` with `bench/wrk_post.lua` (POST, `Content-Type: application/json`), "
-        f"body = one breast_cancer row ({body.stat().st_size} bytes). Server: `target/release/mcd-serve "
-        "--models models` with its defaults (workers = cores). Bare axum: `examples/bare_axum.rs`, "
-        f"same tokio runtime, reads and drops the body, answers a fixed {facts['eval_answer_bytes']}-byte "
-        "JSON copied from the server's real eval answer. Errors = connect + read + write + timeout "
-        "+ non-2xx. \"server CPU\" = the target process's CPU seconds per wall second "
-        "(2.0 = both cores); wrk runs on the same 2 cores.\n"
-    )
-    out.append("| target | request | conns | req/s | p50 | p99 | errors | server CPU | server CPU per request | load avg after |")
-    out.append("|---|---|---|---|---|---|---|---|---|---|")
-    for who, label, c, r, la in results:
-        out.append(
-            f"| {who} | {label} | {c} | {r['rps']:.0f} | {fmt_t(r['p50_us'] / 1e6)} | "
-            f"{fmt_t(r['p99_us'] / 1e6)} | {r['errors']} | {r['server_cpu']:.2f} | "
-            f"{fmt_t(r['server_cpu'] / r['rps'])} | {la[0]:.2f} |"
+    def __init__(self, name, cmd, ready_path="/health/ready", env=None, cwd=None, log_path=None):
+        self.name = name
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        cmd = [c.replace("{PORT}", str(self.port)) for c in cmd]
+        log(f"http: starting {name}: {' '.join(cmd)}")
+        self.log_path = log_path
+        self.proc = subprocess.Popen(
+            cmd, env=env, cwd=cwd, stdout=open(log_path, "w") if log_path else subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
         )
-    out.append("")
-    bare = {c: r for who, _, c, r, _ in results if who == "bare axum"}
-    ev = {c: r for who, label, c, r, _ in results if who == "mcd-serve" and label == "eval"}
-    out.append("Server eval throughput as a share of bare axum: " + ", ".join(
-        f"c={c}: {ev[c]['rps'] / bare[c]['rps'] * 100:.0f}%" for c in (1, 8, 64)) + ". "
-        "Server CPU per eval request vs bare axum's: " + ", ".join(
-        f"c={c}: {(ev[c]['server_cpu'] / ev[c]['rps']) / (bare[c]['server_cpu'] / bare[c]['rps']):.1f}×"
-        for c in (1, 8, 64)) + ".\n")
-    facts["http"] = results
-    out.append("## Server memory\n")
+        self.ready_path = ready_path
+
+    def wait(self):
+        try:
+            wait_ready(self.base + self.ready_path, self.proc)
+        except RuntimeError as e:
+            tail = Path(self.log_path).read_text()[-2000:] if self.log_path else ""
+            raise RuntimeError(f"{self.name}: {e}\n{tail}") from None
+
+    def url(self, model, query=""):
+        return f"{self.base}/models/{model}/predict{query}"
+
+    def stop(self):
+        stop(self.proc)
+
+
+def mcd_target(name, exe, tmp):
+    """An mcd-serve build with the bundled models. Its gRPC listener is off (or on a free
+    port for the build under test, for the protocol rows); a build too old to know
+    --grpc-addr gets only the flags every build knows."""
+    help_text = subprocess.run([str(exe), "--help"], capture_output=True, text=True).stdout
+    cmd = [str(exe), "--models", str(ROOT / "models"), "--addr", "127.0.0.1:{PORT}"]
+    grpc_port = None
+    if "--grpc-addr" in help_text:
+        if name == NEW:
+            grpc_port = free_port()
+            cmd += ["--grpc-addr", f"127.0.0.1:{grpc_port}"]
+        else:
+            cmd += ["--grpc-addr="]
+    t = Target(name, cmd, log_path=tmp / f"{name.replace(' ', '_')}.log")
+    t.grpc_port = grpc_port
+    return t
+
+
+def answer_tree(v):
+    """The key structure of a JSON answer (dict keys, recursively; lists by their first item)."""
+    if isinstance(v, dict):
+        return {k: answer_tree(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [answer_tree(v[0])] if v and isinstance(v[0], dict) else "list"
+    return type(v).__name__ if not isinstance(v, (int, float)) or isinstance(v, bool) else "number"
+
+
+def check_answers(ref, other, name, model, mode, tol):
+    """Aborts the run when `other` does not give `ref`'s eval answer (within tol) or an MC
+    answer of the same shape: the comparison is only honest between equal answers."""
+    a, b = json.loads(ref), json.loads(other)
+    if mode == "eval":
+        if set(a["outputs"]) != set(b["outputs"]):
+            raise SystemExit(f"ABORT: {name} answers outputs {sorted(b['outputs'])} for {model}, "
+                             f"mcd-serve {sorted(a['outputs'])}")
+        worst = 0.0
+        for k in a["outputs"]:
+            x, y = np.asarray(a["outputs"][k], dtype=np.float64), np.asarray(b["outputs"][k], dtype=np.float64)
+            if x.shape != y.shape or not np.allclose(x, y, rtol=tol["rtol"], atol=tol["atol"]):
+                raise SystemExit(f"ABORT: {name}'s eval answer for {model} differs from mcd-serve's "
+                                 f"({k}: {y.tolist()} vs {x.tolist()}; rtol {tol['rtol']}, atol {tol['atol']})")
+            worst = max(worst, float(np.max(np.abs(x - y) / np.maximum(np.abs(x), 1e-30))))
+        return worst
+    ta, tb = answer_tree(a), answer_tree(b)
+    ta.pop("seed", None), tb.pop("seed", None)
+    if ta != tb:
+        raise SystemExit(f"ABORT: {name}'s MC answer for {model} is not shaped like mcd-serve's:\n"
+                         f"  {json.dumps(tb)}\n  vs\n  {json.dumps(ta)}")
+    # live dropout: an MC answer whose samples do not differ (e.g. ORT with EliminateDropout
+    # left on) would be an eval answer at MC prices
+    spread = max(float(np.max(np.asarray(o["std"], dtype=np.float64))) for o in b["outputs"].values())
+    if not spread > 0:
+        raise SystemExit(f"ABORT: {name}'s MC-50 answer for {model} has zero spread: its dropout is not live")
+    return None
+
+
+def measure(t, url, body, c, duration):
+    cpu0 = cpu_seconds(t.proc.pid)
+    r = wrk(url, body, c, duration)
+    r["server_cpu"] = (cpu_seconds(t.proc.pid) - cpu0) / (r["duration_us"] / 1e6)
+    return r
+
+
+def section_http(tmp, duration, out, facts, before=None, fastapi=True, protocols=True):
+    """Every bundled model, eval and MC-50, at 1, 16 and 64 connections, against mcd-serve,
+    the before build, the FastAPI service and bare axum. All servers run from the start; each
+    cell runs the targets back to back in an order that rotates from cell to cell, so drift
+    on the shared machine does not always hit the same target."""
+    out.append("## HTTP load: mcd-serve, the build before, FastAPI + onnxruntime and bare axum\n")
+    bodies = {}
+    for name in BUNDLED:
+        bodies[name] = tmp / f"{name}.body.json"
+        write_body(bundled_input(name), bodies[name])
+    new = mcd_target(NEW, ROOT / "target/release/mcd-serve", tmp)
+    targets = [new]
+    answers_dir = tmp / "answers"
+    answers_dir.mkdir()
+    results = {}  # (model, mode, conns, target) -> wrk result
+    mem = {}
+    checks = []
+    try:
+        new.wait()
+        mem[(NEW, "idle")] = tree_status(new.proc.pid)
+        answers = {}
+        for name in BUNDLED:
+            for mode, query in HTTP_MODES:
+                status, answer = post(new.url(name, query), bodies[name].read_bytes())
+                assert status == 200, (name, mode, status, answer)
+                answers[(name, mode)] = answer
+                (answers_dir / f"{name}.{'eval' if mode == 'eval' else 'mc'}.json").write_bytes(answer)
+        if before:
+            targets.append(mcd_target(BEFORE, before, tmp))
+        if fastapi:
+            uvicorn = Path(sys.executable).parent / "uvicorn"
+            targets.append(Target(
+                FASTAPI,
+                [str(uvicorn), "bench.fastapi_service:app", "--workers", "2", "--host", "127.0.0.1",
+                 "--port", "{PORT}", "--no-access-log", "--log-level", "warning"],
+                env=dict(os.environ, MCD_MODELS=str(ROOT / "models")), cwd=str(ROOT),
+                log_path=tmp / "fastapi.log",
+            ))
+        bare_exe = ROOT / "target/release/examples/bare_axum"
+        targets.append(Target(BARE, [str(bare_exe), "127.0.0.1:{PORT}", str(answers_dir)],
+                              log_path=tmp / "bare_axum.log"))
+        for t in targets[1:]:
+            t.wait()
+            if t.name != BARE:
+                mem[(t.name, "idle")] = tree_status(t.proc.pid)
+
+        # Same answers, or no comparison: eval within float tolerance (tract vs onnxruntime
+        # kernels), MC of the same shape (the samples differ: other random streams).
+        tol = {"rtol": 1e-4, "atol": 1e-5}
+        for t in targets[1:]:
+            for name in BUNDLED:
+                for mode, query in HTTP_MODES:
+                    status, answer = post(t.url(name, query), bodies[name].read_bytes())
+                    if status != 200:
+                        raise SystemExit(f"ABORT: {t.name} answered {status} for {name} {mode}: {answer[:300]!r}")
+                    if t.name == BARE:
+                        if len(answer) != len(answers[(name, mode)]):
+                            raise SystemExit(f"ABORT: bare axum's {name} {mode} answer is {len(answer)} bytes, "
+                                             f"mcd-serve's {len(answers[(name, mode)])}")
+                        continue
+                    worst = check_answers(answers[(name, mode)], answer, t.name, name, mode, tol)
+                    if mode == "eval":
+                        checks.append((t.name, name, worst, len(answer), len(answers[(name, mode)])))
+                    else:
+                        checks.append((t.name, name + " MC-50", None, len(answer), len(answers[(name, mode)])))
+        log("http: answers agree (eval within tolerance, MC answers of the same shape)")
+
+        cell = 0
+        warm = min(2, duration)
+        for name in BUNDLED:
+            for mode, query in HTTP_MODES:
+                for t in targets:  # warm-up, not recorded
+                    wrk(t.url(name, query), bodies[name], 16, warm)
+                for c in HTTP_CONNS:
+                    k = cell % len(targets)
+                    order = targets[k:] + targets[:k]
+                    cell += 1
+                    for t in order:
+                        log(f"http: {t.name} {name} {mode} c={c}")
+                        results[(name, mode, c, t.name)] = measure(t, t.url(name, query), bodies[name], c, duration)
+        for t in targets:
+            if t.name != BARE:
+                mem[(t.name, "after")] = tree_status(t.proc.pid)
+        proto = section_protocols(new, tmp, duration) if protocols and new.grpc_port else []
+    finally:
+        for t in reversed(targets):
+            t.stop()
+    names = [t.name for t in targets]
+
     out.append(
-        "`/proc/PID/status` of the server with the three bundled models loaded: after start-up "
-        "(ready, no traffic) and after all the load above plus 20 MC-100 requests to each other model.\n"
+        f"`wrk -t1 -c C -d {duration}s --timeout 10s` with `bench/wrk_post.lua` (POST, `Content-Type: "
+        "application/json`) to `/models/NAME/predict` (eval) and `/models/NAME/predict?mc_samples=50&seed=1` "
+        "(MC-50), after a warm-up at 16 connections. Bodies: one row each: breast_cancer "
+        f"({bodies['breast_cancer'].stat().st_size} bytes, 30 floats), diabetes "
+        f"({bodies['diabetes'].stat().st_size} bytes, 10 floats), digits_cnn "
+        f"({bodies['digits_cnn'].stat().st_size} bytes, one 8×8 image).\n"
     )
-    out.append("| when | VmHWM (peak RSS) | VmRSS |")
-    out.append("|---|---|---|")
-    for label, s in [("ready, before traffic", facts["rss_idle"]), ("after the load tests", facts["rss_after"])]:
-        out.append(f"| {label} | {s['hwm_kb'] / 1024:.1f} MiB | {s['rss_kb'] / 1024:.1f} MiB |")
+    out.append("- **mcd-serve**: `target/release/mcd-serve --models models` (this tree), default settings.")
+    if before:
+        out.append(f"- **mcd-serve before**: `{before}`"
+                   + (f" (commit {Path(before).with_name('COMMIT').read_text().strip()[:7]})"
+                      if Path(before).with_name("COMMIT").exists() else "")
+                   + ", the same flags.")
+    if fastapi:
+        out.append("- **FastAPI + ORT**: `bench/fastapi_service.py` on uvicorn[standard], 2 workers, "
+                   "onnxruntime 1 thread per session, MC as one batched pass with `EliminateDropout` "
+                   "disabled, numpy statistics and the same calibration fields.")
+    out.append("- **bare axum**: `examples/bare_axum.rs`, same tokio runtime, reads and drops the body and "
+               "answers mcd-serve's real answer for that model and mode, byte for byte (captured at the start).")
+    out.append("\nAll servers run for the whole section; in each cell the targets run back to back, in an "
+               "order that rotates from cell to cell. Errors = connect + read + write + timeout + non-2xx. "
+               "\"server CPU\" = the target's CPU seconds (all its processes) per wall second "
+               "(2.0 = both cores); wrk runs on the same 2 cores.\n")
+    out.append("| model | request | conns | target | req/s | p50 | p99 | errors | server CPU | CPU per request |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|")
+    for name in BUNDLED:
+        for mode, _ in HTTP_MODES:
+            for c in HTTP_CONNS:
+                for who in names:
+                    r = results[(name, mode, c, who)]
+                    out.append(
+                        f"| {name} | {mode} | {c} | {who} | {r['rps']:.0f} | {fmt_t(r['p50_us'] / 1e6)} | "
+                        f"{fmt_t(r['p99_us'] / 1e6)} | {r['errors']} | {r['server_cpu']:.2f} | "
+                        f"{fmt_t(r['server_cpu'] / r['rps']) if r['rps'] else 'n/a'} |"
+                    )
     out.append("")
+    out.append("Throughput at 64 connections, req/s (share of bare axum):\n")
+    out.append("| model | request | " + " | ".join(names) + " |")
+    out.append("|---|---|" + "---|" * len(names))
+    for name in BUNDLED:
+        for mode, _ in HTTP_MODES:
+            bare = results[(name, mode, 64, BARE)]["rps"]
+            out.append(f"| {name} | {mode} | " + " | ".join(
+                f"{results[(name, mode, 64, w)]['rps']:,.0f} ({results[(name, mode, 64, w)]['rps'] / bare * 100:.0f}%)"
+                for w in names) + " |")
+    out.append("")
+    if checks:
+        out.append("Answers checked before the load (the run aborts when they disagree): eval outputs "
+                   f"within rtol {tol['rtol']:g} / atol {tol['atol']:g} of mcd-serve's, MC answers with "
+                   "the same fields; answer sizes in bytes (other / mcd-serve):\n")
+        out.append("| target | request | largest relative difference | answer bytes |")
+        out.append("|---|---|---|---|")
+        for who, what, worst, nb, na in checks:
+            out.append(f"| {who} | {what}{'' if worst is None else ' eval'} | "
+                       f"{'same fields' if worst is None else f'{worst:.2g}'} | {nb} / {na} |")
+        out.append("")
+    out.extend(targets_lines(results, names))
+    out.extend(proto)
+    facts["http"] = results
+
+    out.append("## Server memory\n")
+    out.append("`/proc/PID/status` (summed over the FastAPI service's processes: the uvicorn master, "
+               "its 2 workers and multiprocessing's resource tracker; VmHWM summed is an upper bound "
+               "of their joint peak), with the three "
+               "bundled models loaded: ready before traffic, and after all the load above.\n")
+    out.append("| target | processes | ready: VmHWM | ready: VmRSS | after load: VmHWM | after load: VmRSS |")
+    out.append("|---|---|---|---|---|---|")
+    for who in names:
+        if (who, "idle") not in mem:
+            continue
+        a, b = mem[(who, "idle")], mem[(who, "after")]
+        out.append(f"| {who} | {b['processes']} | {a['hwm_kb'] / 1024:.1f} MiB | {a['rss_kb'] / 1024:.1f} MiB | "
+                   f"{b['hwm_kb'] / 1024:.1f} MiB | {b['rss_kb'] / 1024:.1f} MiB |")
+    out.append("")
+
+
+def targets_lines(results, names):
+    """Issue 11's targets, computed from the table: MET / MISSED with the figures."""
+    lines = ["### Targets (issue 11)\n"]
+    verdicts = []
+
+    def line(ok, text):
+        verdicts.append(ok)
+        lines.append(f"- **{'MET' if ok else 'MISSED'}** {text}")
+
+    r = lambda m, mode, c, who: results[(m, mode, c, who)]
+    for m in BUNDLED:
+        ours, bare = r(m, "eval", 64, NEW)["rps"], r(m, "eval", 64, BARE)["rps"]
+        share = ours / bare
+        line(share >= 0.6,
+             f"eval throughput at c=64 ≥ 60% of bare axum, {m}: {ours:,.0f} vs {bare:,.0f} req/s = "
+             f"{share * 100:.0f}%" + (f" (missed by {60 - share * 100:.0f} points: {0.6 / share:.2f}× the "
+                                      "throughput needed)" if share < 0.6 else "")
+             + f"; stretch 80%: {'met' if share >= 0.8 else 'not met'}")
+    if BEFORE in names:
+        for m in ("breast_cancer", "digits_cnn"):
+            ours, old = r(m, "MC-50", 64, NEW)["rps"], r(m, "MC-50", 64, BEFORE)["rps"]
+            x = ours / old
+            line(x >= 2, f"MC-50 throughput at c=64 ≥ 2× before, {m}: {ours:,.0f} vs {old:,.0f} req/s = {x:.2f}×"
+                 + (f" (missed: {2 / x:.2f}× more needed)" if x < 2 else ""))
+        for m in BUNDLED:
+            for mode, _ in HTTP_MODES:
+                ours, old = r(m, mode, 16, NEW)["p99_us"], r(m, mode, 16, BEFORE)["p99_us"]
+                line(ours <= old, f"p99 at c=16 no worse than before, {m} {mode}: {fmt_t(ours / 1e6)} vs "
+                     f"{fmt_t(old / 1e6)} ({ours / old:.2f}×)")
+    else:
+        lines.append("- **n/a** MC-50 2× before and p99 at c=16 vs before: no before binary (`--before-bin`)")
+    errs = {(m, mode, c): r(m, mode, c, NEW)["errors"] for m in BUNDLED for mode, _ in HTTP_MODES for c in HTTP_CONNS}
+    bad = {k: v for k, v in errs.items() if v}
+    line(not bad, "zero errors, mcd-serve, every cell: " + (
+        "0 in all " + str(len(errs)) if not bad else
+        ", ".join(f"{m} {mode} c={c}: {v}" for (m, mode, c), v in bad.items())))
+    others = {w: sum(r(m, mode, c, w)["errors"] for m in BUNDLED for mode, _ in HTTP_MODES for c in HTTP_CONNS)
+              for w in names if w != NEW}
+    lines.append(f"- (errors of the others, for reference: "
+                 + ", ".join(f"{w} {n}" for w, n in others.items()) + ")")
+    lines.append(f"\n**{sum(verdicts)} of {len(verdicts)} targets met**"
+                 + ("" if BEFORE in names else " (8 more need a before binary: `--before-bin`)") + ".\n")
+    return lines
+
+
+def section_protocols(new, tmp, duration):
+    """OIP REST (JSON and binary) and OIP gRPC against the native route, breast_cancer, c=64:
+    whether every front end gets what the core does."""
+    x = bundled_input("breast_cancer")
+    oip = f"{new.base}/v2/models/breast_cancer/infer"
+    rows = []
+    for label, params in [("eval", {}), ("MC-50", {"mc_samples": 50, "seed": 1})]:
+        for form in ("JSON", "binary"):
+            b, headers = oip_body(tmp, x, params, form == "binary")
+            status, answer = post(oip, b.read_bytes(), headers)
+            assert status == 200, (status, answer)
+            log(f"http: OIP {label} {form} c=64")
+            cpu0 = cpu_seconds(new.proc.pid)
+            r = wrk(oip, b, 64, duration, headers=wrk_env(headers))
+            r["server_cpu"] = (cpu_seconds(new.proc.pid) - cpu0) / (r["duration_us"] / 1e6)
+            rows.append((f"OIP REST {label}, {form}", r))
+    rows_json = tmp / "bc_rows.json"
+    rows_json.write_text(json.dumps(np.asarray(x).tolist()))
+    for label, mc in [("eval", None), ("MC-50", 50)]:
+        log(f"http: gRPC {label} c=64")
+        cpu0 = cpu_seconds(new.proc.pid)
+        r = grpc_load(f"http://127.0.0.1:{new.grpc_port}", rows_json, 64, duration, mc)
+        r["server_cpu"] = (cpu_seconds(new.proc.pid) - cpu0) / (r["duration_us"] / 1e6)
+        rows.append((f"OIP gRPC {label}", r))
+    out = ["## Protocols: OIP REST and gRPC, mcd-serve, breast_cancer, 64 connections\n",
+           "The same row as above over OIP v2 REST (JSON both ways, and the binary tensor data extension "
+           "both ways, no Content-Type, as tritonclient sends it) and over OIP gRPC "
+           "(`examples/grpc_load.rs`: closed loop, one HTTP/2 connection per caller). Compare with the "
+           "native breast_cancer rows at 64 connections above.\n",
+           "| request | req/s | p50 | p99 | errors | server CPU per request |", "|---|---|---|---|---|---|"]
+    for label, r in rows:
+        out.append(f"| {label} | {r['rps']:.0f} | {fmt_t(r['p50_us'] / 1e6)} | {fmt_t(r['p99_us'] / 1e6)} | "
+                   f"{r.get('errors', 0)} | {fmt_t(r['server_cpu'] / r['rps']) if r['rps'] else 'n/a'} |")
+    out.append("")
+    return out
 
 
 def machine(out, start_load, idle_busy):
@@ -664,6 +900,13 @@ def machine(out, start_load, idle_busy):
     out.append(f"| tract-onnx | {tract.group(1) if tract else '?'} |")
     out.append(f"| onnxruntime / numpy / Python | {ort.__version__} / {np.__version__} / {platform.python_version()} |")
     out.append(f"| wrk | {ver('wrk', '-v') if shutil.which('wrk') else 'missing'} |")
+    pkgs = {}
+    for name in ("fastapi", "uvicorn", "uvloop", "httptools", "orjson"):
+        try:
+            pkgs[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pkgs[name] = "missing"
+    out.append("| FastAPI service: " + " / ".join(pkgs) + " | " + " / ".join(pkgs.values()) + " |")
     out.append("")
 
 
@@ -671,13 +914,22 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "bench/results.md"))
     ap.add_argument("--budget", type=float, default=8.0, help="seconds of timing rounds per model and section")
-    ap.add_argument("--http-seconds", type=int, default=10)
+    ap.add_argument("--http-seconds", type=int, default=5, help="seconds of wrk per HTTP cell")
     ap.add_argument("--skip-http", action="store_true")
-    ap.add_argument("--before", help="another mcd-serve binary whose native HTTP figures to add (before/after)")
+    ap.add_argument("--before-bin", "--before", dest="before_bin", default=None,
+                    help="the mcd-serve binary the targets compare with (\"before\"); default "
+                         f"{DEFAULT_BEFORE} when it exists; \"\" for none")
+    ap.add_argument("--skip-fastapi", action="store_true", help="leave the FastAPI service out of the HTTP table")
+    ap.add_argument("--skip-protocols", action="store_true", help="leave out the OIP REST / gRPC rows")
     ap.add_argument("--skip-light", action="store_true")
+    ap.add_argument("--skip-engine", action="store_true", help="leave out the engine and MC growth sections")
     ap.add_argument("--wait-idle", type=float, default=120,
                     help="wait up to this many seconds for other processes to leave the CPU idle")
     args = ap.parse_args()
+    if args.before_bin is None:
+        args.before_bin = str(DEFAULT_BEFORE) if DEFAULT_BEFORE.is_file() else ""
+    if args.before_bin and not os.access(args.before_bin, os.X_OK):
+        ap.error(f"--before-bin {args.before_bin}: not an executable")
     if args.skip_light:
         LIGHT.clear()
 
@@ -702,17 +954,19 @@ def main():
     snaps = [("start", cpu_snapshot())]
     with tempfile.TemporaryDirectory(prefix="mcd-bench-") as d:
         tmp = Path(d)
-        ours = Ours(ROOT / "target/release/examples/bench_engine")
-        try:
-            section_engine(ours, tmp, args.budget, out)
-            loads.append(("after engine", loadavg()))
-            section_growth(ours, tmp, args.budget * 0.75, out)
-            loads.append(("after growth", loadavg()))
-        finally:
-            ours.close()
-        snaps.append(("engine + growth", cpu_snapshot()))
+        if not args.skip_engine:
+            ours = Ours(ROOT / "target/release/examples/bench_engine")
+            try:
+                section_engine(ours, tmp, args.budget, out)
+                loads.append(("after engine", loadavg()))
+                section_growth(ours, tmp, args.budget * 0.75, out)
+                loads.append(("after growth", loadavg()))
+            finally:
+                ours.close()
+            snaps.append(("engine + growth", cpu_snapshot()))
         if not args.skip_http:
-            section_http(tmp, args.http_seconds, out, facts, args.before)
+            section_http(tmp, args.http_seconds, out, facts, args.before_bin or None,
+                         fastapi=not args.skip_fastapi, protocols=not args.skip_protocols)
             loads.append(("after HTTP", loadavg()))
             snaps.append(("HTTP", cpu_snapshot()))
     out.append("## Load average during the run\n")
@@ -732,7 +986,7 @@ def main():
     if facts_idle > 0.15 or any(x > 0.10 for x in shares):
         out.append("**Warning:** the machine was busy with other work during this run (other processes "
                    f"used {facts_idle * 100:.0f}% of the CPU just before the start and up to "
-                   f"{max(shares) * 100:.0f}% during it). "
+                   f"{max(shares, default=0) * 100:.0f}% during it). "
                    "Engine ratios are interleaved and hold up; absolute times and HTTP numbers suffer. "
                    "Re-run when quieter.\n")
     else:

@@ -18,17 +18,19 @@ def strip(sym):
             if lead and d==0: out.append(ch); lead=False; continue
         if d==0 or (lead and d==1): out.append(ch)
     return ''.join(out)
+# Module paths as of issue 11; keys are substrings of demangled symbols, and the first
+# category (in this order) that matches the first deciding frame wins.
 cats = [
- ("inference (tract plan, session, stats)", ["tract_", "mcd_serve::model", "mcd_serve::uncertainty", "mcd_serve::masks"]),
- ("request JSON parse + tensor build", ["serde_json::de", "mcd_serve::tensor_json", "serde_json::value::de", "from_slice"]),
+ ("inference (tract plan, session, stats)", ["tract_", "mcd_serve::engine", "mcd_serve::model", "mcd_serve::uncertainty", "mcd_serve::masks"]),
+ ("request JSON parse + tensor build", ["serde_json::de", "serde::de", "serde_core::de", "parse_request", "mcd_serve::tensor_json", "mcd_serve::core::tensors", "front::native::json::collect", "front::native::json::build", "front::native::json::to_tensor", "serde_json::value::de", "from_slice"]),
  ("per-request log line (tracing fmt + write)", ["tracing_subscriber", "std::fs::File as std::io::Write", "tracing_core"]),
- ("response JSON build", ["serde_json::ser", "serde_json::value::ser", "to_vec", "to_string", "serde_json::value::to_value"]),
- ("metrics (prometheus)", ["prometheus"]),
- ("worker hand-off (spawn_blocking, semaphore)", ["tokio::runtime::blocking", "spawn_blocking", "tokio::sync", "on_pool"]),
+ ("response JSON build", ["serde_json::ser", "serde_json::value::ser", "tensor_to_json", "floats_to_json", "front::native::json::nest", "to_vec", "to_string", "serde_json::value::to_value"]),
+ ("metrics (prometheus)", ["prometheus", "mcd_serve::core::metrics"]),
+ ("hand-off to inference (spawn_blocking, queues, channels, semaphores)", ["tokio::runtime::blocking", "spawn_blocking", "tokio::sync", "on_pool", "mcd_serve::core::admission", "std::sync::mpmc", "crossbeam", "flume", "async_channel"]),
  ("tokio scheduler/park/wake", ["tokio::runtime::scheduler", "tokio::runtime::park", "tokio::runtime::driver", "tokio::runtime::io", "mio::", "tokio::runtime::task", "tokio::runtime::time", "std::thread"]),
  ("hyper + socket I/O", ["hyper", "tokio::net", "TcpStream", "PollEvented", "http::header", "httparse", "bytes::"]),
  ("axum/tower routing + middleware", ["tower_http", "axum", "tower::", "futures_util"]),
- ("handler (mcd_serve::http other)", ["mcd_serve::http", "mcd_serve::"]),
+ ("handler (mcd_serve other)", ["mcd_serve::"]),
 ]
 c=collections.Counter(); k=collections.Counter(); total=0; stack=[]
 def classify(stack):

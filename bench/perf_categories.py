@@ -26,7 +26,7 @@ cats = [
  ("per-request log line (tracing fmt + write)", ["tracing_subscriber", "std::fs::File as std::io::Write", "tracing_core"]),
  ("response JSON build", ["serde_json::ser", "serde_json::value::ser", "tensor_to_json", "floats_to_json", "front::native::json::nest", "to_vec", "to_string", "serde_json::value::to_value"]),
  ("metrics (prometheus)", ["prometheus", "mcd_serve::core::metrics"]),
- ("hand-off to inference (spawn_blocking, queues, channels, semaphores)", ["tokio::runtime::blocking", "spawn_blocking", "tokio::sync", "on_pool", "mcd_serve::core::admission", "std::sync::mpmc", "crossbeam", "flume", "async_channel"]),
+ ("hand-off to inference (spawn_blocking, queues, channels, semaphores)", ["tokio::runtime::blocking", "spawn_blocking", "tokio::sync", "on_pool", "mcd_serve::core::admission", "mcd_serve::core::batcher", "std::sync::mpmc", "std::sync::poison::condvar", "std::sys::sync", "crossbeam", "flume", "async_channel"]),
  ("tokio scheduler/park/wake", ["tokio::runtime::scheduler", "tokio::runtime::park", "tokio::runtime::driver", "tokio::runtime::io", "mio::", "tokio::runtime::task", "tokio::runtime::time", "std::thread"]),
  ("hyper + socket I/O", ["hyper", "tokio::net", "TcpStream", "PollEvented", "http::header", "httparse", "bytes::"]),
  ("axum/tower routing + middleware", ["tower_http", "axum", "tower::", "futures_util"]),

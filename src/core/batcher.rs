@@ -84,6 +84,7 @@ struct Shared {
     state: Mutex<State>,
     wake: Condvar,
     delay: Duration,
+    workers: usize,
     /// Most jobs taken into one group; the core splits a group into passes by rows.
     max_jobs: usize,
 }
@@ -100,6 +101,7 @@ impl Batcher {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
             delay,
+            workers: workers.max(1),
             max_jobs: max_jobs.max(1),
         });
         for i in 0..workers.max(1) {
@@ -116,10 +118,13 @@ impl Batcher {
     pub fn submit(&self, job: Job) {
         let mut state = self.shared.lock();
         state.jobs.push_back(job);
-        // A wake-up is a syscall: only when some worker is asleep or waiting for company.
+        // A wake-up is a syscall and a context switch. While a worker is busy, one job
+        // waits for it (it will run in that worker's next pass, merged with whatever else
+        // arrives); a second waiting job, or no busy worker, wakes a sleeping one.
+        let busy = self.shared.workers - state.idle - state.gathering;
         if state.gathering > 0 {
             self.shared.wake.notify_all();
-        } else if state.idle > 0 {
+        } else if state.idle > 0 && (busy == 0 || state.jobs.len() > 1) {
             self.shared.wake.notify_one();
         }
     }

@@ -273,3 +273,27 @@ async fn load_failure_and_panic_metrics_are_exposed() {
     assert_eq!(metric_sum(&m, "mcd_internal_panics_total", &[]), 0.0);
     s.stop().await;
 }
+
+/// Probe finding c, through the batching queue: a request that reserved the whole budget
+/// and was refused after decoding (413: too many rows) gives the budget back before its
+/// answer is sent, so the client's next request, sent the moment it reads that answer,
+/// is never refused 429.
+#[tokio::test]
+async fn a_refused_request_gives_its_budget_back_before_its_answer() {
+    let mut args = ServeArgs::for_models(models_dir());
+    args.max_batch_rows = 4;
+    // The 5-row body's cost bound (its '[' count, 6) × 1000 samples is the whole budget.
+    args.max_inflight_cost = 6000;
+    let s = TestServer::start(args).await;
+    let too_many = json!({"inputs": breast_cancer_rows(5)}).to_string();
+    let small = json!({"inputs": breast_cancer_rows(1)}).to_string();
+    let mut early = 0;
+    for _ in 0..500 {
+        let (st, _) = s.post_raw("/predict?mc_samples=1000&seed=1", too_many.clone()).await;
+        assert_eq!(st, 413);
+        let (st, _) = s.post_raw("/predict?mc_samples=1000&seed=1", small.clone()).await;
+        early += (st == 429) as usize;
+    }
+    assert_eq!(early, 0, "requests refused 429 right after a refusal that held the budget");
+    s.stop().await;
+}

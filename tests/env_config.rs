@@ -21,6 +21,8 @@ fn every_flag_reads_its_mcd_environment_variable() {
         ("MCD_REQUEST_TIMEOUT_SECS", "2.5"),
         ("MCD_BODY_LIMIT_BYTES", "4096"),
         ("MCD_WORKERS", "3"),
+        ("MCD_MAX_BATCH_DELAY_US", "250"),
+        ("MCD_MAX_PASS_ROWS", "64"),
         ("MCD_LOG_FORMAT", "json"),
         ("MCD_SHUTDOWN_DRAIN_SECS", "0.25"),
         ("MCD_HEALTHCHECK_URL", "http://127.0.0.1:1/ready"),
@@ -51,6 +53,8 @@ fn every_flag_reads_its_mcd_environment_variable() {
     let limits = serve.limits();
     assert_eq!(limits.request_timeout, Duration::from_millis(2500));
     assert_eq!(limits.workers, 3);
+    assert_eq!(limits.max_batch_delay, Duration::from_micros(250));
+    assert_eq!(limits.max_pass_rows, 64);
     match Cli::parse_from(["mcd-serve", "healthcheck"]).command {
         Some(Command::Healthcheck { url, timeout_secs }) => {
             assert_eq!(url, "http://127.0.0.1:1/ready");

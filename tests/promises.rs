@@ -294,6 +294,9 @@ async fn a_refused_request_gives_its_budget_back_before_its_answer() {
         let (st, _) = s.post_raw("/predict?mc_samples=1000&seed=1", small.clone()).await;
         early += (st == 429) as usize;
     }
-    assert_eq!(early, 0, "requests refused 429 right after a refusal that held the budget");
+    assert_eq!(
+        early, 0,
+        "requests refused 429 right after a refusal that held the budget"
+    );
     s.stop().await;
 }

@@ -108,7 +108,14 @@ fn fill<T: Datum + Copy + tract_num_traits::Zero>(
     keep: T,
     drop: T,
 ) -> TractResult<Tensor> {
-    let mut t = Tensor::zero::<T>(shape)?;
+    anyhow::ensure!(
+        random.iter().map(|p| p.len()).sum::<usize>() == shape.iter().product::<usize>(),
+        "mask words do not cover the mask of shape {shape:?}: this is a bug"
+    );
+    // Not zeroed first: every element is written below (checked just above), and zeroing a
+    // fresh MC-sized buffer costs as much as filling it.
+    // SAFETY: T is a plain float type, and each element is written before the tensor is read.
+    let mut t = unsafe { Tensor::uninitialized::<T>(shape)? };
     {
         let mut view = t.try_as_plain_ram_mut()?;
         let mut out = view.as_slice_mut::<T>()?;

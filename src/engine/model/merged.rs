@@ -66,7 +66,9 @@ impl LoadedModel {
             let first = &parts[0].tensors[input];
             let mut shape = first.shape().to_vec();
             shape[0] = padded;
-            let mut merged = Tensor::zero_dt(first.datum_type(), &shape)?;
+            // SAFETY: plain data (`merges`), and every byte is written below: the parts'
+            // rows, then copies of the first row up to the end.
+            let mut merged = unsafe { Tensor::uninitialized_dt(first.datum_type(), &shape)? };
             let row_bytes = first.as_bytes().len() / parts[0].rows;
             let bytes = merged.as_bytes_mut();
             let mut at = 0;
@@ -185,7 +187,8 @@ fn interleave(per_part: &[Vec<TValue>], m: usize, parts: &[McPart], k: usize, pa
     let first: &Tensor = &per_part[0][m];
     let mut shape = first.shape().to_vec();
     shape[0] = k * padded;
-    let mut merged = Tensor::zero_dt(first.datum_type(), &shape)?;
+    // SAFETY: a float mask, and every byte is written below, sample by sample.
+    let mut merged = unsafe { Tensor::uninitialized_dt(first.datum_type(), &shape)? };
     let row_bytes = first.as_bytes().len() / (k * parts[0].batch.rows);
     let bytes = merged.as_bytes_mut();
     let mut at = 0;

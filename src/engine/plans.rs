@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 
 use tract_onnx::prelude::*;
 
+use crate::engine::memory::{self, Bilinear};
+
 pub type Plan = Arc<TypedRunnableModel>;
 
 /// Keep specialised plans for at most this many batch sizes...
@@ -30,6 +32,8 @@ pub struct Plans {
     /// Keyed by (rows, samples); samples is 1 for graphs without a samples symbol.
     pinned: Mutex<HashMap<(usize, usize), (Plan, u64)>>,
     clock: AtomicU64,
+    /// Every node output's bytes, by (rows, samples): the graph's share of a pass's peak.
+    bytes: Bilinear,
 }
 
 impl Plans {
@@ -45,6 +49,7 @@ impl Plans {
         let symbol = batch_symbol.and_then(|s| typed.symbols.get(s));
         let samples = samples_symbol.and_then(|s| typed.symbols.get(s));
         let capacity = (MEMORY_BUDGET_BYTES / (2 * file_bytes.max(1))).min(MAX_SIZES as u64) as usize;
+        let bytes = memory::graph_bytes(&typed, symbol.as_ref(), samples.as_ref())?;
         let symbolic = typed.clone().into_optimized()?.into_runnable()?;
         let typed = symbol.filter(|_| capacity > 0).map(|s| (typed, s, samples));
         Ok(Plans {
@@ -53,7 +58,13 @@ impl Plans {
             capacity,
             pinned: Mutex::new(HashMap::new()),
             clock: AtomicU64::new(0),
+            bytes,
         })
+    }
+
+    /// The sum of every node output's bytes, by (rows, samples) of a pass.
+    pub fn bytes(&self) -> Bilinear {
+        self.bytes
     }
 
     /// The plan for a batch of `rows` (times `samples`, for a shared-trunk graph; pass 1

@@ -11,6 +11,7 @@ pub mod adaptive;
 pub mod admission;
 pub mod auth;
 pub mod calibrated;
+pub mod memory;
 pub mod metrics;
 pub mod mode;
 pub mod tensors;
@@ -36,6 +37,10 @@ pub struct Limits {
     /// Admission capacity in cost units; a request costs rows × samples (eval: rows).
     pub max_inflight_cost: u32,
     pub max_batch_rows: usize,
+    /// The byte budget that admission and pass sizing share (see [`memory`]).
+    pub max_memory_bytes: u64,
+    /// Most values a `return_samples` answer may hold.
+    pub max_returned_samples: u64,
     pub request_timeout: Duration,
     pub body_limit_bytes: usize,
     pub workers: usize,
@@ -128,6 +133,7 @@ pub struct Core {
     pub limits: Limits,
     pub keys: ApiKeys,
     admission: Admission,
+    memory: memory::MemoryBudget,
 }
 
 impl Core {
@@ -139,6 +145,7 @@ impl Core {
             default_model,
             metrics: Metrics::new(),
             admission: Admission::new(limits.max_inflight_cost, limits.workers, limits.request_timeout),
+            memory: memory::MemoryBudget::new(limits.max_memory_bytes, limits.max_returned_samples),
             limits,
             keys,
         })
@@ -151,6 +158,8 @@ impl Core {
     /// Installs a (re)loaded repository and publishes its metrics.
     pub fn install(&self, repo: ModelRepo) {
         self.metrics.install(&repo);
+        let pass_budget = memory::MemoryBudget::pass_bytes(self.limits.max_memory_bytes, self.limits.workers);
+        repo.models.values().for_each(|m| m.set_pass_budget(pass_budget));
         *self.repo.write().expect("repo lock poisoned: this is a bug") = Some(Arc::new(repo));
         self.refresh_ready();
     }
@@ -326,10 +335,16 @@ impl Core {
             }
         };
         let cost = (request.inputs.rows_bound().max(1) as u64).saturating_mul(samples as u64);
+        // The batch guard refuses more rows than the limit after decoding.
+        let rows = request.inputs.rows_bound().min(self.limits.max_batch_rows);
+        // Held by the work until it ends, like the admission permits.
+        let reserved = self.memory.reserve_request(&model, rows, &mode)?;
         let core = self.clone();
         let inputs = request.inputs;
         let work = move || {
+            let mut reserved = reserved;
             let batch = core.batch(&model, inputs)?;
+            reserved.shrink_to(core.memory.request_bytes(&model, batch.rows(), &mode)?);
             let answer = core.infer(&model, &batch, mode)?;
             encode(&model, answer)
         };
@@ -392,6 +407,17 @@ impl Core {
             .inference_duration
             .with_label_values(&[model.name.as_str(), mode.label().as_str()])
             .observe(t.elapsed().as_secs_f64());
+        let drawn = match &answer {
+            Answer::McDropout(a) => a.samples,
+            Answer::Eval(_) => 1,
+        };
+        let passes = self
+            .metrics
+            .pass_memory
+            .with_label_values(&[model.name.as_str(), mode.label().as_str()]);
+        for bytes in memory::pass_bytes(model, batch, &mode, drawn) {
+            passes.observe(bytes as f64);
+        }
         Ok(answer)
     }
 

@@ -6,6 +6,13 @@
 //! first use (milliseconds for small models) and kept for the most recently used sizes.
 //! Every size always runs its own specialised plan, so an answer never depends on what the
 //! cache happens to hold: the same seed and input give bit-identical results.
+//!
+//! A plan specialised for a large batch keeps no memory sized by that batch: measured with a
+//! counting allocator (tests/memory_estimate.rs), a cached plan for 28 samples × 4096 rows
+//! of breast_cancer holds 62 KB, as for one sample, and 164 KB for digits_cnn; the
+//! activations live in the run's state, freed when the run ends. So plans of every size are
+//! cached alike; what stayed resident after a large request was the allocator's free
+//! memory, which `core::memory` gives back.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

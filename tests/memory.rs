@@ -6,13 +6,11 @@
 
 mod common;
 
-use std::sync::Mutex;
-
 use common::process::*;
 use common::*;
 use serde_json::{Value, json};
 
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The default `--max-memory-bytes`.
 const BUDGET: u64 = 512 << 20;
@@ -59,7 +57,7 @@ fn mib(b: u64) -> f64 {
 
 #[tokio::test]
 async fn the_largest_requests_at_the_default_limits_stay_under_the_budget_and_give_memory_back() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     // Default memory limits; only the timeout is raised, since the test machine's cores are
     // shared and the time a request takes is not what this test is about.
     let server = spawn(&models_dir(), &["--request-timeout-secs", "600"]);
@@ -134,7 +132,7 @@ async fn the_largest_requests_at_the_default_limits_stay_under_the_budget_and_gi
 
 #[tokio::test]
 async fn requests_that_could_never_fit_are_refused_at_once_with_what_would_fit() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let server = spawn(&models_dir(), &[]);
     let client = reqwest::Client::new();
     wait_status(&client, &format!("{}/health/ready", server.base), 200).await;

@@ -31,6 +31,8 @@ pub struct MemoryBudget {
 /// Memory held by a request; given back when dropped.
 pub struct MemoryPermit {
     permit: Option<OwnedSemaphorePermit>,
+    /// The request's estimate, once its body is decoded ([`MemoryPermit::shrink_to`]);
+    /// until then 0: a request refused before it ran has nothing to trim.
     bytes: u64,
 }
 
@@ -54,6 +56,7 @@ impl MemoryPermit {
     /// Gives back what was reserved beyond `bytes`: a reservation made on an upper bound of
     /// the rows shrinks to the request's estimate once its body is decoded.
     pub fn shrink_to(&mut self, bytes: u64) {
+        self.bytes = bytes;
         if let Some(permit) = &mut self.permit {
             let keep = bytes.div_ceil(UNIT).max(1) as usize;
             if let Some(excess) = permit.num_permits().checked_sub(keep).filter(|&n| n > 0) {
@@ -126,7 +129,7 @@ impl MemoryBudget {
             .map_err(|_| Error::Overloaded)?;
         Ok(MemoryPermit {
             permit: Some(permit),
-            bytes,
+            bytes: 0,
         })
     }
 

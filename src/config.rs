@@ -76,6 +76,17 @@ pub struct ServeArgs {
     /// does not fit in what is left is refused at once with 429.
     #[arg(long, env = "MCD_MAX_INFLIGHT_COST", default_value_t = 200_000)]
     pub max_inflight_cost: u32,
+    /// Memory budget in bytes that admission and pass sizing share: a request reserves its
+    /// estimated peak (input, largest pass, answer) or is refused (429 while others hold
+    /// the budget, 413 when it could never fit); each pass may take budget / max(workers, 2).
+    /// The default is half the shipped Kubernetes limit of 1 GiB: the rest holds the
+    /// process's idle footprint, request bodies and allocator slack.
+    #[arg(long, env = "MCD_MAX_MEMORY_BYTES", default_value_t = 512 << 20)]
+    pub max_memory_bytes: u64,
+    /// Most values one `return_samples` answer may hold (samples × rows × output elements);
+    /// beyond it the request is refused with 413.
+    #[arg(long, env = "MCD_MAX_RETURNED_SAMPLES", default_value_t = 1 << 20)]
+    pub max_returned_samples: u64,
     /// Largest batch (rows) one request may send.
     #[arg(long, env = "MCD_MAX_BATCH_ROWS", default_value_t = 4096)]
     pub max_batch_rows: usize,
@@ -120,6 +131,8 @@ impl ServeArgs {
             max_mc_samples: self.max_mc_samples.max(2),
             max_inflight_cost: self.max_inflight_cost.max(1),
             max_batch_rows: self.max_batch_rows.max(1),
+            max_memory_bytes: self.max_memory_bytes.max(1 << 20),
+            max_returned_samples: self.max_returned_samples,
             request_timeout: Duration::from_secs_f64(self.request_timeout_secs.max(0.001)),
             body_limit_bytes: self.body_limit_bytes,
             workers: self

@@ -20,6 +20,7 @@ fn main() -> anyhow::Result<()> {
         None => {}
     }
     let args = cli.serve;
+    mcd_serve::core::memory::configure_allocator();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     match args.log_format {
         LogFormat::Json => tracing_subscriber::fmt()

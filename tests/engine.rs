@@ -873,3 +873,49 @@ fn an_unrecognised_random_op_is_refused_at_load_and_never_served() {
     assert_eq!(repo.failures.len(), 1);
     assert!(repo.failures[0].reason.contains("noise_RandomNormalLike"));
 }
+
+/// Passes sized by the memory budget change nothing in an answer: MC samples split into
+/// passes give the bits of one pass on every bundled model (sample s reads its own stretch
+/// of the seed's stream, and the trunk runs on the same rows), and so do eval rows split
+/// into passes on the MLPs. digits_cnn's eval rows move by a few float32 ulps.
+#[test]
+fn passes_sized_by_the_memory_budget_give_the_bits_of_one_pass() {
+    let refs = read_json(&fixture("reference_outputs.json"));
+    for name in ["breast_cancer", "diabetes", "digits_cnn"] {
+        let model = load(&models_dir().join(format!("{name}.onnx")));
+        let rows: Vec<Value> = (0..40).map(|i| refs[name]["inputs"][i % 8].clone()).collect();
+        let b = batch(&model, json!(rows));
+        let one_eval = eval(&model, &b);
+        let one_mc = mc_in_passes(&model, &b, 30, 5, 30);
+        // A budget that holds 7 rows of eval, then one that holds 4 samples of MC.
+        model.set_pass_budget(model.eval_pass_bytes(7));
+        assert_eq!(model.eval_rows_per_pass(40), 7, "{name}");
+        let split_eval = eval(&model, &b);
+        if name == "digits_cnn" {
+            // tract's convolution kernels round by a row's position in the batch and the
+            // batch's size: by a few float32 ulps (a relative 1e-6), never more.
+            for (x, y) in one_eval.iter().flatten().zip(split_eval.iter().flatten()) {
+                assert!((x - y).abs() <= 1e-6 * x.abs().max(y.abs()), "{name}: {x} vs {y}");
+            }
+        } else {
+            assert_eq!(split_eval, one_eval, "{name}: eval in passes of 7");
+        }
+        model.set_pass_budget(model.mc_pass_bytes(40, 4));
+        let per_pass = model.mc_per_pass(&b);
+        assert_eq!(per_pass, 4, "{name}");
+        let split = model
+            .mc_session()
+            .unwrap()
+            .run(&b, McSamples::new(30, 1000).unwrap(), 5, true)
+            .unwrap();
+        for (x, y) in one_mc.iter().zip(&split) {
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(x.stats.samples.as_ref().unwrap()),
+                bits(y.stats.samples.as_ref().unwrap()),
+                "{name}: MC in passes of {per_pass}"
+            );
+            assert_eq!(bits(&x.stats.mean), bits(&y.stats.mean), "{name}");
+        }
+    }
+}

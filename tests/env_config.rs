@@ -18,6 +18,8 @@ fn every_flag_reads_its_mcd_environment_variable() {
         ("MCD_MAX_MC_SAMPLES", "77"),
         ("MCD_MAX_INFLIGHT_COST", "1234"),
         ("MCD_MAX_BATCH_ROWS", "12"),
+        ("MCD_MAX_MEMORY_BYTES", "268435456"),
+        ("MCD_MAX_RETURNED_SAMPLES", "5000"),
         ("MCD_REQUEST_TIMEOUT_SECS", "2.5"),
         ("MCD_BODY_LIMIT_BYTES", "4096"),
         ("MCD_WORKERS", "3"),
@@ -43,6 +45,8 @@ fn every_flag_reads_its_mcd_environment_variable() {
     assert_eq!(serve.max_mc_samples, 77);
     assert_eq!(serve.max_inflight_cost, 1234);
     assert_eq!(serve.max_batch_rows, 12);
+    assert_eq!(serve.max_memory_bytes, 256 << 20);
+    assert_eq!(serve.max_returned_samples, 5000);
     assert_eq!(serve.request_timeout_secs, 2.5);
     assert_eq!(serve.body_limit_bytes, 4096);
     assert_eq!(serve.workers, Some(3));

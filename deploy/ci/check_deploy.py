@@ -33,8 +33,31 @@ COUNTERS_GAUGES = {
 HISTOGRAMS = {
     "mcd_request_duration_seconds", "mcd_inference_duration_seconds",
     "mcd_mc_samples", "mcd_predictive_entropy", "mcd_model_load_duration_seconds",
+    "mcd_pass_memory_bytes",
 }
 PROM_BUILTIN = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
+
+UNITS = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "K": 10**3, "M": 10**6, "G": 10**9}
+
+
+def quantity_bytes(q):
+    """A Kubernetes memory quantity (1Gi, 512Mi, 1000000) in bytes."""
+    m = re.fullmatch(r"(\d+)([KMG]i?)?", str(q))
+    if not m:
+        raise ValueError(f"memory quantity {q!r}")
+    return int(m.group(1)) * UNITS.get(m.group(2) or "", 1)
+
+
+def memory_budget(where, env, resources, p):
+    """MCD_MAX_MEMORY_BYTES is set, and is at most half the container's memory limit: the
+    rest holds the idle process, request bodies and allocator slack (docs/deploy.md)."""
+    limit = resources.get("limits", {}).get("memory")
+    budget = env.get("MCD_MAX_MEMORY_BYTES")
+    if limit is None or budget is None:
+        p.append(f"{where}: MCD_MAX_MEMORY_BYTES and a memory limit must both be set")
+    elif int(budget) * 2 > quantity_bytes(limit):
+        p.append(f"{where}: MCD_MAX_MEMORY_BYTES {budget} is over half the memory limit {limit}")
+
 
 BUILTIN_KINDS = {
     ("v1", "ServiceAccount"), ("v1", "ConfigMap"), ("v1", "Service"),
@@ -177,6 +200,7 @@ def k8s_policy(rendered):
         p.append(f"terminationGracePeriodSeconds {grace} <= preStop {pre_sleep}s + request timeout {timeout}s")
     if not env.get("MCD_ADDR", "").endswith(":8080"):
         p.append("MCD_ADDR does not listen on 8080")
+    memory_budget("Deployment", env, res, p)
 
     # Service -> pods, port name
     if not all(pod_labels.get(k) == v for k, v in svc["spec"]["selector"].items()):
@@ -588,6 +612,8 @@ def kserve(kdir):
                 p.append(f"{kind}: ports must be http 8080 and h2c 8081, got {ports}")
             if "--models=/mnt/models" not in c.get("args", []):
                 p.append(f"{kind}: the server must read its models from /mnt/models")
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            memory_budget(kind, env, c.get("resources", {}), p)
     runtimes = {r["metadata"]["name"] for k in ("ServingRuntime", "ClusterServingRuntime") for r in seen.get(k, [])}
     for isvc in seen.get("InferenceService", []):
         m = isvc["spec"]["predictor"].get("model", {})

@@ -29,6 +29,8 @@ pub trait Pending: Send {
     fn abandoned(&self) -> bool;
     /// The body as the model's input tensors (once).
     fn decode(&mut self, model: &LoadedModel) -> Result<Vec<Tensor>, Error>;
+    /// Once decoded: gives back the memory reserved beyond the request's estimate.
+    fn shrink_reservation(&mut self, bytes: u64);
     /// Encodes the answer, gives back the request's admission, then sends the answer.
     /// Returns the message of a panic of the encoder (answered as a 500).
     fn respond(self: Box<Self>, model: &LoadedModel, answer: Result<Answer, Error>) -> Option<String>;

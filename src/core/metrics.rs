@@ -32,6 +32,20 @@ const ROW_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0
 const QUEUE_BUCKETS: &[f64] = &[
     0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0, 5.0, 30.0,
 ];
+/// Pass memory in bytes: 64 KiB to 1 GiB by factors of 4, with the default pass budget
+/// (256 MiB) and its neighbours as bounds.
+const PASS_MEMORY_BUCKETS: &[f64] = &[
+    65536.0,
+    262144.0,
+    1048576.0,
+    4194304.0,
+    16777216.0,
+    67108864.0,
+    134217728.0,
+    268435456.0,
+    536870912.0,
+    1073741824.0,
+];
 const SAMPLE_BUCKETS: &[f64] = &[2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0];
 
 pub struct Metrics {
@@ -42,6 +56,7 @@ pub struct Metrics {
     pub batch_rows: HistogramVec,
     pub queue_duration: HistogramVec,
     pub mc_samples: HistogramVec,
+    pub pass_memory: HistogramVec,
     pub predictive_entropy: HistogramVec,
     pub referrals: IntCounterVec,
     pub prediction_set_size: HistogramVec,
@@ -131,6 +146,15 @@ impl Metrics {
                     "MC samples drawn per MC request (for mc_samples=auto, the count it chose).",
                     &["model"],
                     SAMPLE_BUCKETS,
+                ),
+            ),
+            pass_memory: reg(
+                &registry,
+                hist(
+                    "mcd_pass_memory_bytes",
+                    "Estimated peak memory of each inference pass (activations, masks, outputs), by model and mode.",
+                    &["model", "mode"],
+                    PASS_MEMORY_BUCKETS,
                 ),
             ),
             predictive_entropy: reg(
@@ -280,6 +304,10 @@ impl Metrics {
             }
             for reason in VIOLATION_REASONS {
                 self.mode_violations.with_label_values(&[name.as_str(), reason]);
+            }
+            self.pass_memory.with_label_values(&[name.as_str(), "eval"]);
+            if model.mc_unavailable_reason().is_none() {
+                self.pass_memory.with_label_values(&[name.as_str(), "mc_dropout"]);
             }
             let calibrated_sets = model.calibration.as_ref().map(|c| {
                 c.file

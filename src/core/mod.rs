@@ -12,6 +12,7 @@ pub mod admission;
 pub mod auth;
 pub mod batcher;
 pub mod calibrated;
+pub mod memory;
 pub mod metrics;
 pub mod mode;
 pub mod tensors;
@@ -24,7 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tract_onnx::prelude::Tensor;
 
-use crate::engine::model::{Batch, LoadedModel, McOutput, McPart, NamedTensor};
+use crate::engine::model::{Batch, LoadedModel, McOutput, McPart, NamedTensor, padded_rows};
 use crate::engine::repo::ModelRepo;
 use crate::error::Error;
 use admission::{Admission, panic_message};
@@ -40,6 +41,10 @@ pub struct Limits {
     /// Admission capacity in cost units; a request costs rows × samples (eval: rows).
     pub max_inflight_cost: u32,
     pub max_batch_rows: usize,
+    /// The byte budget that admission and pass sizing share (see [`memory`]).
+    pub max_memory_bytes: u64,
+    /// Most values a `return_samples` answer may hold.
+    pub max_returned_samples: u64,
     pub request_timeout: Duration,
     pub body_limit_bytes: usize,
     /// Inference threads.
@@ -139,6 +144,7 @@ pub struct Core {
     pub keys: ApiKeys,
     admission: Admission,
     batcher: Batcher,
+    memory: memory::MemoryBudget,
 }
 
 impl Core {
@@ -158,6 +164,7 @@ impl Core {
                 limits.max_batch_delay,
                 limits.max_pass_rows,
             ),
+            memory: memory::MemoryBudget::new(limits.max_memory_bytes, limits.max_returned_samples),
             limits,
             keys,
         })
@@ -170,6 +177,8 @@ impl Core {
     /// Installs a (re)loaded repository and publishes its metrics.
     pub fn install(&self, repo: ModelRepo) {
         self.metrics.install(&repo);
+        let pass_budget = memory::MemoryBudget::pass_bytes(self.limits.max_memory_bytes, self.limits.workers);
+        repo.models.values().for_each(|m| m.set_pass_budget(pass_budget));
         *self.repo.write().expect("repo lock poisoned: this is a bug") = Some(Arc::new(repo));
         self.refresh_ready();
     }
@@ -346,6 +355,10 @@ impl Core {
         };
         let cost = (request.inputs.rows_bound().max(1) as u64).saturating_mul(samples as u64);
         let admitted = self.admission.admit(cost)?;
+        // Memory is reserved on the rows' upper bound (the batch guard refuses more rows
+        // than the limit after decoding), and shrinks to the estimate once decoded.
+        let rows = request.inputs.rows_bound().min(self.limits.max_batch_rows);
+        let reserved = self.memory.reserve_request(&model, rows, &mode)?;
         let (tx, rx) = oneshot::channel();
         self.batcher.submit(Job {
             model,
@@ -356,6 +369,7 @@ impl Core {
                 encode,
                 tx,
                 admitted,
+                reserved,
             }),
         });
         match tokio::time::timeout(self.limits.request_timeout, rx).await {
@@ -379,7 +393,13 @@ impl Core {
                 .with_label_values(&[job.model.name.as_str(), job.mode.label().as_str()])
                 .observe(job.enqueued.elapsed().as_secs_f64());
             let model = job.model.clone();
-            match std::panic::catch_unwind(AssertUnwindSafe(|| self.batch(&model, job.request.as_mut()))) {
+            let decoded_batch = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                let batch = self.batch(&model, job.request.as_mut())?;
+                let bytes = self.memory.request_bytes(&model, batch.rows(), &job.mode)?;
+                job.request.shrink_reservation(bytes);
+                Ok(batch)
+            }));
+            match decoded_batch {
                 Ok(Ok(batch)) => decoded.push((job, batch)),
                 Ok(Err(e)) => self.respond(job, Err(e)),
                 Err(panic) => {
@@ -421,9 +441,12 @@ impl Core {
         let first = decoded.remove(0);
         let model = first.0.model.clone();
         let mode = first.0.mode;
+        // A merged pass runs at its padded size, which must fit one pass's memory budget.
         let mc_fits = |rows: usize, batch: &Batch| match mode {
-            Mode::Eval => true,
-            Mode::McDropout(mc) => model.mc_one_pass(rows, LoadedModel::row_elements(batch), mc.samples.bound()),
+            Mode::Eval => model.eval_one_pass(padded_rows(rows)),
+            Mode::McDropout(mc) => {
+                model.mc_one_pass(padded_rows(rows), LoadedModel::row_elements(batch), mc.samples.bound())
+            }
         };
         let mut rows = first.1.rows();
         if rows >= self.limits.max_pass_rows || !mc_fits(rows, &first.1) {
@@ -452,6 +475,11 @@ impl Core {
             ([(job, batch)], mode) => vec![self.infer(&job.model, batch, mode)],
             (_, Mode::Eval) => {
                 let batches: Vec<&Batch> = pass.iter().map(|(_, b)| b).collect();
+                let rows = padded_rows(batches.iter().map(|b| b.rows()).sum());
+                self.metrics
+                    .pass_memory
+                    .with_label_values(&[model.name.as_str(), "eval"])
+                    .observe(model.eval_pass_bytes(rows) as f64);
                 match model.eval_session().run_merged(&batches) {
                     Ok(outputs) => outputs.into_iter().map(|o| Ok(Answer::Eval(o))).collect(),
                     Err(e) => all(e),
@@ -476,6 +504,11 @@ impl Core {
                         keep_samples: request.return_samples,
                     });
                 }
+                let rows = padded_rows(parts.iter().map(|p| p.batch.rows()).sum());
+                self.metrics
+                    .pass_memory
+                    .with_label_values(&[model.name.as_str(), "mc_dropout"])
+                    .observe(model.mc_pass_bytes(rows, samples.get()) as f64);
                 let outputs = model.mc_session().and_then(|s| s.run_merged(&parts, samples));
                 match outputs {
                     Ok(outputs) => requests
@@ -520,13 +553,21 @@ impl Core {
 
     /// One request alone: eval, or MC in as many passes as it needs (`auto` included).
     fn infer(&self, model: &LoadedModel, batch: &Batch, mode: Mode) -> Result<Answer, Error> {
-        match mode {
-            Mode::Eval => Ok(Answer::Eval(model.eval_session().run(batch)?)),
+        let (answer, drawn) = match mode {
+            Mode::Eval => (Answer::Eval(model.eval_session().run(batch)?), 1),
             Mode::McDropout(request) => {
                 let (outputs, samples, auto) = adaptive::draw(&model.mc_session()?, batch, request)?;
-                self.mc_answer(model, request, outputs, samples, auto)
+                (self.mc_answer(model, request, outputs, samples, auto)?, samples)
             }
+        };
+        let passes = self
+            .metrics
+            .pass_memory
+            .with_label_values(&[model.name.as_str(), mode.label().as_str()]);
+        for bytes in memory::pass_bytes(model, batch, &mode, drawn) {
+            passes.observe(bytes as f64);
         }
+        Ok(answer)
     }
 
     /// An MC request's answer from its samples' summaries: the calibrated additions, and
@@ -635,8 +676,10 @@ struct Request<I, E, T> {
     inputs: Option<I>,
     encode: E,
     tx: oneshot::Sender<Result<T, Error>>,
-    /// Its admission: given back when the work ends, before the answer is sent.
+    /// Its admission and its memory: given back when the work ends, before the answer is
+    /// sent.
     admitted: OwnedSemaphorePermit,
+    reserved: memory::MemoryPermit,
 }
 
 impl<I, E, T> Pending for Request<I, E, T>
@@ -656,9 +699,17 @@ where
         }
     }
 
+    fn shrink_reservation(&mut self, bytes: u64) {
+        self.reserved.shrink_to(bytes);
+    }
+
     fn respond(self: Box<Self>, model: &LoadedModel, answer: Result<Answer, Error>) -> Option<String> {
         let Request {
-            encode, tx, admitted, ..
+            encode,
+            tx,
+            admitted,
+            reserved,
+            ..
         } = *self;
         let mut panicked = None;
         let body = answer.and_then(|answer| {
@@ -669,7 +720,7 @@ where
         });
         // Capacity comes back before the answer leaves: a client that sends its next
         // request as soon as it reads this one must find the budget free.
-        drop(admitted);
+        drop((admitted, reserved));
         let _ = tx.send(body);
         panicked
     }

@@ -8,12 +8,14 @@
 //! - [`decomposed`]: dropout written as random ops (PyTorch's spatial and alpha dropout);
 //!   every other random op is refused.
 //! - [`masks`], [`uncertainty`]: mask sampling and the MC statistics.
+//! - [`memory`]: the estimated peak memory of a pass and of an answer.
 //! - [`repo`]: the models folder, loaded and reloaded.
 //! - [`calibration`]: conformal intervals, prediction sets and referral, and their file.
 
 pub mod calibration;
 pub mod decomposed;
 pub mod masks;
+pub mod memory;
 pub mod model;
 pub mod onnx_graph;
 pub mod plans;

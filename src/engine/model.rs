@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -14,6 +15,7 @@ use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
 
 use crate::engine::masks::{MaskSampler, MaskSpec};
+use crate::engine::memory::ModelMemory;
 use crate::engine::onnx_graph::{self, DropoutSite, FactAt, MASK_INPUT_PREFIX, MaskInput, ProbeLookup};
 use crate::engine::plans::{self, Plans};
 use crate::engine::trunk;
@@ -25,6 +27,9 @@ pub use merged::{McPart, padded_rows};
 
 /// Upper bound on input elements fed to one MC pass; more samples than fit run in chunks.
 const MAX_PASS_INPUT_ELEMENTS: usize = 1 << 24;
+/// The byte budget of one pass until the server sets its own
+/// ([`LoadedModel::set_pass_budget`]): half the default `--max-memory-bytes`.
+pub const DEFAULT_PASS_BUDGET_BYTES: u64 = 256 << 20;
 /// Samples drawn by the load-time liveness check.
 const PROBE_MC_SAMPLES: usize = 4;
 /// Rows of the load-time probe batch.
@@ -240,6 +245,10 @@ pub struct LoadedModel {
     pub calibration: Option<crate::engine::calibration::ModelCalibration>,
     eval: EvalPlan,
     mc: Result<McPlan, String>,
+    /// What the pass and answer estimates are built from, fixed at load.
+    memory: ModelMemory,
+    /// Bytes one pass may take: passes are sized to fit it.
+    pass_budget: AtomicU64,
 }
 
 /// A validated batch of input tensors, in the model's input order.
@@ -376,9 +385,136 @@ impl LoadedModel {
             calibration: None,
             eval: EvalPlan { plans: eval_plans },
             mc,
+            memory: ModelMemory::default(),
+            pass_budget: AtomicU64::new(DEFAULT_PASS_BUDGET_BYTES),
         };
         model.self_check();
+        // After the self-check: it may replace the shared-trunk MC graph by the full one.
+        model.memory = model.memory_model();
         Ok(model)
+    }
+
+    fn memory_model(&self) -> ModelMemory {
+        // Elements of one batch row: every dim but the batch (other symbols count 1; see
+        // `engine::memory`). A model without a batch symbol counts its whole input as a row.
+        let per_row = |shape: &[Dim]| -> u64 {
+            shape
+                .iter()
+                .map(|d| match d {
+                    Dim::Fixed(n) => *n as u64,
+                    Dim::Symbol(_) => 1,
+                })
+                .product()
+        };
+        let input_bytes_per_row = self
+            .inputs
+            .iter()
+            .map(|i| per_row(&i.shape) * i.datum.size_of() as u64)
+            .sum();
+        let output_elements_per_row = self.outputs.iter().map(|o| per_row(&o.shape)).sum();
+        let probability_rows_per_row = self
+            .outputs
+            .iter()
+            .zip(&self.probability_classes)
+            .filter_map(|(o, k)| k.map(|k| per_row(&o.shape) / k.max(1) as u64))
+            .sum();
+        let (mc_graph, mc_shared, mask_bytes_per_row) = match &self.mc {
+            Err(_) => (None, false, 0),
+            Ok(plan) => (
+                Some(plan.plans.bytes()),
+                matches!(plan.trunk, Trunk::Shared { .. }),
+                // The mask itself, and the sampler's u32 random word per element.
+                plan.masks
+                    .iter()
+                    .map(|m| per_row(&m.shape) * (m.datum.size_of() as u64 + 4))
+                    .sum(),
+            ),
+        };
+        ModelMemory {
+            eval_graph: self.eval.plans.bytes(),
+            mc_graph,
+            mc_shared,
+            input_bytes_per_row,
+            mask_bytes_per_row,
+            output_elements_per_row,
+            probability_rows_per_row,
+        }
+    }
+
+    /// The estimated peak bytes of one eval pass of `rows` rows.
+    pub fn eval_pass_bytes(&self, rows: usize) -> u64 {
+        self.memory.eval_pass(rows)
+    }
+
+    /// The estimated peak bytes of one MC pass of `samples` samples of `rows` rows.
+    pub fn mc_pass_bytes(&self, rows: usize, samples: usize) -> u64 {
+        self.memory.mc_pass(rows, samples)
+    }
+
+    /// The estimated bytes of an MC answer: its statistics, its samples when returned, and
+    /// their encoding.
+    pub fn mc_answer_bytes(&self, rows: usize, samples: usize, return_samples: bool) -> u64 {
+        self.memory.mc_answer(rows, samples, return_samples)
+    }
+
+    /// The estimated bytes of an eval answer's encoding.
+    pub fn eval_answer_bytes(&self, rows: usize) -> u64 {
+        self.memory.eval_answer(rows)
+    }
+
+    /// The bytes of `rows` rows of input, as the request holds them.
+    pub fn input_bytes(&self, rows: usize) -> u64 {
+        self.memory.input_bytes_per_row.saturating_mul(rows as u64)
+    }
+
+    /// Values `return_samples` gives back for `samples` samples of `rows` rows.
+    pub fn returned_values(&self, rows: usize, samples: usize) -> u64 {
+        self.memory.returned_values(rows, samples)
+    }
+
+    /// Sets the bytes one pass may take (the server's share of `--max-memory-bytes`).
+    pub fn set_pass_budget(&self, bytes: u64) {
+        self.pass_budget.store(bytes, Ordering::Relaxed);
+    }
+
+    pub fn pass_budget(&self) -> u64 {
+        self.pass_budget.load(Ordering::Relaxed)
+    }
+
+    /// The most samples of `rows` rows that one MC pass may hold within the pass budget;
+    /// 0 when not even one fits. A model whose masks are not batch-led runs one sample per
+    /// pass whatever this says.
+    pub fn mc_samples_per_pass(&self, rows: usize) -> usize {
+        let budget = self.pass_budget();
+        let base = self.mc_pass_bytes(rows, 0);
+        let step = self.mc_pass_bytes(rows, 1).saturating_sub(base).max(1);
+        // Linear in the samples: base + step·k (see `engine::memory`).
+        (budget.saturating_sub(base) / step).min(usize::MAX as u64) as usize
+    }
+
+    /// Samples per MC pass of `batch`, as [`McSession::start`] sizes them: within the pass
+    /// budget (admission refuses a request where not even one sample fits) and within the
+    /// input elements that keep a pass's tiling cheap; one when the masks are not batch-led.
+    pub fn mc_per_pass(&self, batch: &Batch) -> usize {
+        if !self.mc.as_ref().is_ok_and(|p| p.batch.is_some()) {
+            return 1;
+        }
+        let elements: usize = batch.tensors.iter().map(|t| t.len()).sum::<usize>().max(1);
+        (MAX_PASS_INPUT_ELEMENTS / elements)
+            .min(self.mc_samples_per_pass(batch.rows))
+            .max(1)
+    }
+
+    /// The most rows one eval pass may hold within the pass budget (at least 1: a row is
+    /// the least a pass can run). Only a model with a batch axis splits its rows.
+    pub fn eval_rows_per_pass(&self, rows: usize) -> usize {
+        if self.batch_symbol.is_none() {
+            return rows;
+        }
+        let budget = self.pass_budget();
+        let base = self.eval_pass_bytes(0);
+        let step = self.eval_pass_bytes(1).saturating_sub(base).max(1);
+        ((budget.saturating_sub(base) / step) as usize).clamp(1, rows.max(1))
     }
 
     /// Whether the eval checks all passed; a model that fails them is not served.
@@ -673,15 +809,57 @@ impl LoadedModel {
 }
 
 impl EvalSession<'_> {
+    /// Runs the batch in one pass, or in passes of as many rows as the pass budget holds:
+    /// rows are independent (the load-time check `eval_row_independent` proves it), so the
+    /// outputs of the passes, concatenated, are the batch's.
     pub fn run(&self, batch: &Batch) -> Result<Vec<NamedTensor>, Error> {
-        let inputs: TVec<TValue> = batch.tensors.iter().map(|t| t.clone().into_tvalue()).collect();
-        let outs = self
-            .plan
-            .plans
-            .get(batch.rows, 1)
-            .and_then(|p| plans::run(&p, inputs))
-            .map_err(|e| Error::Internal(format!("eval failed: {e:#}")))?;
+        self.run_in_passes(batch, self.model.eval_rows_per_pass(batch.rows))
+    }
+
+    /// As [`run`](Self::run), with at most `per_pass` rows per pass.
+    pub fn run_in_passes(&self, batch: &Batch, per_pass: usize) -> Result<Vec<NamedTensor>, Error> {
+        let eval_failed = |e: anyhow::Error| Error::Internal(format!("eval failed: {e:#}"));
+        let per_pass = per_pass.max(1);
+        let Some(symbol) = self.model.batch_symbol.as_ref().filter(|_| per_pass < batch.rows) else {
+            let outs = self.pass(batch).map_err(eval_failed)?;
+            return Ok(self.model.name_outputs(outs));
+        };
+        let mut parts: Vec<Vec<Tensor>> = vec![];
+        let mut first = 0;
+        while first < batch.rows {
+            let end = (first + per_pass).min(batch.rows);
+            let tensors = batch
+                .tensors
+                .iter()
+                .map(|t| t.slice(0, first, end))
+                .collect::<TractResult<Vec<_>>>()
+                .map_err(eval_failed)?;
+            let mut symbols = batch.symbols.clone();
+            symbols.insert(symbol.clone(), end - first);
+            let part = Batch {
+                tensors,
+                rows: end - first,
+                symbols,
+            };
+            let outs = self.pass(&part).map_err(eval_failed)?;
+            parts.resize_with(outs.len(), Vec::new);
+            for (all, t) in parts.iter_mut().zip(outs) {
+                all.push(t.into_tensor());
+            }
+            first = end;
+        }
+        let outs = parts
+            .iter()
+            .map(|p| Ok(Tensor::stack_tensors(0, p)?.into_tvalue()))
+            .collect::<TractResult<TVec<TValue>>>()
+            .map_err(eval_failed)?;
         Ok(self.model.name_outputs(outs))
+    }
+
+    fn pass(&self, batch: &Batch) -> TractResult<TVec<TValue>> {
+        let inputs: TVec<TValue> = batch.tensors.iter().map(|t| t.clone().into_tvalue()).collect();
+        let plan = self.plan.plans.get(batch.rows, 1)?;
+        plans::run(&plan, inputs)
     }
 }
 
@@ -720,12 +898,7 @@ impl McSession<'_> {
     /// Starts drawing samples of `batch`, to be drawn in as many steps as the caller likes:
     /// sample `s` is the same whichever step draws it.
     pub fn start<'s>(&'s self, batch: &'s Batch, seed: u64, keep_samples: bool) -> McDraw<'s> {
-        let elements: usize = batch.tensors.iter().map(|t| t.len()).sum::<usize>().max(1);
-        let per_pass = if self.plan.batch.is_some() {
-            (MAX_PASS_INPUT_ELEMENTS / elements).max(1)
-        } else {
-            1
-        };
+        let per_pass = self.model.mc_per_pass(batch);
         McDraw {
             model: self.model,
             plan: self.plan,

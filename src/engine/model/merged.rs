@@ -44,14 +44,21 @@ impl LoadedModel {
                 .all(|(s, v)| Some(s.as_str()) == batch || b.symbols.get(s) == Some(v))
     }
 
-    /// Whether all `samples` of an MC request of `rows` rows run in one pass.
+    /// Whether all `samples` of an MC pass of `rows` rows fit one pass: within the input
+    /// elements and the memory budget that [`McSession::start`] sizes passes by.
     pub fn mc_one_pass(&self, rows: usize, row_elements: usize, samples: usize) -> bool {
         match &self.mc {
             Ok(plan) if plan.batch.is_some() => {
                 rows.saturating_mul(row_elements).saturating_mul(samples) <= MAX_PASS_INPUT_ELEMENTS
+                    && samples <= self.mc_samples_per_pass(rows)
             }
             _ => false,
         }
+    }
+
+    /// Whether an eval pass of `rows` rows fits one pass's memory budget.
+    pub fn eval_one_pass(&self, rows: usize) -> bool {
+        self.eval_rows_per_pass(rows) >= rows
     }
 
     /// Input elements of one row of `batch` (over all inputs).

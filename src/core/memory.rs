@@ -1,0 +1,323 @@
+//! The memory budget (`--max-memory-bytes`) that admission and pass sizing share.
+//!
+//! A request reserves its estimated peak before it runs: its input, its largest pass and
+//! its answer ([`crate::engine::memory`]). The reservation moves into the work and is given
+//! back when the work ends. A request that does not fit in what is left is refused with
+//! 429 (retry later); one that could never fit, even alone, with 413 and what would fit.
+//!
+//! The rule for a pass: each pass may take `budget / max(workers, 2)`. With as many passes
+//! as workers running at once they share the budget; the floor of 2 keeps at least half of
+//! it for the answer even on one worker, since a request holds its answer and its pass
+//! together.
+
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::core::mode::{McCount, Mode};
+use crate::engine::model::{Batch, LoadedModel};
+use crate::error::Error;
+
+/// Reservations count in KiB, so a u32 permit count covers 4 TiB.
+const UNIT: u64 = 1024;
+
+pub struct MemoryBudget {
+    units: Arc<Semaphore>,
+    bytes: u64,
+    /// Most values `return_samples` may give back (samples × rows × output elements).
+    max_returned_samples: u64,
+}
+
+/// Memory held by a request; given back when dropped.
+pub struct MemoryPermit {
+    permit: Option<OwnedSemaphorePermit>,
+    /// The request's estimate, once its body is decoded ([`MemoryPermit::shrink_to`]);
+    /// until then 0: a request refused before it ran has nothing to trim.
+    bytes: u64,
+}
+
+/// A request that reserved at least this much hands its freed heap back to the system
+/// when it ends: glibc keeps freed pages of its arenas (measured: 130-180 MiB of RSS stayed
+/// after one MC-1000 request of 4096 rows), and a pod's RSS is what its limit counts. The
+/// trim walks the heap (milliseconds), so small requests skip it.
+const TRIM_BYTES: u64 = 32 << 20;
+
+impl Drop for MemoryPermit {
+    fn drop(&mut self) {
+        // The request's work has ended and freed what it held: the permit is its last local.
+        drop(self.permit.take());
+        if self.bytes >= TRIM_BYTES {
+            trim();
+        }
+    }
+}
+
+impl MemoryPermit {
+    /// Gives back what was reserved beyond `bytes`: a reservation made on an upper bound of
+    /// the rows shrinks to the request's estimate once its body is decoded.
+    pub fn shrink_to(&mut self, bytes: u64) {
+        self.bytes = bytes;
+        if let Some(permit) = &mut self.permit {
+            let keep = bytes.div_ceil(UNIT).max(1) as usize;
+            if let Some(excess) = permit.num_permits().checked_sub(keep).filter(|&n| n > 0) {
+                drop(permit.split(excess));
+            }
+        }
+    }
+}
+
+/// Allocations of at least this size get their own mapping, returned to the system when
+/// freed. glibc's default threshold starts at 128 KiB but rises (up to 32 MiB) each time
+/// such a block is freed, after which large tensors and answer bodies live in the heap and
+/// stay resident after the request (the body is freed after the trim, once it is sent).
+/// Measured on digits_cnn, 104 rows × MC-1000 with return_samples: 104.5 MiB resident
+/// after the request with the default, back to idle with a fixed threshold. 4 MiB keeps
+/// the tensors of ordinary requests (64 rows × MC-50 of a 128-wide layer is 1.6 MiB) in
+/// the heap, where they cost no page faults.
+const MMAP_THRESHOLD: i32 = 4 << 20;
+
+/// Fixes glibc's allocator settings for a server whose requests come and go: called once,
+/// at startup, before any thread exists.
+pub fn configure_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets glibc's tunables; called before other threads allocate.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim() {
+    // SAFETY: malloc_trim only walks glibc's own heap and takes its locks.
+    unsafe { libc::malloc_trim(0) };
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim() {}
+
+impl MemoryBudget {
+    pub fn new(bytes: u64, max_returned_samples: u64) -> Self {
+        let units = (bytes / UNIT).clamp(1, Semaphore::MAX_PERMITS as u64 / 2);
+        MemoryBudget {
+            units: Arc::new(Semaphore::new(units as usize)),
+            bytes,
+            max_returned_samples,
+        }
+    }
+
+    /// Bytes one pass may take: see the module's rule.
+    pub fn pass_bytes(total: u64, workers: usize) -> u64 {
+        total / workers.max(2) as u64
+    }
+
+    /// Reserves `bytes`: 413 when they exceed the whole budget, 429 when they exceed what
+    /// is left now.
+    pub fn reserve(&self, bytes: u64) -> Result<MemoryPermit, Error> {
+        if bytes > self.bytes {
+            return Err(Error::PayloadTooLarge(format!(
+                "the request needs about {} of memory, more than the server's whole budget of {} \
+                 (--max-memory-bytes, MCD_MAX_MEMORY_BYTES)",
+                mib(bytes),
+                mib(self.bytes)
+            )));
+        }
+        let units = bytes.div_ceil(UNIT).max(1).min(u32::MAX as u64) as u32;
+        let permit = self
+            .units
+            .clone()
+            .try_acquire_many_owned(units)
+            .map_err(|_| Error::Overloaded)?;
+        Ok(MemoryPermit {
+            permit: Some(permit),
+            bytes: 0,
+        })
+    }
+
+    /// Bytes not reserved now.
+    pub fn available_bytes(&self) -> u64 {
+        self.units.available_permits() as u64 * UNIT
+    }
+
+    /// Reserves what a request of at most `rows_bound` rows in `mode` needs, before its body
+    /// is decoded. A bound may overstate the rows (the native body's is its count of `[`),
+    /// so a bound that does not fit reserves the whole budget instead of refusing: the
+    /// exact check, [`request_bytes`](Self::request_bytes) on the decoded rows, gives the
+    /// 413 of a request that really could never fit.
+    pub fn reserve_request(&self, model: &LoadedModel, rows_bound: usize, mode: &Mode) -> Result<MemoryPermit, Error> {
+        let bytes = self.request_bytes(model, rows_bound, mode).unwrap_or(self.bytes);
+        self.reserve(bytes.min(self.bytes))
+    }
+
+    /// The estimated peak of a request of `rows` rows in `mode`, or 413 with what would fit.
+    pub fn request_bytes(&self, model: &LoadedModel, rows: usize, mode: &Mode) -> Result<u64, Error> {
+        let rows = rows.max(1);
+        let (samples, return_samples) = match mode {
+            Mode::Eval => {
+                // Rows split into passes, so only the answer grows with them.
+                let bytes = eval_bytes(model, rows);
+                return if bytes <= self.bytes {
+                    Ok(bytes)
+                } else {
+                    let max_rows = largest(rows, |r| eval_bytes(model, r) <= self.bytes);
+                    Err(Error::PayloadTooLarge(format!(
+                        "an eval request of {rows} rows on model '{}' would need about {}, more than the server's                          budget of {} (--max-memory-bytes, MCD_MAX_MEMORY_BYTES): at most {max_rows} rows fit",
+                        model.name,
+                        mib(bytes),
+                        mib(self.bytes)
+                    )))
+                };
+            }
+            Mode::McDropout(mc) => (mc.samples.bound(), mc.return_samples),
+        };
+        if return_samples {
+            let values = model.returned_values(rows, samples);
+            if values > self.max_returned_samples {
+                let per_sample = model.returned_values(rows, 1).max(1);
+                let per_row = model.returned_values(1, samples).max(1);
+                return Err(Error::PayloadTooLarge(format!(
+                    "return_samples would return {values} values ({samples} samples × {rows} rows × {} output \
+                     elements), above the cap of {} (--max-returned-samples, MCD_MAX_RETURNED_SAMPLES); at most \
+                     {} samples for these {rows} rows, or at most {} rows at mc_samples={samples}, fit",
+                    per_sample / rows as u64,
+                    self.max_returned_samples,
+                    self.max_returned_samples / per_sample,
+                    self.max_returned_samples / per_row,
+                )));
+            }
+        }
+        // `auto` draws chunks: its passes are never larger than a chunk.
+        let chunk = match mc_count(mode) {
+            Some(McCount::Auto { .. }) => crate::core::adaptive::CHUNK,
+            _ => samples,
+        };
+        let fits = |rows: usize, samples: usize| {
+            mc_bytes(model, rows, samples, chunk, return_samples).is_some_and(|b| b <= self.bytes)
+        };
+        if let Some(bytes) = mc_bytes(model, rows, samples, chunk, return_samples).filter(|&b| b <= self.bytes) {
+            return Ok(bytes);
+        }
+        // What would fit: the most rows at this sample count, and (where the answer grows
+        // with the samples) the most samples for these rows.
+        let max_rows = largest(rows, |r| fits(r, samples));
+        let mut what = match max_rows {
+            0 => format!("not even one row fits at mc_samples={samples}"),
+            n => format!("at most {n} rows fit at mc_samples={samples}"),
+        };
+        if return_samples
+            && let s = largest(samples, |s| fits(rows, s))
+            && s >= 2
+        {
+            what.push_str(&format!(", or at most {s} samples for these {rows} rows"));
+        }
+        Err(Error::PayloadTooLarge(format!(
+            "an MC request of {rows} rows × {samples} samples{} on model '{}' would need more memory than the \
+             server's budget of {} (--max-memory-bytes, MCD_MAX_MEMORY_BYTES): {what}",
+            if return_samples { " with return_samples" } else { "" },
+            model.name,
+            mib(self.bytes)
+        )))
+    }
+}
+
+fn mc_count(mode: &Mode) -> Option<McCount> {
+    match mode {
+        Mode::McDropout(mc) => Some(mc.samples),
+        Mode::Eval => None,
+    }
+}
+
+/// The estimated peak of each pass a request ran, in order: eval splits its rows, MC its
+/// samples (`auto` first into chunks), as the engine sizes them.
+pub fn pass_bytes(model: &LoadedModel, batch: &Batch, mode: &Mode, samples_drawn: usize) -> Vec<u64> {
+    let split = |total: usize, per: usize| {
+        let per = per.max(1);
+        let mut sizes = vec![per; total / per];
+        if !total.is_multiple_of(per) {
+            sizes.push(total % per);
+        }
+        sizes
+    };
+    let rows = batch.rows();
+    match mode {
+        Mode::Eval => split(rows, model.eval_rows_per_pass(rows))
+            .into_iter()
+            .map(|r| model.eval_pass_bytes(r))
+            .collect(),
+        Mode::McDropout(mc) => {
+            let steps = match mc.samples {
+                McCount::Auto { .. } => split(samples_drawn, crate::core::adaptive::CHUNK),
+                McCount::Fixed(_) => vec![samples_drawn],
+            };
+            let per_pass = model.mc_per_pass(batch);
+            steps
+                .into_iter()
+                .flat_map(|step| split(step, per_pass))
+                .map(|k| model.mc_pass_bytes(rows, k))
+                .collect()
+        }
+    }
+}
+
+/// An eval request: its input, its largest pass and its encoded answer.
+pub fn eval_bytes(model: &LoadedModel, rows: usize) -> u64 {
+    let per_pass = model.eval_rows_per_pass(rows);
+    model
+        .input_bytes(rows)
+        .saturating_add(model.eval_pass_bytes(per_pass))
+        .saturating_add(model.eval_answer_bytes(rows))
+}
+
+/// An MC request, as the passes will be sized; None when not even one sample of these rows
+/// fits a pass.
+pub fn mc_bytes(model: &LoadedModel, rows: usize, samples: usize, chunk: usize, return_samples: bool) -> Option<u64> {
+    let per_pass = model.mc_samples_per_pass(rows).min(samples).min(chunk);
+    (per_pass >= 1).then(|| {
+        model
+            .input_bytes(rows)
+            .saturating_add(model.mc_pass_bytes(rows, per_pass))
+            .saturating_add(model.mc_answer_bytes(rows, samples, return_samples))
+    })
+}
+
+/// The largest n in 1..=max with `fits(n)` (monotone), or 0.
+fn largest(max: usize, fits: impl Fn(usize) -> bool) -> usize {
+    let (mut lo, mut hi) = (0, max);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if fits(mid) { lo = mid } else { hi = mid - 1 }
+    }
+    lo
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reservation_over_the_whole_budget_is_413_and_over_what_is_left_is_429() {
+        let budget = MemoryBudget::new(10 << 20, 1);
+        assert!(matches!(budget.reserve(11 << 20), Err(Error::PayloadTooLarge(_))));
+        let held = budget.reserve(8 << 20).unwrap();
+        assert!(matches!(budget.reserve(4 << 20), Err(Error::Overloaded)));
+        drop(held);
+        assert_eq!(budget.available_bytes(), 10 << 20);
+        assert!(budget.reserve(10 << 20).is_ok());
+    }
+
+    #[test]
+    fn largest_finds_the_boundary() {
+        assert_eq!(largest(100, |n| n <= 37), 37);
+        assert_eq!(largest(100, |_| false), 0);
+        assert_eq!(largest(100, |_| true), 100);
+    }
+
+    #[test]
+    fn a_pass_gets_a_share_of_at_most_half() {
+        assert_eq!(MemoryBudget::pass_bytes(1000, 1), 500);
+        assert_eq!(MemoryBudget::pass_bytes(1000, 4), 250);
+    }
+}

@@ -33,7 +33,7 @@ COUNTERS_GAUGES = {
 HISTOGRAMS = {
     "mcd_request_duration_seconds", "mcd_inference_duration_seconds",
     "mcd_mc_samples", "mcd_predictive_entropy", "mcd_model_load_duration_seconds",
-    "mcd_pass_memory_bytes",
+    "mcd_pass_memory_bytes", "mcd_batch_rows", "mcd_queue_duration_seconds",
 }
 PROM_BUILTIN = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
 

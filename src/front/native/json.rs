@@ -1131,6 +1131,27 @@ mod props {
             }
         }
 
+        /// Repeated keys, which a generated `Value` cannot hold: the last `"inputs"`
+        /// and the last value of a repeated input name count, as in the reference
+        /// (serde_json's map keeps the first place and the last value).
+        #[test]
+        fn repeated_keys_agree_with_the_reference(a in near_tensor(), b in near_tensor(), c in near_tensor(), order in 0u8..3) {
+            let (a, b, c) = (a.to_string(), b.to_string(), c.to_string());
+            let bodies = [
+                format!(r#"{{"inputs": {a}, "model": 1, "inputs": {b}}}"#),
+                match order {
+                    0 => format!(r#"{{"inputs": {{"a": {a}, "b": {b}, "a": {c}}}}}"#),
+                    1 => format!(r#"{{"inputs": {{"b": {b}, "a": {a}, "b": {c}}}}}"#),
+                    _ => format!(r#"{{"inputs": {{"features": {a}, "x": {b}, "features": {c}, "x": 1}}}}"#),
+                },
+            ];
+            for body in bodies {
+                for model in models() {
+                    same(&parse_request(model, body.as_bytes()), &reference::parse_request(model, body.as_bytes()))?;
+                }
+            }
+        }
+
         /// Integers out of a narrow input type's range are refused, not wrapped.
         #[test]
         fn narrow_integers_are_range_checked(x in any::<i64>()) {

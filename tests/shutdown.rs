@@ -268,6 +268,7 @@ async fn expected_503s_are_not_logged_as_errors() {
     assert_eq!(
         client
             .post(format!("{}/models/broken/predict", p.base))
+            .header("x-request-id", "refused-503-42")
             .body("{}")
             .send()
             .await
@@ -284,6 +285,11 @@ async fn expected_503s_are_not_logged_as_errors() {
     // The load failure itself is an error, once; the answers about it are not.
     assert_eq!(errors.len(), 1, "{errors:#?}");
     assert!(errors[0].contains("model failed to load"), "{errors:#?}");
+    // The README's promise: every line of a request carries its request id (here the
+    // refusal, logged at info inside the request's span).
+    let refused: Vec<&String> = logs.iter().filter(|l| l.contains("predict refused")).collect();
+    assert_eq!(refused.len(), 1, "{logs:#?}");
+    assert!(refused[0].contains(r#""request_id":"refused-503-42""#), "{refused:#?}");
 }
 
 /// One HTTP/1.1 exchange on a raw connection: the status and whether the answer said

@@ -27,12 +27,53 @@ pub const MODE_HEADER: &str = "x-inference-mode";
 
 /// Every route on one listener: the APIs, health and `/metrics`.
 pub fn router(core: Arc<Core>) -> Router {
-    build(core, true)
+    build(core, true, Middleware::SERVER)
 }
 
 /// The APIs and health, for when `/metrics` has a listener of its own.
 pub fn router_without_metrics(core: Arc<Core>) -> Router {
-    build(core, false)
+    build(core, false, Middleware::SERVER)
+}
+
+/// Which layers wrap the routes. The server always runs [`Middleware::SERVER`]; the
+/// switches exist so that `examples/middleware_bench.rs` can measure what each layer
+/// costs per request (docs/performance.md).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub struct Middleware {
+    /// [`RequestLayer`]: request id, span, failure log and `Connection: close` while
+    /// draining in one layer. When set, the three switches below it are ignored.
+    pub lean: bool,
+    pub catch_panic: bool,
+    /// The separate layers `lean` replaced (tower-http's and a `from_fn`), kept for the
+    /// comparison.
+    pub close_while_draining: bool,
+    pub trace: bool,
+    pub request_id: bool,
+}
+
+impl Middleware {
+    pub const SERVER: Middleware = Middleware {
+        lean: true,
+        catch_panic: true,
+        close_while_draining: false,
+        trace: false,
+        request_id: false,
+    };
+    /// The stack before the lean layer.
+    pub const SEPARATE: Middleware = Middleware {
+        lean: false,
+        catch_panic: true,
+        close_while_draining: true,
+        trace: true,
+        request_id: true,
+    };
+}
+
+/// Every route, with the layers `middleware` asks for (see [`Middleware`]).
+#[doc(hidden)]
+pub fn router_with(core: Arc<Core>, middleware: Middleware) -> Router {
+    build(core, true, middleware)
 }
 
 /// `/metrics` alone (`--metrics-addr`).
@@ -69,7 +110,7 @@ async fn require_key(State(core): State<Arc<Core>>, request: Request<Body>, next
     next.run(request).await
 }
 
-fn build(core: Arc<Core>, with_metrics: bool) -> Router {
+fn build(core: Arc<Core>, with_metrics: bool, middleware: Middleware) -> Router {
     let body_limit = core.limits.body_limit_bytes;
     let panic_core = core.clone();
     let routes = Router::new()
@@ -86,8 +127,12 @@ fn build(core: Arc<Core>, with_metrics: bool) -> Router {
     let routes = routes
         .fallback(|uri: Uri| async move { Error::RouteNotFound(uri.path().to_string()) })
         .method_not_allowed_fallback(|method: Method| async move { Error::MethodNotAllowed(method.to_string()) })
-        .layer(DefaultBodyLimit::max(body_limit))
-        .layer(axum::middleware::from_fn_with_state(core.clone(), close_while_draining));
+        .layer(DefaultBodyLimit::max(body_limit));
+    let routes = if middleware.close_while_draining && !middleware.lean {
+        routes.layer(axum::middleware::from_fn_with_state(core.clone(), close_while_draining))
+    } else {
+        routes
+    };
     // The key file is fixed at start (SIGHUP changes the keys, not whether there are any),
     // so a server without one has no key check on its request path at all.
     let routes = if core.keys.required() {
@@ -95,13 +140,17 @@ fn build(core: Arc<Core>, with_metrics: bool) -> Router {
     } else {
         routes
     };
-    routes
-        .layer(CatchPanicLayer::custom(move |panic: Box<dyn std::any::Any + Send>| {
+    let routes = if middleware.catch_panic {
+        routes.layer(CatchPanicLayer::custom(move |panic: Box<dyn std::any::Any + Send>| {
             panic_core.metrics.panics.inc();
             tracing::error!(panic = %panic_message(&*panic), "handler panicked");
             Error::Internal("the request handler panicked; the server keeps serving".into()).into_response()
         }))
-        .layer(
+    } else {
+        routes
+    };
+    let routes = if middleware.trace && !middleware.lean {
+        routes.layer(
             TraceLayer::new_for_http()
                 .make_span_with(|req: &Request<Body>| {
                     let id = req
@@ -113,12 +162,29 @@ fn build(core: Arc<Core>, with_metrics: bool) -> Router {
                 })
                 .on_failure(log_failure),
         )
-        .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(SetRequestIdLayer::x_request_id(RequestCounter::default()))
-        .with_state(core)
+    } else {
+        routes
+    };
+    let routes = if middleware.request_id && !middleware.lean {
+        routes
+            .layer(PropagateRequestIdLayer::x_request_id())
+            .layer(SetRequestIdLayer::x_request_id(RequestCounter::default()))
+    } else {
+        routes
+    };
+    let routes = if middleware.lean {
+        routes.layer(RequestLayer {
+            core: core.clone(),
+            ids: RequestCounter::default(),
+        })
+    } else {
+        routes
+    };
+    routes.with_state(core)
 }
 
-/// During the drain, every HTTP/1 answer says `Connection: close`. A client looping on a
+/// During the drain, every HTTP/1 answer says `Connection: close` ([`RequestLayer`] does
+/// this in the server; this middleware is the separate layer it replaced). A client looping on a
 /// keep-alive connection then opens a new one for its next request, which either reaches
 /// the still-open listener or is refused at connect, where it knows nothing was sent.
 /// Without it the listener's close raced requests already written to idle connections, and
@@ -154,6 +220,100 @@ fn log_failure(class: ServerErrorsFailureClass, latency: Duration, _: &tracing::
     }
 }
 
+/// Everything the server does around each request, in one layer: the request id (the
+/// client's `x-request-id`, else a new one) on the answer, the `request` span every log
+/// line of the request carries, an error log for a 500, and `Connection: close` on HTTP/1
+/// answers while draining.
+///
+/// It replaces four layers (tower-http's set and propagate request id and TraceLayer, and
+/// a `from_fn` middleware) that cost 3-5 µs of CPU per request together, measured by
+/// `examples/middleware_bench.rs` (docs/performance.md). Each of those wrapped the
+/// request in a future of its own, the request-id layer also stored the id in the
+/// request's headers and extensions (an allocation) for the others to read back, and
+/// `from_fn` boxed the rest of the stack per request.
+#[derive(Clone)]
+struct RequestLayer {
+    core: Arc<Core>,
+    ids: RequestCounter,
+}
+
+impl<S> tower::Layer<S> for RequestLayer {
+    type Service = RequestService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        RequestService {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct RequestService<S> {
+    inner: S,
+    layer: RequestLayer,
+}
+
+const X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
+
+impl<S> tower::Service<Request<Body>> for RequestService<S>
+where
+    S: tower::Service<Request<Body>, Response = Response, Error = std::convert::Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        // The service that was polled ready serves this request; a clone stays for the next.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let started = std::time::Instant::now();
+        let id = match request.headers().get(&X_REQUEST_ID) {
+            Some(id) => id.clone(),
+            None => self.layer.ids.next(),
+        };
+        let span = tracing::info_span!(
+            "request",
+            request_id = id.to_str().unwrap_or("-"),
+            method = %request.method(),
+            path = request.uri().path()
+        );
+        let http1 = request.version() < axum::http::Version::HTTP_2;
+        let core = self.layer.core.clone();
+        let answer = async move {
+            let Ok(mut response) = inner.call(request).await;
+            let status = response.status();
+            if status.is_server_error() {
+                log_failure(
+                    ServerErrorsFailureClass::StatusCode(status),
+                    started.elapsed(),
+                    &tracing::Span::current(),
+                );
+            }
+            tracing::debug!(
+                status = status.as_u16(),
+                latency_us = started.elapsed().as_micros() as u64,
+                "answered"
+            );
+            let headers = response.headers_mut();
+            if !headers.contains_key(&X_REQUEST_ID) {
+                headers.insert(X_REQUEST_ID, id);
+            }
+            // During the drain, see close_while_draining.
+            if http1 && core.is_shutting_down() {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok(response)
+        };
+        Box::pin(tracing::Instrument::instrument(answer, span))
+    }
+}
+
 /// Request ids: a per-process random prefix and a counter, unless the client sent one.
 #[derive(Clone)]
 struct RequestCounter {
@@ -170,12 +330,16 @@ impl Default for RequestCounter {
     }
 }
 
+impl RequestCounter {
+    fn next(&self) -> HeaderValue {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        HeaderValue::from_str(&format!("{:08x}-{n}", self.prefix)).expect("hex digits, a dash and digits")
+    }
+}
+
 impl MakeRequestId for RequestCounter {
     fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        HeaderValue::from_str(&format!("{:08x}-{n}", self.prefix))
-            .ok()
-            .map(RequestId::new)
+        Some(RequestId::new(self.next()))
     }
 }
 

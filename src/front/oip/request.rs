@@ -277,55 +277,178 @@ impl Inputs for InferInputs {
 }
 
 /// `data` as flat values: row-major, flat or nested to any depth.
+///
+/// Read in one pass straight into the values, with no `serde_json::Value` per element in
+/// between. Each leaf must be the datatype's kind of value; the first that is not is
+/// refused with its index, quoted as JSON.
 fn json_values(name: &str, dt: DataType, raw: &RawValue) -> Result<Values, Error> {
-    let value: Value =
-        serde_json::from_str(raw.get()).map_err(|e| Error::MalformedJson(format!("input '{name}': data: {e}")))?;
-    let mut leaves = vec![];
-    flatten(value, &mut leaves);
-    // Each leaf read as the datatype's kind of value, or refused with its index.
-    let read = |want: &str, f: &dyn Fn(&Value) -> Option<()>| -> Result<(), Error> {
-        match leaves.iter().position(|v| f(v).is_none()) {
-            None => Ok(()),
-            Some(i) => Err(Error::InvalidValue(format!(
-                "input '{name}': element {i} of data is {}, expected {want} for {}",
-                leaves[i],
-                dt.as_str()
-            ))),
-        }
+    let mut flat = Flat {
+        values: match dt {
+            DataType::Bool => Values::Bool(vec![]),
+            DataType::Bytes => Values::Bytes(vec![]),
+            DataType::F16 | DataType::F32 | DataType::F64 => Values::F64(vec![]),
+            DataType::U8 | DataType::U16 | DataType::U32 | DataType::U64 => Values::Uint(vec![]),
+            DataType::I8 | DataType::I16 | DataType::I32 | DataType::I64 => Values::Int(vec![]),
+        },
+        count: 0,
+        wrong: None,
     };
-    Ok(match dt {
-        DataType::Bool => {
-            read("true or false", &|v| v.as_bool().map(drop))?;
-            Values::Bool(leaves.iter().filter_map(Value::as_bool).collect())
-        }
-        DataType::Bytes => {
-            read("a string", &|v| v.as_str().map(drop))?;
-            Values::Bytes(
-                leaves
-                    .iter()
-                    .filter_map(|v| v.as_str().map(|s| s.as_bytes().to_vec()))
-                    .collect(),
-            )
-        }
-        DataType::F16 | DataType::F32 | DataType::F64 => {
-            read("a number", &|v| v.as_f64().map(drop))?;
-            Values::F64(leaves.iter().filter_map(Value::as_f64).collect())
-        }
-        DataType::U8 | DataType::U16 | DataType::U32 | DataType::U64 => {
-            read("a non-negative integer", &|v| v.as_u64().map(drop))?;
-            Values::Uint(leaves.iter().filter_map(Value::as_u64).collect())
-        }
-        DataType::I8 | DataType::I16 | DataType::I32 | DataType::I64 => {
-            read("an integer", &|v| v.as_i64().map(drop))?;
-            Values::Int(leaves.iter().filter_map(Value::as_i64).collect())
-        }
-    })
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    serde::de::DeserializeSeed::deserialize(&mut flat, &mut de)
+        .and_then(|()| de.end())
+        .map_err(|e| Error::MalformedJson(format!("input '{name}': data: {e}")))?;
+    if let Some((i, leaf)) = flat.wrong {
+        let want = match dt {
+            DataType::Bool => "true or false",
+            DataType::Bytes => "a string",
+            DataType::F16 | DataType::F32 | DataType::F64 => "a number",
+            DataType::U8 | DataType::U16 | DataType::U32 | DataType::U64 => "a non-negative integer",
+            DataType::I8 | DataType::I16 | DataType::I32 | DataType::I64 => "an integer",
+        };
+        return Err(Error::InvalidValue(format!(
+            "input '{name}': element {i} of data is {leaf}, expected {want} for {}",
+            dt.as_str()
+        )));
+    }
+    Ok(flat.values)
 }
 
-fn flatten(v: Value, out: &mut Vec<Value>) {
-    match v {
-        Value::Array(items) => items.into_iter().for_each(|x| flatten(x, out)),
-        leaf => out.push(leaf),
+/// The leaves of nested arrays, in order, into `values`; the first leaf of the wrong kind
+/// is kept (its index and the leaf) and nothing is stored after it.
+struct Flat {
+    values: Values,
+    count: usize,
+    wrong: Option<(usize, Value)>,
+}
+
+impl Flat {
+    /// One leaf: stored if it is of the values' kind; else, if it is the first such, kept
+    /// for the message.
+    fn leaf(&mut self, leaf: Value) {
+        let i = self.count;
+        self.count += 1;
+        if self.wrong.is_some() {
+            return;
+        }
+        match (&mut self.values, &leaf) {
+            (Values::Bool(v), Value::Bool(b)) => v.push(*b),
+            (Values::Bytes(v), Value::String(s)) => v.push(s.as_bytes().to_vec()),
+            (Values::F64(v), Value::Number(n)) => v.push(n.as_f64().expect("JSON numbers are finite")),
+            (Values::Uint(v), Value::Number(n)) if n.is_u64() => v.push(n.as_u64().expect("checked")),
+            (Values::Int(v), Value::Number(n)) if n.is_i64() => v.push(n.as_i64().expect("checked")),
+            _ => self.wrong = Some((i, leaf)),
+        }
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for &mut Flat {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for &mut Flat {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("nested arrays of values")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(&mut *self)?.is_some() {}
+        Ok(())
+    }
+
+    // Only the numbers and booleans a tensor is made of are common; every other leaf is
+    // kept whole, as the message quotes it.
+    fn visit_bool<E>(self, b: bool) -> Result<(), E> {
+        self.leaf(Value::Bool(b));
+        Ok(())
+    }
+    fn visit_i64<E>(self, x: i64) -> Result<(), E> {
+        self.leaf(Value::Number(x.into()));
+        Ok(())
+    }
+    fn visit_u64<E>(self, x: u64) -> Result<(), E> {
+        self.leaf(Value::Number(x.into()));
+        Ok(())
+    }
+    fn visit_f64<E: serde::de::Error>(self, x: f64) -> Result<(), E> {
+        let n = serde_json::Number::from_f64(x).ok_or_else(|| E::custom("a JSON number is finite"))?;
+        self.leaf(Value::Number(n));
+        Ok(())
+    }
+    fn visit_str<E>(self, s: &str) -> Result<(), E> {
+        self.leaf(Value::String(s.to_string()));
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        self.leaf(Value::Null);
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+        let object = Value::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+        self.leaf(object);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod reference {
+    use super::*;
+
+    /// `json_values` as it was: the whole `data` into a `serde_json::Value`, flattened.
+    pub fn json_values(name: &str, dt: DataType, raw: &RawValue) -> Result<Values, Error> {
+        let value: Value =
+            serde_json::from_str(raw.get()).map_err(|e| Error::MalformedJson(format!("input '{name}': data: {e}")))?;
+        let mut leaves = vec![];
+        flatten(value, &mut leaves);
+        // Each leaf read as the datatype's kind of value, or refused with its index.
+        let read = |want: &str, f: &dyn Fn(&Value) -> Option<()>| -> Result<(), Error> {
+            match leaves.iter().position(|v| f(v).is_none()) {
+                None => Ok(()),
+                Some(i) => Err(Error::InvalidValue(format!(
+                    "input '{name}': element {i} of data is {}, expected {want} for {}",
+                    leaves[i],
+                    dt.as_str()
+                ))),
+            }
+        };
+        Ok(match dt {
+            DataType::Bool => {
+                read("true or false", &|v| v.as_bool().map(drop))?;
+                Values::Bool(leaves.iter().filter_map(Value::as_bool).collect())
+            }
+            DataType::Bytes => {
+                read("a string", &|v| v.as_str().map(drop))?;
+                Values::Bytes(
+                    leaves
+                        .iter()
+                        .filter_map(|v| v.as_str().map(|s| s.as_bytes().to_vec()))
+                        .collect(),
+                )
+            }
+            DataType::F16 | DataType::F32 | DataType::F64 => {
+                read("a number", &|v| v.as_f64().map(drop))?;
+                Values::F64(leaves.iter().filter_map(Value::as_f64).collect())
+            }
+            DataType::U8 | DataType::U16 | DataType::U32 | DataType::U64 => {
+                read("a non-negative integer", &|v| v.as_u64().map(drop))?;
+                Values::Uint(leaves.iter().filter_map(Value::as_u64).collect())
+            }
+            DataType::I8 | DataType::I16 | DataType::I32 | DataType::I64 => {
+                read("an integer", &|v| v.as_i64().map(drop))?;
+                Values::Int(leaves.iter().filter_map(Value::as_i64).collect())
+            }
+        })
+    }
+
+    fn flatten(v: Value, out: &mut Vec<Value>) {
+        match v {
+            Value::Array(items) => items.into_iter().for_each(|x| flatten(x, out)),
+            leaf => out.push(leaf),
+        }
     }
 }
 
@@ -347,6 +470,41 @@ mod props {
         let len = body.len();
         body.extend(chunks.iter().flatten());
         (body, len)
+    }
+
+    /// `data` as clients send it (flat or nested numbers) and as they should not: other
+    /// leaves (strings with escapes, objects, null), empty and ragged arrays.
+    fn data() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            4 => any::<f64>().prop_map(Value::from),
+            4 => any::<i64>().prop_map(Value::from),
+            2 => any::<u64>().prop_map(Value::from),
+            1 => (0u64..300).prop_map(Value::from),
+            1 => any::<bool>().prop_map(Value::from),
+            1 => ".{0,4}".prop_map(Value::from),
+            1 => Just(Value::Null),
+            1 => Just(json!({"a": [1, "é\\\""]})),
+        ];
+        let mixed = leaf.prop_recursive(3, 48, 6, |inner| {
+            prop::collection::vec(inner, 0..6).prop_map(Value::Array)
+        });
+        // All of one kind, flat or in rows, so that every datatype also reads some.
+        let n = 0..12;
+        let kind = prop_oneof![
+            prop::collection::vec(any::<f64>().prop_map(Value::from), n.clone()),
+            prop::collection::vec((-200i64..200).prop_map(Value::from), n.clone()),
+            prop::collection::vec(any::<u64>().prop_map(Value::from), n.clone()),
+            prop::collection::vec(any::<bool>().prop_map(Value::from), n.clone()),
+            prop::collection::vec("[a-z]{0,3}".prop_map(Value::from), n),
+        ];
+        let uniform = (kind, any::<bool>()).prop_map(|(v, rows)| {
+            if rows {
+                json!(v.chunks(3).map(|c| c.to_vec()).collect::<Vec<_>>())
+            } else {
+                json!(v)
+            }
+        });
+        prop_oneof![mixed, uniform]
     }
 
     fn client_error(e: &Error) -> bool {
@@ -428,6 +586,26 @@ mod props {
                     prop_assert_eq!(e.status(), StatusCode::UNPROCESSABLE_ENTITY, "{}", e);
                     prop_assert_eq!(label == ModeLabel::McDropout, key == "mc_samples");
                 }
+            }
+        }
+
+        /// The one-pass reader gives the reference's answer on any `data`: the same
+        /// values, or the same refusal in the same words.
+        #[test]
+        fn json_data_agrees_with_the_reference(
+            data in data(),
+            dt in prop::sample::select(DataType::ALL.to_vec()),
+        ) {
+            let raw = RawValue::from_string(data.to_string()).unwrap();
+            let new = json_values("x", dt, &raw);
+            let old = reference::json_values("x", dt, &raw);
+            match (new, old) {
+                (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+                (Err(a), Err(b)) => {
+                    prop_assert_eq!(a.error_type(), b.error_type());
+                    prop_assert_eq!(a.to_string(), b.to_string());
+                }
+                (a, b) => prop_assert!(false, "one-pass: {:?}, reference: {:?}", a, b),
             }
         }
 

@@ -116,9 +116,9 @@ fn rows_sent(requests: &[(String, Value)], model: &str, mc: bool) -> f64 {
         .sum()
 }
 
-/// The most a digits_cnn eval answer may move with its place in a pass: its in-graph f32
-/// Softmax computes exp in a vector body and a scalar tail (see
-/// `engine::model::merged::tests`, which measures it).
+/// The most a digits_cnn eval answer may move with its place in a pass: its last bits
+/// follow where it falls in the pass's buffer (see `engine::model::merged::tests`, which
+/// measures it).
 const EVAL_SOFTMAX_ULPS: i64 = 8;
 
 fn f32_ulps(a: &[f64], b: &[f64]) -> i64 {

@@ -64,23 +64,18 @@ fn main() {
         let args = ServeArgs::for_models(&dir);
         let core = Core::new(Some("breast_cancer".into()), args.limits(), ApiKeys::open());
         core.install(mcd_serve::engine::repo::load_dir(&dir, None).unwrap());
-        let all = Middleware::SEPARATE;
-        let none = Middleware {
-            lean: false,
-            close_while_draining: false,
-            catch_panic: false,
-            trace: false,
-            request_id: false,
-        };
+        let server = Middleware::SERVER;
         let configs: Vec<(&str, Middleware)> = vec![
-            ("before: every layer, separate", all),
-            ("before, without close-while-draining (`from_fn`)", Middleware { close_while_draining: false, ..all }),
-            ("before, without CatchPanicLayer", Middleware { catch_panic: false, ..all }),
-            ("before, without TraceLayer", Middleware { trace: false, ..all }),
-            ("before, without set + propagate request id", Middleware { request_id: false, ..all }),
-            ("no layers", none),
-            ("after: the server (RequestLayer + CatchPanicLayer)", Middleware::SERVER),
-            ("RequestLayer alone", Middleware { lean: true, ..none }),
+            ("the server (RequestLayer + CatchPanicLayer)", server),
+            ("without RequestLayer", Middleware { request: false, ..server }),
+            ("without CatchPanicLayer", Middleware { catch_panic: false, ..server }),
+            (
+                "no layers",
+                Middleware {
+                    request: false,
+                    catch_panic: false,
+                },
+            ),
         ];
         let routers: Vec<Router> = configs.iter().map(|(_, m)| router_with(core.clone(), *m)).collect();
         // [config][eval?] -> per-round CPU and wall µs per request

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -14,9 +13,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::classify::ServerErrorsFailureClass;
-use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
 
 use crate::core::admission::panic_message;
 use crate::core::{Core, Protocol};
@@ -35,38 +31,22 @@ pub fn router_without_metrics(core: Arc<Core>) -> Router {
     build(core, false, Middleware::SERVER)
 }
 
-/// Which layers wrap the routes. The server always runs [`Middleware::SERVER`]; the
-/// switches exist so that `examples/middleware_bench.rs` can measure what each layer
-/// costs per request (docs/performance.md).
+/// Which of the server's two layers wrap the routes. The server always runs
+/// [`Middleware::SERVER`]; the switches exist so that `examples/middleware_bench.rs` can
+/// measure what each costs per request (docs/performance.md).
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy)]
 pub struct Middleware {
     /// [`RequestLayer`]: request id, span, failure log and `Connection: close` while
-    /// draining in one layer. When set, the three switches below it are ignored.
-    pub lean: bool,
+    /// draining.
+    pub request: bool,
     pub catch_panic: bool,
-    /// The separate layers `lean` replaced (tower-http's and a `from_fn`), kept for the
-    /// comparison.
-    pub close_while_draining: bool,
-    pub trace: bool,
-    pub request_id: bool,
 }
 
 impl Middleware {
     pub const SERVER: Middleware = Middleware {
-        lean: true,
+        request: true,
         catch_panic: true,
-        close_while_draining: false,
-        trace: false,
-        request_id: false,
-    };
-    /// The stack before the lean layer.
-    pub const SEPARATE: Middleware = Middleware {
-        lean: false,
-        catch_panic: true,
-        close_while_draining: true,
-        trace: true,
-        request_id: true,
     };
 }
 
@@ -128,11 +108,6 @@ fn build(core: Arc<Core>, with_metrics: bool, middleware: Middleware) -> Router 
         .fallback(|uri: Uri| async move { Error::RouteNotFound(uri.path().to_string()) })
         .method_not_allowed_fallback(|method: Method| async move { Error::MethodNotAllowed(method.to_string()) })
         .layer(DefaultBodyLimit::max(body_limit));
-    let routes = if middleware.close_while_draining && !middleware.lean {
-        routes.layer(axum::middleware::from_fn_with_state(core.clone(), close_while_draining))
-    } else {
-        routes
-    };
     // The key file is fixed at start (SIGHUP changes the keys, not whether there are any),
     // so a server without one has no key check on its request path at all.
     let routes = if core.keys.required() {
@@ -149,30 +124,7 @@ fn build(core: Arc<Core>, with_metrics: bool, middleware: Middleware) -> Router 
     } else {
         routes
     };
-    let routes = if middleware.trace && !middleware.lean {
-        routes.layer(
-            TraceLayer::new_for_http()
-                .make_span_with(|req: &Request<Body>| {
-                    let id = req
-                        .headers()
-                        .get("x-request-id")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("-");
-                    tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path())
-                })
-                .on_failure(log_failure),
-        )
-    } else {
-        routes
-    };
-    let routes = if middleware.request_id && !middleware.lean {
-        routes
-            .layer(PropagateRequestIdLayer::x_request_id())
-            .layer(SetRequestIdLayer::x_request_id(RequestCounter::default()))
-    } else {
-        routes
-    };
-    let routes = if middleware.lean {
+    let routes = if middleware.request {
         routes.layer(RequestLayer {
             core: core.clone(),
             ids: RequestCounter::default(),
@@ -183,51 +135,14 @@ fn build(core: Arc<Core>, with_metrics: bool, middleware: Middleware) -> Router 
     routes.with_state(core)
 }
 
-/// During the drain, every HTTP/1 answer says `Connection: close` ([`RequestLayer`] does
-/// this in the server; this middleware is the separate layer it replaced). A client looping on a
-/// keep-alive connection then opens a new one for its next request, which either reaches
-/// the still-open listener or is refused at connect, where it knows nothing was sent.
-/// Without it the listener's close raced requests already written to idle connections, and
-/// those were lost unanswered. (HTTP/2 has GOAWAY for this, and forbids the header.)
-async fn close_while_draining(State(core): State<Arc<Core>>, request: Request<Body>, next: Next) -> Response {
-    let http1 = request.version() < axum::http::Version::HTTP_2;
-    let mut response = next.run(request).await;
-    if http1 && core.is_shutting_down() {
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    response
-}
-
-/// tower-http logs every 5xx at ERROR. Most of ours are expected and counted in the
-/// metrics: readiness at 503 while loading or draining, 503 for an unhealthy model, 504 on
-/// a timeout. Only a 500 (a bug) or a broken connection is an error.
-fn log_failure(class: ServerErrorsFailureClass, latency: Duration, _: &tracing::Span) {
-    let ms = latency.as_secs_f64() * 1e3;
-    match class {
-        ServerErrorsFailureClass::StatusCode(StatusCode::INTERNAL_SERVER_ERROR) => {
-            tracing::error!(status = 500, latency_ms = ms, "internal server error")
-        }
-        ServerErrorsFailureClass::StatusCode(status) => {
-            tracing::debug!(
-                status = status.as_u16(),
-                latency_ms = ms,
-                "answered with a server status"
-            )
-        }
-        ServerErrorsFailureClass::Error(error) => tracing::error!(%error, latency_ms = ms, "response failed"),
-    }
-}
-
 /// Everything the server does around each request, in one layer: the request id (the
 /// client's `x-request-id`, else a new one) on the answer, the `request` span every log
 /// line of the request carries, an error log for a 500, and `Connection: close` on HTTP/1
 /// answers while draining.
 ///
-/// It replaces four layers (tower-http's set and propagate request id and TraceLayer, and
+/// It replaced four layers (tower-http's set and propagate request id and TraceLayer, and
 /// a `from_fn` middleware) that cost 3-5 µs of CPU per request together, measured by
-/// `examples/middleware_bench.rs` (docs/performance.md). Each of those wrapped the
+/// `examples/middleware_bench.rs` at 8a4a6cd (docs/performance.md). Each of those wrapped the
 /// request in a future of its own, the request-id layer also stored the id in the
 /// request's headers and extensions (an allocation) for the others to read back, and
 /// `from_fn` boxed the rest of the stack per request.
@@ -288,12 +203,17 @@ where
         let answer = async move {
             let Ok(mut response) = inner.call(request).await;
             let status = response.status();
-            if status.is_server_error() {
-                log_failure(
-                    ServerErrorsFailureClass::StatusCode(status),
-                    started.elapsed(),
-                    &tracing::Span::current(),
+            // Most 5xx are expected and counted in the metrics: readiness at 503 while
+            // loading or draining, 503 for an unhealthy model, 504 on a timeout. Only a 500
+            // (a bug) is an error.
+            if status == StatusCode::INTERNAL_SERVER_ERROR {
+                tracing::error!(
+                    status = 500,
+                    latency_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "internal server error"
                 );
+            } else if status.is_server_error() {
+                tracing::debug!(status = status.as_u16(), "answered with a server status");
             }
             tracing::debug!(
                 status = status.as_u16(),
@@ -304,7 +224,12 @@ where
             if !headers.contains_key(&X_REQUEST_ID) {
                 headers.insert(X_REQUEST_ID, id);
             }
-            // During the drain, see close_while_draining.
+            // During the drain a client looping on a keep-alive connection then opens a
+            // new one for its next request, which either reaches the still-open listener
+            // or is refused at connect, where it knows nothing was sent; otherwise the
+            // listener's close races requests already written to idle connections, and
+            // those are lost unanswered. (HTTP/2 has GOAWAY for this, and forbids the
+            // header.)
             if http1 && core.is_shutting_down() {
                 headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
@@ -334,12 +259,6 @@ impl RequestCounter {
     fn next(&self) -> HeaderValue {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         HeaderValue::from_str(&format!("{:08x}-{n}", self.prefix)).expect("hex digits, a dash and digits")
-    }
-}
-
-impl MakeRequestId for RequestCounter {
-    fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
-        Some(RequestId::new(self.next()))
     }
 }
 

@@ -130,11 +130,6 @@ impl Batcher {
             self.shared.wake.notify_one();
         }
     }
-
-    /// Jobs waiting for a worker.
-    pub fn queued(&self) -> usize {
-        self.shared.lock().jobs.len()
-    }
 }
 
 impl Drop for Batcher {

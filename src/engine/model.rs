@@ -496,12 +496,17 @@ impl LoadedModel {
     /// budget (admission refuses a request where not even one sample fits) and within the
     /// input elements that keep a pass's tiling cheap; one when the masks are not batch-led.
     pub fn mc_per_pass(&self, batch: &Batch) -> usize {
+        self.mc_pass_samples(batch.rows, batch.tensors.iter().map(|t| t.len()).sum())
+    }
+
+    /// [`mc_per_pass`](Self::mc_per_pass) for a pass of `rows` rows holding
+    /// `input_elements` input elements in all.
+    pub fn mc_pass_samples(&self, rows: usize, input_elements: usize) -> usize {
         if !self.mc.as_ref().is_ok_and(|p| p.batch.is_some()) {
             return 1;
         }
-        let elements: usize = batch.tensors.iter().map(|t| t.len()).sum::<usize>().max(1);
-        (MAX_PASS_INPUT_ELEMENTS / elements)
-            .min(self.mc_samples_per_pass(batch.rows))
+        (MAX_PASS_INPUT_ELEMENTS / input_elements.max(1))
+            .min(self.mc_samples_per_pass(rows))
             .max(1)
     }
 

@@ -44,16 +44,10 @@ impl LoadedModel {
                 .all(|(s, v)| Some(s.as_str()) == batch || b.symbols.get(s) == Some(v))
     }
 
-    /// Whether all `samples` of an MC pass of `rows` rows fit one pass: within the input
-    /// elements and the memory budget that [`McSession::start`] sizes passes by.
+    /// Whether all `samples` of an MC pass of `rows` rows fit one pass, as
+    /// [`McSession::start`] sizes passes (input elements and the memory budget).
     pub fn mc_one_pass(&self, rows: usize, row_elements: usize, samples: usize) -> bool {
-        match &self.mc {
-            Ok(plan) if plan.batch.is_some() => {
-                rows.saturating_mul(row_elements).saturating_mul(samples) <= MAX_PASS_INPUT_ELEMENTS
-                    && samples <= self.mc_samples_per_pass(rows)
-            }
-            _ => false,
-        }
+        samples <= self.mc_pass_samples(rows, rows.saturating_mul(row_elements))
     }
 
     /// Whether an eval pass of `rows` rows fits one pass's memory budget.

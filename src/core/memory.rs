@@ -160,7 +160,8 @@ impl MemoryBudget {
                 } else {
                     let max_rows = largest(rows, |r| eval_bytes(model, r) <= self.bytes);
                     Err(Error::PayloadTooLarge(format!(
-                        "an eval request of {rows} rows on model '{}' would need about {}, more than the server's                          budget of {} (--max-memory-bytes, MCD_MAX_MEMORY_BYTES): at most {max_rows} rows fit",
+                        "an eval request of {rows} rows on model '{}' would need about {}, more than the server's \
+                         budget of {} (--max-memory-bytes, MCD_MAX_MEMORY_BYTES): at most {max_rows} rows fit",
                         model.name,
                         mib(bytes),
                         mib(self.bytes)
@@ -313,6 +314,34 @@ mod tests {
         assert_eq!(largest(100, |n| n <= 37), 37);
         assert_eq!(largest(100, |_| false), 0);
         assert_eq!(largest(100, |_| true), 100);
+    }
+
+    /// An eval request that could never fit says so in one readable sentence, with the
+    /// rows that would fit (and those rows do fit).
+    #[test]
+    fn an_eval_request_over_the_budget_says_how_many_rows_fit() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let model = LoadedModel::load("digits_cnn", &dir.join("digits_cnn.onnx"), Default::default()).unwrap();
+        let budget = MemoryBudget::new(8 << 20, 1);
+        let Err(Error::PayloadTooLarge(message)) = budget.request_bytes(&model, 4096, &Mode::Eval) else {
+            panic!("4096 digits_cnn rows fit in 8 MiB");
+        };
+        assert!(!message.contains("  "), "{message}");
+        let fit: usize = message
+            .rsplit("at most ")
+            .next()
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            message.contains("more than the server's budget of 8.0 MiB"),
+            "{message}"
+        );
+        assert!(budget.request_bytes(&model, fit, &Mode::Eval).is_ok());
+        assert!(budget.request_bytes(&model, fit + 1, &Mode::Eval).is_err());
     }
 
     #[test]

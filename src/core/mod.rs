@@ -353,11 +353,14 @@ impl Core {
                 mc.samples.bound()
             }
         };
-        let cost = (request.inputs.rows_bound().max(1) as u64).saturating_mul(samples as u64);
-        let admitted = self.admission.admit(cost)?;
+        // Read once: for a native body the bound is a scan of the whole body.
+        let rows_bound = request.inputs.rows_bound().max(1);
+        let admitted = self
+            .admission
+            .admit((rows_bound as u64).saturating_mul(samples as u64))?;
         // Memory is reserved on the rows' upper bound (the batch guard refuses more rows
         // than the limit after decoding), and shrinks to the estimate once decoded.
-        let rows = request.inputs.rows_bound().min(self.limits.max_batch_rows);
+        let rows = rows_bound.min(self.limits.max_batch_rows);
         let reserved = self.memory.reserve_request(&model, rows, &mode)?;
         let (tx, rx) = oneshot::channel();
         self.batcher.submit(Job {

@@ -65,6 +65,13 @@ fn expectations() -> HashMap<&'static str, Result<Option<&'static str>, &'static
         ("torch/cnn_dropout2d_dynamo.onnx", Ok(None)),
         ("torch/conv1d_dropout1d_dynamo.onnx", Ok(None)),
         ("torch/selu_alphadropout_dynamo.onnx", Ok(None)),
+        // MONAI and Hugging Face architectures, exported as the README says: nn.Dropout in
+        // every U-Net conv block and DenseNet layer, hidden and attention dropout in BERT.
+        // Each loads with MC available.
+        ("medical/monai_basicunet_seg.onnx", Ok(None)),
+        ("medical/monai_basicunet_binary_seg.onnx", Ok(None)),
+        ("medical/monai_densenet_multilabel.onnx", Ok(None)),
+        ("medical/bert_tiny_cls.onnx", Ok(None)),
     ])
 }
 

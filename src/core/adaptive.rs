@@ -1,6 +1,8 @@
 //! How many MC samples a request draws: a fixed count, or `mc_samples=auto`, which draws
 //! chunks of [`CHUNK`] samples until every element of every output has a Monte-Carlo
 //! standard error of its mean (std/√n) of at most `mc_se`, or `mc_max` samples are drawn.
+//! (A model whose sums a row's place can move draws chunks of a multiple of its alignment
+//! step instead: see `engine::kernels`.)
 //!
 //! Sample `s` reads its own stretch of the seed's stream (`engine::masks`), so the samples
 //! an `auto` request drew are the samples of a fixed request for that count: with the same
@@ -38,8 +40,11 @@ pub fn draw(
         McCount::Auto { max, se } => {
             let max = max.get();
             let mut draw = session.start(batch, request.seed, request.return_samples);
+            // Chunks start where a row keeps its alignment, so that each sample has the bits
+            // a fixed-count request gives it (16 on every bundled model).
+            let chunk = CHUNK.div_ceil(draw.step()) * draw.step();
             let converged = loop {
-                draw.draw(CHUNK.min(max - draw.count()))?;
+                draw.draw(chunk.min(max - draw.count()))?;
                 if draw.max_standard_error() <= se {
                     break true;
                 }

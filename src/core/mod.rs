@@ -452,7 +452,9 @@ impl Core {
             }
         };
         let mut rows = first.1.rows();
-        if rows >= self.limits.max_pass_rows || !mc_fits(rows, &first.1) {
+        // A model whose sums a row's place can move runs each request where it would run
+        // alone (`engine::kernels`).
+        if rows >= self.limits.max_pass_rows || !mc_fits(rows, &first.1) || model.row_granularity(&first.1) > 1 {
             return vec![first];
         }
         let mut pass = vec![first];

@@ -7,6 +7,8 @@
 //! - [`plans`], [`trunk`]: plans per batch size; the shared deterministic trunk of MC.
 //! - [`decomposed`]: dropout written as random ops (PyTorch's spatial and alpha dropout);
 //!   every other random op is refused.
+//! - [`kernels`]: the arithmetic a pass may run, so that a row's answer does not depend on
+//!   its batch.
 //! - [`masks`], [`uncertainty`]: mask sampling and the MC statistics.
 //! - [`memory`]: the estimated peak memory of a pass and of an answer.
 //! - [`repo`]: the models folder, loaded and reloaded.
@@ -14,6 +16,7 @@
 
 pub mod calibration;
 pub mod decomposed;
+pub mod kernels;
 pub mod masks;
 pub mod memory;
 pub mod model;

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
 
+use crate::engine::kernels;
 use crate::engine::masks::{MaskSampler, MaskSpec};
 use crate::engine::memory::ModelMemory;
 use crate::engine::onnx_graph::{self, DropoutSite, FactAt, MASK_INPUT_PREFIX, MaskInput, ProbeLookup};
@@ -113,6 +114,9 @@ pub struct CheckResult {
 
 struct EvalPlan {
     plans: Plans,
+    /// Per output: the plan gives the logits of a final last-axis Softmax, which the server
+    /// applies, in f64 (see `LoadedModel::load`).
+    softmax: Vec<bool>,
 }
 
 struct McPlan {
@@ -249,6 +253,19 @@ pub struct LoadedModel {
     memory: ModelMemory,
     /// Bytes one pass may take: passes are sized to fit it.
     pass_budget: AtomicU64,
+    /// What the load-time `batch_invariant` check allows the pass planner.
+    layout: Layout,
+}
+
+/// How passes may hold a model's rows without moving their bits, as the load-time
+/// `batch_invariant` check found.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    /// Requests may share a pass (where the row granularity is 1).
+    merge: bool,
+    /// A one-row eval runs in a pass of two (a copy of the row beside it): the plan tract
+    /// builds for one row differs from the plan of any larger pass for this model.
+    pad_single_eval: bool,
 }
 
 /// A validated batch of input tensors, in the model's input order.
@@ -261,6 +278,11 @@ pub struct Batch {
 impl Batch {
     pub fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// The input tensors, in the model's input order.
+    pub fn tensors(&self) -> &[Tensor] {
+        &self.tensors
     }
 }
 
@@ -308,6 +330,7 @@ pub struct McSession<'m> {
 
 impl LoadedModel {
     pub fn load(name: &str, path: &Path, config: ModelConfig) -> anyhow::Result<LoadedModel> {
+        crate::engine::kernels::pin();
         let onnx = tract_onnx::onnx();
         let proto = onnx.proto_model_for_path(path).context("reading the ONNX protobuf")?;
         // External weights are read relative to the model's folder ("." for a bare file name).
@@ -343,12 +366,12 @@ impl LoadedModel {
         let logits = softmax_logits(&proto, &outputs);
         let probability_classes = probability_outputs(&config, &outputs, &logits);
         let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        let eval_plans =
-            Plans::new(eval_typed, batch_symbol.as_deref(), None, file_bytes).context("optimizing the eval graph")?;
 
-        // tract's Softmax has a cost per row (breast_cancer's MC-50, 2 classes: 57-76 µs with
-        // it, 33-43 µs without), so the MC graph stops at the logits of a last-axis Softmax
-        // output and the server applies the softmax, in f64, to all N·B rows at once.
+        // Both graphs stop at the logits of a last-axis Softmax output, and the server
+        // applies the softmax itself, in f64. For MC, tract's Softmax has a cost per row
+        // (breast_cancer's MC-50, 2 classes: 57-76 µs with it, 33-43 µs without). For both,
+        // tract's row sum splits a row at a 64-byte boundary, so a row's last bits would
+        // follow its place in the pass (`engine::kernels`); the server's sum does not.
         // Logits that are an output themselves stay as they are: one name, one output.
         let server_softmax: Vec<Option<String>> = outputs
             .iter()
@@ -360,6 +383,10 @@ impl LoadedModel {
                 })
             })
             .collect();
+        let (eval_typed, eval_softmax) =
+            cut_softmax(eval_typed, &server_softmax).context("cutting the eval graph at its logits")?;
+        let eval_plans =
+            Plans::new(eval_typed, batch_symbol.as_deref(), None, file_bytes).context("optimizing the eval graph")?;
         let probed = probe_sites(&onnx, &mut surgery, dir)?;
         let mc = build_mc(
             &onnx,
@@ -383,10 +410,17 @@ impl LoadedModel {
             fixes: surgery.fixes,
             checks: vec![],
             calibration: None,
-            eval: EvalPlan { plans: eval_plans },
+            eval: EvalPlan {
+                plans: eval_plans,
+                softmax: eval_softmax,
+            },
             mc,
             memory: ModelMemory::default(),
             pass_budget: AtomicU64::new(DEFAULT_PASS_BUDGET_BYTES),
+            layout: Layout {
+                merge: true,
+                pad_single_eval: false,
+            },
         };
         model.self_check();
         // After the self-check: it may replace the shared-trunk MC graph by the full one.
@@ -522,18 +556,33 @@ impl LoadedModel {
         ((budget.saturating_sub(base) / step) as usize).clamp(1, rows.max(1))
     }
 
-    /// Whether the eval checks all passed; a model that fails them is not served.
+    /// How many rows apart two places of a row of `batch` must be for its answer (eval and
+    /// MC) to keep its bits: 1 when a row may go anywhere in a pass. A model with sums over
+    /// rows of a size that a 64-byte boundary can split differently ([`kernels`]) answers
+    /// more, and its passes then keep each row where it is when the request runs alone.
+    pub fn row_granularity(&self, batch: &Batch) -> usize {
+        let mc = self
+            .mc
+            .as_ref()
+            .map(|p| p.plans.granularity(&batch.symbols))
+            .unwrap_or(1);
+        self.eval.plans.granularity(&batch.symbols).max(mc)
+    }
+
+    /// Whether the eval checks all passed; a model that fails them is not served. A failed
+    /// `mc_live` only refuses MC, and a failed `batch_invariant` only keeps the model's
+    /// requests in passes of their own.
     pub fn healthy(&self) -> bool {
         self.checks
             .iter()
-            .all(|c| c.result != Outcome::Fail || c.check == "mc_live")
+            .all(|c| c.result != Outcome::Fail || !gates_health(c.check))
     }
 
     /// The eval self-checks that failed, as `check: detail; ...` (empty when healthy).
     pub fn failed_checks(&self) -> String {
         self.checks
             .iter()
-            .filter(|c| c.result == Outcome::Fail && c.check != "mc_live")
+            .filter(|c| c.result == Outcome::Fail && gates_health(c.check))
             .map(|c| format!("{}: {}", c.check, c.detail))
             .collect::<Vec<_>>()
             .join("; ")
@@ -759,7 +808,164 @@ impl LoadedModel {
             self.mc = Err("the MC graph does not reproduce eval with keep-all masks".into());
         }
         checks.push(live);
+        checks.push(self.check_batch_invariant(&probe));
         self.checks = checks;
+    }
+
+    /// A row's answer must not depend on what else shares its pass. The kernels are pinned
+    /// for that (`engine::kernels`); this proves it on the probe, and decides what the pass
+    /// planner may do with this model: eval rows alone, in a pass of two and at every place
+    /// of the probe batch; MC samples in one pass and in passes of two samples; a request
+    /// alone and merged with others. A difference turns merging off for the model (its
+    /// answers then depend only on the request), and is reported here.
+    fn check_batch_invariant(&mut self, probe: &Batch) -> CheckResult {
+        const CHECK: &str = "batch_invariant";
+        if self.batch_symbol.is_none() {
+            return skipped(CHECK, "the file fixes the batch size: every pass has the same shape");
+        }
+        let mut plans = vec![];
+        let mut problems = vec![];
+        if !kernels::pinned() {
+            problems.push("tract was used before the engine pinned its kernels".to_string());
+        }
+        let granularity = self.row_granularity(probe);
+        let sensitive: Vec<String> = self
+            .eval
+            .plans
+            .sensitive_nodes()
+            .into_iter()
+            .chain(self.mc.as_ref().map(|p| p.plans.sensitive_nodes()).unwrap_or_default())
+            .collect();
+        let mut pad_single = false;
+        let outcome = (|| -> TractResult<()> {
+            let eval = |b: &Batch| -> TractResult<Vec<Vec<u64>>> {
+                let outs = self.eval_session().plan_pass(b)?;
+                Ok(outs.iter().map(|t| bits(t)).collect())
+            };
+            let rows = |idx: &[usize]| -> TractResult<Batch> { probe_rows(self, probe, idx) };
+            let full = eval(probe)?;
+            plans.push(self.eval.plans.get(probe.rows, 1)?);
+            for r in 0..probe.rows {
+                let alone = eval(&rows(&[r])?)?;
+                let pair = eval(&rows(&[r, r])?)?;
+                let row = |outs: &Vec<Vec<u64>>, at: usize, of: usize| -> Vec<Vec<u64>> {
+                    outs.iter()
+                        .map(|o| o.chunks(o.len() / of).nth(at).unwrap_or(&[]).to_vec())
+                        .collect()
+                };
+                if row(&alone, 0, 1) != row(&pair, 0, 2) {
+                    pad_single = true;
+                }
+                if granularity == 1 && row(&full, r, probe.rows) != row(&pair, 0, 2) {
+                    problems.push(format!(
+                        "eval of probe row {r} differs in a pass of {} rows from a pass of two",
+                        probe.rows
+                    ));
+                }
+            }
+            plans.push(self.eval.plans.get(1, 1)?);
+            plans.push(self.eval.plans.get(2, 1)?);
+            let Ok(plan) = &self.mc else { return Ok(()) };
+            let session = McSession { model: self, plan };
+            let k = McSamples(4);
+            let stats = |outs: Vec<McOutput>| -> Vec<Vec<u64>> {
+                outs.iter()
+                    .flat_map(|o| [&o.stats.mean, &o.stats.variance])
+                    .map(|v| v.iter().map(|x| x.to_bits()).collect())
+                    .collect()
+            };
+            let one = stats(
+                session
+                    .run_in_passes(probe, k, 7, false, 4)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+            );
+            if granularity == 1 && plan.batch.is_some() {
+                let two = stats(
+                    session
+                        .run_in_passes(probe, k, 7, false, 2)
+                        .map_err(|e| anyhow::anyhow!("{e}"))?,
+                );
+                if one != two {
+                    problems.push("MC samples drawn in passes of two differ from one pass".into());
+                }
+                let parts = [rows(&[0])?, rows(&[1, 2])?];
+                let merged = session
+                    .run_merged(
+                        &[
+                            McPart {
+                                batch: &parts[0],
+                                seed: 1,
+                                keep_samples: false,
+                            },
+                            McPart {
+                                batch: &parts[1],
+                                seed: 2,
+                                keep_samples: false,
+                            },
+                        ],
+                        k,
+                    )
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                for ((part, seed), got) in parts.iter().zip([1, 2]).zip(merged) {
+                    let alone = session.run(part, k, seed, false).map_err(|e| anyhow::anyhow!("{e}"))?;
+                    if stats(alone) != stats(got) {
+                        problems.push(format!(
+                            "MC of a {}-row request merged with another differs from alone",
+                            part.rows
+                        ));
+                    }
+                }
+            }
+            plans.push(plan.plans.get(probe.rows, k.get())?);
+            Ok(())
+        })();
+        if let Err(e) = outcome {
+            problems.push(format!("the probe failed: {e:#}"));
+        }
+        self.layout.pad_single_eval = pad_single;
+        for plan in &plans {
+            for odd in kernels::audit(plan) {
+                problems.push(format!("matrix kernel not pinned: {odd}"));
+            }
+        }
+        let reductions = if sensitive.is_empty() {
+            "no sum a row's place can move".to_string()
+        } else if granularity == 1 {
+            format!(
+                "{} sums, on rows that keep their 64-byte alignment anywhere in a pass",
+                sensitive.len()
+            )
+        } else {
+            format!(
+                "{} sums on rows a 64-byte boundary splits by their place (e.g. '{}'): at the probe's \
+                 shape a row must stay a multiple of {granularity} rows from where it runs alone, so \
+                 such passes are not merged and split only at multiples of {granularity}",
+                sensitive.len(),
+                sensitive[0]
+            )
+        };
+        let single = if self.layout.pad_single_eval {
+            "; tract's one-row plan differs from larger ones here, so a one-row eval runs in a pass of two"
+        } else {
+            ""
+        };
+        let probed = if granularity == 1 {
+            "probe rows alone, in larger passes and merged give the same bits"
+        } else {
+            "probe rows alone and in a pass of two give the same bits"
+        };
+        if problems.is_empty() {
+            pass(CHECK, &format!("pinned FMA kernels; {reductions}{single}; {probed}"))
+        } else {
+            self.layout.merge = false;
+            fail(
+                CHECK,
+                format!(
+                    "{}; requests of this model run in passes of their own",
+                    problems.join("; ")
+                ),
+            )
+        }
     }
 
     fn check_rows(&self, probe: &Batch, full: &[NamedTensor]) -> CheckResult {
@@ -818,7 +1024,8 @@ impl EvalSession<'_> {
     /// rows are independent (the load-time check `eval_row_independent` proves it), so the
     /// outputs of the passes, concatenated, are the batch's.
     pub fn run(&self, batch: &Batch) -> Result<Vec<NamedTensor>, Error> {
-        self.run_in_passes(batch, self.model.eval_rows_per_pass(batch.rows))
+        let per_pass = self.model.eval_rows_per_pass(batch.rows);
+        self.run_in_passes(batch, aligned(per_pass, self.model.row_granularity(batch)))
     }
 
     /// As [`run`](Self::run), with at most `per_pass` rows per pass.
@@ -861,10 +1068,40 @@ impl EvalSession<'_> {
         Ok(self.model.name_outputs(outs))
     }
 
+    /// One pass over `batch`. A lone row of a model whose one-row plan differs from its
+    /// larger plans runs beside a copy of itself (the load-time `batch_invariant` check).
     fn pass(&self, batch: &Batch) -> TractResult<TVec<TValue>> {
+        if batch.rows == 1 && self.model.layout.pad_single_eval && self.model.batch_symbol.is_some() {
+            let pair = probe_rows(self.model, batch, &[0, 0])?;
+            return self
+                .plan_pass(&pair)?
+                .into_iter()
+                .map(|t| Ok(t.slice(0, 0, 1)?.into_tvalue()))
+                .collect();
+        }
+        self.plan_pass(batch)
+    }
+
+    /// One pass over `batch` with the plan for its own size.
+    fn plan_pass(&self, batch: &Batch) -> TractResult<TVec<TValue>> {
         let inputs: TVec<TValue> = batch.tensors.iter().map(|t| t.clone().into_tvalue()).collect();
         let plan = self.plan.plans.get(batch.rows, 1)?;
-        plans::run(&plan, inputs)
+        let outs = plans::run(&plan, inputs)?;
+        outs.into_iter()
+            .zip(&self.plan.softmax)
+            .map(|(t, &softmax)| {
+                if !softmax {
+                    return Ok(t);
+                }
+                let mut values = to_f64(&t)?;
+                softmax_rows(
+                    &mut values,
+                    *t.shape().last().expect("softmax outputs have a last axis"),
+                );
+                let probabilities = Tensor::from_shape(t.shape(), &values)?;
+                Ok(probabilities.cast_to_dt(t.datum_type())?.into_owned().into_tvalue())
+            })
+            .collect()
     }
 }
 
@@ -895,7 +1132,7 @@ impl McSession<'_> {
         per_pass: usize,
     ) -> Result<Vec<McOutput>, Error> {
         let mut draw = self.start(batch, seed, keep_samples);
-        draw.per_pass = per_pass.max(1);
+        draw.per_pass = aligned(per_pass.max(1), draw.step());
         draw.draw(samples.get())?;
         Ok(draw.finish())
     }
@@ -903,7 +1140,8 @@ impl McSession<'_> {
     /// Starts drawing samples of `batch`, to be drawn in as many steps as the caller likes:
     /// sample `s` is the same whichever step draws it.
     pub fn start<'s>(&'s self, batch: &'s Batch, seed: u64, keep_samples: bool) -> McDraw<'s> {
-        let per_pass = self.model.mc_per_pass(batch);
+        let step = sample_step(self.model.row_granularity(batch), batch.rows);
+        let per_pass = aligned(self.model.mc_per_pass(batch), step);
         McDraw {
             model: self.model,
             plan: self.plan,
@@ -930,19 +1168,30 @@ pub struct McDraw<'s> {
 }
 
 impl McDraw<'_> {
+    /// Samples a pass may start at a multiple of, for a row to keep its alignment
+    /// ([`LoadedModel::row_granularity`]); `auto` draws chunks of a multiple of it.
+    pub fn step(&self) -> usize {
+        sample_step(self.model.row_granularity(self.batch), self.batch.rows)
+    }
+
     /// Draws the next `n` samples, in passes of at most the pass size.
     pub fn draw(&mut self, n: usize) -> Result<(), Error> {
-        let per_pass = if self.plan.batch.is_some() { self.per_pass } else { 1 };
+        let batch_led = self.plan.batch.is_some();
+        let per_pass = if batch_led { self.per_pass } else { 1 };
         let end = self.done + n;
         while self.done < end {
             let k = per_pass.min(end - self.done);
-            let masks = internal(self.plan.sample_masks(self.batch, self.done, k, &mut self.sampler))?;
-            let outs = internal(self.plan.run(self.batch, k, masks))?;
+            // tract's plan for a pass of one row (one sample of a one-row request) differs
+            // from its larger plans, and can give other bits (measured: 1-4 ulps on the
+            // MONAI DenseNet). Such a pass also draws the next sample, and drops it.
+            let run = if batch_led && k * self.batch.rows == 1 { 2 } else { k };
+            let masks = internal(self.plan.sample_masks(self.batch, self.done, run, &mut self.sampler))?;
+            let outs = internal(self.plan.run(self.batch, run, masks))?;
             for (o, (mut shape, values)) in outs.into_iter().enumerate() {
-                let per_sample = values.len() / k;
+                let per_sample = values.len() / run;
                 if self.accumulators.len() <= o {
-                    if k > 1 {
-                        shape[0] /= k;
+                    if run > 1 {
+                        shape[0] /= run;
                     }
                     let classes = self.model.probability_classes.get(o).copied().flatten();
                     self.accumulators
@@ -995,6 +1244,45 @@ impl LoadedModel {
             })
             .collect()
     }
+}
+
+/// Samples apart that keep a row's alignment, for a model of row granularity `granularity`
+/// and a batch of `rows` rows: sample `s` of row `r` sits at row `s·rows + r` of a pass.
+fn sample_step(granularity: usize, rows: usize) -> usize {
+    granularity / gcd(granularity, rows.max(1))
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// `per_pass` rounded down to a multiple of `step`, so that every pass after the first
+/// starts where a row keeps its alignment; at least one step, even where the pass budget
+/// holds less (a model whose sums a row's place can move, with a row that nearly fills a
+/// pass by itself): the answer's bits come before the budget's last fraction.
+fn aligned(per_pass: usize, step: usize) -> usize {
+    (per_pass / step * step).max(step)
+}
+
+/// Whether a failed check makes the model unhealthy (not served).
+fn gates_health(check: &str) -> bool {
+    !matches!(check, "mc_live" | "batch_invariant")
+}
+
+/// The rows `idx` of `batch` (repeats allowed), as a batch of their own.
+fn probe_rows(model: &LoadedModel, batch: &Batch, idx: &[usize]) -> TractResult<Batch> {
+    let tensors = batch
+        .tensors
+        .iter()
+        .map(|t| {
+            let rows = idx
+                .iter()
+                .map(|&i| t.slice(0, i, i + 1))
+                .collect::<TractResult<Vec<_>>>()?;
+            Tensor::stack_tensors(0, &rows)
+        })
+        .collect::<TractResult<Vec<_>>>()?;
+    model.batch(tensors).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 fn run_with_unit_masks(plan: &McPlan, batch: &Batch) -> TractResult<Vec<NamedTensor>> {
@@ -1323,6 +1611,29 @@ fn probability_outputs(
             declared.then_some(last)
         })
         .collect()
+}
+
+/// The typed graph with each output that `server_softmax` names given by the input of the
+/// Softmax that produced it (its logits); per output, whether it was cut.
+fn cut_softmax(mut model: TypedModel, server_softmax: &[Option<String>]) -> TractResult<(TypedModel, Vec<bool>)> {
+    use tract_onnx::tract_core::ops::nn::Softmax;
+    let mut outlets = model.outputs.clone();
+    let mut cut = vec![false; outlets.len()];
+    for (ix, logits) in server_softmax.iter().enumerate() {
+        if logits.is_none() {
+            continue;
+        }
+        let node = model.node(outlets[ix].node);
+        if node.op_as::<Softmax>().is_some() && node.inputs.len() == 1 {
+            outlets[ix] = node.inputs[0];
+            cut[ix] = true;
+        }
+    }
+    if cut.iter().any(|c| *c) {
+        model.select_output_outlets(&outlets)?;
+        model = model.into_decluttered()?;
+    }
+    Ok((model, cut))
 }
 
 /// Per output: when a Softmax over the output's last axis produces it, the name of the

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use tract_onnx::prelude::*;
 
+use crate::engine::kernels::Reductions;
 use crate::engine::memory::{self, Bilinear};
 
 pub type Plan = Arc<TypedRunnableModel>;
@@ -41,6 +42,9 @@ pub struct Plans {
     clock: AtomicU64,
     /// Every node output's bytes, by (rows, samples): the graph's share of a pass's peak.
     bytes: Bilinear,
+    /// The sums whose bits a row's place in the pass can move; None without a batch symbol
+    /// (every pass of such a model has the same shape).
+    reductions: Option<Reductions>,
 }
 
 impl Plans {
@@ -58,6 +62,10 @@ impl Plans {
         let capacity = (MEMORY_BUDGET_BYTES / (2 * file_bytes.max(1))).min(MAX_SIZES as u64) as usize;
         let bytes = memory::graph_bytes(&typed, symbol.as_ref(), samples.as_ref())?;
         let symbolic = typed.clone().into_optimized()?.into_runnable()?;
+        let reductions = symbol
+            .as_ref()
+            .map(|b| Reductions::of(symbolic.model(), b, samples.as_ref()))
+            .transpose()?;
         let typed = symbol.filter(|_| capacity > 0).map(|s| (typed, s, samples));
         Ok(Plans {
             typed,
@@ -66,7 +74,31 @@ impl Plans {
             pinned: Mutex::new(HashMap::new()),
             clock: AtomicU64::new(0),
             bytes,
+            reductions,
         })
+    }
+
+    /// How many rows apart two places of a row must be for its answer to keep its bits, in
+    /// a pass whose other symbols (not the batch, not the samples) take `symbols`' values
+    /// ([`Reductions::granularity`]); 1 for a graph without a batch symbol.
+    pub fn granularity(&self, symbols: &HashMap<String, usize>) -> usize {
+        let Some(r) = self.reductions.as_ref().filter(|r| !r.is_empty()) else {
+            return 1;
+        };
+        let model = self.symbolic.model();
+        let values: HashMap<Symbol, i64> = symbols
+            .iter()
+            .filter_map(|(name, v)| model.symbols.get(name).map(|s| (s, *v as i64)))
+            .collect();
+        r.granularity(&values)
+    }
+
+    /// The reductions that a row's place can move, by node name (for the load report).
+    pub fn sensitive_nodes(&self) -> Vec<String> {
+        self.reductions
+            .as_ref()
+            .map(|r| r.names().into_iter().map(str::to_string).collect())
+            .unwrap_or_default()
     }
 
     /// The sum of every node output's bytes, by (rows, samples) of a pass.
@@ -80,6 +112,9 @@ impl Plans {
         let Some((typed, symbol, samples_symbol)) = &self.typed else {
             return Ok(self.symbolic.clone());
         };
+        if std::env::var("MCD_SYMBOLIC").is_ok() {
+            return Ok(self.symbolic.clone());
+        }
         let now = self.clock.fetch_add(1, Ordering::Relaxed);
         if let Some((plan, used)) = self
             .pinned

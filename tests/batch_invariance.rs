@@ -60,13 +60,7 @@ fn load(path: &std::path::Path) -> LoadedModel {
 
 /// `rows` rows of made-up but valid inputs; `salt` makes each request's rows its own.
 fn batch(m: &LoadedModel, rows: usize, salt: u64, dims: &HashMap<&str, usize>) -> Batch {
-    let mut x = 0x2545_f491_4f6c_dd1du64 ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        (x >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut next = uniform(salt);
     let tensors = m
         .inputs
         .iter()

@@ -210,13 +210,7 @@ async fn answers_under_concurrent_mixed_load_equal_answers_alone() {
 
 /// A made-up image or token batch for a model from ../shared, as nested JSON.
 fn shared_body(model: &str, rows: usize, salt: u64) -> Value {
-    let mut x = 0x853c_49e6_748f_ea9bu64 ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        (x >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut next = uniform(salt);
     if model == "bert_tiny_cls" {
         // seq 7: attention rows of 7 floats, which a 64-byte boundary splits by their place.
         let ids: Vec<Vec<i64>> = (0..rows)

@@ -63,6 +63,18 @@ pub fn announce_skip(line: &str) {
     let _ = err.flush();
 }
 
+/// Uniform numbers in [0, 1) from a seed (xorshift64): made-up inputs that a test can
+/// replay, without an RNG crate.
+pub fn uniform(seed: u64) -> impl FnMut() -> f64 {
+    let mut x = 0x2545_f491_4f6c_dd1du64 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
 pub fn f64s(v: &serde_json::Value) -> Vec<f64> {
     fn walk(v: &serde_json::Value, out: &mut Vec<f64>) {
         match v {

@@ -43,7 +43,7 @@ fn main() {
     for name in ["breast_cancer", "diabetes", "digits_cnn"] {
         let model = load_model(name, &root.join(format!("models/{name}.onnx"))).unwrap();
         let batch = first_row(&model, &refs[name]);
-        let n = McSamples::new(50, 50).unwrap();
+        let n = McSamples::new(50).unwrap();
         let session = model.mc_session().unwrap();
         let (mut eval, mut batched, mut seq) = (vec![], vec![], vec![]);
         let start = Instant::now();

@@ -30,9 +30,6 @@ use mcd_serve::engine::repo::load_model;
 use mcd_serve::front::native::json::parse_request;
 use serde_json::{Value, json};
 
-/// High enough never to refuse what the driver asks for.
-const MAX_SAMPLES: usize = 1_000_000;
-
 struct Entry {
     model: LoadedModel,
     batch: Option<Batch>,
@@ -113,7 +110,7 @@ fn command(words: &[&str], models: &mut HashMap<String, Entry>, seed: &mut u64) 
                         std::hint::black_box(entry.model.eval_session().run(batch).map_err(|e| e.to_string())?);
                     }
                     ("mc", Some(n)) | ("mcseq", Some(n)) => {
-                        let samples = McSamples::new(n, MAX_SAMPLES).map_err(|e| e.to_string())?;
+                        let samples = McSamples::new(n).ok_or("mc samples must be at least 2")?;
                         let session = entry.model.mc_session().map_err(|e| e.to_string())?;
                         let result = if kind == "mc" {
                             session.run(batch, samples, *seed, false)
@@ -134,7 +131,7 @@ fn command(words: &[&str], models: &mut HashMap<String, Entry>, seed: &mut u64) 
             let s: u64 = arg(3)?.parse().map_err(|e| format!("seed: {e}"))?;
             let entry = models.get(name).ok_or_else(|| format!("no model {name}"))?;
             let batch = entry.batch.as_ref().ok_or_else(|| format!("no input for {name}"))?;
-            let samples = McSamples::new(n, MAX_SAMPLES).map_err(|e| e.to_string())?;
+            let samples = McSamples::new(n).ok_or("mc samples must be at least 2")?;
             let outs = entry
                 .model
                 .mc_session()

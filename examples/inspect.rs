@@ -15,7 +15,7 @@ fn main() {
                 println!("  fixes: {:?}", m.fixes);
                 println!("  batch: {:?} prob: {:?}", m.batch_symbol, m.probability_classes);
                 for c in &m.checks {
-                    println!("  check {} {:?}: {}", c.check, c.result, c.detail);
+                    println!("  check {} {:?}: {}", c.check.as_str(), c.result, c.detail);
                 }
                 println!("  mc: {:?}", m.mc_unavailable_reason());
             }

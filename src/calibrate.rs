@@ -59,8 +59,10 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
         bail!("no model file {}", path.display());
     }
     let model = repo::load_model(&args.model, &path).map_err(|e| anyhow!("loading {}: {e}", path.display()))?;
-    let session = model.mc_session().map_err(|e| anyhow!("{e}"))?;
-    let samples = McSamples::new(args.mc_samples, usize::MAX).map_err(|e| anyhow!("--mc-samples: {e}"))?;
+    let session = model
+        .mc_session()
+        .map_err(|e| anyhow!("{}", crate::error::Error::from(e)))?;
+    let samples = McSamples::new(args.mc_samples).ok_or_else(|| anyhow!("--mc-samples must be at least 2"))?;
     let calibrated: Vec<usize> = (0..model.outputs.len())
         .filter(|&i| model.probability_classes[i].is_some() || is_float(model.outputs[i].datum))
         .collect();
@@ -79,13 +81,15 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
         let (inputs, target) = split_line(line).map_err(at)?;
         let tensors =
             parse_request(&model, &serde_json::to_vec(&json!({ "inputs": inputs }))?).map_err(|e| at(e.to_string()))?;
-        let batch = model.batch(tensors).map_err(|e| at(e.to_string()))?;
+        let batch = model
+            .batch(tensors)
+            .map_err(|e| at(crate::error::Error::from(e).to_string()))?;
         if batch.rows() != 1 {
             return Err(at(format!("each line holds one row; this one holds {}", batch.rows())));
         }
         let outputs = session
             .run(&batch, samples, args.seed.wrapping_add(n), false)
-            .map_err(|e| at(e.to_string()))?;
+            .map_err(|e| at(crate::error::Error::from(e).to_string()))?;
         for &o in &calibrated {
             let target = target_for(&model, &calibrated, o, &target).map_err(at)?;
             add(&mut collected, o, &outputs[o], target).map_err(at)?;

@@ -47,7 +47,11 @@ fn models() -> Vec<(String, PathBuf, HashMap<&'static str, usize>)> {
 
 fn load(path: &std::path::Path) -> LoadedModel {
     let model = LoadedModel::load("m", path, ModelConfig::default()).unwrap();
-    let check = model.checks.iter().find(|c| c.check == "batch_invariant").unwrap();
+    let check = model
+        .checks
+        .iter()
+        .find(|c| c.check.as_str() == "batch_invariant")
+        .unwrap();
     assert_eq!(
         check.result,
         mcd_serve::engine::model::Outcome::Pass,
@@ -190,7 +194,7 @@ fn every_arrangement_of_a_request_gives_its_answer_alone() {
             continue;
         };
         let k = if big { 8 } else { 20 };
-        let samples = McSamples::new(k, 1000).unwrap();
+        let samples = McSamples::new(k).unwrap();
         let alone: Vec<Vec<Vec<u64>>> = requests
             .iter()
             .enumerate()
@@ -232,7 +236,7 @@ fn every_arrangement_of_a_request_gives_its_answer_alone() {
             draw.draw(chunk).unwrap();
             draw.draw(chunk).unwrap();
             let fixed = session
-                .run(b, McSamples::new(2 * chunk, 1000).unwrap(), i as u64, false)
+                .run(b, McSamples::new(2 * chunk).unwrap(), i as u64, false)
                 .unwrap();
             assert_eq!(
                 mc_bits(&draw.finish()),
@@ -270,7 +274,7 @@ fn answers() -> String {
         let b = batch(&m, 3, 5, &dims);
         let mut bits = eval_bits(&m, &b);
         if let Ok(s) = m.mc_session() {
-            bits.extend(mc_bits(&s.run(&b, McSamples::new(8, 1000).unwrap(), 11, true).unwrap()));
+            bits.extend(mc_bits(&s.run(&b, McSamples::new(8).unwrap(), 11, true).unwrap()));
         }
         let hash = bits
             .iter()

@@ -34,7 +34,7 @@ fn mc(model: &LoadedModel, b: &Batch, n: usize, seed: u64, keep: bool) -> Vec<Mc
     model
         .mc_session()
         .unwrap()
-        .run(b, McSamples::new(n, 1_000_000).unwrap(), seed, keep)
+        .run(b, McSamples::new(n).unwrap(), seed, keep)
         .unwrap()
 }
 
@@ -42,7 +42,7 @@ fn check(model: &LoadedModel, name: &str) -> Outcome {
     model
         .checks
         .iter()
-        .find(|c| c.check == name)
+        .find(|c| c.check.as_str() == name)
         .unwrap_or_else(|| panic!("no check {name}"))
         .result
 }
@@ -422,7 +422,7 @@ fn mc_live_asks_for_a_spread_far_above_float_rounding() {
     assert!(m.healthy(), "eval stays available");
     for name in ["breast_cancer", "diabetes", "digits_cnn"] {
         let m = load(&models_dir().join(format!("{name}.onnx")));
-        let live = m.checks.iter().find(|c| c.check == "mc_live").unwrap();
+        let live = m.checks.iter().find(|c| c.check.as_str() == "mc_live").unwrap();
         assert_eq!(live.result, Outcome::Pass, "{name}: {}", live.detail);
         let spread: f64 = live
             .detail
@@ -578,7 +578,7 @@ fn mc_in_passes(model: &LoadedModel, b: &Batch, n: usize, seed: u64, per_pass: u
     model
         .mc_session()
         .unwrap()
-        .run_in_passes(b, McSamples::new(n, 1_000_000).unwrap(), seed, true, per_pass)
+        .run_in_passes(b, McSamples::new(n).unwrap(), seed, true, per_pass)
         .unwrap()
 }
 
@@ -634,7 +634,11 @@ fn shared_trunk_is_skipped_with_a_reason_when_it_does_not_apply() {
         ("fixed_batch.onnx", "fixes the batch size"),
     ] {
         let model = load(&fixture(file));
-        let c = model.checks.iter().find(|c| c.check == "mc_shared_trunk").unwrap();
+        let c = model
+            .checks
+            .iter()
+            .find(|c| c.check.as_str() == "mc_shared_trunk")
+            .unwrap();
         assert_eq!(c.result, Outcome::Skipped, "{file}");
         assert!(c.detail.contains(why), "{file}: {}", c.detail);
         assert_eq!(check(&model, "mc_live"), Outcome::Pass, "{file}");
@@ -906,7 +910,7 @@ fn passes_sized_by_the_memory_budget_give_the_bits_of_one_pass() {
         let split = model
             .mc_session()
             .unwrap()
-            .run(&b, McSamples::new(30, 1000).unwrap(), 5, true)
+            .run(&b, McSamples::new(30).unwrap(), 5, true)
             .unwrap();
         for (x, y) in one_mc.iter().zip(&split) {
             let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();

@@ -93,7 +93,7 @@ fn pass_and_answer_estimates_bound_what_passes_allocate() {
 
         let session = model.mc_session().unwrap();
         for k in [1, 8, model.mc_per_pass(&b)] {
-            let n = McSamples::new(k.max(2), usize::MAX).unwrap();
+            let n = McSamples::new(k.max(2)).unwrap();
             let before = LIVE.load(Ordering::Relaxed);
             session.run_in_passes(&b, n, 1, false, k).unwrap();
             let kept = LIVE.load(Ordering::Relaxed).saturating_sub(before);

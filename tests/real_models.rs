@@ -110,7 +110,11 @@ fn every_real_model_loads_or_is_refused_for_its_reason() {
         // row (the shared trunk), verified at load against the full graph with equal masks.
         if file.ends_with("self_attention_megatron_basic_test.onnx") {
             let model = model.unwrap();
-            let c = model.checks.iter().find(|c| c.check == "mc_shared_trunk").unwrap();
+            let c = model
+                .checks
+                .iter()
+                .find(|c| c.check.as_str() == "mc_shared_trunk")
+                .unwrap();
             assert_eq!(
                 c.result,
                 mcd_serve::engine::model::Outcome::Pass,
@@ -244,7 +248,7 @@ fn training_mode_node_tests_drop_the_right_share_under_mc() {
         let outs = m
             .mc_session()
             .unwrap()
-            .run(&b, McSamples::new(s, 1000).unwrap(), 11, true)
+            .run(&b, McSamples::new(s).unwrap(), 11, true)
             .unwrap();
         let ys = outs[0].stats.samples.as_ref().unwrap();
         let scale = 1.0 / (1.0 - r as f64);
@@ -368,7 +372,7 @@ fn torch_exports_match_pytorch_in_eval_and_mc() {
             m.sites
         );
         for c in &m.checks {
-            assert_eq!(c.result, Outcome::Pass, "{name}: {} {}", c.check, c.detail);
+            assert_eq!(c.result, Outcome::Pass, "{name}: {} {}", c.check.as_str(), c.detail);
         }
         let n2 = spec["mc_samples"].as_u64().unwrap() as f64;
         let b = m.batch(vec![json_tensor(&spec["input"])]).unwrap();
@@ -389,7 +393,7 @@ fn torch_exports_match_pytorch_in_eval_and_mc() {
         let out = &m
             .mc_session()
             .unwrap()
-            .run(&b, McSamples::new(n1, n1).unwrap(), 20_261_127, true)
+            .run(&b, McSamples::new(n1).unwrap(), 20_261_127, true)
             .unwrap()[0];
         let samples = out.stats.samples.as_ref().unwrap();
         let per_sample = samples.len() / n1;
@@ -436,7 +440,7 @@ fn torch_exports_match_pytorch_in_eval_and_mc() {
         );
         if *name == "cnn_dropout2d_dynamo" {
             // The Dropout2d sits after the first convolution: the trunk is Conv and Relu.
-            let trunk = m.checks.iter().find(|c| c.check == "mc_shared_trunk").unwrap();
+            let trunk = m.checks.iter().find(|c| c.check.as_str() == "mc_shared_trunk").unwrap();
             assert!(trunk.detail.starts_with("2 trunk nodes"), "{}", trunk.detail);
             assert_eq!(
                 m.sites[0].mask_shape,

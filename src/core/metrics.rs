@@ -299,7 +299,7 @@ impl Metrics {
                 .set(1);
             for c in &model.checks {
                 self.mode_checks
-                    .with_label_values(&[name.as_str(), c.check, c.result.as_str()])
+                    .with_label_values(&[name.as_str(), c.check.as_str(), c.result.as_str()])
                     .inc();
             }
             for reason in VIOLATION_REASONS {

@@ -12,6 +12,7 @@ pub mod admission;
 pub mod auth;
 pub mod batcher;
 pub mod calibrated;
+mod engine_errors;
 pub mod memory;
 pub mod metrics;
 pub mod mode;
@@ -348,7 +349,7 @@ impl Core {
                     m.mode_violations
                         .with_label_values(&[model.name.as_str(), "mc_unavailable"])
                         .inc();
-                    return Err(e);
+                    return Err(e.into());
                 }
                 mc.samples.bound()
             }
@@ -487,7 +488,7 @@ impl Core {
                     .observe(model.eval_pass_bytes(rows) as f64);
                 match model.eval_session().run_merged(&batches) {
                     Ok(outputs) => outputs.into_iter().map(|o| Ok(Answer::Eval(o))).collect(),
-                    Err(e) => all(e),
+                    Err(e) => all(e.into()),
                 }
             }
             (_, Mode::McDropout(first)) => {
@@ -521,7 +522,7 @@ impl Core {
                         .zip(outputs)
                         .map(|(request, outputs)| self.mc_answer(model, request, outputs, samples.get(), None))
                         .collect(),
-                    Err(e) => all(e),
+                    Err(e) => all(e.into()),
                 }
             }
         }

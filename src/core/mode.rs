@@ -203,11 +203,17 @@ pub fn decide(params: &ModeParams, max_samples: usize) -> Result<Mode, Refusal> 
     let count = |n: &Param, name: &str| {
         let bad = || Error::InvalidParameter(format!("{name} must be an integer in [2, {max_samples}], got {n}"));
         let v = integer(n).ok_or_else(bad)?;
-        McSamples::new(usize::try_from(v).map_err(|_| bad())?, max_samples).map_err(|_| bad())
+        usize::try_from(v)
+            .ok()
+            .filter(|&n| n <= max_samples)
+            .and_then(McSamples::new)
+            .ok_or_else(bad)
     };
     let samples = if matches!(n, Param::Str(s) if s.trim() == AUTO) {
         let max = match &params.mc_max {
-            None => McSamples::new(max_samples, max_samples)?,
+            None => McSamples::new(max_samples).ok_or_else(|| {
+                Error::InvalidParameter(format!("the server's --max-mc-samples ({max_samples}) is below 2"))
+            })?,
             Some(m) => count(m, MC_MAX)?,
         };
         let se = match &params.mc_se {
@@ -306,7 +312,7 @@ mod tests {
         };
         assert_eq!(
             (mc.samples, mc.seed, mc.return_samples),
-            (McCount::Fixed(McSamples::new(5, 5).unwrap()), 9, true)
+            (McCount::Fixed(McSamples::new(5).unwrap()), 9, true)
         );
         let v = decide(&params(&[(SEED, Param::Int(1))]), 10).unwrap_err();
         assert_eq!(v.violation, Some("seed_without_mc"));
@@ -354,7 +360,7 @@ mod tests {
         assert_eq!(
             mc.samples,
             McCount::Auto {
-                max: McSamples::new(100, 100).unwrap(),
+                max: McSamples::new(100).unwrap(),
                 se: DEFAULT_MC_SE
             }
         );
@@ -369,7 +375,7 @@ mod tests {
         assert_eq!(
             mc.samples,
             McCount::Auto {
-                max: McSamples::new(40, 40).unwrap(),
+                max: McSamples::new(40).unwrap(),
                 se: 0.5
             }
         );
@@ -451,7 +457,7 @@ mod props {
                 match decide(&params, max) {
                     Ok(Mode::McDropout(mc)) => {
                         prop_assert!((2..=max as u64).contains(&k));
-                        prop_assert_eq!((mc.samples, mc.seed), (McCount::Fixed(McSamples::new(k as usize, max).unwrap()), seed));
+                        prop_assert_eq!((mc.samples, mc.seed), (McCount::Fixed(McSamples::new(k as usize).unwrap()), seed));
                     }
                     Ok(Mode::Eval) => prop_assert!(false, "eval with mc_samples"),
                     Err(r) => {

@@ -16,6 +16,7 @@
 
 pub mod calibration;
 pub mod decomposed;
+pub mod error;
 pub mod kernels;
 pub mod masks;
 pub mod memory;
@@ -23,5 +24,6 @@ pub mod model;
 pub mod onnx_graph;
 pub mod plans;
 pub mod repo;
+pub mod spec;
 pub mod trunk;
 pub mod uncertainty;

@@ -14,6 +14,9 @@
 //! cache. A pass of one request runs at its own size, as before.
 
 use super::*;
+use crate::engine::error::{EngineError, pass_failed};
+use crate::engine::masks::MaskSampler;
+use crate::engine::uncertainty::Accumulator;
 
 /// One MC request of a merged pass.
 pub struct McPart<'b> {
@@ -101,12 +104,12 @@ impl LoadedModel {
 
 impl EvalSession<'_> {
     /// Eval of several batches in one pass; per batch, its outputs.
-    pub fn run_merged(&self, parts: &[&Batch]) -> Result<Vec<Vec<NamedTensor>>, Error> {
+    pub fn run_merged(&self, parts: &[&Batch]) -> Result<Vec<Vec<NamedTensor>>, EngineError> {
         if let [one] = parts {
             return Ok(vec![self.run(one)?]);
         }
         let rows: usize = parts.iter().map(|p| p.rows).sum();
-        let merged = internal(self.model.concat(parts, padded_rows(rows)))?;
+        let merged = pass_failed(self.model.concat(parts, padded_rows(rows)))?;
         let outputs = self.run(&merged)?;
         let mut answers = Vec::with_capacity(parts.len());
         let mut at = 0;
@@ -120,7 +123,7 @@ impl EvalSession<'_> {
                     })
                 })
                 .collect::<TractResult<Vec<_>>>();
-            answers.push(internal(mine)?);
+            answers.push(pass_failed(mine)?);
             at += p.rows;
         }
         Ok(answers)
@@ -131,30 +134,30 @@ impl McSession<'_> {
     /// `samples` MC samples of each part, all in one pass; per part, its summaries. Each
     /// part must fit one pass alone too ([`LoadedModel::mc_one_pass`]), so that its
     /// answer is the one [`McSession::run`] gives it.
-    pub fn run_merged(&self, parts: &[McPart], samples: McSamples) -> Result<Vec<Vec<McOutput>>, Error> {
+    pub fn run_merged(&self, parts: &[McPart], samples: McSamples) -> Result<Vec<Vec<McOutput>>, EngineError> {
         let k = samples.get();
         if let [one] = parts {
             return Ok(vec![self.run(one.batch, samples, one.seed, one.keep_samples)?]);
         }
         let plan = self.plan;
         if plan.batch.is_none() {
-            return Err(Error::Internal(
+            return Err(EngineError::Pass(
                 "merged MC pass for a model whose masks are not batch-led: this is a bug".into(),
             ));
         }
         let rows: usize = parts.iter().map(|p| p.batch.rows).sum();
         let padded = padded_rows(rows);
         let batches: Vec<&Batch> = parts.iter().map(|p| p.batch).collect();
-        let merged = internal(self.model.concat(&batches, padded))?;
+        let merged = pass_failed(self.model.concat(&batches, padded))?;
         let per_part = parts
             .iter()
             .map(|p| plan.sample_masks(p.batch, 0, k, &mut MaskSampler::new(p.seed)))
             .collect::<TractResult<Vec<_>>>();
-        let per_part = internal(per_part)?;
+        let per_part = pass_failed(per_part)?;
         let masks = (0..plan.masks.len())
             .map(|m| interleave(&per_part, m, parts, k, padded).map(|t| t.into_tvalue()))
             .collect::<TractResult<Vec<_>>>();
-        let outs = internal(plan.run(&merged, k, internal(masks)?))?;
+        let outs = pass_failed(plan.run(&merged, k, pass_failed(masks)?))?;
 
         let mut answers: Vec<Vec<McOutput>> = Vec::with_capacity(parts.len());
         let mut at = 0;
@@ -248,7 +251,7 @@ mod tests {
                 .map(|p| to_f64(&m.eval_session().run(p).unwrap()[0].tensor).unwrap())
                 .collect();
             let s = m.mc_session().unwrap();
-            let samples = McSamples::new(20, 1000).unwrap();
+            let samples = McSamples::new(20).unwrap();
             let mc_alone: Vec<Vec<McOutput>> = parts
                 .iter()
                 .enumerate()

@@ -1,0 +1,382 @@
+//! Loading: an ONNX file becomes the eval plan and, where dropout is live, the MC plan.
+//! The graph surgery itself is `engine::onnx_graph`'s; here the plans are built from it.
+
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
+
+use anyhow::Context;
+use tract_onnx::pb::ModelProto;
+use tract_onnx::prelude::*;
+
+use super::*;
+use crate::engine::memory::ModelMemory;
+use crate::engine::onnx_graph::{self, FactAt, MASK_INPUT_PREFIX, MaskInput, ProbeLookup};
+use crate::engine::plans::Plans;
+use crate::engine::trunk;
+use session::Trunk;
+
+impl LoadedModel {
+    pub fn load(name: &str, path: &Path, config: ModelConfig) -> anyhow::Result<LoadedModel> {
+        crate::engine::kernels::pin();
+        let onnx = tract_onnx::onnx();
+        let proto = onnx.proto_model_for_path(path).context("reading the ONNX protobuf")?;
+        // External weights are read relative to the model's folder ("." for a bare file name).
+        let folder = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        onnx_graph::check_external_data(&proto, folder)?;
+        let mut surgery = onnx_graph::analyse(&proto, &config.dropout_ratios)?;
+        let dir = folder.to_str();
+        let eval_typed = typed(&onnx, &surgery.eval_proto, dir).context("building the eval graph")?;
+        let inputs = (0..eval_typed.inputs.len())
+            .map(|i| {
+                let outlet = eval_typed.inputs[i];
+                tensor_spec(&eval_typed.node(outlet.node).name, eval_typed.input_fact(i)?)
+            })
+            .collect::<TractResult<Vec<_>>>()?;
+        let output_names: Vec<String> = surgery
+            .eval_proto
+            .graph
+            .as_ref()
+            .expect("has graph")
+            .output
+            .iter()
+            .map(|o| o.name.clone())
+            .collect();
+        let outputs = output_names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| tensor_spec(n, eval_typed.output_fact(i)?))
+            .collect::<TractResult<Vec<_>>>()?;
+        let batch_symbol = batch_symbol(&inputs, &outputs);
+        let logits = softmax_logits(&proto, &outputs);
+        let probability_classes = probability_outputs(&config, &outputs, &logits);
+        let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+
+        // Both graphs stop at the logits of a last-axis Softmax output, and the server
+        // applies the softmax itself, in f64. For MC, tract's Softmax has a cost per row
+        // (breast_cancer's MC-50, 2 classes: 57-76 µs with it, 33-43 µs without). For both,
+        // tract's row sum splits a row at a 64-byte boundary, so a row's last bits would
+        // follow its place in the pass (`engine::kernels`); the server's sum does not.
+        // Logits that are an output themselves stay as they are: one name, one output.
+        let server_softmax: Vec<Option<String>> = outputs
+            .iter()
+            .zip(&logits)
+            .map(|(o, l)| {
+                l.clone().filter(|l| {
+                    matches!(o.datum, DatumType::F32 | DatumType::F64 | DatumType::F16)
+                        && !outputs.iter().any(|other| other.name == *l)
+                })
+            })
+            .collect();
+        let (eval_typed, eval_softmax) =
+            cut_softmax(eval_typed, &server_softmax).context("cutting the eval graph at its logits")?;
+        let eval_plans =
+            Plans::new(eval_typed, batch_symbol.as_deref(), None, file_bytes).context("optimizing the eval graph")?;
+        let probed = probe_sites(&onnx, &mut surgery, dir)?;
+        let mc = build_mc(
+            &onnx,
+            &surgery,
+            &probed,
+            dir,
+            &inputs,
+            &server_softmax,
+            batch_symbol.as_deref(),
+            file_bytes,
+        );
+        let mut model = LoadedModel {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            config,
+            inputs,
+            outputs,
+            probability_classes,
+            batch_symbol,
+            sites: surgery.sites,
+            fixes: surgery.fixes,
+            checks: vec![],
+            calibration: None,
+            eval: EvalPlan {
+                plans: eval_plans,
+                softmax: eval_softmax,
+            },
+            mc,
+            memory: ModelMemory::default(),
+            pass_budget: AtomicU64::new(DEFAULT_PASS_BUDGET_BYTES),
+            layout: Layout {
+                merge: true,
+                pad_single_eval: false,
+            },
+        };
+        model.self_check();
+        // After the self-check: it may replace the shared-trunk MC graph by the full one.
+        model.memory = model.memory_model();
+        Ok(model)
+    }
+}
+
+fn typed(onnx: &tract_onnx::Onnx, proto: &ModelProto, dir: Option<&str>) -> TractResult<TypedModel> {
+    let parsed = onnx.parse(proto, dir)?;
+    if !parsed.unresolved_inputs.is_empty() {
+        anyhow::bail!("unresolved inputs: {:?}", parsed.unresolved_inputs);
+    }
+    parsed.model.into_typed()
+}
+
+/// The batch axis: a symbol that is the first dim of every input and every output.
+pub(super) fn batch_symbol(inputs: &[TensorSpec], outputs: &[TensorSpec]) -> Option<String> {
+    let first = match inputs.first()?.shape.first()? {
+        Dim::Symbol(s) => s.clone(),
+        Dim::Fixed(_) => return None,
+    };
+    let is_batch = |s: &TensorSpec| matches!(s.shape.first(), Some(Dim::Symbol(x)) if *x == first);
+    (inputs.iter().all(is_batch) && outputs.iter().all(is_batch)).then_some(first)
+}
+
+pub(super) fn probability_outputs(
+    config: &ModelConfig,
+    outputs: &[TensorSpec],
+    softmax_logits: &[Option<String>],
+) -> Vec<Option<usize>> {
+    outputs
+        .iter()
+        .zip(softmax_logits)
+        .map(|(o, logits)| {
+            let last = match o.shape.last() {
+                Some(Dim::Fixed(k)) if *k >= 2 => *k,
+                _ => return None,
+            };
+            let declared = match &config.probability_outputs {
+                Some(list) => list.contains(&o.name),
+                None => logits.is_some(),
+            };
+            declared.then_some(last)
+        })
+        .collect()
+}
+
+/// The typed graph with each output that `server_softmax` names given by the input of the
+/// Softmax that produced it (its logits); per output, whether it was cut.
+pub(super) fn cut_softmax(
+    mut model: TypedModel,
+    server_softmax: &[Option<String>],
+) -> TractResult<(TypedModel, Vec<bool>)> {
+    use tract_onnx::tract_core::ops::nn::Softmax;
+    let mut outlets = model.outputs.clone();
+    let mut cut = vec![false; outlets.len()];
+    for (ix, logits) in server_softmax.iter().enumerate() {
+        if logits.is_none() {
+            continue;
+        }
+        let node = model.node(outlets[ix].node);
+        if node.op_as::<Softmax>().is_some() && node.inputs.len() == 1 {
+            outlets[ix] = node.inputs[0];
+            cut[ix] = true;
+        }
+    }
+    if cut.iter().any(|c| *c) {
+        model.select_output_outlets(&outlets)?;
+        model = model.into_decluttered()?;
+    }
+    Ok((model, cut))
+}
+
+/// Per output: when a Softmax over the output's last axis produces it, the name of the
+/// Softmax's input (the logits).
+pub(super) fn softmax_logits(proto: &ModelProto, outputs: &[TensorSpec]) -> Vec<Option<String>> {
+    let graph = proto.graph.as_ref().expect("has graph");
+    let opset = onnx_graph::opset(proto);
+    outputs
+        .iter()
+        .map(|o| {
+            let n = graph.node.iter().find(|n| {
+                n.op_type == "Softmax"
+                    && (n.domain.is_empty() || n.domain == "ai.onnx")
+                    && n.output.first() == Some(&o.name)
+            })?;
+            let rank = o.shape.len() as i64;
+            let default_axis = if opset >= 13 { -1 } else { 1 };
+            let axis = n
+                .attribute
+                .iter()
+                .find(|a| a.name == "axis")
+                .map(|a| a.i)
+                .unwrap_or(default_axis);
+            // Before opset 13, Softmax normalises over all axes from `axis` on.
+            let axis = if axis < 0 { axis + rank } else { axis };
+            (axis == rank - 1).then(|| n.input.first().cloned()).flatten()
+        })
+        .collect()
+}
+
+/// The activation's data type and the mask's shape, per site (in site order).
+pub(super) type Probed = Vec<(DatumType, Vec<Dim>)>;
+
+/// Types the graph once more, exposing every site's activation and the tensor that shapes
+/// a file's own draw, to learn each mask's shape (and so each site's kind). A failure only
+/// refuses MC, unless the file has dropout written as random ops: their replacement by the
+/// identity is then unproven, and the model is refused.
+pub(super) fn probe_sites(
+    onnx: &tract_onnx::Onnx,
+    surgery: &mut onnx_graph::Surgery,
+    dir: Option<&str>,
+) -> anyhow::Result<Result<Probed, String>> {
+    let (probe, lookups) = surgery.shape_probe_proto();
+    let fact_shape = |model: &TypedModel, at: FactAt| -> TractResult<(DatumType, Vec<Dim>)> {
+        let fact = match at {
+            FactAt::Input(i) => model.input_fact(i),
+            FactAt::Output(o) => model.output_fact(o),
+        }?;
+        // Symbols print by name only while their model lives: convert them now.
+        Ok((fact.datum_type, tensor_spec("", fact)?.shape))
+    };
+    let probed = typed(onnx, &probe, dir).and_then(|model| {
+        lookups
+            .iter()
+            .map(|l: &ProbeLookup| {
+                let (datum, activation) = fact_shape(&model, l.activation)?;
+                let mask = match l.template {
+                    Some(at) => fact_shape(&model, at)?.1,
+                    None => surgery.sites[l.site]
+                        .static_mask_shape()
+                        .unwrap_or_else(|| activation.clone()),
+                };
+                Ok((datum, activation, mask))
+            })
+            .collect::<TractResult<Vec<_>>>()
+    });
+    let probed = match probed {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some(site) = surgery.sites.iter().find(|s| s.pattern.is_some()) {
+                anyhow::bail!(
+                    "typing the graph to size the mask of dropout site '{}' failed: {e:#}",
+                    site.node
+                );
+            }
+            return Ok(Err(format!("typing the dropout inputs failed: {e:#}")));
+        }
+    };
+    let mut out = vec![];
+    for (site, (datum, activation, mask)) in surgery.sites.iter_mut().zip(probed) {
+        site.set_mask_shape(&activation, mask.clone())?;
+        out.push((datum, mask));
+    }
+    Ok(Ok(out))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn build_mc(
+    onnx: &tract_onnx::Onnx,
+    surgery: &onnx_graph::Surgery,
+    probed: &Result<Probed, String>,
+    dir: Option<&str>,
+    inputs: &[TensorSpec],
+    server_softmax: &[Option<String>],
+    batch_symbol: Option<&str>,
+    file_bytes: u64,
+) -> Result<McPlan, String> {
+    if surgery.sites.is_empty() {
+        return Err("the model has no Dropout nodes".into());
+    }
+    if let Some(b) = &surgery.mc_blocker {
+        return Err(b.clone());
+    }
+    if !surgery.sites.iter().any(|s| s.samples()) {
+        return Err("every Dropout node of the model has ratio 0".into());
+    }
+    let probed = probed.as_ref().map_err(Clone::clone)?;
+    let input_symbols: Vec<String> = inputs
+        .iter()
+        .flat_map(|i| i.shape.iter())
+        .filter_map(|d| match d {
+            Dim::Symbol(s) => Some(s.clone()),
+            _ => None,
+        })
+        .collect();
+    let mut masks = vec![];
+    for (site, (datum, shape)) in probed.iter().enumerate() {
+        let s = &surgery.sites[site];
+        if !s.samples() {
+            continue;
+        }
+        for d in shape {
+            match d {
+                Dim::Fixed(_) => {}
+                Dim::Symbol(sym) if input_symbols.contains(sym) => {}
+                other => {
+                    return Err(format!(
+                        "the mask of dropout site '{}' has dimension '{other}', which is not a dimension \
+                         of any model input, so the server cannot size it",
+                        s.node
+                    ));
+                }
+            }
+        }
+        for values in s.mask_values() {
+            masks.push(MaskInput {
+                site,
+                name: format!("{MASK_INPUT_PREFIX}{}", masks.len()),
+                ratio: s.ratio.expect("sampling sites have a ratio"),
+                values,
+                datum: *datum,
+                shape: shape.clone(),
+            });
+        }
+    }
+    let logits_outputs: Vec<(usize, String)> = server_softmax
+        .iter()
+        .enumerate()
+        .filter_map(|(ix, logits)| logits.clone().map(|l| (ix, l)))
+        .collect();
+    let softmax: Vec<bool> = server_softmax.iter().map(Option::is_some).collect();
+    let proto = surgery
+        .mc_proto(&masks, &logits_outputs)
+        .map_err(|e| format!("{e:#}"))?;
+    let full = typed(onnx, &proto, dir).map_err(|e| format!("building the MC graph failed: {e:#}"))?;
+    let shared = match batch_symbol {
+        None => Err("the file fixes the batch size (or an output has no batch axis)".to_string()),
+        Some(b) => {
+            let mask_inputs: Vec<usize> = (full.inputs.len() - masks.len()..full.inputs.len()).collect();
+            match trunk::share(&full, b, &mask_inputs) {
+                Ok(Some(t)) => Plans::new(t.model, batch_symbol, Some(trunk::SAMPLES_SYMBOL), file_bytes)
+                    .map(|p| (p, t.trunk_nodes, t.tiled))
+                    .map_err(|e| format!("optimizing the shared-trunk graph failed: {e:#}")),
+                Ok(None) => {
+                    Err("no node upstream of the dropout masks reads an input: there is no trunk to share".to_string())
+                }
+                Err(e) => Err(format!("the trunk cannot be shared: {e:#}")),
+            }
+        }
+    };
+    let full =
+        Plans::new(full, batch_symbol, None, file_bytes).map_err(|e| format!("building the MC graph failed: {e:#}"))?;
+    // Samples share a pass only when the batch leads every mask, so that each sample owns
+    // a block of every mask. A mask without the batch in front (or without it at all) would
+    // otherwise be drawn across samples, or even shared by them.
+    let batch = batch_symbol
+        .filter(|b| {
+            masks
+                .iter()
+                .all(|m| matches!(m.shape.first(), Some(Dim::Symbol(s)) if s == b))
+        })
+        .map(str::to_string);
+    let (plans, trunk) = match shared {
+        Ok((plans, trunk_nodes, tiled)) => (
+            plans,
+            Trunk::Shared {
+                detail: format!("{trunk_nodes} trunk nodes run once per row; {tiled} tensors tiled"),
+                full: Some(Box::new(full)),
+            },
+        ),
+        Err(reason) => (full, Trunk::Full(reason)),
+    };
+    Ok(McPlan {
+        plans,
+        masks,
+        batch,
+        softmax,
+        trunk,
+    })
+}

@@ -1,0 +1,238 @@
+//! A loaded model: an eval plan and (when dropout is live) an MC plan, the model's inputs
+//! and outputs, its dropout sites and the results of its load-time self-checks.
+//!
+//! Mode is a type here. [`EvalSession`] can only reach the eval plan, which has no mask
+//! inputs at all; [`McSession`] can only reach the MC plan, and exists only for a model
+//! whose self-checks proved that dropout moves its outputs.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+
+use tract_onnx::prelude::*;
+
+use crate::engine::error::{EngineError, InputMismatch};
+use crate::engine::memory::ModelMemory;
+use crate::engine::onnx_graph::DropoutSite;
+pub use crate::engine::spec::*;
+
+mod checks;
+mod invariance;
+mod load;
+mod merged;
+mod session;
+mod sizing;
+
+pub use checks::{Check, CheckResult, Outcome};
+pub use merged::{McPart, padded_rows};
+use session::{EvalPlan, McPlan};
+pub use session::{EvalSession, McDraw, McOutput, McSession, NamedTensor};
+pub use sizing::DEFAULT_PASS_BUDGET_BYTES;
+
+pub struct LoadedModel {
+    pub name: String,
+    pub path: PathBuf,
+    pub config: ModelConfig,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    /// Per output: classes along the last axis when it is a probability output.
+    pub probability_classes: Vec<Option<usize>>,
+    pub batch_symbol: Option<String>,
+    pub sites: Vec<DropoutSite>,
+    pub fixes: Vec<String>,
+    pub checks: Vec<CheckResult>,
+    /// Checked against this very file at load (see `engine::calibration`).
+    pub calibration: Option<crate::engine::calibration::ModelCalibration>,
+    eval: EvalPlan,
+    mc: Result<McPlan, String>,
+    /// What the pass and answer estimates are built from, fixed at load.
+    memory: ModelMemory,
+    /// Bytes one pass may take: passes are sized to fit it.
+    pass_budget: AtomicU64,
+    /// What the load-time `batch_invariant` check allows the pass planner.
+    layout: Layout,
+}
+
+/// How passes may hold a model's rows without moving their bits, as the load-time
+/// `batch_invariant` check found.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    /// Requests may share a pass (where the row granularity is 1).
+    merge: bool,
+    /// A one-row eval runs in a pass of two (a copy of the row beside it): the plan tract
+    /// builds for one row differs from the plan of any larger pass for this model.
+    pad_single_eval: bool,
+}
+
+/// A validated batch of input tensors, in the model's input order.
+pub struct Batch {
+    tensors: Vec<Tensor>,
+    rows: usize,
+    symbols: HashMap<String, usize>,
+}
+
+impl Batch {
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The input tensors, in the model's input order.
+    pub fn tensors(&self) -> &[Tensor] {
+        &self.tensors
+    }
+}
+
+impl LoadedModel {
+    /// Whether the eval checks all passed; a model that fails them is not served
+    /// ([`Check::gates_health`]).
+    pub fn healthy(&self) -> bool {
+        self.checks
+            .iter()
+            .all(|c| c.result != Outcome::Fail || !c.check.gates_health())
+    }
+
+    /// The eval self-checks that failed, as `check: detail; ...` (empty when healthy).
+    pub fn failed_checks(&self) -> String {
+        self.checks
+            .iter()
+            .filter(|c| c.result == Outcome::Fail && c.check.gates_health())
+            .map(|c| format!("{}: {}", c.check.as_str(), c.detail))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    pub fn mc_unavailable_reason(&self) -> Option<&str> {
+        self.mc.as_ref().err().map(String::as_str)
+    }
+
+    pub fn eval_session(&self) -> EvalSession<'_> {
+        EvalSession {
+            model: self,
+            plan: &self.eval,
+        }
+    }
+
+    pub fn mc_session(&self) -> Result<McSession<'_>, EngineError> {
+        match &self.mc {
+            Ok(plan) => Ok(McSession { model: self, plan }),
+            Err(reason) => Err(EngineError::McUnavailable {
+                model: self.name.clone(),
+                reason: reason.clone(),
+            }),
+        }
+    }
+
+    /// The input names, quoted, for messages: `'a', 'b'`.
+    pub fn input_names(&self) -> String {
+        self.inputs
+            .iter()
+            .map(|s| format!("'{}'", s.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The outputs that are probability vectors along their last axis.
+    pub fn probability_output_names(&self) -> Vec<&str> {
+        self.outputs
+            .iter()
+            .zip(&self.probability_classes)
+            .filter(|(_, k)| k.is_some())
+            .map(|(o, _)| o.name.as_str())
+            .collect()
+    }
+
+    /// Number of Dropout nodes that sample in MC mode.
+    pub fn sampling_sites(&self) -> usize {
+        self.sites.iter().filter(|s| s.samples()).count()
+    }
+
+    /// Checks tensors against the declared inputs: dtype, rank, fixed dims, and that each
+    /// symbolic dim takes one value across all inputs.
+    pub fn batch(&self, tensors: Vec<Tensor>) -> Result<Batch, EngineError> {
+        let refuse = |m: InputMismatch| Err(EngineError::Input(m));
+        if tensors.len() != self.inputs.len() {
+            return refuse(InputMismatch::Count {
+                model: self.name.clone(),
+                expected: self.inputs.len(),
+                got: tensors.len(),
+            });
+        }
+        let mut symbols: HashMap<String, usize> = HashMap::new();
+        for (spec, t) in self.inputs.iter().zip(&tensors) {
+            let shape = || InputMismatch::Shape {
+                input: spec.name.clone(),
+                expected: shape_string(&spec.shape),
+                got: t.shape().to_vec(),
+            };
+            if t.datum_type() != spec.datum {
+                return refuse(InputMismatch::Datum {
+                    input: spec.name.clone(),
+                    expected: spec.dtype,
+                    got: t.datum_type(),
+                });
+            }
+            if t.rank() != spec.shape.len() {
+                return refuse(shape());
+            }
+            for (d, &actual) in spec.shape.iter().zip(t.shape()) {
+                match d {
+                    Dim::Fixed(n) if *n != actual => return refuse(shape()),
+                    Dim::Fixed(_) => {}
+                    Dim::Symbol(s) => match symbols.get(s) {
+                        Some(&v) if v != actual => {
+                            return refuse(InputMismatch::Symbol {
+                                input: spec.name.clone(),
+                                symbol: s.clone(),
+                                here: actual,
+                                elsewhere: v,
+                                expected: shape_string(&spec.shape),
+                                got: t.shape().to_vec(),
+                            });
+                        }
+                        Some(_) => {}
+                        None => {
+                            if actual == 0 {
+                                return refuse(InputMismatch::Empty {
+                                    input: spec.name.clone(),
+                                    symbol: s.clone(),
+                                });
+                            }
+                            symbols.insert(s.clone(), actual);
+                        }
+                    },
+                }
+            }
+        }
+        let rows = match &self.batch_symbol {
+            Some(s) => symbols[s],
+            None => tensors.first().and_then(|t| t.shape().first().copied()).unwrap_or(1),
+        };
+        Ok(Batch { tensors, rows, symbols })
+    }
+
+    fn name_outputs(&self, outs: TVec<TValue>) -> Vec<NamedTensor> {
+        outs.into_iter()
+            .zip(&self.outputs)
+            .map(|(t, spec)| NamedTensor {
+                name: spec.name.clone(),
+                tensor: t.into_tensor(),
+            })
+            .collect()
+    }
+}
+
+/// The rows `idx` of `batch` (repeats allowed), as a batch of their own.
+pub(super) fn probe_rows(model: &LoadedModel, batch: &Batch, idx: &[usize]) -> TractResult<Batch> {
+    let tensors = batch
+        .tensors
+        .iter()
+        .map(|t| {
+            let rows = idx
+                .iter()
+                .map(|&i| t.slice(0, i, i + 1))
+                .collect::<TractResult<Vec<_>>>()?;
+            Tensor::stack_tensors(0, &rows)
+        })
+        .collect::<TractResult<Vec<_>>>()?;
+    model.batch(tensors).map_err(|e| anyhow::anyhow!("{e}"))
+}

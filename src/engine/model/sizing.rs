@@ -1,0 +1,175 @@
+//! Sizing: how much memory a pass and an answer take, and so how many rows or samples one
+//! pass may hold; and where a pass may start so that a row keeps its bits.
+
+use std::sync::atomic::Ordering;
+
+use super::*;
+use crate::engine::memory::ModelMemory;
+use session::Trunk;
+
+/// Upper bound on input elements fed to one MC pass; more samples than fit run in chunks.
+const MAX_PASS_INPUT_ELEMENTS: usize = 1 << 24;
+/// The byte budget of one pass until the server sets its own
+/// ([`LoadedModel::set_pass_budget`]): half the default `--max-memory-bytes`.
+pub const DEFAULT_PASS_BUDGET_BYTES: u64 = 256 << 20;
+
+impl LoadedModel {
+    pub(super) fn memory_model(&self) -> ModelMemory {
+        // Elements of one batch row: every dim but the batch (other symbols count 1; see
+        // `engine::memory`). A model without a batch symbol counts its whole input as a row.
+        let per_row = |shape: &[Dim]| -> u64 {
+            shape
+                .iter()
+                .map(|d| match d {
+                    Dim::Fixed(n) => *n as u64,
+                    Dim::Symbol(_) => 1,
+                })
+                .product()
+        };
+        let input_bytes_per_row = self
+            .inputs
+            .iter()
+            .map(|i| per_row(&i.shape) * i.datum.size_of() as u64)
+            .sum();
+        let output_elements_per_row = self.outputs.iter().map(|o| per_row(&o.shape)).sum();
+        let probability_rows_per_row = self
+            .outputs
+            .iter()
+            .zip(&self.probability_classes)
+            .filter_map(|(o, k)| k.map(|k| per_row(&o.shape) / k.max(1) as u64))
+            .sum();
+        let (mc_graph, mc_shared, mask_bytes_per_row) = match &self.mc {
+            Err(_) => (None, false, 0),
+            Ok(plan) => (
+                Some(plan.plans.bytes()),
+                matches!(plan.trunk, Trunk::Shared { .. }),
+                // The mask itself, and the sampler's u32 random word per element.
+                plan.masks
+                    .iter()
+                    .map(|m| per_row(&m.shape) * (m.datum.size_of() as u64 + 4))
+                    .sum(),
+            ),
+        };
+        ModelMemory {
+            eval_graph: self.eval.plans.bytes(),
+            mc_graph,
+            mc_shared,
+            input_bytes_per_row,
+            mask_bytes_per_row,
+            output_elements_per_row,
+            probability_rows_per_row,
+        }
+    }
+
+    /// The estimated peak bytes of one eval pass of `rows` rows.
+    pub fn eval_pass_bytes(&self, rows: usize) -> u64 {
+        self.memory.eval_pass(rows)
+    }
+
+    /// The estimated peak bytes of one MC pass of `samples` samples of `rows` rows.
+    pub fn mc_pass_bytes(&self, rows: usize, samples: usize) -> u64 {
+        self.memory.mc_pass(rows, samples)
+    }
+
+    /// The estimated bytes of an MC answer: its statistics, its samples when returned, and
+    /// their encoding.
+    pub fn mc_answer_bytes(&self, rows: usize, samples: usize, return_samples: bool) -> u64 {
+        self.memory.mc_answer(rows, samples, return_samples)
+    }
+
+    /// The estimated bytes of an eval answer's encoding.
+    pub fn eval_answer_bytes(&self, rows: usize) -> u64 {
+        self.memory.eval_answer(rows)
+    }
+
+    /// The bytes of `rows` rows of input, as the request holds them.
+    pub fn input_bytes(&self, rows: usize) -> u64 {
+        self.memory.input_bytes_per_row.saturating_mul(rows as u64)
+    }
+
+    /// Values `return_samples` gives back for `samples` samples of `rows` rows.
+    pub fn returned_values(&self, rows: usize, samples: usize) -> u64 {
+        self.memory.returned_values(rows, samples)
+    }
+
+    /// Sets the bytes one pass may take (the server's share of `--max-memory-bytes`).
+    pub fn set_pass_budget(&self, bytes: u64) {
+        self.pass_budget.store(bytes, Ordering::Relaxed);
+    }
+
+    pub fn pass_budget(&self) -> u64 {
+        self.pass_budget.load(Ordering::Relaxed)
+    }
+
+    /// The most samples of `rows` rows that one MC pass may hold within the pass budget;
+    /// 0 when not even one fits. A model whose masks are not batch-led runs one sample per
+    /// pass whatever this says.
+    pub fn mc_samples_per_pass(&self, rows: usize) -> usize {
+        let budget = self.pass_budget();
+        let base = self.mc_pass_bytes(rows, 0);
+        let step = self.mc_pass_bytes(rows, 1).saturating_sub(base).max(1);
+        // Linear in the samples: base + step·k (see `engine::memory`).
+        (budget.saturating_sub(base) / step).min(usize::MAX as u64) as usize
+    }
+
+    /// Samples per MC pass of `batch`, as [`McSession::start`] sizes them: within the pass
+    /// budget (admission refuses a request where not even one sample fits) and within the
+    /// input elements that keep a pass's tiling cheap; one when the masks are not batch-led.
+    pub fn mc_per_pass(&self, batch: &Batch) -> usize {
+        self.mc_pass_samples(batch.rows, batch.tensors.iter().map(|t| t.len()).sum())
+    }
+
+    /// [`mc_per_pass`](Self::mc_per_pass) for a pass of `rows` rows holding
+    /// `input_elements` input elements in all.
+    pub fn mc_pass_samples(&self, rows: usize, input_elements: usize) -> usize {
+        if !self.mc.as_ref().is_ok_and(|p| p.batch.is_some()) {
+            return 1;
+        }
+        (MAX_PASS_INPUT_ELEMENTS / input_elements.max(1))
+            .min(self.mc_samples_per_pass(rows))
+            .max(1)
+    }
+
+    /// The most rows one eval pass may hold within the pass budget (at least 1: a row is
+    /// the least a pass can run). Only a model with a batch axis splits its rows.
+    pub fn eval_rows_per_pass(&self, rows: usize) -> usize {
+        if self.batch_symbol.is_none() {
+            return rows;
+        }
+        let budget = self.pass_budget();
+        let base = self.eval_pass_bytes(0);
+        let step = self.eval_pass_bytes(1).saturating_sub(base).max(1);
+        ((budget.saturating_sub(base) / step) as usize).clamp(1, rows.max(1))
+    }
+
+    /// How many rows apart two places of a row of `batch` must be for its answer (eval and
+    /// MC) to keep its bits: 1 when a row may go anywhere in a pass. A model with sums over
+    /// rows of a size that a 64-byte boundary can split differently ([`kernels`]) answers
+    /// more, and its passes then keep each row where it is when the request runs alone.
+    pub fn row_granularity(&self, batch: &Batch) -> usize {
+        let mc = self
+            .mc
+            .as_ref()
+            .map(|p| p.plans.granularity(&batch.symbols))
+            .unwrap_or(1);
+        self.eval.plans.granularity(&batch.symbols).max(mc)
+    }
+}
+
+/// Samples apart that keep a row's alignment, for a model of row granularity `granularity`
+/// and a batch of `rows` rows: sample `s` of row `r` sits at row `s·rows + r` of a pass.
+pub(super) fn sample_step(granularity: usize, rows: usize) -> usize {
+    granularity / gcd(granularity, rows.max(1))
+}
+
+pub(super) fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// `per_pass` rounded down to a multiple of `step`, so that every pass after the first
+/// starts where a row keeps its alignment; at least one step, even where the pass budget
+/// holds less (a model whose sums a row's place can move, with a row that nearly fills a
+/// pass by itself): the answer's bits come before the budget's last fraction.
+pub(super) fn aligned(per_pass: usize, step: usize) -> usize {
+    (per_pass / step * step).max(step)
+}

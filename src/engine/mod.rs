@@ -15,7 +15,6 @@
 //! - [`calibration`]: conformal intervals, prediction sets and referral, and their file.
 
 pub mod calibration;
-pub mod decomposed;
 pub mod error;
 pub mod kernels;
 pub mod masks;

@@ -1,5 +1,5 @@
 //! `mcd-serve calibrate`: runs MC on labelled rows through the serving engine and writes
-//! `<stem>.calibration.json` beside the model (see `engine::calibration` for the maths).
+//! `<stem>.calibration.json` beside the model (see `engine::conformal` for the maths).
 //!
 //! The data file is JSON Lines, one labelled row per line:
 //! `{"inputs": <as in /predict, one row>, "target": <class index, or value(s)>}`. A model
@@ -13,7 +13,7 @@ use anyhow::{Context, anyhow, bail};
 use serde_json::{Value, json};
 use tract_onnx::prelude::DatumType;
 
-use crate::engine::calibration::{
+use crate::engine::conformal::{
     self, CalibrationFile, ClassRow, DEFAULT_REFER_TARGET, FORMAT, OutputCalibration, REFER_TARGETS, RegressionRow,
 };
 use crate::engine::model::{LoadedModel, McOutput, McSamples};
@@ -114,14 +114,14 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
             .file_name()
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_default(),
-        model_sha256: calibration::sha256_file(&path)?,
-        created: calibration::rfc3339(SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs()),
+        model_sha256: conformal::sha256_file(&path)?,
+        created: conformal::rfc3339(SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs()),
         n: n as usize,
         mc_samples: samples.get(),
         seed: args.seed,
         outputs,
     };
-    let out = calibration::calibration_path(&path);
+    let out = conformal::calibration_path(&path);
     write_atomically(&out, &serde_json::to_vec_pretty(&file)?)?;
     print!("{}", report(&file, own, &out));
     Ok(())
@@ -229,7 +229,7 @@ fn fit(c: Collected, targets: &[f64]) -> OutputCalibration {
                     target: &target[i],
                 })
                 .collect();
-            OutputCalibration::Regression(calibration::fit_regression(&rows))
+            OutputCalibration::Regression(conformal::fit_regression(&rows))
         }
         Collected::Probabilities { mean, entropy, target } => {
             let rows: Vec<ClassRow> = (0..mean.len())
@@ -239,7 +239,7 @@ fn fit(c: Collected, targets: &[f64]) -> OutputCalibration {
                     target: target[i],
                 })
                 .collect();
-            OutputCalibration::Probabilities(calibration::fit_sets(&rows, targets))
+            OutputCalibration::Probabilities(conformal::fit_sets(&rows, targets))
         }
     }
 }

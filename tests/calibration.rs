@@ -75,7 +75,7 @@ async fn calibrate_writes_a_file_that_every_front_end_serves() {
         (cal["n"].as_u64(), cal["mc_samples"].as_u64(), cal["seed"].as_u64()),
         (Some(120), Some(30), Some(3))
     );
-    let hash = mcd_serve::engine::calibration::sha256_file(&dir.path().join("breast_cancer.onnx")).unwrap();
+    let hash = mcd_serve::engine::conformal::sha256_file(&dir.path().join("breast_cancer.onnx")).unwrap();
     assert_eq!(cal["model_sha256"], hash.as_str());
     assert_eq!(cal["outputs"]["probabilities"]["method"], "lac");
 

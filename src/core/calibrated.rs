@@ -2,7 +2,7 @@
 //! end: intervals for regression outputs; prediction sets and referral for probability
 //! outputs.
 
-use crate::engine::calibration::{self, ModelCalibration, OutputCalibration};
+use crate::engine::conformal::{self, ModelCalibration, OutputCalibration};
 use crate::engine::model::{LoadedModel, McOutput};
 use crate::error::Error;
 
@@ -56,7 +56,7 @@ fn output(cal: &ModelCalibration, o: &McOutput) -> Result<Option<Calibrated>, Er
                     let (lower, upper) = (0..s.mean.len())
                         .map(|j| {
                             let c = j % columns;
-                            calibration::interval(s.mean[j], s.std[j], r.noise_variance[c], level.quantile[c])
+                            conformal::interval(s.mean[j], s.std[j], r.noise_variance[c], level.quantile[c])
                         })
                         .unzip();
                     Interval {
@@ -81,9 +81,7 @@ fn output(cal: &ModelCalibration, o: &McOutput) -> Result<Option<Calibrated>, Er
                 .map(|l| {
                     (
                         l.level,
-                        rows.iter()
-                            .map(|r| calibration::prediction_set(r, l.threshold))
-                            .collect(),
+                        rows.iter().map(|r| conformal::prediction_set(r, l.threshold)).collect(),
                     )
                 })
                 .collect();

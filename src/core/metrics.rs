@@ -8,7 +8,7 @@ use prometheus::{
 use crate::core::Protocol;
 use crate::core::admission::REJECT_REASONS;
 use crate::core::mode::VIOLATION_REASONS;
-use crate::engine::calibration::OutputCalibration;
+use crate::engine::conformal::OutputCalibration;
 use crate::engine::repo::ModelRepo;
 
 /// The `result` of `mcd_model_reloads_total`.

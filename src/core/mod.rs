@@ -628,7 +628,7 @@ impl Core {
                 .with_label_values(&labels)
                 .inc_by(referred as u64);
             let sizes = self.metrics.prediction_set_size.with_label_values(&labels);
-            let at = |(level, _): &&(f64, Vec<Vec<usize>>)| *level == crate::engine::calibration::METRIC_SET_LEVEL;
+            let at = |(level, _): &&(f64, Vec<Vec<usize>>)| *level == crate::engine::conformal::METRIC_SET_LEVEL;
             for row in sets.sets.iter().find(at).map(|(_, rows)| rows).into_iter().flatten() {
                 sizes.observe(row.len() as f64);
             }

@@ -12,9 +12,9 @@
 //! - [`masks`], [`uncertainty`]: mask sampling and the MC statistics.
 //! - [`memory`]: the estimated peak memory of a pass and of an answer.
 //! - [`repo`]: the models folder, loaded and reloaded.
-//! - [`calibration`]: conformal intervals, prediction sets and referral, and their file.
+//! - [`conformal`]: conformal intervals, prediction sets and referral, and their file.
 
-pub mod calibration;
+pub mod conformal;
 pub mod error;
 pub mod kernels;
 pub mod masks;

@@ -110,7 +110,13 @@ pub fn load_model(name: &str, path: &Path) -> Result<LoadedModel, String> {
 /// Attaches the model's calibration; a stale or mismatched one fails the load, so it is
 /// never silently used.
 fn with_calibration(mut m: LoadedModel) -> Result<LoadedModel, String> {
-    m.calibration = crate::engine::calibration::load(&m)?;
+    let outputs: Vec<(&str, bool)> = m
+        .outputs
+        .iter()
+        .zip(&m.probability_classes)
+        .map(|(o, k)| (o.name.as_str(), k.is_some()))
+        .collect();
+    m.calibration = crate::engine::conformal::load(&m.name, &m.path, &outputs, m.config.refer_target_error)?;
     Ok(m)
 }
 

@@ -41,8 +41,8 @@ pub struct LoadedModel {
     pub sites: Vec<DropoutSite>,
     pub fixes: Vec<String>,
     pub checks: Vec<CheckResult>,
-    /// Checked against this very file at load (see `engine::calibration`).
-    pub calibration: Option<crate::engine::calibration::ModelCalibration>,
+    /// Checked against this very file at load (see `engine::conformal`).
+    pub calibration: Option<crate::engine::conformal::ModelCalibration>,
     eval: EvalPlan,
     mc: Result<McPlan, String>,
     /// What the pass and answer estimates are built from, fixed at load.

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use crate::core::calibrated::Calibrated;
 use crate::core::mode::{ModeLabel, ModeParams, Param};
 use crate::core::{Answer, Core, Inputs, PredictRequest, Protocol};
-use crate::engine::calibration::level_key;
+use crate::engine::conformal::level_key;
 use crate::engine::model::LoadedModel;
 use crate::error::Error;
 use crate::front::extract::Path;

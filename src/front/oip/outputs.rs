@@ -15,7 +15,7 @@ use tract_onnx::prelude::*;
 use crate::core::calibrated::Calibrated;
 use crate::core::tensors::{DataType, f32_bytes, f64_bytes, tensor_bytes};
 use crate::core::{Answer, MODEL_VERSION};
-use crate::engine::calibration::{OutputCalibration, level_key};
+use crate::engine::conformal::{OutputCalibration, level_key};
 use crate::engine::model::{Dim, LoadedModel, TensorSpec};
 use crate::error::Error;
 

@@ -92,7 +92,8 @@ fn pass_and_answer_estimates_bound_what_passes_allocate() {
         );
 
         let session = model.mc_session().unwrap();
-        for k in [1, 8, model.mc_per_pass(&b)] {
+        let elements = b.tensors().iter().map(|t| t.len()).sum();
+        for k in [1, 8, model.mc_split(b.rows(), elements, model.row_granularity(&b))] {
             let n = McSamples::new(k.max(2)).unwrap();
             let before = LIVE.load(Ordering::Relaxed);
             session.run_in_passes(&b, n, 1, false, k).unwrap();

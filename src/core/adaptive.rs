@@ -16,6 +16,13 @@ use crate::error::Error;
 /// few enough that the count stops close to where the criterion is met.
 pub const CHUNK: usize = 16;
 
+/// Samples per chunk of an `auto` request for a model whose passes start at multiples of
+/// `step` samples ([`crate::engine::model::McDraw::step`]): [`CHUNK`], or the next multiple
+/// of the step, so that each sample has the bits a fixed-count request gives it.
+pub fn chunk(step: usize) -> usize {
+    CHUNK.div_ceil(step.max(1)) * step.max(1)
+}
+
 /// What an `auto` request ended with.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AutoOutcome {
@@ -40,9 +47,7 @@ pub fn draw(
         McCount::Auto { max, se } => {
             let max = max.get();
             let mut draw = session.start(batch, request.seed, request.return_samples);
-            // Chunks start where a row keeps its alignment, so that each sample has the bits
-            // a fixed-count request gives it (16 on every bundled model).
-            let chunk = CHUNK.div_ceil(draw.step()) * draw.step();
+            let chunk = chunk(draw.step());
             let converged = loop {
                 draw.draw(chunk.min(max - draw.count()))?;
                 if draw.max_standard_error() <= se {

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use tract_onnx::prelude::Tensor;
 
-use crate::core::mode::{McCount, Mode};
+use crate::core::mode::Mode;
+use crate::core::worker::{PassClass, pass_class};
 use crate::core::{Answer, Core};
 use crate::engine::model::LoadedModel;
 use crate::error::Error;
@@ -44,27 +45,9 @@ pub struct Job {
     pub request: Box<dyn Pending>,
 }
 
-/// Which requests may share a pass, beyond being for the same loaded model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum PassClass {
-    Eval,
-    /// MC with this fixed sample count. `mc_samples=auto` decides its count as it goes, so
-    /// it runs alone.
-    Mc(usize),
-}
-
 impl Job {
     fn class(&self) -> Option<PassClass> {
-        if !self.model.merges() {
-            return None;
-        }
-        match self.mode {
-            Mode::Eval => Some(PassClass::Eval),
-            Mode::McDropout(mc) => match mc.samples {
-                McCount::Fixed(n) => Some(PassClass::Mc(n.get())),
-                McCount::Auto { .. } => None,
-            },
-        }
+        pass_class(&self.model, &self.mode)
     }
 
     fn joins(&self, first: &Job, class: PassClass) -> bool {

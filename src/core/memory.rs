@@ -14,8 +14,9 @@ use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::core::adaptive;
 use crate::core::mode::{McCount, Mode};
-use crate::engine::model::{Batch, LoadedModel};
+use crate::engine::model::{Batch, LoadedModel, pass_sizes, sample_step};
 use crate::error::Error;
 
 /// Reservations count in KiB, so a u32 permit count covers 4 TiB.
@@ -144,21 +145,28 @@ impl MemoryBudget {
     /// exact check, [`request_bytes`](Self::request_bytes) on the decoded rows, gives the
     /// 413 of a request that really could never fit.
     pub fn reserve_request(&self, model: &LoadedModel, rows_bound: usize, mode: &Mode) -> Result<MemoryPermit, Error> {
-        let bytes = self.request_bytes(model, rows_bound, mode).unwrap_or(self.bytes);
+        let bytes = self.request_bytes(model, rows_bound, 1, mode).unwrap_or(self.bytes);
         self.reserve(bytes.min(self.bytes))
     }
 
-    /// The estimated peak of a request of `rows` rows in `mode`, or 413 with what would fit.
-    pub fn request_bytes(&self, model: &LoadedModel, rows: usize, mode: &Mode) -> Result<u64, Error> {
+    /// The estimated peak of a request of `rows` rows in `mode`, or 413 with what would fit;
+    /// `granularity` is the rows' ([`LoadedModel::row_granularity`]: 1 before decoding).
+    pub fn request_bytes(
+        &self,
+        model: &LoadedModel,
+        rows: usize,
+        granularity: usize,
+        mode: &Mode,
+    ) -> Result<u64, Error> {
         let rows = rows.max(1);
         let (samples, return_samples) = match mode {
             Mode::Eval => {
                 // Rows split into passes, so only the answer grows with them.
-                let bytes = eval_bytes(model, rows);
+                let bytes = eval_bytes(model, rows, granularity);
                 return if bytes <= self.bytes {
                     Ok(bytes)
                 } else {
-                    let max_rows = largest(rows, |r| eval_bytes(model, r) <= self.bytes);
+                    let max_rows = largest(rows, |r| eval_bytes(model, r, granularity) <= self.bytes);
                     Err(Error::PayloadTooLarge(format!(
                         "an eval request of {rows} rows on model '{}' would need about {}, more than the server's \
                          budget of {} (--max-memory-bytes, MCD_MAX_MEMORY_BYTES): at most {max_rows} rows fit",
@@ -188,13 +196,15 @@ impl MemoryBudget {
         }
         // `auto` draws chunks: its passes are never larger than a chunk.
         let chunk = match mc_count(mode) {
-            Some(McCount::Auto { .. }) => crate::core::adaptive::CHUNK,
+            Some(McCount::Auto { .. }) => adaptive::chunk(sample_step(granularity, rows)),
             _ => samples,
         };
         let fits = |rows: usize, samples: usize| {
-            mc_bytes(model, rows, samples, chunk, return_samples).is_some_and(|b| b <= self.bytes)
+            mc_bytes(model, rows, granularity, samples, chunk, return_samples).is_some_and(|b| b <= self.bytes)
         };
-        if let Some(bytes) = mc_bytes(model, rows, samples, chunk, return_samples).filter(|&b| b <= self.bytes) {
+        if let Some(bytes) =
+            mc_bytes(model, rows, granularity, samples, chunk, return_samples).filter(|&b| b <= self.bytes)
+        {
             return Ok(bytes);
         }
         // What would fit: the most rows at this sample count, and (where the answer grows
@@ -228,31 +238,22 @@ fn mc_count(mode: &Mode) -> Option<McCount> {
 }
 
 /// The estimated peak of each pass a request ran, in order: eval splits its rows, MC its
-/// samples (`auto` first into chunks), as the engine sizes them.
+/// samples (`auto` first into chunks), by the engine's own sizing.
 pub fn pass_bytes(model: &LoadedModel, batch: &Batch, mode: &Mode, samples_drawn: usize) -> Vec<u64> {
-    let split = |total: usize, per: usize| {
-        let per = per.max(1);
-        let mut sizes = vec![per; total / per];
-        if !total.is_multiple_of(per) {
-            sizes.push(total % per);
-        }
-        sizes
-    };
     let rows = batch.rows();
+    let granularity = model.row_granularity(batch);
     match mode {
-        Mode::Eval => split(rows, model.eval_rows_per_pass(rows))
-            .into_iter()
+        Mode::Eval => pass_sizes(rows, model.eval_split(rows, granularity))
             .map(|r| model.eval_pass_bytes(r))
             .collect(),
         Mode::McDropout(mc) => {
-            let steps = match mc.samples {
-                McCount::Auto { .. } => split(samples_drawn, crate::core::adaptive::CHUNK),
-                McCount::Fixed(_) => vec![samples_drawn],
+            let per_pass = model.mc_split(rows, LoadedModel::row_elements(batch) * rows, granularity);
+            let chunk = match mc.samples {
+                McCount::Auto { .. } => adaptive::chunk(sample_step(granularity, rows)),
+                McCount::Fixed(_) => samples_drawn,
             };
-            let per_pass = model.mc_per_pass(batch);
-            steps
-                .into_iter()
-                .flat_map(|step| split(step, per_pass))
+            pass_sizes(samples_drawn, chunk)
+                .flat_map(|step| pass_sizes(step, per_pass))
                 .map(|k| model.mc_pass_bytes(rows, k))
                 .collect()
         }
@@ -260,22 +261,31 @@ pub fn pass_bytes(model: &LoadedModel, batch: &Batch, mode: &Mode, samples_drawn
 }
 
 /// An eval request: its input, its largest pass and its encoded answer.
-pub fn eval_bytes(model: &LoadedModel, rows: usize) -> u64 {
-    let per_pass = model.eval_rows_per_pass(rows);
+pub fn eval_bytes(model: &LoadedModel, rows: usize, granularity: usize) -> u64 {
     model
         .input_bytes(rows)
-        .saturating_add(model.eval_pass_bytes(per_pass))
+        .saturating_add(model.eval_pass_bytes(model.eval_split(rows, granularity)))
         .saturating_add(model.eval_answer_bytes(rows))
 }
 
 /// An MC request, as the passes will be sized; None when not even one sample of these rows
 /// fits a pass.
-pub fn mc_bytes(model: &LoadedModel, rows: usize, samples: usize, chunk: usize, return_samples: bool) -> Option<u64> {
-    let per_pass = model.mc_samples_per_pass(rows).min(samples).min(chunk);
-    (per_pass >= 1).then(|| {
+pub fn mc_bytes(
+    model: &LoadedModel,
+    rows: usize,
+    granularity: usize,
+    samples: usize,
+    chunk: usize,
+    return_samples: bool,
+) -> Option<u64> {
+    let largest = model
+        .mc_split(rows, model.input_elements(rows), granularity)
+        .min(samples)
+        .min(chunk);
+    (model.mc_pass_bytes(rows, 1) <= model.pass_budget()).then(|| {
         model
             .input_bytes(rows)
-            .saturating_add(model.mc_pass_bytes(rows, per_pass))
+            .saturating_add(model.mc_pass_bytes(rows, largest))
             .saturating_add(model.mc_answer_bytes(rows, samples, return_samples))
     })
 }
@@ -323,7 +333,7 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
         let model = LoadedModel::load("digits_cnn", &dir.join("digits_cnn.onnx"), Default::default()).unwrap();
         let budget = MemoryBudget::new(8 << 20, 1);
-        let Err(Error::PayloadTooLarge(message)) = budget.request_bytes(&model, 4096, &Mode::Eval) else {
+        let Err(Error::PayloadTooLarge(message)) = budget.request_bytes(&model, 4096, 1, &Mode::Eval) else {
             panic!("4096 digits_cnn rows fit in 8 MiB");
         };
         assert!(!message.contains("  "), "{message}");
@@ -340,8 +350,8 @@ mod tests {
             message.contains("more than the server's budget of 8.0 MiB"),
             "{message}"
         );
-        assert!(budget.request_bytes(&model, fit, &Mode::Eval).is_ok());
-        assert!(budget.request_bytes(&model, fit + 1, &Mode::Eval).is_err());
+        assert!(budget.request_bytes(&model, fit, 1, &Mode::Eval).is_ok());
+        assert!(budget.request_bytes(&model, fit + 1, 1, &Mode::Eval).is_err());
     }
 
     #[test]

@@ -53,12 +53,12 @@ impl LoadedModel {
     /// Whether all `samples` of an MC pass of `rows` rows fit one pass, as
     /// [`McSession::start`] sizes passes (input elements and the memory budget).
     pub fn mc_one_pass(&self, rows: usize, row_elements: usize, samples: usize) -> bool {
-        samples <= self.mc_pass_samples(rows, rows.saturating_mul(row_elements))
+        samples <= self.mc_split(rows, rows.saturating_mul(row_elements), 1)
     }
 
     /// Whether an eval pass of `rows` rows fits one pass's memory budget.
     pub fn eval_one_pass(&self, rows: usize) -> bool {
-        self.eval_rows_per_pass(rows) >= rows
+        self.eval_split(rows, 1) >= rows
     }
 
     /// Input elements of one row of `batch` (over all inputs).

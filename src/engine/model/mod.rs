@@ -27,7 +27,7 @@ pub use checks::{Check, CheckResult, Outcome};
 pub use merged::{McPart, padded_rows};
 use session::{EvalPlan, McPlan};
 pub use session::{EvalSession, McDraw, McOutput, McSession, NamedTensor};
-pub use sizing::DEFAULT_PASS_BUDGET_BYTES;
+pub use sizing::{DEFAULT_PASS_BUDGET_BYTES, pass_sizes, sample_step};
 
 pub struct LoadedModel {
     pub name: String,

@@ -11,7 +11,7 @@ use crate::engine::masks::{MaskSampler, MaskSpec};
 use crate::engine::onnx_graph::MaskInput;
 use crate::engine::plans::{self, Plans};
 use crate::engine::uncertainty::{Accumulator, OutputStats};
-use sizing::{aligned, sample_step};
+use sizing::{aligned, pass_sizes, sample_step};
 
 pub(super) struct EvalPlan {
     pub(super) plans: Plans,
@@ -163,8 +163,8 @@ impl EvalSession<'_> {
     /// rows are independent (the load-time check `eval_row_independent` proves it), so the
     /// outputs of the passes, concatenated, are the batch's.
     pub fn run(&self, batch: &Batch) -> Result<Vec<NamedTensor>, EngineError> {
-        let per_pass = self.model.eval_rows_per_pass(batch.rows);
-        self.run_in_passes(batch, aligned(per_pass, self.model.row_granularity(batch)))
+        let granularity = self.model.row_granularity(batch);
+        self.run_in_passes(batch, self.model.eval_split(batch.rows, granularity))
     }
 
     /// As [`run`](Self::run), with at most `per_pass` rows per pass.
@@ -279,8 +279,10 @@ impl McSession<'_> {
     /// Starts drawing samples of `batch`, to be drawn in as many steps as the caller likes:
     /// sample `s` is the same whichever step draws it.
     pub fn start<'s>(&'s self, batch: &'s Batch, seed: u64, keep_samples: bool) -> McDraw<'s> {
-        let step = sample_step(self.model.row_granularity(batch), batch.rows);
-        let per_pass = aligned(self.model.mc_per_pass(batch), step);
+        let elements = batch.tensors.iter().map(|t| t.len()).sum();
+        let per_pass = self
+            .model
+            .mc_split(batch.rows, elements, self.model.row_granularity(batch));
         McDraw {
             model: self.model,
             plan: self.plan,
@@ -317,9 +319,7 @@ impl McDraw<'_> {
     pub fn draw(&mut self, n: usize) -> Result<(), EngineError> {
         let batch_led = self.plan.batch.is_some();
         let per_pass = if batch_led { self.per_pass } else { 1 };
-        let end = self.done + n;
-        while self.done < end {
-            let k = per_pass.min(end - self.done);
+        for k in pass_sizes(n, per_pass) {
             // tract's plan for a pass of one row (one sample of a one-row request) differs
             // from its larger plans, and can give other bits (measured: 1-4 ulps on the
             // MONAI DenseNet). Such a pass also draws the next sample, and drops it.

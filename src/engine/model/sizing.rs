@@ -82,6 +82,22 @@ impl LoadedModel {
         self.memory.eval_answer(rows)
     }
 
+    /// The input elements of `rows` rows (symbolic dims other than the batch counted as 1).
+    pub fn input_elements(&self, rows: usize) -> usize {
+        let per_row: usize = self
+            .inputs
+            .iter()
+            .map(|i| {
+                i.shape
+                    .iter()
+                    .skip(1)
+                    .map(|d| if let Dim::Fixed(n) = d { *n } else { 1 })
+                    .product::<usize>()
+            })
+            .sum();
+        per_row.saturating_mul(rows)
+    }
+
     /// The bytes of `rows` rows of input, as the request holds them.
     pub fn input_bytes(&self, rows: usize) -> u64 {
         self.memory.input_bytes_per_row.saturating_mul(rows as u64)
@@ -102,9 +118,8 @@ impl LoadedModel {
     }
 
     /// The most samples of `rows` rows that one MC pass may hold within the pass budget;
-    /// 0 when not even one fits. A model whose masks are not batch-led runs one sample per
-    /// pass whatever this says.
-    pub fn mc_samples_per_pass(&self, rows: usize) -> usize {
+    /// 0 when not even one fits.
+    fn samples_in_budget(&self, rows: usize) -> usize {
         let budget = self.pass_budget();
         let base = self.mc_pass_bytes(rows, 0);
         let step = self.mc_pass_bytes(rows, 1).saturating_sub(base).max(1);
@@ -112,34 +127,34 @@ impl LoadedModel {
         (budget.saturating_sub(base) / step).min(usize::MAX as u64) as usize
     }
 
-    /// Samples per MC pass of `batch`, as [`McSession::start`] sizes them: within the pass
-    /// budget (admission refuses a request where not even one sample fits) and within the
-    /// input elements that keep a pass's tiling cheap; one when the masks are not batch-led.
-    pub fn mc_per_pass(&self, batch: &Batch) -> usize {
-        self.mc_pass_samples(batch.rows, batch.tensors.iter().map(|t| t.len()).sum())
-    }
-
-    /// [`mc_per_pass`](Self::mc_per_pass) for a pass of `rows` rows holding
-    /// `input_elements` input elements in all.
-    pub fn mc_pass_samples(&self, rows: usize, input_elements: usize) -> usize {
+    /// Samples per MC pass of a request of `rows` rows holding `input_elements` input
+    /// elements, for rows of granularity `granularity` ([`row_granularity`](Self::row_granularity)):
+    /// the one rule the MC draw, the memory estimate and the pass planner read. Within the
+    /// pass budget and within the input elements that keep a pass's tiling cheap, at a
+    /// multiple of the alignment step; one when the masks are not batch-led (each sample
+    /// is then a pass of its own).
+    pub fn mc_split(&self, rows: usize, input_elements: usize, granularity: usize) -> usize {
         if !self.mc.as_ref().is_ok_and(|p| p.batch.is_some()) {
             return 1;
         }
-        (MAX_PASS_INPUT_ELEMENTS / input_elements.max(1))
-            .min(self.mc_samples_per_pass(rows))
-            .max(1)
+        let per_pass = (MAX_PASS_INPUT_ELEMENTS / input_elements.max(1))
+            .min(self.samples_in_budget(rows))
+            .max(1);
+        aligned(per_pass, sample_step(granularity, rows))
     }
 
-    /// The most rows one eval pass may hold within the pass budget (at least 1: a row is
-    /// the least a pass can run). Only a model with a batch axis splits its rows.
-    pub fn eval_rows_per_pass(&self, rows: usize) -> usize {
+    /// Rows per eval pass of a request of `rows` rows, for rows of granularity
+    /// `granularity`: within the pass budget (at least one row, the least a pass can run),
+    /// at a multiple of the granularity. Only a model with a batch axis splits its rows.
+    pub fn eval_split(&self, rows: usize, granularity: usize) -> usize {
         if self.batch_symbol.is_none() {
             return rows;
         }
         let budget = self.pass_budget();
         let base = self.eval_pass_bytes(0);
         let step = self.eval_pass_bytes(1).saturating_sub(base).max(1);
-        ((budget.saturating_sub(base) / step) as usize).clamp(1, rows.max(1))
+        let per_pass = ((budget.saturating_sub(base) / step) as usize).clamp(1, rows.max(1));
+        aligned(per_pass, granularity).min(rows.max(1))
     }
 
     /// How many rows apart two places of a row of `batch` must be for its answer (eval and
@@ -158,7 +173,7 @@ impl LoadedModel {
 
 /// Samples apart that keep a row's alignment, for a model of row granularity `granularity`
 /// and a batch of `rows` rows: sample `s` of row `r` sits at row `s·rows + r` of a pass.
-pub(super) fn sample_step(granularity: usize, rows: usize) -> usize {
+pub fn sample_step(granularity: usize, rows: usize) -> usize {
     granularity / gcd(granularity, rows.max(1))
 }
 
@@ -172,4 +187,31 @@ pub(super) fn gcd(a: usize, b: usize) -> usize {
 /// pass by itself): the answer's bits come before the budget's last fraction.
 pub(super) fn aligned(per_pass: usize, step: usize) -> usize {
     (per_pass / step * step).max(step)
+}
+
+/// The sizes of the passes that take `total` rows or samples `per_pass` at a time.
+pub fn pass_sizes(total: usize, per_pass: usize) -> impl Iterator<Item = usize> {
+    let per_pass = per_pass.max(1);
+    (0..total.div_ceil(per_pass)).map(move |i| per_pass.min(total - i * per_pass))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passes_take_everything_in_order_and_start_at_multiples_of_the_step() {
+        assert_eq!(pass_sizes(10, 4).collect::<Vec<_>>(), vec![4, 4, 2]);
+        assert_eq!(pass_sizes(8, 4).collect::<Vec<_>>(), vec![4, 4]);
+        assert_eq!(pass_sizes(3, 10).collect::<Vec<_>>(), vec![3]);
+        assert_eq!(pass_sizes(0, 4).count(), 0);
+        // Granularity 8 with 2-row requests: samples 4 apart keep a row's alignment.
+        assert_eq!(sample_step(8, 2), 4);
+        assert_eq!(sample_step(8, 3), 8);
+        assert_eq!(sample_step(1, 5), 1);
+        assert_eq!(aligned(13, 4), 12);
+        // Below one step the pass still holds a step: the bits come first.
+        assert_eq!(aligned(3, 4), 4);
+        assert_eq!(aligned(7, 1), 7);
+    }
 }

@@ -10,7 +10,8 @@ use common::*;
 use mcd_serve::engine::memory::ENCODED_BYTES_PER_VALUE;
 use mcd_serve::engine::model::{Batch, LoadedModel, McSamples};
 use mcd_serve::engine::repo::load_model;
-use mcd_serve::front::native::json::{floats_to_json, parse_request};
+use mcd_serve::front::native::decode::parse_request;
+use mcd_serve::front::native::encode::floats_to_json;
 use serde_json::{Value, json};
 
 /// Counts live heap bytes and their high-water mark.

@@ -4,7 +4,13 @@
 //! is MC dropout. This module only maps the query onto the core's mode parameters, wraps
 //! the body, and encodes the core's answer as nested JSON.
 
-pub mod json;
+pub mod decode;
+pub mod encode;
+
+/// The decoder under the path `src/calibrate.rs` imports it from.
+pub mod json {
+    pub use super::decode::parse_request;
+}
 
 use std::sync::Arc;
 
@@ -25,7 +31,8 @@ use crate::engine::model::LoadedModel;
 use crate::error::Error;
 use crate::front::extract::Path;
 use crate::front::http::{MODE_HEADER, body_error};
-use json::{floats_to_json, nest, parse_request, tensor_to_json};
+use decode::parse_request;
+use encode::{floats_to_json, nest, tensor_to_json};
 
 pub fn routes() -> Router<Arc<Core>> {
     Router::new()

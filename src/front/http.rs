@@ -18,9 +18,6 @@ use crate::core::admission::panic_message;
 use crate::core::{Core, Protocol};
 use crate::error::Error;
 
-/// The header every predict answer carries: the mode the request asked for.
-pub const MODE_HEADER: &str = "x-inference-mode";
-
 /// Every route on one listener: the APIs, health and `/metrics`.
 pub fn router(core: Arc<Core>) -> Router {
     build(core, true, Middleware::SERVER)
@@ -259,19 +256,6 @@ impl RequestCounter {
     fn next(&self) -> HeaderValue {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         HeaderValue::from_str(&format!("{:08x}-{n}", self.prefix)).expect("hex digits, a dash and digits")
-    }
-}
-
-/// A body read as bytes, with the rejection (a body over the limit, a broken stream)
-/// already our error.
-pub fn body_error(core: &Core, rejection: axum::extract::rejection::BytesRejection) -> Error {
-    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        Error::PayloadTooLarge(format!(
-            "request body exceeds the limit of {} bytes",
-            core.limits.body_limit_bytes
-        ))
-    } else {
-        Error::MalformedJson(format!("could not read the request body: {rejection}"))
     }
 }
 

@@ -7,3 +7,4 @@ pub mod http;
 pub mod native;
 pub mod oip;
 pub mod openapi;
+pub mod rest;

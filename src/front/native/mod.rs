@@ -18,19 +18,18 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{RawQuery, State};
-use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
 use crate::core::calibrated::Calibrated;
 use crate::core::mode::{ModeLabel, ModeParams, Param};
-use crate::core::{Answer, Core, Inputs, PredictRequest, Protocol};
+use crate::core::{Answer, Core, Inputs, Protocol};
 use crate::engine::calibration::level_key;
 use crate::engine::model::LoadedModel;
 use crate::error::Error;
 use crate::front::extract::Path;
-use crate::front::http::{MODE_HEADER, body_error};
+use crate::front::rest::{self, JsonBytes, body_error};
 use decode::parse_request;
 use encode::{floats_to_json, nest, tensor_to_json};
 
@@ -102,34 +101,14 @@ async fn predict(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let decoded = mode_params(query.as_deref()).and_then(|params| match body {
-        Ok(body) => Ok((params, body)),
+        Ok(body) => Ok((params, JsonBody(body), encode)),
         Err(rejection) => Err((params.label(), body_error(&core, rejection))),
     });
-    let (mode, result) = match decoded {
-        Err((mode, e)) => (mode, Err(core.refuse(Protocol::Native, model.as_deref(), mode, e))),
-        Ok((params, body)) => {
-            let request = PredictRequest {
-                protocol: Protocol::Native,
-                model,
-                params,
-                inputs: JsonBody(body),
-            };
-            let reply = core.predict(request, encode).await;
-            (reply.mode, reply.result)
-        }
-    };
-    let mut response = match result {
-        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
-        Err(e) => e.into_response(),
-    };
-    response
-        .headers_mut()
-        .insert(MODE_HEADER, HeaderValue::from_static(mode.as_str()));
-    response
+    rest::predict(&core, Protocol::Native, model, decoded).await
 }
 
 /// The native answer, serialised on the worker pool.
-fn encode(model: &LoadedModel, answer: Answer) -> Result<Vec<u8>, Error> {
+fn encode(model: &LoadedModel, answer: Answer) -> Result<JsonBytes, Error> {
     let mut out = serde_json::Map::new();
     let body = match answer {
         Answer::Eval(outputs) => {
@@ -185,7 +164,9 @@ fn encode(model: &LoadedModel, answer: Answer) -> Result<Vec<u8>, Error> {
             body
         }
     };
-    serde_json::to_vec(&body).map_err(|e| Error::Internal(format!("encoding the answer: {e}")))
+    serde_json::to_vec(&body)
+        .map(JsonBytes)
+        .map_err(|e| Error::Internal(format!("encoding the answer: {e}")))
 }
 
 /// A calibrated output's fields: `intervals` keyed by level, each bound shaped like the

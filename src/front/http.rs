@@ -137,12 +137,11 @@ fn build(core: Arc<Core>, with_metrics: bool, middleware: Middleware) -> Router 
 /// line of the request carries, an error log for a 500, and `Connection: close` on HTTP/1
 /// answers while draining.
 ///
-/// It replaced four layers (tower-http's set and propagate request id and TraceLayer, and
-/// a `from_fn` middleware) that cost 3-5 µs of CPU per request together, measured by
-/// `examples/middleware_bench.rs` at 8a4a6cd (docs/performance.md). Each of those wrapped the
-/// request in a future of its own, the request-id layer also stored the id in the
-/// request's headers and extensions (an allocation) for the others to read back, and
-/// `from_fn` boxed the rest of the stack per request.
+/// One layer, not tower-http's request-id and trace layers and a `from_fn` middleware:
+/// each of those wraps the request in a future of its own, the request-id layer stores the
+/// id in the request's headers and extensions (an allocation) for the others to read back,
+/// and `from_fn` boxes the rest of the stack per request, 3-5 µs of CPU per request in all
+/// (`examples/middleware_bench.rs`, docs/performance.md).
 #[derive(Clone)]
 struct RequestLayer {
     core: Arc<Core>,

@@ -25,11 +25,11 @@ use walk::{Node, Walker};
 /// in the model's input order.
 ///
 /// One pass over the bytes: the numbers go straight into each input's buffer, with no
-/// `serde_json::Value` tree in between (that tree cost an allocation per array and 32
-/// bytes per number, and was most of the parse time). The answer is the one the two-step
-/// parse gave, error for error: a body that is not JSON is refused as such even when an
-/// input in it is also wrong, so problems with the inputs are only noted while reading
-/// and reported once the whole body has parsed.
+/// `serde_json::Value` tree in between (a tree costs an allocation per array and 32 bytes
+/// per number, most of a parse's time). The answer is the tree parse's (`decode/oracle.rs`),
+/// error for error: a body that is not JSON is refused as such even when an input in it
+/// is also wrong, so problems with the inputs are only noted while reading and reported
+/// once the whole body has parsed.
 pub fn parse_request(model: &LoadedModel, body: &[u8]) -> Result<Vec<Tensor>, Error> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let parsed = BodySeed(model).deserialize(&mut de).and_then(|r| de.end().map(|()| r));
@@ -118,8 +118,8 @@ impl<'de> Deserialize<'de> for Key<'de> {
 }
 
 /// A value read and dropped. Not serde's `IgnoredAny`: that skips strings without
-/// checking their escapes, and a body the old parse refused as not JSON (say, a lone
-/// surrogate in a field it did not need) must still be refused as such.
+/// checking their escapes, and a body the tree parse refuses as not JSON (say, a lone
+/// surrogate in a field it does not need) must be refused as such here too.
 struct Skip;
 
 impl<'de> Deserialize<'de> for Skip {

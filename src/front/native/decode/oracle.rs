@@ -1,6 +1,6 @@
-//! The parser as it was before it streamed: the whole body into a `serde_json::Value`,
-//! then each input from the tree. Kept as the oracle the streaming parser must agree
-//! with, answer for answer and error for error (`props.rs`).
+//! The oracle of the streaming parser: the plain two-step parse, the whole body into a
+//! `serde_json::Value`, then each input from the tree. Slow, and easy to check by reading;
+//! `props.rs` holds the streaming parser to its answers, error for error.
 
 use serde_json::Value;
 use tract_onnx::prelude::*;

@@ -1,6 +1,7 @@
 //! The front ends: each decodes its protocol into the core's request and encodes the
 //! core's answer. None of them decides anything a request means.
 
+pub mod answer;
 pub mod extract;
 pub mod grpc;
 pub mod http;
@@ -8,3 +9,5 @@ pub mod native;
 pub mod oip;
 pub mod openapi;
 pub mod rest;
+pub mod schema;
+pub mod values;

@@ -1,5 +1,5 @@
-//! What the native and OIP REST front ends share: the mode header, the body's rejection
-//! as our error, and the tail of a predict call (the core's answer or
+//! What the native and OIP REST front ends share: the mode header, the error body, the
+//! body's rejection as our error, and the tail of a predict call (the core's answer or
 //! refusal, as a response that says the mode).
 
 use std::sync::Arc;
@@ -7,6 +7,8 @@ use std::sync::Arc;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::core::mode::{ModeLabel, ModeParams};
 use crate::core::{Answer, Core, Inputs, PredictRequest, Protocol};
@@ -15,6 +17,30 @@ use crate::error::Error;
 
 /// The header every predict answer carries: the mode the request asked for.
 pub const MODE_HEADER: &str = "x-inference-mode";
+
+/// Every 4xx and 5xx answer.
+// `Error`'s own response writes the same two fields (held to it by a test below).
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong, for people.
+    pub error: String,
+    /// Stable and machine-readable: malformed_json, ragged_array, shape_mismatch,
+    /// missing_input, unknown_input, invalid_value, invalid_path, model_not_found,
+    /// not_found, method_not_allowed, payload_too_large, invalid_parameter, mode_mismatch,
+    /// mc_unavailable, overloaded, not_ready, model_unhealthy, no_default_model,
+    /// unauthorized, timeout, internal.
+    #[schema(value_type = String)]
+    pub error_type: &'static str,
+}
+
+impl From<&Error> for ErrorBody {
+    fn from(e: &Error) -> ErrorBody {
+        ErrorBody {
+            error: e.to_string(),
+            error_type: e.error_type(),
+        }
+    }
+}
 
 /// A body read as bytes, with the rejection (a body over the limit, a broken stream)
 /// already our error.
@@ -75,5 +101,34 @@ pub struct JsonBytes(pub Vec<u8>);
 impl IntoResponse for JsonBytes {
     fn into_response(self) -> Response {
         ([(header::CONTENT_TYPE, "application/json")], self.0).into_response()
+    }
+}
+
+/// Serialises an answer, as the encoders on the worker pool do.
+pub fn to_json<T: Serialize>(answer: &T) -> Result<JsonBytes, Error> {
+    serde_json::to_vec(answer)
+        .map(JsonBytes)
+        .map_err(|e| Error::Internal(format!("encoding the answer: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The document describes refusals with [`ErrorBody`]; `Error` writes its own body.
+    #[tokio::test]
+    async fn error_responses_are_the_error_body() {
+        for e in [
+            Error::MalformedJson("not JSON".into()),
+            Error::Overloaded,
+            Error::Timeout(std::time::Duration::from_millis(1500)),
+            Error::Internal("a bug".into()),
+        ] {
+            let expected = serde_json::to_vec(&ErrorBody::from(&e)).unwrap();
+            let body = axum::body::to_bytes(e.into_response().into_body(), usize::MAX)
+                .await
+                .unwrap();
+            assert_eq!(body, expected);
+        }
     }
 }

@@ -1,42 +1,98 @@
-//! Tensors and statistics back to nested JSON arrays.
+//! The core's answer as the native JSON answer, serialised on the worker pool.
 
-use serde_json::{Number, Value};
-use tract_onnx::prelude::*;
-
+use crate::core::calibrated::Calibrated;
+use crate::core::{Answer, McAnswer};
+use crate::engine::calibration::level_key;
+use crate::engine::model::{LoadedModel, McOutput};
 use crate::error::Error;
+use crate::front::answer::{EvalMode, McMode, McRun};
+use crate::front::rest::{JsonBytes, to_json};
+use crate::front::values::{Leaves, Nested};
 
-/// A tensor as nested JSON arrays.
-pub fn tensor_to_json(t: &Tensor) -> Result<Value, Error> {
-    let internal = |e: TractError| Error::Internal(format!("encoding output: {e}"));
-    if t.datum_type() == DatumType::Bool {
-        let view = t.try_as_plain_ram().map_err(internal)?;
-        let data = view.as_slice::<bool>().map_err(internal)?;
-        return Ok(nest(t.shape(), &mut data.iter().map(|b| Value::Bool(*b))));
-    }
-    if t.datum_type().is_integer() {
-        let c = t.cast_to::<i64>().map_err(internal)?;
-        let view = c.try_as_plain_ram().map_err(internal)?;
-        let data = view.as_slice::<i64>().map_err(internal)?;
-        return Ok(nest(t.shape(), &mut data.iter().map(|x| Value::Number((*x).into()))));
-    }
-    let values = crate::engine::model::to_f64(t).map_err(internal)?;
-    Ok(floats_to_json(t.shape(), &values))
+use super::answer::{self, ByName, EvalAnswer, Interval, PredictAnswer};
+
+pub fn encode(model: &LoadedModel, answer: Answer) -> Result<JsonBytes, Error> {
+    let answer = match &answer {
+        Answer::Eval(outputs) => {
+            let outputs = outputs
+                .iter()
+                .map(|o| {
+                    let values =
+                        Nested::tensor(&o.tensor).map_err(|e| Error::Internal(format!("encoding output: {e}")))?;
+                    Ok((o.name.as_str(), values))
+                })
+                .collect::<Result<_, Error>>()?;
+            PredictAnswer::Eval(EvalAnswer {
+                model: &model.name,
+                mode: EvalMode::Eval,
+                outputs: ByName(outputs),
+            })
+        }
+        Answer::McDropout(mc) => PredictAnswer::McDropout(mc_answer(model, mc)),
+    };
+    to_json(&answer)
 }
 
-/// Flat f64 values in row-major order as nested JSON arrays. Non-finite values become null.
-pub fn floats_to_json(shape: &[usize], values: &[f64]) -> Value {
-    nest(
-        shape,
-        &mut values
-            .iter()
-            .map(|x| Number::from_f64(*x).map(Value::Number).unwrap_or(Value::Null)),
-    )
+fn mc_answer<'a>(model: &'a LoadedModel, mc: &'a McAnswer) -> answer::McAnswer<'a> {
+    let outputs = mc
+        .outputs
+        .iter()
+        .zip(&mc.calibrated)
+        .map(|(o, calibrated)| (o.name.as_str(), mc_output(o, calibrated.as_ref())))
+        .collect();
+    answer::McAnswer {
+        model: &model.name,
+        mode: McMode::McDropout,
+        run: McRun::of(mc),
+        outputs: ByName(outputs),
+    }
 }
 
-/// Flat leaves in row-major order as nested JSON arrays of `shape`.
-pub fn nest(shape: &[usize], leaves: &mut dyn Iterator<Item = Value>) -> Value {
-    match shape.split_first() {
-        None => leaves.next().unwrap_or(Value::Null),
-        Some((&n, rest)) => Value::Array((0..n).map(|_| nest(rest, leaves)).collect()),
+fn mc_output<'a>(o: &'a McOutput, calibrated: Option<&'a Calibrated>) -> answer::McOutput<'a> {
+    let s = &o.stats;
+    let shape = &o.shape[..];
+    // Per-row values: the output's shape without its last axis.
+    let rows = &shape[..shape.len().saturating_sub(1)];
+    let entropy = s.entropy.as_ref();
+    let mut out = answer::McOutput {
+        mean: Nested::floats(shape, &s.mean),
+        variance: Nested::floats(shape, &s.variance),
+        std: Nested::floats(shape, &s.std),
+        predictive_entropy: entropy.map(|e| Nested::floats(rows, &e.predictive_entropy)),
+        expected_entropy: entropy.map(|e| Nested::floats(rows, &e.expected_entropy)),
+        mutual_information: entropy.map(|e| Nested::floats(rows, &e.mutual_information)),
+        samples: s.samples.as_ref().map(|raw| {
+            let shape: Vec<usize> = [s.count].iter().chain(shape).copied().collect();
+            Nested::new(shape, Leaves::Floats(raw.into()))
+        }),
+        intervals: None,
+        prediction_sets: None,
+        refer: None,
+        refer_threshold: None,
+        refer_target_error: None,
+    };
+    match calibrated {
+        Some(Calibrated::Intervals(levels)) => {
+            let by_level = levels.iter().map(|l| {
+                let bounds = Interval {
+                    lower: Nested::floats(shape, &l.lower),
+                    upper: Nested::floats(shape, &l.upper),
+                };
+                (level_key(l.level), bounds)
+            });
+            out.intervals = Some(ByName(by_level.collect()));
+        }
+        Some(Calibrated::Sets(sets)) => {
+            let by_level = sets
+                .sets
+                .iter()
+                .map(|(level, per_row)| (level_key(*level), Nested::new(rows, Leaves::Sets(per_row))));
+            out.prediction_sets = Some(ByName(by_level.collect()));
+            out.refer = Some(Nested::new(rows, Leaves::Bools(sets.refer[..].into())));
+            out.refer_threshold = Some(sets.refer_threshold);
+            out.refer_target_error = Some(sets.refer_target_error);
+        }
+        None => {}
     }
+    out
 }

@@ -9,7 +9,7 @@ use tract_onnx::prelude::*;
 use super::{TensorSeed, oracle, parse_request};
 use crate::engine::model::{Dim, LoadedModel, TensorSpec};
 use crate::error::Error;
-use crate::front::native::encode::{floats_to_json, tensor_to_json};
+use crate::front::values::Nested;
 
 fn flat<T: Datum + Copy>(t: &Tensor) -> Vec<T> {
     t.to_plain_array_view::<T>().unwrap().iter().copied().collect()
@@ -193,18 +193,18 @@ proptest! {
     #[test]
     fn nested_arrays_round_trip((shape, values) in (1usize..4).prop_flat_map(tensor_values)) {
         let as_f64: Vec<f64> = values.iter().map(|&x| x as f64).collect();
-        let json = floats_to_json(&shape, &as_f64);
+        let json = serde_json::to_value(Nested::floats(&shape, &as_f64)).unwrap();
         let t = to_tensor(&spec(DatumType::F32, shape.len()), &json).unwrap();
         prop_assert_eq!(t.shape(), shape.as_slice());
         prop_assert_eq!(flat::<f32>(&t), values);
-        prop_assert_eq!(tensor_to_json(&t).unwrap(), json);
+        prop_assert_eq!(serde_json::to_value(Nested::tensor(&t).unwrap()).unwrap(), json);
     }
 
     /// A ragged array (one row longer) is refused as ragged, naming where.
     #[test]
     fn ragged_arrays_are_refused_as_ragged((shape, values) in (2usize..4).prop_flat_map(tensor_values), row in 0usize..3) {
         let as_f64: Vec<f64> = values.iter().map(|&x| x as f64).collect();
-        let mut json = floats_to_json(&shape, &as_f64);
+        let mut json = serde_json::to_value(Nested::floats(&shape, &as_f64)).unwrap();
         let rows = json.as_array_mut().unwrap();
         let row = row % rows.len();
         let first = rows[row][0].clone();

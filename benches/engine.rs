@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use mcd_serve::engine::model::{Batch, LoadedModel, McSamples};
 use mcd_serve::engine::repo::load_model;
-use mcd_serve::front::native::json::parse_request;
+use mcd_serve::front::native::decode::parse_request;
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();

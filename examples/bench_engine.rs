@@ -27,7 +27,7 @@ use std::time::Instant;
 
 use mcd_serve::engine::model::{Batch, LoadedModel, McSamples};
 use mcd_serve::engine::repo::load_model;
-use mcd_serve::front::native::json::parse_request;
+use mcd_serve::front::native::decode::parse_request;
 use serde_json::{Value, json};
 
 struct Entry {

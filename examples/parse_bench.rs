@@ -14,7 +14,7 @@ use axum::body::Bytes;
 use mcd_serve::core::Inputs;
 use mcd_serve::engine::model::LoadedModel;
 use mcd_serve::engine::repo::load_model;
-use mcd_serve::front::native::json::parse_request;
+use mcd_serve::front::native::decode::parse_request;
 use mcd_serve::front::oip::request::decode;
 use serde_json::{Value, json};
 

@@ -8,7 +8,7 @@ use common::*;
 use mcd_serve::engine::model::{Batch, Dim, LoadedModel, McOutput, McSamples, ModelConfig, Outcome, to_f64};
 use mcd_serve::engine::onnx_graph::SiteKind;
 use mcd_serve::engine::repo::load_model;
-use mcd_serve::front::native::json::parse_request;
+use mcd_serve::front::native::decode::parse_request;
 use serde_json::{Value, json};
 
 fn load(path: &std::path::Path) -> LoadedModel {

@@ -17,6 +17,7 @@ pub mod memory;
 pub mod metrics;
 pub mod mode;
 pub mod tensors;
+pub mod view;
 mod worker;
 
 use std::panic::AssertUnwindSafe;

@@ -14,8 +14,8 @@ use tract_onnx::prelude::Tensor;
 
 use crate::core::mode::{ModeParams, Param};
 use crate::core::tensors::{DataType, Values, WireTensor, model_inputs, rows_bound};
+use crate::core::view::LoadedModel;
 use crate::core::{Answer, Core, Inputs, MODEL_VERSION, PredictRequest, Protocol, check_version};
-use crate::engine::model::LoadedModel;
 use crate::error::Error;
 use crate::front::oip::EXTENSIONS;
 use crate::front::oip::outputs::{PLATFORM, answer_outputs, input_meta, output_meta, select};

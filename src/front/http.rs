@@ -18,9 +18,6 @@ use crate::core::admission::panic_message;
 use crate::core::{Core, Protocol};
 use crate::error::Error;
 
-/// The header every predict answer carries: the mode the request asked for.
-pub const MODE_HEADER: &str = "x-inference-mode";
-
 /// Every route on one listener: the APIs, health and `/metrics`.
 pub fn router(core: Arc<Core>) -> Router {
     build(core, true, Middleware::SERVER)
@@ -140,12 +137,11 @@ fn build(core: Arc<Core>, with_metrics: bool, middleware: Middleware) -> Router 
 /// line of the request carries, an error log for a 500, and `Connection: close` on HTTP/1
 /// answers while draining.
 ///
-/// It replaced four layers (tower-http's set and propagate request id and TraceLayer, and
-/// a `from_fn` middleware) that cost 3-5 µs of CPU per request together, measured by
-/// `examples/middleware_bench.rs` at 8a4a6cd (docs/performance.md). Each of those wrapped the
-/// request in a future of its own, the request-id layer also stored the id in the
-/// request's headers and extensions (an allocation) for the others to read back, and
-/// `from_fn` boxed the rest of the stack per request.
+/// One layer, not tower-http's request-id and trace layers and a `from_fn` middleware:
+/// each of those wraps the request in a future of its own, the request-id layer stores the
+/// id in the request's headers and extensions (an allocation) for the others to read back,
+/// and `from_fn` boxes the rest of the stack per request, 3-5 µs of CPU per request in all
+/// (`examples/middleware_bench.rs`, docs/performance.md).
 #[derive(Clone)]
 struct RequestLayer {
     core: Arc<Core>,
@@ -259,19 +255,6 @@ impl RequestCounter {
     fn next(&self) -> HeaderValue {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         HeaderValue::from_str(&format!("{:08x}-{n}", self.prefix)).expect("hex digits, a dash and digits")
-    }
-}
-
-/// A body read as bytes, with the rejection (a body over the limit, a broken stream)
-/// already our error.
-pub fn body_error(core: &Core, rejection: axum::extract::rejection::BytesRejection) -> Error {
-    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        Error::PayloadTooLarge(format!(
-            "request body exceeds the limit of {} bytes",
-            core.limits.body_limit_bytes
-        ))
-    } else {
-        Error::MalformedJson(format!("could not read the request body: {rejection}"))
     }
 }
 

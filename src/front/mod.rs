@@ -1,9 +1,13 @@
 //! The front ends: each decodes its protocol into the core's request and encodes the
 //! core's answer. None of them decides anything a request means.
 
+pub mod answer;
 pub mod extract;
 pub mod grpc;
 pub mod http;
 pub mod native;
 pub mod oip;
 pub mod openapi;
+pub mod rest;
+pub mod schema;
+pub mod values;

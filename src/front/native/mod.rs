@@ -4,7 +4,15 @@
 //! is MC dropout. This module only maps the query onto the core's mode parameters, wraps
 //! the body, and encodes the core's answer as nested JSON.
 
-pub mod json;
+pub mod answer;
+pub mod decode;
+pub mod encode;
+pub mod models;
+
+/// The decoder under the path `src/calibrate.rs` imports it from.
+pub mod json {
+    pub use super::decode::parse_request;
+}
 
 use std::sync::Arc;
 
@@ -12,20 +20,18 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{RawQuery, State};
-use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde_json::{Value, json};
 
-use crate::core::calibrated::Calibrated;
 use crate::core::mode::{ModeLabel, ModeParams, Param};
-use crate::core::{Answer, Core, Inputs, PredictRequest, Protocol};
-use crate::engine::conformal::level_key;
-use crate::engine::model::LoadedModel;
+use crate::core::view::LoadedModel;
+use crate::core::{Core, Inputs, Protocol};
 use crate::error::Error;
 use crate::front::extract::Path;
-use crate::front::http::{MODE_HEADER, body_error};
-use json::{floats_to_json, nest, parse_request, tensor_to_json};
+use crate::front::rest::{self, ErrorBody, body_error};
+use decode::parse_request;
+use encode::encode;
+use models::{ModelList, ModelMetadata, ModelRefusal};
 
 pub fn routes() -> Router<Arc<Core>> {
     Router::new()
@@ -95,145 +101,17 @@ async fn predict(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let decoded = mode_params(query.as_deref()).and_then(|params| match body {
-        Ok(body) => Ok((params, body)),
+        Ok(body) => Ok((params, JsonBody(body), encode)),
         Err(rejection) => Err((params.label(), body_error(&core, rejection))),
     });
-    let (mode, result) = match decoded {
-        Err((mode, e)) => (mode, Err(core.refuse(Protocol::Native, model.as_deref(), mode, e))),
-        Ok((params, body)) => {
-            let request = PredictRequest {
-                protocol: Protocol::Native,
-                model,
-                params,
-                inputs: JsonBody(body),
-            };
-            let reply = core.predict(request, encode).await;
-            (reply.mode, reply.result)
-        }
-    };
-    let mut response = match result {
-        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
-        Err(e) => e.into_response(),
-    };
-    response
-        .headers_mut()
-        .insert(MODE_HEADER, HeaderValue::from_static(mode.as_str()));
-    response
-}
-
-/// The native answer, serialised on the worker pool.
-fn encode(model: &LoadedModel, answer: Answer) -> Result<Vec<u8>, Error> {
-    let mut out = serde_json::Map::new();
-    let body = match answer {
-        Answer::Eval(outputs) => {
-            for o in &outputs {
-                out.insert(o.name.clone(), tensor_to_json(&o.tensor)?);
-            }
-            json!({"model": model.name, "mode": "eval", "outputs": out})
-        }
-        Answer::McDropout(answer) => {
-            for (o, calibrated) in answer.outputs.into_iter().zip(&answer.calibrated) {
-                let s = &o.stats;
-                let mut entry = serde_json::Map::new();
-                entry.insert("mean".into(), floats_to_json(&o.shape, &s.mean));
-                entry.insert("variance".into(), floats_to_json(&o.shape, &s.variance));
-                entry.insert("std".into(), floats_to_json(&o.shape, &s.std));
-                if let Some(e) = &s.entropy {
-                    let rows_shape = &o.shape[..o.shape.len() - 1];
-                    entry.insert(
-                        "predictive_entropy".into(),
-                        floats_to_json(rows_shape, &e.predictive_entropy),
-                    );
-                    entry.insert(
-                        "expected_entropy".into(),
-                        floats_to_json(rows_shape, &e.expected_entropy),
-                    );
-                    entry.insert(
-                        "mutual_information".into(),
-                        floats_to_json(rows_shape, &e.mutual_information),
-                    );
-                }
-                if let Some(raw) = &s.samples {
-                    let mut shape = vec![s.count];
-                    shape.extend(&o.shape);
-                    entry.insert("samples".into(), floats_to_json(&shape, raw));
-                }
-                if let Some(c) = calibrated {
-                    calibrated_json(&mut entry, &o.shape, c);
-                }
-                out.insert(o.name, Value::Object(entry));
-            }
-            let mut body = json!({
-                "model": model.name,
-                "mode": "mc_dropout",
-                "mc_samples": answer.samples,
-                "seed": answer.request.seed,
-            });
-            if let Some(auto) = answer.auto {
-                body["mc_converged"] = auto.converged.into();
-                body["mc_se"] = auto.se.into();
-                body["mc_max"] = auto.max.into();
-            }
-            body["outputs"] = Value::Object(out);
-            body
-        }
-    };
-    serde_json::to_vec(&body).map_err(|e| Error::Internal(format!("encoding the answer: {e}")))
-}
-
-/// A calibrated output's fields: `intervals` keyed by level, each bound shaped like the
-/// mean; or `prediction_sets` keyed by level (class indices per row), `refer` per row and
-/// the threshold and target behind it.
-fn calibrated_json(entry: &mut serde_json::Map<String, Value>, shape: &[usize], c: &Calibrated) {
-    match c {
-        Calibrated::Intervals(levels) => {
-            let mut by_level = serde_json::Map::new();
-            for l in levels {
-                by_level.insert(
-                    level_key(l.level),
-                    json!({"lower": floats_to_json(shape, &l.lower), "upper": floats_to_json(shape, &l.upper)}),
-                );
-            }
-            entry.insert("intervals".into(), Value::Object(by_level));
-        }
-        Calibrated::Sets(sets) => {
-            let rows_shape = &shape[..shape.len().saturating_sub(1)];
-            let mut by_level = serde_json::Map::new();
-            for (level, rows) in &sets.sets {
-                let mut rows = rows.iter().map(|set| json!(set));
-                by_level.insert(level_key(*level), nest(rows_shape, &mut rows));
-            }
-            entry.insert("prediction_sets".into(), Value::Object(by_level));
-            let mut refer = sets.refer.iter().map(|r| Value::Bool(*r));
-            entry.insert("refer".into(), nest(rows_shape, &mut refer));
-            entry.insert("refer_threshold".into(), json!(sets.refer_threshold));
-            entry.insert("refer_target_error".into(), json!(sets.refer_target_error));
-        }
-    }
+    rest::predict(&core, Protocol::Native, model, decoded).await
 }
 
 async fn list_models(State(core): State<Arc<Core>>) -> Result<Response, Error> {
     let repo = core
         .repo()
         .ok_or_else(|| Error::NotReady("models are still loading".into()))?;
-    let models: Vec<Value> = repo
-        .models
-        .values()
-        .map(|m| {
-            json!({
-                "name": m.name,
-                "default": core.default_model.as_deref() == Some(m.name.as_str()),
-                "healthy": m.healthy(),
-                "mc_available": m.mc_unavailable_reason().is_none(),
-                "dropout_sites": m.sampling_sites(),
-                "description": m.config.description,
-            })
-        })
-        .collect();
-    Ok(
-        axum::Json(json!({"default_model": core.default_model, "models": models, "load_failures": repo.failures}))
-            .into_response(),
-    )
+    Ok(axum::Json(ModelList::new(&core, &repo)).into_response())
 }
 
 async fn model_metadata(State(core): State<Arc<Core>>, Path(name): Path<String>) -> Result<Response, Error> {
@@ -244,41 +122,19 @@ async fn model_metadata(State(core): State<Arc<Core>>, Path(name): Path<String>)
         // A model that never loaded: the error, with the failure itself to read.
         Err(e) => {
             return Ok(match load_failure {
-                Some(f) => (
-                    e.status(),
-                    axum::Json(
-                        json!({"error": e.to_string(), "error_type": e.error_type(), "name": name, "load_failure": f}),
-                    ),
-                )
-                    .into_response(),
+                Some(f) => {
+                    let refusal = ModelRefusal {
+                        error: ErrorBody::from(&e),
+                        name: Some(&name),
+                        load_failure: Some(f.into()),
+                    };
+                    (e.status(), axum::Json(refusal)).into_response()
+                }
                 None => e.into_response(),
             });
         }
     };
-    Ok(axum::Json(json!({
-        "name": m.name,
-        "file": m.path.file_name().map(|f| f.to_string_lossy()),
-        "description": m.config.description,
-        "default": core.default_model.as_deref() == Some(m.name.as_str()),
-        "inputs": m.inputs,
-        "outputs": m.outputs,
-        "probability_outputs": m.probability_output_names(),
-        "batch_dim": m.batch_symbol,
-        "dropout_sites": m.sites,
-        "graph_fixes": m.fixes,
-        "self_checks": m.checks,
-        "healthy": m.healthy(),
-        "mc_available": m.mc_unavailable_reason().is_none(),
-        "mc_unavailable_reason": m.mc_unavailable_reason(),
-        "max_mc_samples": core.limits.max_mc_samples,
-        "refer_target_error": m.calibration.as_ref().map(|c| c.refer_target),
-        "calibration": m.calibration.as_ref().map(|c| json!({
-            "file": c.path.file_name().map(|f| f.to_string_lossy()),
-            "summary": c.file,
-        })),
-        "load_failure": load_failure,
-    }))
-    .into_response())
+    Ok(axum::Json(ModelMetadata::new(&core, &m, load_failure)).into_response())
 }
 
 #[cfg(test)]

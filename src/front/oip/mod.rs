@@ -14,18 +14,18 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
 use crate::core::mode::ModeLabel;
-use crate::core::{Answer, Core, PredictRequest, Protocol};
+use crate::core::view::LoadedModel;
+use crate::core::{Answer, Core, Protocol};
 use crate::core::{MODEL_VERSION, check_version};
-use crate::engine::model::LoadedModel;
 use crate::error::Error;
 use crate::front::extract::Path;
-use crate::front::http::{MODE_HEADER, body_error};
+use crate::front::rest::{self, JsonBytes, body_error};
 use outputs::{OutTensor, answer_outputs, metadata_json, select};
 use request::{HEADER_LENGTH, OutputRequest};
 
@@ -113,35 +113,13 @@ async fn run_infer(
     let decoded = check_version(&model, version.as_deref())
         .and_then(|()| body.map_err(|r| body_error(&core, r)))
         .map_err(|e| (ModeLabel::Eval, e))
-        .and_then(|body| request::decode(body, header_length));
-    let (mode, result) = match decoded {
-        Err((mode, e)) => (mode, Err(core.refuse(Protocol::OipRest, Some(&model), mode, e))),
-        Ok(req) => {
-            let id = req.id;
-            let binary_output = req.binary_output;
-            let requested = req.outputs;
-            let request = PredictRequest {
-                protocol: Protocol::OipRest,
-                model: Some(model),
-                params: req.params,
-                inputs: req.inputs,
-            };
-            let reply = core
-                .predict(request, move |m: &LoadedModel, a: Answer| {
-                    encode(m, a, id, requested, binary_output)
-                })
-                .await;
-            (reply.mode, reply.result)
-        }
-    };
-    let mut response = match result {
-        Ok(encoded) => encoded.into_response(),
-        Err(e) => e.into_response(),
-    };
-    response
-        .headers_mut()
-        .insert(MODE_HEADER, HeaderValue::from_static(mode.as_str()));
-    response
+        .and_then(|body| request::decode(body, header_length))
+        .map(|req| {
+            let (id, requested, binary_output) = (req.id, req.outputs, req.binary_output);
+            let encode = move |m: &LoadedModel, a: Answer| encode(m, a, id, requested, binary_output);
+            (req.params, req.inputs, encode)
+        });
+    rest::predict(&core, Protocol::OipRest, Some(model), decoded).await
 }
 
 /// An encoded infer answer: JSON, or a JSON header followed by binary outputs.
@@ -153,7 +131,7 @@ struct Encoded {
 impl IntoResponse for Encoded {
     fn into_response(self) -> Response {
         match self.header_length {
-            None => ([(header::CONTENT_TYPE, "application/json")], self.body).into_response(),
+            None => JsonBytes(self.body).into_response(),
             Some(n) => (
                 [
                     (header::CONTENT_TYPE, "application/octet-stream".to_string()),

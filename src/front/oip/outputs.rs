@@ -14,9 +14,9 @@ use tract_onnx::prelude::*;
 
 use crate::core::calibrated::Calibrated;
 use crate::core::tensors::{DataType, f32_bytes, f64_bytes, tensor_bytes};
+use crate::core::view::{Dim, LoadedModel, TensorSpec};
+use crate::core::view::{OutputCalibration, level_key};
 use crate::core::{Answer, MODEL_VERSION};
-use crate::engine::conformal::{OutputCalibration, level_key};
-use crate::engine::model::{Dim, LoadedModel, TensorSpec};
 use crate::error::Error;
 
 /// Derived MC outputs: per element, per row, and the raw samples.
@@ -246,7 +246,7 @@ impl OutTensor {
                     let values = view.as_slice::<i64>().map_err(internal)?;
                     Value::Array(values.iter().map(|x| Value::Number((*x).into())).collect())
                 } else {
-                    let values = crate::engine::model::to_f64(t).map_err(internal)?;
+                    let values = crate::core::view::to_f64(t).map_err(internal)?;
                     Value::Array(values.into_iter().map(number).collect())
                 }
             }

@@ -15,7 +15,7 @@ use tract_onnx::prelude::Tensor;
 use crate::core::Inputs;
 use crate::core::mode::{ModeLabel, ModeParams, Param};
 use crate::core::tensors::{DataType, Values, WireTensor, model_inputs, rows_bound};
-use crate::engine::model::LoadedModel;
+use crate::core::view::LoadedModel;
 use crate::error::Error;
 
 /// The header tritonclient sets when the body carries binary tensors after the JSON.

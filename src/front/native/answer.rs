@@ -1,0 +1,118 @@
+//! The native predict answers: the types [`encode`](super::encode) builds and serialises,
+//! and that the OpenAPI document is generated from.
+
+use serde::Serialize;
+use serde::ser::Serializer;
+use serde_json::json;
+use utoipa::ToSchema;
+use utoipa::openapi::RefOr;
+use utoipa::openapi::schema::Schema;
+
+use crate::front::answer::{EvalMode, McMode, McRun};
+use crate::front::schema::json_schema;
+use crate::front::values::Nested;
+
+/// The answer of a predict request: eval, or MC dropout when `mc_samples` was given.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+#[schema(discriminator(property_name = "mode", mapping(
+    ("eval" = "#/components/schemas/EvalAnswer"),
+    ("mc_dropout" = "#/components/schemas/McAnswer"),
+)))]
+pub enum PredictAnswer<'a> {
+    Eval(EvalAnswer<'a>),
+    McDropout(McAnswer<'a>),
+}
+
+/// One deterministic forward pass, dropout off.
+#[derive(Serialize, ToSchema)]
+pub struct EvalAnswer<'a> {
+    pub model: &'a str,
+    #[schema(inline)]
+    pub mode: EvalMode,
+    /// Each model output by name, nested as its shape.
+    #[schema(value_type = BTreeMap<String, Nested>)]
+    pub outputs: ByName<&'a str, Nested<'a>>,
+}
+
+/// MC dropout: `mc_samples` stochastic passes and their statistics.
+#[derive(Serialize, ToSchema)]
+pub struct McAnswer<'a> {
+    pub model: &'a str,
+    #[schema(inline)]
+    pub mode: McMode,
+    #[serde(flatten)]
+    pub run: McRun,
+    /// Each model output by name.
+    #[schema(value_type = BTreeMap<String, McOutput>)]
+    pub outputs: ByName<&'a str, McOutput<'a>>,
+}
+
+/// The statistics of one output over the MC passes. `mean`, `variance` and `std` have the
+/// output's shape; the entropies have one value per row (the output's shape without its
+/// last axis) and come only for probability outputs. A calibrated regression output adds
+/// `intervals`; a calibrated probability output adds `prediction_sets`, `refer`,
+/// `refer_threshold` and `refer_target_error`.
+#[derive(Serialize, ToSchema)]
+pub struct McOutput<'a> {
+    pub mean: Nested<'a>,
+    /// Unbiased, accumulated in f64.
+    pub variance: Nested<'a>,
+    pub std: Nested<'a>,
+    /// Entropy of the mean distribution, per row (probability outputs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub predictive_entropy: Option<Nested<'a>>,
+    /// Mean entropy of the sampled distributions, per row (probability outputs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected_entropy: Option<Nested<'a>>,
+    /// predictive_entropy - expected_entropy: the model's own uncertainty, per row.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mutual_information: Option<Nested<'a>>,
+    /// Every pass, shaped [mc_samples, ...output shape], with `return_samples=true`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub samples: Option<Nested<'a>>,
+    /// Conformal intervals keyed by level ("0.8", "0.9", "0.95", "0.99").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<BTreeMap<String, Interval>>)]
+    pub intervals: Option<ByName<String, Interval<'a>>>,
+    /// Per level, per row, the class indices of the prediction set, most probable first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = prediction_sets)]
+    pub prediction_sets: Option<ByName<String, Nested<'a>>>,
+    /// Per row: whether the answer should be referred to a person.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<bool>>)]
+    pub refer: Option<Nested<'a>>,
+    /// The predictive entropy above which a row is referred; null when the calibration
+    /// could not show the target error (every row is referred).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refer_threshold: Option<Option<f64>>,
+    /// The error the referral keeps accepted rows under.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refer_target_error: Option<f64>,
+}
+
+fn prediction_sets() -> RefOr<Schema> {
+    json_schema(json!({
+        "type": "object",
+        "additionalProperties": {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0}}},
+    }))
+}
+
+/// Bounds shaped like `mean`; a bound is null where that side is unbounded (the
+/// calibration set was too small for the level).
+#[derive(Serialize, ToSchema)]
+pub struct Interval<'a> {
+    pub lower: Nested<'a>,
+    pub upper: Nested<'a>,
+}
+
+/// A JSON object of values by name, in the order given: the model's outputs, the
+/// calibration's levels.
+pub struct ByName<K, V>(pub Vec<(K, V)>);
+
+impl<K: Serialize, V: Serialize> Serialize for ByName<K, V> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+    }
+}

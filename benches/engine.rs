@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use mcd_serve::engine::model::{Batch, LoadedModel, McSamples};
+use mcd_serve::engine::model::{InputRows, LoadedModel, McSamples};
 use mcd_serve::engine::repo::load_model;
 use mcd_serve::front::native::decode::parse_request;
 
@@ -15,10 +15,10 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-fn first_row(model: &LoadedModel, reference: &serde_json::Value) -> Batch {
+fn first_row(model: &LoadedModel, reference: &serde_json::Value) -> InputRows {
     let row = reference["inputs"][0].clone();
     let body = serde_json::to_vec(&serde_json::json!({"inputs": [row]})).unwrap();
-    model.batch(parse_request(model, &body).unwrap()).unwrap()
+    model.input_rows(parse_request(model, &body).unwrap()).unwrap()
 }
 
 fn main() {

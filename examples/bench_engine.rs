@@ -25,14 +25,14 @@ use std::io::{BufRead, Write};
 use std::path::Path;
 use std::time::Instant;
 
-use mcd_serve::engine::model::{Batch, LoadedModel, McSamples};
+use mcd_serve::engine::model::{InputRows, LoadedModel, McSamples};
 use mcd_serve::engine::repo::load_model;
 use mcd_serve::front::native::decode::parse_request;
 use serde_json::{Value, json};
 
 struct Entry {
     model: LoadedModel,
-    batch: Option<Batch>,
+    batch: Option<InputRows>,
 }
 
 fn main() {
@@ -87,7 +87,7 @@ fn command(words: &[&str], models: &mut HashMap<String, Entry>, seed: &mut u64) 
             let entry = models.get_mut(name).ok_or_else(|| format!("no model {name}"))?;
             let body = std::fs::read(path).map_err(|e| format!("reading {path}: {e}"))?;
             let tensors = parse_request(&entry.model, &body).map_err(|e| e.to_string())?;
-            let batch = entry.model.batch(tensors).map_err(|e| e.to_string())?;
+            let batch = entry.model.input_rows(tensors).map_err(|e| e.to_string())?;
             let rows = batch.rows();
             entry.batch = Some(batch);
             Ok(json!({"ok": true, "rows": rows}))

@@ -39,7 +39,7 @@ pub enum Command {
     },
     /// Calibrate a model's MC answers on labelled rows (JSON Lines) and write
     /// `<stem>.calibration.json` beside it: conformal intervals, prediction sets, referral.
-    Calibrate(crate::calibrate::CalibrateArgs),
+    Calibrate(crate::commands::calibrate::CalibrateArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -6,14 +6,13 @@
 //!   and its guards, admission, the worker pool, timeouts, inference and metrics.
 //! - [`front`]: the protocols, which only decode requests and encode answers.
 //!
-//! Around them: [`error`] (the one error type), [`config`], [`server`], [`healthcheck`],
-//! [`calibrate`] (the `calibrate` subcommand).
+//! Around them: [`error`] (the one error type), [`config`], [`server`], and [`commands`]
+//! (the `calibrate` and `healthcheck` subcommands).
 
-pub mod calibrate;
+pub mod commands;
 pub mod config;
 pub mod core;
 pub mod engine;
 pub mod error;
 pub mod front;
-pub mod healthcheck;
 pub mod server;

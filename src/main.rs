@@ -8,7 +8,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Healthcheck { url, timeout_secs }) => {
-            return match mcd_serve::healthcheck::probe(&url, Duration::from_secs_f64(timeout_secs)) {
+            return match mcd_serve::commands::healthcheck::probe(&url, Duration::from_secs_f64(timeout_secs)) {
                 Ok(()) => Ok(()),
                 Err(e) => {
                     eprintln!("unhealthy: {e}");
@@ -16,11 +16,11 @@ fn main() -> anyhow::Result<()> {
                 }
             };
         }
-        Some(Command::Calibrate(args)) => return mcd_serve::calibrate::run(&args),
+        Some(Command::Calibrate(args)) => return mcd_serve::commands::calibrate::run(&args),
         None => {}
     }
     let args = cli.serve;
-    mcd_serve::core::memory::configure_allocator();
+    mcd_serve::core::memory_budget::configure_allocator();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     match args.log_format {
         LogFormat::Json => tracing_subscriber::fmt()

@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use crate::config::ServeArgs;
 use crate::core::Core;
 use crate::core::auth::ApiKeys;
-use crate::engine::repo;
+use crate::core::models_folder::{default_model, model_names};
 use crate::front::grpc;
 use crate::front::http::{metrics_router, router, router_without_metrics};
 
@@ -63,12 +63,9 @@ pub async fn serve_listeners(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let Listeners { http, grpc, metrics } = listeners;
-    let names: Vec<String> = repo::scan_named(&args.models, args.model_name.as_deref())
-        .with_context(|| format!("reading the models folder {}", args.models.display()))?
-        .into_iter()
-        .map(|(n, _)| n)
-        .collect();
-    let default = repo::default_model(&names, args.default_model.as_deref()).map_err(anyhow::Error::msg)?;
+    let names = model_names(&args.models, args.model_name.as_deref())
+        .with_context(|| format!("reading the models folder {}", args.models.display()))?;
+    let default = default_model(&names, args.default_model.as_deref()).map_err(anyhow::Error::msg)?;
     let keys = match &args.api_key_file {
         None => ApiKeys::open(),
         Some(path) => ApiKeys::from_file(path).map_err(anyhow::Error::msg)?,
@@ -94,12 +91,7 @@ pub async fn serve_listeners(
     let loader = core.clone();
     let dir = args.models.clone();
     let model_name = args.model_name.clone();
-    tokio::task::spawn_blocking(
-        move || match repo::load_folder(&dir, model_name.as_deref(), None, None) {
-            Ok(r) => loader.install(r),
-            Err(e) => tracing::error!(error = %e, "reading the models folder failed"),
-        },
-    );
+    tokio::task::spawn_blocking(move || loader.load_folder(&dir, model_name.as_deref()));
     spawn_reload_on_sighup(core.clone(), args.models.clone(), args.model_name.clone());
 
     // One stop signal for both listeners, after the drain window.
@@ -176,23 +168,7 @@ fn spawn_reload_on_sighup(state: Arc<Core>, dir: std::path::PathBuf, model_name:
             let st = state.clone();
             let dir = dir.clone();
             let model_name = model_name.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                let previous = st.repo();
-                let keep = st.default_model.as_deref();
-                let result = match repo::load_folder(&dir, model_name.as_deref(), previous.as_deref(), keep) {
-                    Ok(r) => {
-                        let partial = !r.failures.is_empty();
-                        st.install(r);
-                        if partial { "partial" } else { "ok" }
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "reload refused; keeping the loaded models");
-                        "refused"
-                    }
-                };
-                st.metrics.reloads.with_label_values(&[result]).inc();
-            })
-            .await;
+            let _ = tokio::task::spawn_blocking(move || st.reload_folder(&dir, model_name.as_deref())).await;
         }
     });
 }

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use common::*;
-use mcd_serve::engine::model::{Batch, Dim, LoadedModel, McOutput, McPart, McSamples, ModelConfig, to_f64};
+use mcd_serve::engine::model::{Dim, InputRows, LoadedModel, McOutput, McPart, McSamples, ModelConfig, to_f64};
 use tract_onnx::prelude::*;
 
 /// The models: (name, file, values of symbolic non-batch dims).
@@ -63,7 +63,7 @@ fn load(path: &std::path::Path) -> LoadedModel {
 }
 
 /// `rows` rows of made-up but valid inputs; `salt` makes each request's rows its own.
-fn batch(m: &LoadedModel, rows: usize, salt: u64, dims: &HashMap<&str, usize>) -> Batch {
+fn batch(m: &LoadedModel, rows: usize, salt: u64, dims: &HashMap<&str, usize>) -> InputRows {
     let mut next = uniform(salt);
     let tensors = m
         .inputs
@@ -102,10 +102,10 @@ fn batch(m: &LoadedModel, rows: usize, salt: u64, dims: &HashMap<&str, usize>) -
             }
         })
         .collect();
-    m.batch(tensors).unwrap()
+    m.input_rows(tensors).unwrap()
 }
 
-fn eval_bits(m: &LoadedModel, b: &Batch) -> Vec<Vec<u64>> {
+fn eval_bits(m: &LoadedModel, b: &InputRows) -> Vec<Vec<u64>> {
     m.eval_session()
         .run(b)
         .unwrap()
@@ -141,7 +141,7 @@ fn every_arrangement_of_a_request_gives_its_answer_alone() {
         let m = load(&path);
         let big = m.name_is_big();
         let sizes: &[usize] = if big { &[1, 2, 1] } else { &[1, 2, 3, 1, 2, 3, 1] };
-        let requests: Vec<Batch> = sizes
+        let requests: Vec<InputRows> = sizes
             .iter()
             .enumerate()
             .map(|(i, &r)| batch(&m, r, i as u64, &dims))
@@ -153,7 +153,7 @@ fn every_arrangement_of_a_request_gives_its_answer_alone() {
         let alone: Vec<Vec<Vec<u64>>> = requests.iter().map(|b| eval_bits(&m, b)).collect();
         if mergeable {
             for n in [2, 3, requests.len()] {
-                let parts: Vec<&Batch> = requests[..n].iter().collect();
+                let parts: Vec<&InputRows> = requests[..n].iter().collect();
                 for (i, out) in m.eval_session().run_merged(&parts).unwrap().iter().enumerate() {
                     let got: Vec<Vec<u64>> = out
                         .iter()
@@ -250,9 +250,9 @@ fn every_arrangement_of_a_request_gives_its_answer_alone() {
 }
 
 /// Row `r` of `b`, as a batch of its own.
-fn batch_rows(m: &LoadedModel, b: &Batch, r: usize) -> Batch {
+fn batch_rows(m: &LoadedModel, b: &InputRows, r: usize) -> InputRows {
     let tensors: Vec<Tensor> = b.tensors().iter().map(|t| t.slice(0, r, r + 1).unwrap()).collect();
-    m.batch(tensors).unwrap()
+    m.input_rows(tensors).unwrap()
 }
 
 trait Big {

@@ -5,7 +5,7 @@ mod common;
 use std::collections::HashMap;
 
 use common::*;
-use mcd_serve::engine::model::{Batch, Dim, LoadedModel, McOutput, McSamples, ModelConfig, Outcome, to_f64};
+use mcd_serve::engine::model::{Dim, InputRows, LoadedModel, McOutput, McSamples, ModelConfig, Outcome, to_f64};
 use mcd_serve::engine::onnx_graph::SiteKind;
 use mcd_serve::engine::repo::load_model;
 use mcd_serve::front::native::decode::parse_request;
@@ -15,12 +15,12 @@ fn load(path: &std::path::Path) -> LoadedModel {
     load_model(path.file_stem().unwrap().to_str().unwrap(), path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-fn batch(model: &LoadedModel, inputs: Value) -> Batch {
+fn batch(model: &LoadedModel, inputs: Value) -> InputRows {
     let body = serde_json::to_vec(&json!({ "inputs": inputs })).unwrap();
-    model.batch(parse_request(model, &body).unwrap()).unwrap()
+    model.input_rows(parse_request(model, &body).unwrap()).unwrap()
 }
 
-fn eval(model: &LoadedModel, b: &Batch) -> Vec<Vec<f64>> {
+fn eval(model: &LoadedModel, b: &InputRows) -> Vec<Vec<f64>> {
     model
         .eval_session()
         .run(b)
@@ -30,7 +30,7 @@ fn eval(model: &LoadedModel, b: &Batch) -> Vec<Vec<f64>> {
         .collect()
 }
 
-fn mc(model: &LoadedModel, b: &Batch, n: usize, seed: u64, keep: bool) -> Vec<McOutput> {
+fn mc(model: &LoadedModel, b: &InputRows, n: usize, seed: u64, keep: bool) -> Vec<McOutput> {
     model
         .mc_session()
         .unwrap()
@@ -574,7 +574,7 @@ fn answers_do_not_depend_on_the_plan_cache() {
     assert_eq!(mc(&model, &one, 7, 123, true)[0].stats.samples, first_mc);
 }
 
-fn mc_in_passes(model: &LoadedModel, b: &Batch, n: usize, seed: u64, per_pass: usize) -> Vec<McOutput> {
+fn mc_in_passes(model: &LoadedModel, b: &InputRows, n: usize, seed: u64, per_pass: usize) -> Vec<McOutput> {
     model
         .mc_session()
         .unwrap()

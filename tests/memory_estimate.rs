@@ -7,8 +7,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::*;
-use mcd_serve::engine::memory::ENCODED_BYTES_PER_VALUE;
-use mcd_serve::engine::model::{Batch, LoadedModel, McSamples};
+use mcd_serve::engine::footprint::ENCODED_BYTES_PER_VALUE;
+use mcd_serve::engine::model::{InputRows, LoadedModel, McSamples};
 use mcd_serve::engine::repo::load_model;
 use mcd_serve::front::native::decode::parse_request;
 use mcd_serve::front::values::Nested;
@@ -56,11 +56,11 @@ fn peak_of<T>(f: impl FnOnce() -> T) -> (T, u64) {
     (out, (PEAK.load(Ordering::Relaxed) - start) as u64)
 }
 
-fn batch(model: &LoadedModel, rows: usize) -> Batch {
+fn batch(model: &LoadedModel, rows: usize) -> InputRows {
     let refs = read_json(&fixture("reference_outputs.json"));
     let inputs: Vec<Value> = (0..rows).map(|i| refs[&model.name]["inputs"][i % 8].clone()).collect();
     let body = serde_json::to_vec(&json!({ "inputs": inputs })).unwrap();
-    model.batch(parse_request(model, &body).unwrap()).unwrap()
+    model.input_rows(parse_request(model, &body).unwrap()).unwrap()
 }
 
 fn mib(b: u64) -> f64 {

@@ -156,7 +156,7 @@ fn light_model(name: &str) {
     let n = 3 * 224 * 224;
     let x: Vec<f32> = (0..n).map(|i| i as f32 / n as f32).collect();
     let input = Tensor::from_shape(&[1, 3, 224, 224], &x).unwrap();
-    let got = m.eval_session().run(&m.batch(vec![input]).unwrap()).unwrap();
+    let got = m.eval_session().run(&m.input_rows(vec![input]).unwrap()).unwrap();
     let want = to_f64(&read_pb(
         &dir.join(format!("onnx-light-models/light_{name}_output_0.pb")),
     ))
@@ -199,7 +199,7 @@ fn inference_mode_node_tests_equal_their_expected_outputs() {
         let base = dir.join("onnx-node-tests").join(case);
         let m = load_model(case, &base.join("model.onnx")).unwrap();
         let x = read_pb(&base.join("test_data_set_0/input_0.pb"));
-        let got = m.eval_session().run(&m.batch(vec![x]).unwrap()).unwrap();
+        let got = m.eval_session().run(&m.input_rows(vec![x]).unwrap()).unwrap();
         for (i, out) in got.iter().enumerate() {
             let want = read_pb(&base.join(format!("test_data_set_0/output_{i}.pb")));
             assert_eq!(out.tensor.datum_type(), want.datum_type(), "{case} output {i}");
@@ -234,7 +234,7 @@ fn training_mode_node_tests_drop_the_right_share_under_mc() {
         let m = LoadedModel::load(case, &base.join("model.onnx"), config).unwrap();
         let x_t = read_pb(&base.join("test_data_set_0/input_0.pb"));
         let x = to_f64(&x_t).unwrap();
-        let b = m.batch(vec![x_t]).unwrap();
+        let b = m.input_rows(vec![x_t]).unwrap();
         assert_eq!(
             to_f64(&m.eval_session().run(&b).unwrap()[0].tensor).unwrap(),
             x,
@@ -375,7 +375,7 @@ fn torch_exports_match_pytorch_in_eval_and_mc() {
             assert_eq!(c.result, Outcome::Pass, "{name}: {} {}", c.check.as_str(), c.detail);
         }
         let n2 = spec["mc_samples"].as_u64().unwrap() as f64;
-        let b = m.batch(vec![json_tensor(&spec["input"])]).unwrap();
+        let b = m.input_rows(vec![json_tensor(&spec["input"])]).unwrap();
 
         let got = to_f64(&m.eval_session().run(&b).unwrap()[0].tensor).unwrap();
         let want = f64s(&spec["eval"]);
@@ -471,7 +471,7 @@ fn external_weights_load_from_the_model_folder_and_fail_clearly_when_missing_or_
     std::fs::copy(dir.join("torch").join(&data), &data_path).unwrap();
     let spec = read_json(&dir.join(format!("torch/{name}.json")));
     let eval_of = |m: &LoadedModel| {
-        let b = m.batch(vec![json_tensor(&spec["input"])]).unwrap();
+        let b = m.input_rows(vec![json_tensor(&spec["input"])]).unwrap();
         to_f64(&m.eval_session().run(&b).unwrap()[0].tensor).unwrap()
     };
 

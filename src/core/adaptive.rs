@@ -9,7 +9,7 @@
 //! seed the two answers agree.
 
 use crate::core::mode::{McCount, McRequest};
-use crate::engine::model::{Batch, McOutput, McSession};
+use crate::engine::model::{InputRows, McOutput, McSession};
 use crate::error::Error;
 
 /// Samples per chunk of an `auto` request: enough for a usable std from the first chunk,
@@ -35,7 +35,7 @@ pub struct AutoOutcome {
 /// The samples drawn, their count, and for `auto` how it ended.
 pub fn draw(
     session: &McSession<'_>,
-    batch: &Batch,
+    batch: &InputRows,
     request: McRequest,
 ) -> Result<(Vec<McOutput>, usize, Option<AutoOutcome>), Error> {
     match request.samples {

@@ -1,6 +1,6 @@
 //! Weighted admission: a request reserves its cost (rows × samples) before it is queued,
 //! and is refused at once (429) when the budget is spent. The permit travels with the job
-//! (`core::batcher`), so a request that timed out still holds its capacity until a worker
+//! (`core::queue`), so a request that timed out still holds its capacity until a worker
 //! has finished or skipped its work.
 
 use std::sync::Arc;

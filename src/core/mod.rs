@@ -10,12 +10,15 @@
 pub mod adaptive;
 pub mod admission;
 pub mod auth;
-pub mod batcher;
-pub mod calibrated;
 mod engine_errors;
-pub mod memory;
+pub mod guarantees;
+pub mod json_inputs;
+pub mod memory_budget;
 pub mod metrics;
 pub mod mode;
+pub mod models_folder;
+pub mod offline;
+pub mod queue;
 pub mod tensors;
 pub mod view;
 mod worker;
@@ -33,9 +36,9 @@ use crate::engine::repo::ModelRepo;
 use crate::error::Error;
 use admission::{Admission, panic_message};
 use auth::ApiKeys;
-use batcher::{Batcher, Job, Pending};
 use metrics::{Metrics, UNKNOWN_MODEL};
 use mode::{McRequest, Mode, ModeLabel, ModeParams};
+use queue::{Job, Pending, Queue};
 
 /// Limits and knobs of the predict path.
 #[derive(Debug, Clone)]
@@ -125,7 +128,7 @@ pub struct McAnswer {
     pub auto: Option<adaptive::AutoOutcome>,
     pub outputs: Vec<McOutput>,
     /// Per output, in order: what the model's calibration adds.
-    pub calibrated: Vec<Option<calibrated::Calibrated>>,
+    pub calibrated: Vec<Option<guarantees::Calibrated>>,
 }
 
 /// The outcome of a predict request, with the mode it asked for (what the front end
@@ -146,8 +149,8 @@ pub struct Core {
     pub limits: Limits,
     pub keys: ApiKeys,
     admission: Admission,
-    batcher: Batcher,
-    memory: memory::MemoryBudget,
+    queue: Queue,
+    memory: memory_budget::MemoryBudget,
 }
 
 impl Core {
@@ -161,13 +164,13 @@ impl Core {
             admission: Admission::new(limits.max_inflight_cost),
             // Requests are merged by count here and split into passes by their real rows
             // once decoded: a request has at least one row.
-            batcher: Batcher::start(
+            queue: Queue::start(
                 core.clone(),
                 limits.workers,
                 limits.max_batch_delay,
                 limits.max_pass_rows,
             ),
-            memory: memory::MemoryBudget::new(limits.max_memory_bytes, limits.max_returned_samples),
+            memory: memory_budget::MemoryBudget::new(limits.max_memory_bytes, limits.max_returned_samples),
             limits,
             keys,
         })
@@ -180,7 +183,7 @@ impl Core {
     /// Installs a (re)loaded repository and publishes its metrics.
     pub fn install(&self, repo: ModelRepo) {
         self.metrics.install(&repo);
-        let pass_budget = memory::MemoryBudget::pass_bytes(self.limits.max_memory_bytes, self.limits.workers);
+        let pass_budget = memory_budget::MemoryBudget::pass_bytes(self.limits.max_memory_bytes, self.limits.workers);
         repo.models.values().for_each(|m| m.set_pass_budget(pass_budget));
         *self.repo.write().expect("repo lock poisoned: this is a bug") = Some(Arc::new(repo));
         self.refresh_ready();
@@ -366,7 +369,8 @@ impl Core {
         let rows = rows_bound.min(self.limits.max_batch_rows);
         let reserved = self.memory.reserve_request(&model, rows, &mode)?;
         let (tx, rx) = oneshot::channel();
-        self.batcher.submit(Job {
+        self.queue.submit(Job {
+            class: worker::pass_class(&model, &mode),
             model,
             mode,
             enqueued: Instant::now(),
@@ -436,7 +440,7 @@ struct Request<I, E, T> {
     /// Its admission and its memory: given back when the work ends, before the answer is
     /// sent.
     admitted: OwnedSemaphorePermit,
-    reserved: memory::MemoryPermit,
+    reserved: memory_budget::MemoryPermit,
 }
 
 impl<I, E, T> Pending for Request<I, E, T>

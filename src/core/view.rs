@@ -3,7 +3,7 @@
 //! and never from the engine, so the engine's insides can move without touching a
 //! protocol, and `tools/module_graph.py` can check that no arrow skips the core.
 
-pub use crate::engine::conformal::{CalibrationFile, OutputCalibration, level_key};
+pub use crate::engine::conformal::{self, CalibrationFile, OutputCalibration, level_key};
 pub use crate::engine::model::{CheckResult, LoadedModel, McOutput};
 pub use crate::engine::onnx_graph::DropoutSite;
 pub use crate::engine::repo::{LoadFailure, ModelRepo, load_model};

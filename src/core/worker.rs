@@ -9,22 +9,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::core::admission::panic_message;
-use crate::core::batcher::{Job, Pending};
 use crate::core::mode::{McCount, McRequest, Mode};
-use crate::core::{Answer, Core, McAnswer, adaptive, calibrated, memory};
+use crate::core::queue::{Job, PassClass, Pending};
+use crate::core::{Answer, Core, McAnswer, adaptive, guarantees, memory_budget};
 use crate::engine::conformal::METRIC_SET_LEVEL;
-use crate::engine::model::{Batch, LoadedModel, McOutput, McPart, McSamples, padded_rows};
+use crate::engine::model::{InputRows, LoadedModel, McOutput, McPart, McSamples, padded_rows};
 use crate::error::Error;
-
-/// Which requests may share a pass, beyond being for the same loaded model: decided from
-/// the mode alone, before any body is decoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum PassClass {
-    Eval,
-    /// MC with this fixed sample count. `mc_samples=auto` decides its count as it goes, so
-    /// it runs alone.
-    Mc(usize),
-}
 
 /// The class of a job's pass; None: it runs alone.
 pub(crate) fn pass_class(model: &LoadedModel, mode: &Mode) -> Option<PassClass> {
@@ -43,7 +33,7 @@ pub(crate) fn pass_class(model: &LoadedModel, mode: &Mode) -> Option<PassClass> 
 /// A decoded job: its request, and its rows as the model's input tensors.
 pub(crate) struct Decoded {
     job: Job,
-    batch: Batch,
+    batch: InputRows,
 }
 
 /// One pass of a worker, typed by what runs in it.
@@ -78,7 +68,7 @@ fn next_pass(decoded: &mut Vec<Decoded>, limits: PassLimits) -> Pass {
         return Pass::Alone(first);
     }
     // A merged pass runs at its padded size, which must fit one pass's memory budget.
-    let fits = |rows: usize, batch: &Batch, samples: usize| match samples {
+    let fits = |rows: usize, batch: &InputRows, samples: usize| match samples {
         1 => model.eval_one_pass(padded_rows(rows)),
         k => model.mc_one_pass(padded_rows(rows), LoadedModel::row_elements(batch), k),
     };
@@ -231,7 +221,7 @@ impl Core {
             Pass::Alone(d) => vec![self.alone(&d.job.model, &d.batch, d.job.mode)],
             Pass::Eval(parts) => {
                 let model = &parts[0].job.model;
-                let batches: Vec<&Batch> = parts.iter().map(|d| &d.batch).collect();
+                let batches: Vec<&InputRows> = parts.iter().map(|d| &d.batch).collect();
                 let rows = padded_rows(batches.iter().map(|b| b.rows()).sum());
                 self.metrics
                     .pass_memory
@@ -294,8 +284,8 @@ impl Core {
     }
 
     /// A request's body, decoded into the model's inputs, within the row limit.
-    fn decode(&self, model: &LoadedModel, inputs: &mut dyn Pending) -> Result<Batch, Error> {
-        let batch = model.batch(inputs.decode(model)?)?;
+    fn decode(&self, model: &LoadedModel, inputs: &mut dyn Pending) -> Result<InputRows, Error> {
+        let batch = model.input_rows(inputs.decode(model)?)?;
         let max_rows = self.limits.max_batch_rows;
         if batch.rows() > max_rows {
             return Err(Error::PayloadTooLarge(format!(
@@ -307,7 +297,7 @@ impl Core {
     }
 
     /// One request alone: eval, or MC in as many passes as it needs (`auto` included).
-    fn alone(&self, model: &LoadedModel, batch: &Batch, mode: Mode) -> Result<Answer, Error> {
+    fn alone(&self, model: &LoadedModel, batch: &InputRows, mode: Mode) -> Result<Answer, Error> {
         let answer = match mode {
             Mode::Eval => Answer::Eval(model.eval_session().run(batch)?),
             Mode::McDropout(request) => {
@@ -323,7 +313,7 @@ impl Core {
             .metrics
             .pass_memory
             .with_label_values(&[model.name.as_str(), mode.label().as_str()]);
-        for bytes in memory::pass_bytes(model, batch, &mode, drawn) {
+        for bytes in memory_budget::pass_bytes(model, batch, &mode, drawn) {
             passes.observe(bytes as f64);
         }
         Ok(answer)
@@ -354,7 +344,7 @@ impl Core {
                 }
             }
         }
-        let calibrated = calibrated::compute(model, &outputs)?;
+        let calibrated = guarantees::compute(model, &outputs)?;
         self.record_calibrated(model, &outputs, &calibrated);
         Ok(Answer::McDropout(McAnswer {
             request,
@@ -370,10 +360,10 @@ impl Core {
         &self,
         model: &LoadedModel,
         outputs: &[McOutput],
-        calibrated: &[Option<calibrated::Calibrated>],
+        calibrated: &[Option<guarantees::Calibrated>],
     ) {
         for (o, c) in outputs.iter().zip(calibrated) {
-            let Some(calibrated::Calibrated::Sets(sets)) = c else {
+            let Some(guarantees::Calibrated::Sets(sets)) = c else {
                 continue;
             };
             let labels = [model.name.as_str(), o.name.as_str()];
@@ -441,9 +431,12 @@ mod tests {
             crate::engine::model::Dim::Fixed(n) => *n,
             other => panic!("{other:?}"),
         };
-        let batch = model.batch(vec![Tensor::zero::<f32>(&[rows, width]).unwrap()]).unwrap();
+        let batch = model
+            .input_rows(vec![Tensor::zero::<f32>(&[rows, width]).unwrap()])
+            .unwrap();
         Decoded {
             job: Job {
+                class: pass_class(model, &mode),
                 model: model.clone(),
                 mode,
                 enqueued: Instant::now(),

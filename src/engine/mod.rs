@@ -16,9 +16,9 @@
 
 pub mod conformal;
 pub mod error;
+pub mod footprint;
 pub mod kernels;
 pub mod masks;
-pub mod memory;
 pub mod model;
 pub mod onnx_graph;
 pub mod plans;

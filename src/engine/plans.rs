@@ -12,7 +12,7 @@
 //! of breast_cancer holds 62 KB, as for one sample, and 164 KB for digits_cnn; the
 //! activations live in the run's state, freed when the run ends. So plans of every size are
 //! cached alike; what stayed resident after a large request was the allocator's free
-//! memory, which `core::memory` gives back.
+//! memory, which `core::memory_budget` gives back.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex};
 
 use tract_onnx::prelude::*;
 
+use crate::engine::footprint::{self, Bilinear};
 use crate::engine::kernels::Reductions;
-use crate::engine::memory::{self, Bilinear};
 
 pub type Plan = Arc<TypedRunnableModel>;
 
@@ -60,7 +60,7 @@ impl Plans {
         let symbol = batch_symbol.and_then(|s| typed.symbols.get(s));
         let samples = samples_symbol.and_then(|s| typed.symbols.get(s));
         let capacity = (MEMORY_BUDGET_BYTES / (2 * file_bytes.max(1))).min(MAX_SIZES as u64) as usize;
-        let bytes = memory::graph_bytes(&typed, symbol.as_ref(), samples.as_ref())?;
+        let bytes = footprint::graph_bytes(&typed, symbol.as_ref(), samples.as_ref())?;
         let symbolic = typed.clone().into_optimized()?.into_runnable()?;
         let reductions = symbol
             .as_ref()

@@ -79,7 +79,7 @@ pub struct CheckResult {
 }
 
 impl LoadedModel {
-    pub(super) fn probe_batch(&self, rows: usize, seed: u64) -> anyhow::Result<Batch> {
+    pub(super) fn probe_batch(&self, rows: usize, seed: u64) -> anyhow::Result<InputRows> {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let mut tensors = vec![];
@@ -104,7 +104,7 @@ impl LoadedModel {
             };
             tensors.push(t);
         }
-        self.batch(tensors).map_err(|e| anyhow::anyhow!("{e}"))
+        self.input_rows(tensors).map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     pub(super) fn self_check(&mut self) {
@@ -197,12 +197,12 @@ impl LoadedModel {
         self.checks = checks;
     }
 
-    fn check_rows(&self, probe: &Batch, full: &[NamedTensor]) -> CheckResult {
+    fn check_rows(&self, probe: &InputRows, full: &[NamedTensor]) -> CheckResult {
         for r in 0..probe.rows {
             let tensors: TractResult<Vec<Tensor>> = probe.tensors.iter().map(|t| t.slice(0, r, r + 1)).collect();
             let single = tensors
                 .map_err(|e| anyhow::anyhow!("{e}"))
-                .and_then(|t| self.batch(t).map_err(|e| anyhow::anyhow!("{e}")))
+                .and_then(|t| self.input_rows(t).map_err(|e| anyhow::anyhow!("{e}")))
                 .and_then(|b| self.eval_session().run(&b).map_err(|e| anyhow::anyhow!("{e}")));
             let single = match single {
                 Ok(s) => s,
@@ -248,7 +248,7 @@ impl LoadedModel {
     }
 }
 
-pub(super) fn run_with_unit_masks(plan: &McPlan, batch: &Batch) -> TractResult<Vec<NamedTensor>> {
+pub(super) fn run_with_unit_masks(plan: &McPlan, batch: &InputRows) -> TractResult<Vec<NamedTensor>> {
     let mut masks = vec![];
     for m in &plan.masks {
         let shape = resolve(&m.shape, &batch.symbols).map_err(|e| anyhow::anyhow!(e))?;
@@ -279,7 +279,7 @@ pub(super) fn unnamed(tensors: impl IntoIterator<Item = Tensor>) -> Vec<NamedTen
 /// softmax, centred per row) by far more than float rounding: a variance merely above zero
 /// proves nothing (a saturated softmax gives 1e-39 from rounding alone). The spread of each
 /// element over the samples is measured against the output's scale.
-pub(super) fn check_live(plan: &McPlan, probe: &Batch) -> CheckResult {
+pub(super) fn check_live(plan: &McPlan, probe: &InputRows) -> CheckResult {
     const CHECK: Check = Check::McLive;
     let k = PROBE_MC_SAMPLES;
     let shared = matches!(plan.trunk, Trunk::Shared { .. });
@@ -376,7 +376,7 @@ pub(super) fn relative_spread(values: &[f64], k: usize) -> f64 {
 
 /// Compares the shared-trunk MC graph with the full one on the probe, with the same masks,
 /// and keeps the shared one only when they agree; then drops the full graph.
-pub(super) fn check_shared_trunk(plan: &mut McPlan, probe: &Batch) -> CheckResult {
+pub(super) fn check_shared_trunk(plan: &mut McPlan, probe: &InputRows) -> CheckResult {
     const CHECK: Check = Check::McSharedTrunk;
     let (detail, full) = match &mut plan.trunk {
         Trunk::Full(reason) => {

@@ -14,7 +14,7 @@ impl LoadedModel {
     /// of the probe batch; MC samples in one pass and in passes of two samples; a request
     /// alone and merged with others. A difference turns merging off for the model (its
     /// answers then depend only on the request), and is reported here.
-    pub(super) fn check_batch_invariant(&mut self, probe: &Batch) -> CheckResult {
+    pub(super) fn check_batch_invariant(&mut self, probe: &InputRows) -> CheckResult {
         const CHECK: Check = Check::BatchInvariant;
         if self.batch_symbol.is_none() {
             return skipped(CHECK, "the file fixes the batch size: every pass has the same shape");
@@ -34,11 +34,11 @@ impl LoadedModel {
             .collect();
         let mut pad_single = false;
         let outcome = (|| -> TractResult<()> {
-            let eval = |b: &Batch| -> TractResult<Vec<Vec<u64>>> {
+            let eval = |b: &InputRows| -> TractResult<Vec<Vec<u64>>> {
                 let outs = self.eval_session().plan_pass(b)?;
                 Ok(outs.iter().map(|t| bits(t)).collect())
             };
-            let rows = |idx: &[usize]| -> TractResult<Batch> { probe_rows(self, probe, idx) };
+            let rows = |idx: &[usize]| -> TractResult<InputRows> { probe_rows(self, probe, idx) };
             let full = eval(probe)?;
             plans.push(self.eval.plans.get(probe.rows, 1)?);
             for r in 0..probe.rows {

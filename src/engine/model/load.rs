@@ -9,7 +9,7 @@ use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
 
 use super::*;
-use crate::engine::memory::ModelMemory;
+use crate::engine::footprint::ModelMemory;
 use crate::engine::onnx_graph::{self, FactAt, MASK_INPUT_PREFIX, MaskInput, ProbeLookup};
 use crate::engine::plans::Plans;
 use crate::engine::trunk;

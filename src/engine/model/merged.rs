@@ -1,4 +1,4 @@
-//! One pass for several requests: the batching queue (`core::batcher`) hands the engine
+//! One pass for several requests: the batching queue (`core::queue`) hands the engine
 //! the decoded batches of requests that waited while a pass ran, and they share the next.
 //!
 //! Requests are concatenated on the batch axis; each gets its own rows of the outputs back.
@@ -20,7 +20,7 @@ use crate::engine::uncertainty::Accumulator;
 
 /// One MC request of a merged pass.
 pub struct McPart<'b> {
-    pub batch: &'b Batch,
+    pub batch: &'b InputRows,
     pub seed: u64,
     pub keep_samples: bool,
 }
@@ -42,7 +42,7 @@ impl LoadedModel {
 
     /// Whether two of this model's batches can share a pass: they agree on every symbolic
     /// dimension but the batch (e.g. a sequence length).
-    pub fn same_pass(&self, a: &Batch, b: &Batch) -> bool {
+    pub fn same_pass(&self, a: &InputRows, b: &InputRows) -> bool {
         let batch = self.batch_symbol.as_deref();
         a.symbols.len() == b.symbols.len()
             && a.symbols
@@ -62,12 +62,12 @@ impl LoadedModel {
     }
 
     /// Input elements of one row of `batch` (over all inputs).
-    pub fn row_elements(batch: &Batch) -> usize {
+    pub fn row_elements(batch: &InputRows) -> usize {
         batch.tensors.iter().map(|t| t.len()).sum::<usize>() / batch.rows.max(1)
     }
 
     /// The parts' rows one after another, padded to `padded` rows with copies of the first.
-    fn concat(&self, parts: &[&Batch], padded: usize) -> TractResult<Batch> {
+    fn concat(&self, parts: &[&InputRows], padded: usize) -> TractResult<InputRows> {
         let mut tensors = Vec::with_capacity(self.inputs.len());
         for input in 0..self.inputs.len() {
             let first = &parts[0].tensors[input];
@@ -94,7 +94,7 @@ impl LoadedModel {
         if let Some(s) = &self.batch_symbol {
             symbols.insert(s.clone(), padded);
         }
-        Ok(Batch {
+        Ok(InputRows {
             tensors,
             rows: padded,
             symbols,
@@ -104,7 +104,7 @@ impl LoadedModel {
 
 impl EvalSession<'_> {
     /// Eval of several batches in one pass; per batch, its outputs.
-    pub fn run_merged(&self, parts: &[&Batch]) -> Result<Vec<Vec<NamedTensor>>, EngineError> {
+    pub fn run_merged(&self, parts: &[&InputRows]) -> Result<Vec<Vec<NamedTensor>>, EngineError> {
         if let [one] = parts {
             return Ok(vec![self.run(one)?]);
         }
@@ -147,7 +147,7 @@ impl McSession<'_> {
         }
         let rows: usize = parts.iter().map(|p| p.batch.rows).sum();
         let padded = padded_rows(rows);
-        let batches: Vec<&Batch> = parts.iter().map(|p| p.batch).collect();
+        let batches: Vec<&InputRows> = parts.iter().map(|p| p.batch).collect();
         let merged = pass_failed(self.model.concat(&batches, padded))?;
         let per_part = parts
             .iter()
@@ -243,7 +243,7 @@ mod tests {
     fn each_part_of_a_merged_pass_gets_its_answer_alone() {
         for name in ["breast_cancer", "diabetes", "digits_cnn"] {
             let m = load(name);
-            let parts: Vec<Batch> = (0..40)
+            let parts: Vec<InputRows> = (0..40)
                 .map(|i| m.probe_batch(1 + (i as usize % 3), i).unwrap())
                 .collect();
             let eval_alone: Vec<Vec<f64>> = parts
@@ -259,7 +259,7 @@ mod tests {
                 .collect();
             let mut worst_eval = 0;
             for n in [2, 3, 5, 8, 13, 21, 40] {
-                let refs: Vec<&Batch> = parts[..n].iter().collect();
+                let refs: Vec<&InputRows> = parts[..n].iter().collect();
                 for (i, out) in m.eval_session().run_merged(&refs).unwrap().iter().enumerate() {
                     worst_eval = worst_eval.max(f32_ulps(&to_f64(&out[0].tensor).unwrap(), &eval_alone[i]));
                 }

@@ -12,7 +12,7 @@ use std::sync::atomic::AtomicU64;
 use tract_onnx::prelude::*;
 
 use crate::engine::error::{EngineError, InputMismatch};
-use crate::engine::memory::ModelMemory;
+use crate::engine::footprint::ModelMemory;
 use crate::engine::onnx_graph::DropoutSite;
 pub use crate::engine::spec::*;
 
@@ -64,14 +64,15 @@ struct Layout {
     pad_single_eval: bool,
 }
 
-/// A validated batch of input tensors, in the model's input order.
-pub struct Batch {
+/// A request's rows: its input tensors, checked against the model's inputs and in their
+/// order, with the row count and the value each symbolic dim takes.
+pub struct InputRows {
     tensors: Vec<Tensor>,
     rows: usize,
     symbols: HashMap<String, usize>,
 }
 
-impl Batch {
+impl InputRows {
     pub fn rows(&self) -> usize {
         self.rows
     }
@@ -148,7 +149,7 @@ impl LoadedModel {
 
     /// Checks tensors against the declared inputs: dtype, rank, fixed dims, and that each
     /// symbolic dim takes one value across all inputs.
-    pub fn batch(&self, tensors: Vec<Tensor>) -> Result<Batch, EngineError> {
+    pub fn input_rows(&self, tensors: Vec<Tensor>) -> Result<InputRows, EngineError> {
         let refuse = |m: InputMismatch| Err(EngineError::Input(m));
         if tensors.len() != self.inputs.len() {
             return refuse(InputMismatch::Count {
@@ -207,7 +208,7 @@ impl LoadedModel {
             Some(s) => symbols[s],
             None => tensors.first().and_then(|t| t.shape().first().copied()).unwrap_or(1),
         };
-        Ok(Batch { tensors, rows, symbols })
+        Ok(InputRows { tensors, rows, symbols })
     }
 
     fn name_outputs(&self, outs: TVec<TValue>) -> Vec<NamedTensor> {
@@ -222,7 +223,7 @@ impl LoadedModel {
 }
 
 /// The rows `idx` of `batch` (repeats allowed), as a batch of their own.
-pub(super) fn probe_rows(model: &LoadedModel, batch: &Batch, idx: &[usize]) -> TractResult<Batch> {
+pub(super) fn probe_rows(model: &LoadedModel, batch: &InputRows, idx: &[usize]) -> TractResult<InputRows> {
     let tensors = batch
         .tensors
         .iter()
@@ -234,5 +235,5 @@ pub(super) fn probe_rows(model: &LoadedModel, batch: &Batch, idx: &[usize]) -> T
             Tensor::stack_tensors(0, &rows)
         })
         .collect::<TractResult<Vec<_>>>()?;
-    model.batch(tensors).map_err(|e| anyhow::anyhow!("{e}"))
+    model.input_rows(tensors).map_err(|e| anyhow::anyhow!("{e}"))
 }

@@ -46,7 +46,12 @@ impl McPlan {
     /// Runs one pass of `k` samples of `batch` with the given masks (each sized k·B rows).
     /// Per output: its shape and its values in f64, with the softmax applied where the
     /// server owns it.
-    pub(super) fn run(&self, batch: &Batch, k: usize, masks: Vec<TValue>) -> TractResult<Vec<(Vec<usize>, Vec<f64>)>> {
+    pub(super) fn run(
+        &self,
+        batch: &InputRows,
+        k: usize,
+        masks: Vec<TValue>,
+    ) -> TractResult<Vec<(Vec<usize>, Vec<f64>)>> {
         let shared = matches!(self.trunk, Trunk::Shared { .. });
         let outs = Self::run_plans(&self.plans, shared, batch, k, masks)?;
         outs.iter()
@@ -69,7 +74,7 @@ impl McPlan {
     pub(super) fn run_plans(
         plans: &Plans,
         shared: bool,
-        batch: &Batch,
+        batch: &InputRows,
         k: usize,
         masks: Vec<TValue>,
     ) -> TractResult<TVec<TValue>> {
@@ -97,7 +102,7 @@ impl McPlan {
     /// Masks for one pass of samples `first .. first + k` of `batch`.
     pub(super) fn sample_masks(
         &self,
-        batch: &Batch,
+        batch: &InputRows,
         first: usize,
         k: usize,
         sampler: &mut MaskSampler,
@@ -162,13 +167,13 @@ impl EvalSession<'_> {
     /// Runs the batch in one pass, or in passes of as many rows as the pass budget holds:
     /// rows are independent (the load-time check `eval_row_independent` proves it), so the
     /// outputs of the passes, concatenated, are the batch's.
-    pub fn run(&self, batch: &Batch) -> Result<Vec<NamedTensor>, EngineError> {
+    pub fn run(&self, batch: &InputRows) -> Result<Vec<NamedTensor>, EngineError> {
         let granularity = self.model.row_granularity(batch);
         self.run_in_passes(batch, self.model.eval_split(batch.rows, granularity))
     }
 
     /// As [`run`](Self::run), with at most `per_pass` rows per pass.
-    pub fn run_in_passes(&self, batch: &Batch, per_pass: usize) -> Result<Vec<NamedTensor>, EngineError> {
+    pub fn run_in_passes(&self, batch: &InputRows, per_pass: usize) -> Result<Vec<NamedTensor>, EngineError> {
         let eval_failed = |e: anyhow::Error| EngineError::Pass(format!("eval failed: {e:#}"));
         let per_pass = per_pass.max(1);
         let Some(symbol) = self.model.batch_symbol.as_ref().filter(|_| per_pass < batch.rows) else {
@@ -187,7 +192,7 @@ impl EvalSession<'_> {
                 .map_err(eval_failed)?;
             let mut symbols = batch.symbols.clone();
             symbols.insert(symbol.clone(), end - first);
-            let part = Batch {
+            let part = InputRows {
                 tensors,
                 rows: end - first,
                 symbols,
@@ -209,7 +214,7 @@ impl EvalSession<'_> {
 
     /// One pass over `batch`. A lone row of a model whose one-row plan differs from its
     /// larger plans runs beside a copy of itself (the load-time `batch_invariant` check).
-    fn pass(&self, batch: &Batch) -> TractResult<TVec<TValue>> {
+    fn pass(&self, batch: &InputRows) -> TractResult<TVec<TValue>> {
         if batch.rows == 1 && self.model.layout.pad_single_eval && self.model.batch_symbol.is_some() {
             let pair = probe_rows(self.model, batch, &[0, 0])?;
             return self
@@ -222,7 +227,7 @@ impl EvalSession<'_> {
     }
 
     /// One pass over `batch` with the plan for its own size.
-    pub(super) fn plan_pass(&self, batch: &Batch) -> TractResult<TVec<TValue>> {
+    pub(super) fn plan_pass(&self, batch: &InputRows) -> TractResult<TVec<TValue>> {
         let inputs: TVec<TValue> = batch.tensors.iter().map(|t| t.clone().into_tvalue()).collect();
         let plan = self.plan.plans.get(batch.rows, 1)?;
         let outs = plans::run(&plan, inputs)?;
@@ -250,7 +255,7 @@ impl McSession<'_> {
     /// that pass would be huge); otherwise one pass per sample.
     pub fn run(
         &self,
-        batch: &Batch,
+        batch: &InputRows,
         samples: McSamples,
         seed: u64,
         keep_samples: bool,
@@ -264,7 +269,7 @@ impl McSession<'_> {
     /// sequential baseline the benchmarks compare against).
     pub fn run_in_passes(
         &self,
-        batch: &Batch,
+        batch: &InputRows,
         samples: McSamples,
         seed: u64,
         keep_samples: bool,
@@ -278,7 +283,7 @@ impl McSession<'_> {
 
     /// Starts drawing samples of `batch`, to be drawn in as many steps as the caller likes:
     /// sample `s` is the same whichever step draws it.
-    pub fn start<'s>(&'s self, batch: &'s Batch, seed: u64, keep_samples: bool) -> McDraw<'s> {
+    pub fn start<'s>(&'s self, batch: &'s InputRows, seed: u64, keep_samples: bool) -> McDraw<'s> {
         let elements = batch.tensors.iter().map(|t| t.len()).sum();
         let per_pass = self
             .model
@@ -300,7 +305,7 @@ impl McSession<'_> {
 pub struct McDraw<'s> {
     pub(super) model: &'s LoadedModel,
     pub(super) plan: &'s McPlan,
-    pub(super) batch: &'s Batch,
+    pub(super) batch: &'s InputRows,
     pub(super) sampler: MaskSampler,
     pub(super) accumulators: Vec<(Vec<usize>, Accumulator)>,
     pub(super) done: usize,

@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 
 use super::*;
-use crate::engine::memory::ModelMemory;
+use crate::engine::footprint::ModelMemory;
 use session::Trunk;
 
 /// Upper bound on input elements fed to one MC pass; more samples than fit run in chunks.
@@ -16,7 +16,7 @@ pub const DEFAULT_PASS_BUDGET_BYTES: u64 = 256 << 20;
 impl LoadedModel {
     pub(super) fn memory_model(&self) -> ModelMemory {
         // Elements of one batch row: every dim but the batch (other symbols count 1; see
-        // `engine::memory`). A model without a batch symbol counts its whole input as a row.
+        // `engine::footprint`). A model without a batch symbol counts its whole input as a row.
         let per_row = |shape: &[Dim]| -> u64 {
             shape
                 .iter()
@@ -123,7 +123,7 @@ impl LoadedModel {
         let budget = self.pass_budget();
         let base = self.mc_pass_bytes(rows, 0);
         let step = self.mc_pass_bytes(rows, 1).saturating_sub(base).max(1);
-        // Linear in the samples: base + step·k (see `engine::memory`).
+        // Linear in the samples: base + step·k (see `engine::footprint`).
         (budget.saturating_sub(base) / step).min(usize::MAX as u64) as usize
     }
 
@@ -161,7 +161,7 @@ impl LoadedModel {
     /// MC) to keep its bits: 1 when a row may go anywhere in a pass. A model with sums over
     /// rows of a size that a 64-byte boundary can split differently ([`kernels`]) answers
     /// more, and its passes then keep each row where it is when the request runs alone.
-    pub fn row_granularity(&self, batch: &Batch) -> usize {
+    pub fn row_granularity(&self, batch: &InputRows) -> usize {
         let mc = self
             .mc
             .as_ref()

@@ -7,8 +7,6 @@
 mod walk;
 
 #[cfg(test)]
-mod oracle;
-#[cfg(test)]
 mod props;
 
 use std::borrow::Cow;
@@ -26,7 +24,7 @@ use walk::{Node, Walker};
 ///
 /// One pass over the bytes: the numbers go straight into each input's buffer, with no
 /// `serde_json::Value` tree in between (a tree costs an allocation per array and 32 bytes
-/// per number, most of a parse's time). The answer is the tree parse's (`decode/oracle.rs`),
+/// per number, most of a parse's time). The answer is the tree parse's (`core/json_inputs.rs`),
 /// error for error: a body that is not JSON is refused as such even when an input in it
 /// is also wrong, so problems with the inputs are only noted while reading and reported
 /// once the whole body has parsed.

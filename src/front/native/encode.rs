@@ -1,6 +1,6 @@
 //! The core's answer as the native JSON answer, serialised on the worker pool.
 
-use crate::core::calibrated::Calibrated;
+use crate::core::guarantees::Calibrated;
 use crate::core::view::level_key;
 use crate::core::view::{LoadedModel, McOutput};
 use crate::core::{Answer, McAnswer};

@@ -12,7 +12,7 @@
 use serde_json::{Value, json};
 use tract_onnx::prelude::*;
 
-use crate::core::calibrated::Calibrated;
+use crate::core::guarantees::Calibrated;
 use crate::core::tensors::{DataType, f32_bytes, f64_bytes, tensor_bytes};
 use crate::core::view::{Dim, LoadedModel, TensorSpec};
 use crate::core::view::{OutputCalibration, level_key};

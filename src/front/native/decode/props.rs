@@ -6,7 +6,8 @@ use serde::de::DeserializeSeed;
 use serde_json::{Number, Value, json};
 use tract_onnx::prelude::*;
 
-use super::{TensorSeed, oracle, parse_request};
+use super::{TensorSeed, parse_request};
+use crate::core::json_inputs as oracle;
 use crate::core::view::{Dim, LoadedModel, TensorSpec};
 use crate::error::Error;
 use crate::front::values::Nested;

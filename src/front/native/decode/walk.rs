@@ -5,6 +5,7 @@ use serde_json::Number;
 use tract_onnx::prelude::*;
 
 use super::{Skip, drain};
+use crate::core::json_inputs::path_string;
 use crate::core::view::{TensorSpec, shape_string};
 use crate::error::Error;
 
@@ -366,8 +367,4 @@ impl<'de> Visitor<'de> for Node<'_, '_> {
     fn visit_unit<E>(self) -> Result<(), E> {
         self.leaf(Leaf::Null)
     }
-}
-
-pub(super) fn path_string(path: &[usize]) -> String {
-    path.iter().map(|i| format!("[{i}]")).collect()
 }

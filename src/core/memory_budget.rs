@@ -1,7 +1,7 @@
 //! The memory budget (`--max-memory-bytes`) that admission and pass sizing share.
 //!
 //! A request reserves its estimated peak before it runs: its input, its largest pass and
-//! its answer ([`crate::engine::memory`]). The reservation moves into the work and is given
+//! its answer ([`crate::engine::footprint`]). The reservation moves into the work and is given
 //! back when the work ends. A request that does not fit in what is left is refused with
 //! 429 (retry later); one that could never fit, even alone, with 413 and what would fit.
 //!
@@ -16,7 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::core::adaptive;
 use crate::core::mode::{McCount, Mode};
-use crate::engine::model::{Batch, LoadedModel, pass_sizes, sample_step};
+use crate::engine::model::{InputRows, LoadedModel, pass_sizes, sample_step};
 use crate::error::Error;
 
 /// Reservations count in KiB, so a u32 permit count covers 4 TiB.
@@ -239,7 +239,7 @@ fn mc_count(mode: &Mode) -> Option<McCount> {
 
 /// The estimated peak of each pass a request ran, in order: eval splits its rows, MC its
 /// samples (`auto` first into chunks), by the engine's own sizing.
-pub fn pass_bytes(model: &LoadedModel, batch: &Batch, mode: &Mode, samples_drawn: usize) -> Vec<u64> {
+pub fn pass_bytes(model: &LoadedModel, batch: &InputRows, mode: &Mode, samples_drawn: usize) -> Vec<u64> {
     let rows = batch.rows();
     let granularity = model.row_granularity(batch);
     match mode {

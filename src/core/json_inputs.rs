@@ -1,11 +1,12 @@
-//! The oracle of the streaming parser: the plain two-step parse, the whole body into a
-//! `serde_json::Value`, then each input from the tree. Slow, and easy to check by reading;
-//! `props.rs` holds the streaming parser to its answers, error for error.
+//! The native JSON input format read as a tree: the whole body into a `serde_json::Value`,
+//! then each input from it. `mcd-serve calibrate` reads its rows with it, and it is the
+//! oracle of the native front end's streaming decoder (`front/native/decode/props.rs`
+//! holds that decoder to these answers, error for error). Slower than the streaming
+//! decoder, and easy to check by reading.
 
 use serde_json::Value;
 use tract_onnx::prelude::*;
 
-use super::walk::path_string;
 use crate::core::tensors::in_input_order;
 use crate::core::view::{LoadedModel, TensorSpec, shape_string};
 use crate::error::Error;
@@ -23,6 +24,12 @@ pub fn parse_request(model: &LoadedModel, body: &[u8]) -> Result<Vec<Tensor>, Er
     let inputs = object
         .remove("inputs")
         .ok_or_else(|| Error::MissingInput("request body has no \"inputs\" field".into()))?;
+    parse_inputs(model, inputs)
+}
+
+/// The value of `"inputs"`: one nested array for a one-input model, or an object of them
+/// by input name; in the model's input order.
+pub fn parse_inputs(model: &LoadedModel, inputs: Value) -> Result<Vec<Tensor>, Error> {
     match inputs {
         Value::Object(by_name) => in_input_order(model, by_name.into_iter().collect())?
             .into_iter()
@@ -223,4 +230,9 @@ fn build(spec: &TensorSpec, shape: &[usize], leaves: &[&Value]) -> Result<Tensor
         }
     };
     tensor.map_err(|e| Error::Internal(format!("building input '{}': {e}", spec.name)))
+}
+
+/// Where in a nested array an element sits, for messages: `[0][3]`.
+pub fn path_string(path: &[usize]) -> String {
+    path.iter().map(|i| format!("[{i}]")).collect()
 }

@@ -1,4 +1,4 @@
-//! The batching queue and its long-lived inference workers.
+//! The request queue and its long-lived inference threads.
 //!
 //! An admitted request becomes a [`Job`] on one queue; a fixed set of worker threads (one
 //! per core by default) takes jobs off it. A worker that takes a job also takes every other
@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use tract_onnx::prelude::Tensor;
 
 use crate::core::mode::Mode;
-use crate::core::worker::{PassClass, pass_class};
 use crate::core::{Answer, Core};
 use crate::engine::model::LoadedModel;
 use crate::error::Error;
@@ -37,21 +36,29 @@ pub trait Pending: Send {
     fn respond(self: Box<Self>, model: &LoadedModel, answer: Result<Answer, Error>) -> Option<String>;
 }
 
+/// Which requests may share a pass, beyond being for the same loaded model: decided from
+/// the mode alone, before any body is decoded (by `worker::pass_class`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PassClass {
+    Eval,
+    /// MC with this fixed sample count. `mc_samples=auto` decides its count as it goes, so
+    /// it runs alone.
+    Mc(usize),
+}
+
 /// An admitted request waiting for a worker.
 pub struct Job {
     pub model: Arc<LoadedModel>,
     pub mode: Mode,
+    /// Which jobs may share its pass (`worker::pass_class`); None: it runs alone.
+    pub class: Option<PassClass>,
     pub enqueued: Instant,
     pub request: Box<dyn Pending>,
 }
 
 impl Job {
-    fn class(&self) -> Option<PassClass> {
-        pass_class(&self.model, &self.mode)
-    }
-
     fn joins(&self, first: &Job, class: PassClass) -> bool {
-        Arc::ptr_eq(&self.model, &first.model) && self.class() == Some(class)
+        Arc::ptr_eq(&self.model, &first.model) && self.class == Some(class)
     }
 }
 
@@ -74,14 +81,14 @@ struct Shared {
     max_jobs: usize,
 }
 
-pub struct Batcher {
+pub struct Queue {
     shared: Arc<Shared>,
 }
 
-impl Batcher {
+impl Queue {
     /// Starts `workers` inference threads serving `core`'s groups. They hold the core
-    /// weakly and stop when the batcher is dropped.
-    pub fn start(core: Weak<Core>, workers: usize, delay: Duration, max_jobs: usize) -> Batcher {
+    /// weakly and stop when the queue is dropped.
+    pub fn start(core: Weak<Core>, workers: usize, delay: Duration, max_jobs: usize) -> Queue {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
@@ -96,7 +103,7 @@ impl Batcher {
                 .spawn(move || work(&shared, &core))
                 .expect("spawning an inference thread");
         }
-        Batcher { shared }
+        Queue { shared }
     }
 
     /// Queues an admitted job.
@@ -115,7 +122,7 @@ impl Batcher {
     }
 }
 
-impl Drop for Batcher {
+impl Drop for Queue {
     fn drop(&mut self) {
         self.shared.lock().closed = true;
         self.shared.wake.notify_all();
@@ -129,7 +136,7 @@ impl Shared {
     }
 
     /// The next group: the oldest job, and every waiting job that can share its pass.
-    /// None once the batcher is gone.
+    /// None once the queue is gone.
     fn next_group(&self) -> Option<Vec<Job>> {
         let mut state = self.lock();
         let first = loop {
@@ -143,7 +150,7 @@ impl Shared {
             state = self.wake.wait(state).unwrap_or_else(|e| e.into_inner());
             state.idle -= 1;
         };
-        let Some(class) = first.class() else {
+        let Some(class) = first.class else {
             return Some(vec![first]);
         };
         let deadline = first.enqueued + self.delay;

@@ -10,15 +10,14 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow, bail};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tract_onnx::prelude::DatumType;
 
-use crate::engine::conformal::{
+use crate::core::offline::OfflineModel;
+use crate::core::view::conformal::{
     self, CalibrationFile, ClassRow, DEFAULT_REFER_TARGET, FORMAT, OutputCalibration, REFER_TARGETS, RegressionRow,
 };
-use crate::engine::model::{LoadedModel, McOutput, McSamples};
-use crate::engine::repo;
-use crate::front::native::json::parse_request;
+use crate::core::view::{LoadedModel, McOutput};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct CalibrateArgs {
@@ -58,11 +57,11 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
     if !path.is_file() {
         bail!("no model file {}", path.display());
     }
-    let model = repo::load_model(&args.model, &path).map_err(|e| anyhow!("loading {}: {e}", path.display()))?;
-    let session = model
-        .mc_session()
-        .map_err(|e| anyhow!("{}", crate::error::Error::from(e)))?;
-    let samples = McSamples::new(args.mc_samples).ok_or_else(|| anyhow!("--mc-samples must be at least 2"))?;
+    let offline = OfflineModel::load(&args.model, &path).map_err(|e| anyhow!("loading {}: {e}", path.display()))?;
+    let model = offline.model();
+    if args.mc_samples < 2 {
+        bail!("--mc-samples must be at least 2");
+    }
     let calibrated: Vec<usize> = (0..model.outputs.len())
         .filter(|&i| model.probability_classes[i].is_some() || is_float(model.outputs[i].datum))
         .collect();
@@ -79,19 +78,11 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
         let line_no = ix + 1;
         let at = |e: String| anyhow!("{}:{line_no}: {e}", args.data.display());
         let (inputs, target) = split_line(line).map_err(at)?;
-        let tensors =
-            parse_request(&model, &serde_json::to_vec(&json!({ "inputs": inputs }))?).map_err(|e| at(e.to_string()))?;
-        let batch = model
-            .batch(tensors)
-            .map_err(|e| at(crate::error::Error::from(e).to_string()))?;
-        if batch.rows() != 1 {
-            return Err(at(format!("each line holds one row; this one holds {}", batch.rows())));
-        }
-        let outputs = session
-            .run(&batch, samples, args.seed.wrapping_add(n), false)
-            .map_err(|e| at(crate::error::Error::from(e).to_string()))?;
+        let outputs = offline
+            .mc_row(inputs, args.mc_samples, args.seed.wrapping_add(n))
+            .map_err(|e| at(e.to_string()))?;
         for &o in &calibrated {
-            let target = target_for(&model, &calibrated, o, &target).map_err(at)?;
+            let target = target_for(model, &calibrated, o, &target).map_err(at)?;
             add(&mut collected, o, &outputs[o], target).map_err(at)?;
         }
         n += 1;
@@ -117,7 +108,7 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
         model_sha256: conformal::sha256_file(&path)?,
         created: conformal::rfc3339(SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs()),
         n: n as usize,
-        mc_samples: samples.get(),
+        mc_samples: args.mc_samples,
         seed: args.seed,
         outputs,
     };

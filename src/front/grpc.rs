@@ -19,6 +19,7 @@ use crate::core::{Answer, Core, Inputs, MODEL_VERSION, PredictRequest, Protocol,
 use crate::error::Error;
 use crate::front::oip::EXTENSIONS;
 use crate::front::oip::outputs::{PLATFORM, answer_outputs, input_meta, output_meta, select};
+use crate::front::oip::types::AnswerParameters;
 
 /// The generated protocol types and service traits.
 pub mod pb {
@@ -182,7 +183,7 @@ fn encode(
         model_name: model.name.clone(),
         model_version: MODEL_VERSION.into(),
         id,
-        parameters: response_parameters(&parameters),
+        parameters: response_parameters(&parameters)?,
         ..Default::default()
     };
     for (o, _) in chosen {
@@ -198,8 +199,11 @@ fn encode(
     Ok(response)
 }
 
-/// The answer's parameters (mode, and for MC the sample count and seed) as gRPC values.
-fn response_parameters(parameters: &serde_json::Value) -> HashMap<String, pb::InferParameter> {
+/// The answer's parameters (mode, and for MC the run) as gRPC values: the fields the REST
+/// answer's `parameters` has, by the same names.
+fn response_parameters(parameters: &AnswerParameters) -> Result<HashMap<String, pb::InferParameter>, Error> {
+    let parameters =
+        serde_json::to_value(parameters).map_err(|e| Error::Internal(format!("encoding the parameters: {e}")))?;
     let mut out = HashMap::new();
     for (k, v) in parameters.as_object().into_iter().flatten() {
         let choice = match v {
@@ -217,7 +221,7 @@ fn response_parameters(parameters: &serde_json::Value) -> HashMap<String, pb::In
             },
         );
     }
-    out
+    Ok(out)
 }
 
 impl GrpcFront {

@@ -11,7 +11,6 @@ use axum::http::{HeaderValue, Method, Request, StatusCode, Uri, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use serde_json::json;
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::core::admission::panic_message;
@@ -93,7 +92,7 @@ fn build(core: Arc<Core>, with_metrics: bool, middleware: Middleware) -> Router 
     let routes = Router::new()
         .merge(super::native::routes())
         .merge(super::oip::routes())
-        .route("/health/live", get(|| async { axum::Json(json!({"status": "live"})) }))
+        .route("/health/live", get(|| async { axum::Json(Status { status: "live" }) }))
         .route("/health/ready", get(ready))
         .route("/openapi.json", get(super::openapi::serve));
     let routes = if with_metrics {
@@ -261,11 +260,16 @@ impl RequestCounter {
 async fn ready(State(core): State<Arc<Core>>) -> Response {
     let reasons = core.not_ready_reasons();
     if reasons.is_empty() {
-        axum::Json(json!({"status": "ready"})).into_response()
+        axum::Json(Status { status: "ready" }).into_response()
     } else {
         let mut r = (
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"status": "not_ready", "error": reasons.join("; "), "error_type": "not_ready", "reasons": reasons})),
+            axum::Json(NotReady {
+                status: "not_ready",
+                error: reasons.join("; "),
+                error_type: "not_ready",
+                reasons,
+            }),
         )
             .into_response();
         r.headers_mut()
@@ -280,4 +284,19 @@ async fn metrics(State(core): State<Arc<Core>>) -> Response {
         core.metrics.render(),
     )
         .into_response()
+}
+
+/// `GET /health/live`, and `/health/ready` when ready.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Status {
+    pub status: &'static str,
+}
+
+/// Readiness refused: why, as an error body with the reasons listed.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct NotReady {
+    pub status: &'static str,
+    pub error: String,
+    pub error_type: &'static str,
+    pub reasons: Vec<String>,
 }

@@ -5,6 +5,7 @@
 use serde_json::{Value, json};
 use utoipa::openapi::RefOr;
 use utoipa::openapi::schema::{ObjectBuilder, Schema};
+use utoipa::{PartialSchema, ToSchema};
 
 /// Marks a literal schema: a placeholder whose title carries the JSON, replaced by
 /// [`put_literals`] once utoipa has built the rest.
@@ -62,3 +63,13 @@ pub fn any_array() -> RefOr<Schema> {
 pub fn any_value() -> RefOr<Schema> {
     json_schema(json!({"type": ["string", "number", "integer", "boolean", "null", "object", "array"]}))
 }
+
+/// Bytes: with the binary tensor data extension, the JSON request then the raw tensors.
+pub struct Binary;
+
+impl PartialSchema for Binary {
+    fn schema() -> RefOr<Schema> {
+        json_schema(json!({"type": "string", "contentMediaType": "application/octet-stream"}))
+    }
+}
+impl ToSchema for Binary {}

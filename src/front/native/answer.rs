@@ -1,12 +1,14 @@
 //! The native predict answers: the types [`encode`](super::encode) builds and serialises,
-//! and that the OpenAPI document is generated from.
+//! and that the OpenAPI document is generated from; and the request as the document
+//! describes it (the decoder in `decode.rs` streams it, so that type is for the document
+//! only).
 
 use serde::Serialize;
 use serde::ser::Serializer;
-use serde_json::json;
-use utoipa::ToSchema;
+use serde_json::{Value, json};
 use utoipa::openapi::RefOr;
 use utoipa::openapi::schema::Schema;
+use utoipa::{PartialSchema, ToSchema};
 
 use crate::front::answer::{EvalMode, McMode, McRun};
 use crate::front::schema::json_schema;
@@ -115,4 +117,37 @@ impl<K: Serialize, V: Serialize> Serialize for ByName<K, V> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_map(self.0.iter().map(|(k, v)| (k, v)))
     }
+}
+
+/// A tensor in a native request: nested arrays whose nesting is the input's shape,
+/// numbers (or booleans for a bool input) at the leaves. Four levels are described, which
+/// covers the bundled models; deeper nesting is accepted as well.
+pub struct Tensor;
+
+impl PartialSchema for Tensor {
+    fn schema() -> RefOr<Schema> {
+        let leaf = json!({"type": ["number", "boolean"]});
+        let mut level = json!({"type": "array", "items": leaf});
+        for _ in 0..3 {
+            level = json!({"type": "array", "items": {"anyOf": [leaf, level]}});
+        }
+        json_schema(level)
+    }
+}
+impl ToSchema for Tensor {}
+
+/// `{"inputs": <tensor>}` for a single-input model, or `{"inputs": {"<input name>":
+/// <tensor>, ...}}`.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct NativeRequest {
+    #[schema(schema_with = native_inputs)]
+    inputs: Value,
+}
+
+fn native_inputs() -> RefOr<Schema> {
+    json_schema(json!({"anyOf": [
+        {"$ref": "#/components/schemas/Tensor"},
+        {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/Tensor"}},
+    ]}))
 }

@@ -7,6 +7,7 @@
 
 pub mod outputs;
 pub mod request;
+pub mod types;
 
 use std::sync::Arc;
 
@@ -17,7 +18,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::core::mode::ModeLabel;
 use crate::core::view::LoadedModel;
@@ -26,8 +27,9 @@ use crate::core::{MODEL_VERSION, check_version};
 use crate::error::Error;
 use crate::front::extract::Path;
 use crate::front::rest::{self, JsonBytes, body_error};
-use outputs::{OutTensor, answer_outputs, metadata_json, select};
+use outputs::{OutTensor, answer_outputs, metadata, select};
 use request::{HEADER_LENGTH, OutputRequest};
+use types::{InferAnswer, Live, ModelReady, OutputParameters, OutputTensor, Ready, ServerMetadata};
 
 /// Our extension for MC dropout, advertised in server metadata beside the binary one.
 pub const EXTENSIONS: [&str; 2] = ["binary_tensor_data", "mc_dropout"];
@@ -35,7 +37,7 @@ pub const EXTENSIONS: [&str; 2] = ["binary_tensor_data", "mc_dropout"];
 pub fn routes() -> Router<Arc<Core>> {
     Router::new()
         .route("/v2", get(server_metadata))
-        .route("/v2/health/live", get(|| async { axum::Json(json!({"live": true})) }))
+        .route("/v2/health/live", get(|| async { axum::Json(Live { live: true }) }))
         .route("/v2/health/ready", get(server_ready))
         .route("/v2/models/{model}", get(model_metadata))
         .route("/v2/models/{model}/versions/{version}", get(model_metadata))
@@ -46,11 +48,11 @@ pub fn routes() -> Router<Arc<Core>> {
 }
 
 async fn server_metadata() -> Response {
-    axum::Json(json!({
-        "name": "mcd-serve",
-        "version": env!("CARGO_PKG_VERSION"),
-        "extensions": EXTENSIONS,
-    }))
+    axum::Json(ServerMetadata {
+        name: "mcd-serve",
+        version: env!("CARGO_PKG_VERSION"),
+        extensions: EXTENSIONS.to_vec(),
+    })
     .into_response()
 }
 
@@ -63,7 +65,10 @@ async fn server_ready(State(core): State<Arc<Core>>) -> Response {
     };
     (
         status,
-        axum::Json(json!({"ready": reasons.is_empty(), "reasons": reasons})),
+        axum::Json(Ready {
+            ready: reasons.is_empty(),
+            reasons,
+        }),
     )
         .into_response()
 }
@@ -78,7 +83,7 @@ struct ModelPath {
 async fn model_metadata(State(core): State<Arc<Core>>, Path(p): Path<ModelPath>) -> Result<Response, Error> {
     check_version(&p.model, p.version.as_deref())?;
     let m = core.model(Some(&p.model))?;
-    Ok(axum::Json(metadata_json(&m)?).into_response())
+    Ok(axum::Json(metadata(&m)?).into_response())
 }
 
 async fn model_ready(State(core): State<Arc<Core>>, Path(p): Path<ModelPath>) -> Result<Response, Error> {
@@ -89,7 +94,8 @@ async fn model_ready(State(core): State<Arc<Core>>, Path(p): Path<ModelPath>) ->
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    Ok((status, axum::Json(json!({"name": p.model, "ready": ready}))).into_response())
+    let body = ModelReady { name: &p.model, ready };
+    Ok((status, axum::Json(body)).into_response())
 }
 
 async fn infer(
@@ -163,15 +169,13 @@ fn encode(
         any_binary |= as_binary;
         entries.push(output_entry(&o, as_binary, &mut binary)?);
     }
-    let mut doc = json!({
-        "model_name": model.name,
-        "model_version": MODEL_VERSION,
-        "parameters": parameters,
-        "outputs": entries,
-    });
-    if let Some(id) = id {
-        doc["id"] = id;
-    }
+    let doc = InferAnswer {
+        id,
+        model_name: &model.name,
+        model_version: MODEL_VERSION,
+        parameters,
+        outputs: entries,
+    };
     let mut body = serde_json::to_vec(&doc).map_err(|e| Error::Internal(format!("encoding the answer: {e}")))?;
     if !any_binary {
         return Ok(Encoded {
@@ -187,14 +191,20 @@ fn encode(
     })
 }
 
-fn output_entry(o: &OutTensor, as_binary: bool, binary: &mut Vec<u8>) -> Result<Value, Error> {
-    let mut entry = json!({"name": o.name, "datatype": o.datatype.as_str(), "shape": o.shape});
-    if as_binary {
+fn output_entry(o: &OutTensor, as_binary: bool, binary: &mut Vec<u8>) -> Result<OutputTensor, Error> {
+    let (data, parameters) = if as_binary {
         let bytes = o.bytes()?;
-        entry["parameters"] = json!({"binary_data_size": bytes.len()});
+        let size = bytes.len();
         binary.extend_from_slice(&bytes);
+        (None, Some(OutputParameters { binary_data_size: size }))
     } else {
-        entry["data"] = o.json()?;
-    }
-    Ok(entry)
+        (Some(o.json()?), None)
+    };
+    Ok(OutputTensor {
+        name: o.name.clone(),
+        datatype: o.datatype.as_str(),
+        shape: o.shape.clone(),
+        data,
+        parameters,
+    })
 }

@@ -9,7 +9,7 @@
 //! a probability output `y.set_0.95` per level, a BOOL membership mask shaped like `y`
 //! (sets are ragged, a mask is a tensor), and `y.refer` (BOOL, one per row).
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use tract_onnx::prelude::*;
 
 use crate::core::guarantees::Calibrated;
@@ -18,6 +18,11 @@ use crate::core::view::{Dim, LoadedModel, TensorSpec};
 use crate::core::view::{OutputCalibration, level_key};
 use crate::core::{Answer, MODEL_VERSION};
 use crate::error::Error;
+use crate::front::answer::{EvalMode, McMode, McRun};
+use crate::front::oip::types::{
+    AnswerParameters, EvalParameters, McParameters, ModelMetadata, ModelParameters, TensorMetadata,
+    TensorMetadataParameters,
+};
 
 /// Derived MC outputs: per element, per row, and the raw samples.
 const STATS: [&str; 2] = ["variance", "std"];
@@ -154,36 +159,38 @@ pub fn output_meta(model: &LoadedModel) -> Result<Vec<OutputMeta>, Error> {
 }
 
 /// The model metadata document of the REST front end (`GET /v2/models/{m}`).
-pub fn metadata_json(model: &LoadedModel) -> Result<Value, Error> {
-    let tensor =
-        |name: &str, dt: DataType, shape: &[i64]| json!({"name": name, "datatype": dt.as_str(), "shape": shape});
-    let inputs: Vec<Value> = input_meta(model)?
-        .iter()
-        .map(|(n, dt, shape)| tensor(n, *dt, shape))
-        .collect();
-    let outputs: Vec<Value> = output_meta(model)?
-        .iter()
-        .map(|o| {
-            let mut t = tensor(&o.name, o.datatype, &o.shape);
-            if o.mc_only {
-                t["parameters"] = json!({"mc_only": true});
-            }
-            t
+pub fn metadata(model: &LoadedModel) -> Result<ModelMetadata<'_>, Error> {
+    let inputs = input_meta(model)?
+        .into_iter()
+        .map(|(name, dt, shape)| TensorMetadata {
+            name,
+            datatype: dt.as_str(),
+            shape,
+            parameters: None,
         })
         .collect();
-    Ok(json!({
-        "name": model.name,
-        "versions": [MODEL_VERSION],
-        "platform": PLATFORM,
-        "inputs": inputs,
-        "outputs": outputs,
-        "parameters": {
-            "mc_available": model.mc_unavailable_reason().is_none(),
-            "dropout_sites": model.sampling_sites(),
-            "calibrated": model.calibration.is_some(),
-            "refer_target_error": model.calibration.as_ref().map(|c| c.refer_target),
+    let outputs = output_meta(model)?
+        .into_iter()
+        .map(|o| TensorMetadata {
+            name: o.name,
+            datatype: o.datatype.as_str(),
+            shape: o.shape,
+            parameters: o.mc_only.then_some(TensorMetadataParameters { mc_only: true }),
+        })
+        .collect();
+    Ok(ModelMetadata {
+        name: &model.name,
+        versions: vec![MODEL_VERSION],
+        platform: PLATFORM,
+        inputs,
+        outputs,
+        parameters: ModelParameters {
+            mc_available: model.mc_unavailable_reason().is_none(),
+            dropout_sites: model.sampling_sites(),
+            calibrated: model.calibration.is_some(),
+            refer_target_error: model.calibration.as_ref().map(|c| c.refer_target),
         },
-    }))
+    })
 }
 
 pub const PLATFORM: &str = "onnx";
@@ -256,7 +263,7 @@ impl OutTensor {
 
 /// The answer's outputs, each model output followed by its MC statistics, and the
 /// response parameters (mode, and for MC the sample count and seed).
-pub fn answer_outputs(model: &LoadedModel, answer: Answer) -> Result<(Vec<OutTensor>, Value), Error> {
+pub fn answer_outputs(model: &LoadedModel, answer: Answer) -> Result<(Vec<OutTensor>, AnswerParameters), Error> {
     match answer {
         Answer::Eval(outputs) => {
             let out = outputs
@@ -271,9 +278,10 @@ pub fn answer_outputs(model: &LoadedModel, answer: Answer) -> Result<(Vec<OutTen
                     })
                 })
                 .collect::<Result<Vec<_>, Error>>()?;
-            Ok((out, json!({"mode": "eval"})))
+            Ok((out, AnswerParameters::Eval(EvalParameters { mode: EvalMode::Eval })))
         }
         Answer::McDropout(answer) => {
+            let run = McRun::of(&answer);
             let mut out = vec![];
             for ((o, spec), calibrated) in answer.outputs.into_iter().zip(&model.outputs).zip(&answer.calibrated) {
                 let s = o.stats;
@@ -336,12 +344,10 @@ pub fn answer_outputs(model: &LoadedModel, answer: Answer) -> Result<(Vec<OutTen
                     out.push(floats(format!("{}.{SAMPLES}", o.name), shape, raw));
                 }
             }
-            let mut params = json!({"mode": "mc_dropout", "mc_samples": answer.samples, "seed": answer.request.seed});
-            if let Some(auto) = answer.auto {
-                params["mc_converged"] = auto.converged.into();
-                params["mc_se"] = auto.se.into();
-                params["mc_max"] = auto.max.into();
-            }
+            let params = AnswerParameters::McDropout(McParameters {
+                mode: McMode::McDropout,
+                run,
+            });
             Ok((out, params))
         }
     }

@@ -19,6 +19,7 @@ pub use crate::engine::spec::*;
 mod checks;
 mod invariance;
 mod load;
+mod mc_checks;
 mod merged;
 mod session;
 mod sizing;

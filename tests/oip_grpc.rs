@@ -459,3 +459,85 @@ async fn an_in_flight_grpc_mc_request_completes_across_sigterm() {
         "the listener is closed"
     );
 }
+
+/// Bytes in, bytes out: a gRPC call whose message is whatever the test writes.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        prost::bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let n = prost::bytes::Buf::remaining(src);
+        Ok(Some(prost::bytes::Buf::copy_to_bytes(src, n).to_vec()))
+    }
+}
+
+/// A message prost cannot decode is the client's error on every method, the health
+/// service's included: INVALID_ARGUMENT with an `error-type`, counted.
+#[tokio::test]
+async fn undecodable_protobuf_is_invalid_argument_on_every_method() {
+    let (s, url, _dir) = server_url().await;
+    let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+    let methods = [
+        "/inference.GRPCInferenceService/ModelInfer",
+        "/inference.GRPCInferenceService/ModelMetadata",
+        "/inference.GRPCInferenceService/ModelReady",
+        "/inference.GRPCInferenceService/ServerLive",
+        "/inference.GRPCInferenceService/ServerReady",
+        "/inference.GRPCInferenceService/ServerMetadata",
+        "/grpc.health.v1.Health/Check",
+    ];
+    for method in methods {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.unwrap();
+        // 0xff starts a varint that never ends: no message type decodes it.
+        let status = grpc
+            .unary(
+                tonic::Request::new(vec![0xffu8]),
+                tonic::codegen::http::uri::PathAndQuery::from_static(method),
+                RawCodec,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{method}: {status:?}");
+        assert_eq!(
+            status.metadata().get("error-type").map(|v| v.to_str().unwrap()),
+            Some("malformed_protobuf"),
+            "{method}: {status:?}"
+        );
+        assert!(status.message().contains(method), "{method}: {status:?}");
+    }
+    let m = s.metrics().await;
+    assert_eq!(
+        metric_sum(&m, "mcd_rejected_requests_total", &[("reason", "malformed_protobuf")]),
+        methods.len() as f64
+    );
+    assert_eq!(
+        metric_sum(&m, "mcd_requests_total", &[("protocol", "grpc"), ("status", "400")]),
+        methods.len() as f64
+    );
+    s.stop().await;
+}

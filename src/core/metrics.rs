@@ -207,7 +207,7 @@ impl Metrics {
                 &registry,
                 counter(
                     "mcd_rejected_requests_total",
-                    "Requests shed before inference (overloaded, timeout, not_ready, payload_too_large).",
+                    "Requests shed before inference (overloaded, timeout, not_ready, payload_too_large), or whose gRPC message did not decode (malformed_protobuf).",
                     &["reason"],
                 ),
             ),

@@ -325,6 +325,25 @@ impl Core {
         error
     }
 
+    /// Counts and logs (at debug) a gRPC call whose message did not decode: no model and no
+    /// mode are known, so it counts under `_unknown` and eval, with the reason
+    /// `malformed_protobuf` among the rejections.
+    pub fn refuse_undecodable(&self, error: Error) -> Error {
+        let m = &self.metrics;
+        m.rejected.with_label_values(&[error.error_type()]).inc();
+        let status = error.status().as_u16().to_string();
+        m.requests
+            .with_label_values(&[
+                UNKNOWN_MODEL,
+                ModeLabel::Eval.as_str(),
+                &status,
+                Protocol::Grpc.as_str(),
+            ])
+            .inc();
+        tracing::debug!(protocol = Protocol::Grpc.as_str(), error_type = error.error_type(), error = %error, "undecodable request refused");
+        error
+    }
+
     async fn run<I: Inputs, T: Send + 'static>(
         self: &Arc<Self>,
         model: Arc<LoadedModel>,

@@ -359,6 +359,11 @@ async fn every_error_has_its_code_and_is_counted() {
     let mut two_raw = bc_request(true, &[]);
     two_raw.raw_input_contents.push(vec![0; 4]);
     expect_code(&mut c, two_raw, Code::InvalidArgument).await;
+    // Raw and typed values at once: refused, not one silently preferred (issue 25 F9).
+    let mut both = bc_request(true, &[]);
+    both.inputs[0].contents = bc_request(false, &[]).inputs[0].contents.clone();
+    let e = expect_code(&mut c, both, Code::InvalidArgument).await;
+    assert!(e.contains("raw_input_contents") && e.contains("'features'"), "{e}");
     let mut unknown = bc_request(true, &[]);
     unknown.model_name = "nope".into();
     expect_code(&mut c, unknown, Code::NotFound).await;
@@ -404,10 +409,10 @@ async fn every_error_has_its_code_and_is_counted() {
         metric_sum(&m, "mcd_requests_total", &[("protocol", "grpc"), ("status", "404")]),
         2.0
     );
-    // Counted with the status the same error has over HTTP: three 400s, three 422s.
+    // Counted with the status the same error has over HTTP: four 400s, four 422s.
     assert_eq!(
         metric_sum(&m, "mcd_requests_total", &[("protocol", "grpc"), ("status", "400")]),
-        3.0
+        4.0
     );
     assert_eq!(
         metric_sum(&m, "mcd_requests_total", &[("protocol", "grpc"), ("status", "422")]),

@@ -125,21 +125,86 @@ pub struct ServeArgs {
     pub metrics_addr: String,
 }
 
+/// The smallest `--max-memory-bytes`: below it not even one small pass fits.
+pub const MIN_MEMORY_BYTES: u64 = 1 << 20;
+
 impl ServeArgs {
+    /// Every setting out of its range, each with its flag, or Ok. The server refuses to
+    /// start on any (no value is silently changed to a nearby one).
+    pub fn check(&self) -> Result<(), String> {
+        let mut wrong = vec![];
+        let mut at_least = |flag: &str, value: u64, min: u64, why: &str| {
+            if value < min {
+                wrong.push(format!("{flag} is {value}; it must be at least {min} ({why})"));
+            }
+        };
+        at_least(
+            "--max-mc-samples",
+            self.max_mc_samples as u64,
+            2,
+            "MC needs two samples for a spread",
+        );
+        at_least(
+            "--max-inflight-cost",
+            self.max_inflight_cost.into(),
+            1,
+            "0 would admit nothing",
+        );
+        at_least(
+            "--max-batch-rows",
+            self.max_batch_rows as u64,
+            1,
+            "0 would refuse every request",
+        );
+        at_least(
+            "--max-pass-rows",
+            self.max_pass_rows as u64,
+            1,
+            "a pass runs at least one row",
+        );
+        at_least(
+            "--max-memory-bytes",
+            self.max_memory_bytes,
+            MIN_MEMORY_BYTES,
+            "below 1 MiB not even one small pass fits",
+        );
+        if let Some(w) = self.workers {
+            at_least("--workers", w as u64, 1, "0 would run nothing");
+        }
+        if !(self.request_timeout_secs.is_finite() && self.request_timeout_secs > 0.0) {
+            wrong.push(format!(
+                "--request-timeout-secs is {}; it must be a number of seconds above 0",
+                self.request_timeout_secs
+            ));
+        }
+        if !(self.shutdown_drain_secs.is_finite() && self.shutdown_drain_secs >= 0.0) {
+            wrong.push(format!(
+                "--shutdown-drain-secs is {}; it must be a number of seconds, at least 0",
+                self.shutdown_drain_secs
+            ));
+        }
+        if wrong.is_empty() {
+            Ok(())
+        } else {
+            Err(wrong.join("; "))
+        }
+    }
+
+    /// The core's limits; [`check`](Self::check) has passed.
     pub fn limits(&self) -> Limits {
         Limits {
-            max_mc_samples: self.max_mc_samples.max(2),
-            max_inflight_cost: self.max_inflight_cost.max(1),
-            max_batch_rows: self.max_batch_rows.max(1),
-            max_memory_bytes: self.max_memory_bytes.max(1 << 20),
+            max_mc_samples: self.max_mc_samples,
+            max_inflight_cost: self.max_inflight_cost,
+            max_batch_rows: self.max_batch_rows,
+            max_memory_bytes: self.max_memory_bytes,
             max_returned_samples: self.max_returned_samples,
-            request_timeout: Duration::from_secs_f64(self.request_timeout_secs.max(0.001)),
+            request_timeout: Duration::from_secs_f64(self.request_timeout_secs),
             body_limit_bytes: self.body_limit_bytes,
             workers: self
                 .workers
                 .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
             max_batch_delay: Duration::from_micros(self.max_batch_delay_us),
-            max_pass_rows: self.max_pass_rows.max(1),
+            max_pass_rows: self.max_pass_rows,
         }
     }
 

@@ -10,6 +10,8 @@ pub enum Error {
     #[error("{0}")]
     MalformedJson(String),
     #[error("{0}")]
+    MalformedProtobuf(String),
+    #[error("{0}")]
     RaggedArray(String),
     #[error("{0}")]
     ShapeMismatch(String),
@@ -64,6 +66,7 @@ impl Error {
     pub fn error_type(&self) -> &'static str {
         match self {
             Error::MalformedJson(_) => "malformed_json",
+            Error::MalformedProtobuf(_) => "malformed_protobuf",
             Error::RaggedArray(_) => "ragged_array",
             Error::ShapeMismatch(_) => "shape_mismatch",
             Error::MissingInput(_) => "missing_input",
@@ -91,6 +94,7 @@ impl Error {
     pub fn status(&self) -> StatusCode {
         match self {
             Error::MalformedJson(_)
+            | Error::MalformedProtobuf(_)
             | Error::RaggedArray(_)
             | Error::ShapeMismatch(_)
             | Error::MissingInput(_)
@@ -118,6 +122,7 @@ impl Error {
         use tonic::Code;
         match self {
             Error::MalformedJson(_)
+            | Error::MalformedProtobuf(_)
             | Error::RaggedArray(_)
             | Error::ShapeMismatch(_)
             | Error::MissingInput(_)

@@ -6,7 +6,7 @@
 //!   and its guards, admission, the worker pool, timeouts, inference and metrics.
 //! - [`front`]: the protocols, which only decode requests and encode answers.
 //!
-//! Around them: [`error`] (the one error type), [`config`], [`server`], and [`commands`]
+//! Around them: [`error`] (the one error type), [`config`], [`logs`], [`server`], and [`commands`]
 //! (the `calibrate` and `healthcheck` subcommands).
 
 pub mod commands;
@@ -15,4 +15,5 @@ pub mod core;
 pub mod engine;
 pub mod error;
 pub mod front;
+pub mod logs;
 pub mod server;

@@ -1,8 +1,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use mcd_serve::config::{Cli, Command, LogFormat};
-use tracing_subscriber::EnvFilter;
+use mcd_serve::config::{Cli, Command};
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -21,18 +20,7 @@ fn main() -> anyhow::Result<()> {
     }
     let args = cli.serve;
     mcd_serve::core::memory_budget::configure_allocator();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    match args.log_format {
-        LogFormat::Json => tracing_subscriber::fmt()
-            .json()
-            .with_current_span(true)
-            .with_env_filter(filter)
-            .init(),
-        LogFormat::Text => tracing_subscriber::fmt()
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-            .with_env_filter(filter)
-            .init(),
-    }
+    mcd_serve::logs::init(args.log_format);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?

@@ -62,6 +62,7 @@ pub async fn serve_listeners(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    args.check().map_err(|e| anyhow::anyhow!("invalid settings: {e}"))?;
     let Listeners { http, grpc, metrics } = listeners;
     let names = model_names(&args.models, args.model_name.as_deref())
         .with_context(|| format!("reading the models folder {}", args.models.display()))?;
@@ -96,7 +97,7 @@ pub async fn serve_listeners(
 
     // One stop signal for both listeners, after the drain window.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let drain = Duration::from_secs_f64(args.shutdown_drain_secs.max(0.0));
+    let drain = Duration::from_secs_f64(args.shutdown_drain_secs);
     let stopping = core.clone();
     tokio::spawn(async move {
         shutdown.await;
@@ -114,6 +115,7 @@ pub async fn serve_listeners(
         Some(listener) => {
             let health = grpc::health(core.clone()).await;
             let server = tonic::transport::Server::builder()
+                .layer(crate::front::grpc_decode::UndecodableLayer { core: core.clone() })
                 .add_service(health)
                 .add_service(grpc::service(core.clone()))
                 .serve_with_incoming_shutdown(

@@ -327,6 +327,110 @@ async fn a_calibration_made_for_another_model_file_is_refused_at_load() {
     s.stop().await;
 }
 
+/// The bundled diabetes calibration in a temporary folder, with `edit` applied to it.
+fn edited_diabetes(edit: impl FnOnce(&mut Value)) -> tempdir::TempDir {
+    let dir = folder();
+    let mut cal = read_json(&models_dir().join("diabetes.calibration.json"));
+    edit(&mut cal);
+    std::fs::write(
+        dir.path().join("diabetes.calibration.json"),
+        serde_json::to_string_pretty(&cal).unwrap(),
+    )
+    .unwrap();
+    dir
+}
+
+/// Issue 25 F5: a calibration whose values break the method's invariants is refused at
+/// load with the reason, like a stale one, never served (here a negative quantile, which
+/// would serve intervals with lower above upper).
+#[tokio::test]
+async fn a_calibration_with_impossible_values_is_refused_at_load() {
+    let dir = edited_diabetes(|cal| cal["outputs"]["prediction"]["intervals"][0]["quantile"][0] = json!(-5.0));
+    let mut args = ServeArgs::for_models(dir.path());
+    args.default_model = Some("breast_cancer".into());
+    let s = TestServer::start(args).await;
+    let (status, ready) = s.get("/health/ready").await;
+    assert_eq!(status, 503, "{ready}");
+    let (_, models) = s.get("/models").await;
+    let reason = models["load_failures"][0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("diabetes.calibration.json is invalid")
+            && reason.contains("output 'prediction'")
+            && reason.contains("quantile[0] is -5")
+            && reason.contains("at least 0"),
+        "{reason}"
+    );
+    let (status, body, _) = s
+        .post(
+            "/models/diabetes/predict?mc_samples=5",
+            &json!({"inputs": diabetes_rows()}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error_type"].as_str()),
+        (503, Some("model_unhealthy")),
+        "{body}"
+    );
+    s.stop().await;
+}
+
+/// On SIGHUP an edited calibration (here a negative noise variance, which made every
+/// interval null, "unbounded") fails that reload: the previous version and its
+/// calibration keep serving, and the reason shows in `/models`.
+#[tokio::test]
+async fn an_edited_calibration_on_reload_keeps_the_last_good_one_serving() {
+    let dir = edited_diabetes(|_| {});
+    let p = common::process::spawn(dir.path(), &[]);
+    let client = reqwest::Client::new();
+    common::process::wait_status(&client, &format!("{}/health/ready", p.base), 200).await;
+    let mut cal = read_json(&dir.path().join("diabetes.calibration.json"));
+    cal["outputs"]["prediction"]["noise_variance"][0] = json!(-1.0);
+    std::fs::write(dir.path().join("diabetes.calibration.json"), cal.to_string()).unwrap();
+    common::process::signal(&p, "HUP");
+    let mut reloaded = false;
+    for _ in 0..600 {
+        let m = scrape(&client, &p.base).await;
+        if metric_exposed(&m, "mcd_model_reloads_total")
+            && metric_sum(&m, "mcd_model_reloads_total", &[("result", "partial")]) >= 1.0
+        {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(reloaded, "no partial reload was counted");
+    let models: Value = client
+        .get(format!("{}/models", p.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let failure = &models["load_failures"][0];
+    assert_eq!(failure["model"], "diabetes", "{models}");
+    assert_eq!(failure["kept_previous"], true, "{models}");
+    assert!(
+        failure["reason"].as_str().unwrap().contains("noise_variance[0] is -1"),
+        "{failure}"
+    );
+    let d: Value = client
+        .post(format!("{}/models/diabetes/predict?mc_samples=20&seed=1", p.base))
+        .json(&json!({"inputs": diabetes_rows()}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for level in LEVELS {
+        let i = &d["outputs"]["prediction"]["intervals"][level];
+        let (lo, hi) = (f64s(&i["lower"]), f64s(&i["upper"]));
+        assert_eq!(lo.len(), 3, "{d}");
+        assert!(lo.iter().zip(&hi).all(|(l, h)| l < h), "{level}: {lo:?} {hi:?}");
+    }
+}
+
 /// The largest std/√n over an answer's output elements.
 fn max_se(answer: &Value, output: &str) -> f64 {
     let n = answer["mc_samples"].as_f64().unwrap();

@@ -409,6 +409,34 @@ fn a_ratio_given_as_graph_input_refuses_mc_unless_the_config_fixes_it() {
     assert!((dropped - 0.25 * n).abs() < 5.0 * (n * 0.25 * 0.75).sqrt());
 }
 
+/// Issue 25 F9: a model config that says something the server would not do fails that
+/// model's load with the reason: an unknown key (here a misspelt `dropout_ratios`), or
+/// `dropout_ratios` naming something that gives no Dropout node its ratio.
+#[test]
+fn a_model_config_with_an_unknown_key_or_a_wrong_ratio_input_fails_the_load() {
+    let dir = model_folder(&[fixture("dropout_ratio_input.onnx")]);
+    let model = dir.path().join("dropout_ratio_input.onnx");
+    let config = dir.path().join("dropout_ratio_input.model.json");
+    std::fs::write(&config, r#"{"dropout_ratio": {"ratio": 0.25}}"#).unwrap();
+    let e = load_model("m", &model).err().expect("an unknown key fails the load");
+    assert!(e.contains("unknown field `dropout_ratio`"), "{e}");
+    std::fs::write(&config, r#"{"dropout_ratios": {"x": 0.25}}"#).unwrap();
+    let e = load_model("m", &model)
+        .err()
+        .expect("a ratio for no ratio input fails the load");
+    assert!(e.contains("dropout_ratios names 'x'") && e.contains("\"ratio\""), "{e}");
+    // The right name loads, as do the bundled configs' notes (`metrics`, `training`).
+    std::fs::write(
+        &config,
+        r#"{"dropout_ratios": {"ratio": 0.25}, "training": {"epochs": 3}}"#,
+    )
+    .unwrap();
+    assert!(load_model("m", &model).unwrap().mc_unavailable_reason().is_none());
+    for name in ["breast_cancer", "diabetes", "digits_cnn"] {
+        load_model(name, &models_dir().join(format!("{name}.onnx"))).unwrap();
+    }
+}
+
 /// Probe finding h: a variance above zero is not evidence that dropout moves a model.
 /// `dead_dropout` adds 1e-6·Dropout(x) to 1: its MC variance is rounding (a few float32
 /// ulps), and a saturated softmax hid the same in breast_cancer (variance 1.1e-39). The

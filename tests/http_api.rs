@@ -679,3 +679,37 @@ fn a_failed_reload_keeps_the_last_good_model() {
         &second.models["breast_cancer"]
     ));
 }
+
+/// Issue 25 F9: a setting out of its range stops startup with the flag and the reason; no
+/// value is silently raised to the nearest allowed one.
+#[tokio::test]
+async fn out_of_range_settings_refuse_to_start() {
+    let dir = model_folder(&[models_dir().join("breast_cancer.onnx")]);
+    let mut args = ServeArgs::for_models(dir.path());
+    args.max_batch_rows = 0;
+    args.max_memory_bytes = 1000;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = mcd_serve::server::serve(args, listener, async {}).await.unwrap_err();
+    let err = err.to_string();
+    assert!(err.contains("--max-batch-rows is 0; it must be at least 1"), "{err}");
+    assert!(
+        err.contains("--max-memory-bytes is 1000; it must be at least 1048576"),
+        "{err}"
+    );
+    // The binary says so and exits non-zero.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mcd-serve"))
+        .args([
+            "--models",
+            dir.path().to_str().unwrap(),
+            "--addr",
+            "127.0.0.1:0",
+            "--grpc-addr",
+            "",
+        ])
+        .args(["--max-batch-rows", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--max-batch-rows is 0"), "{stderr}");
+}

@@ -359,6 +359,11 @@ async fn every_error_has_its_code_and_is_counted() {
     let mut two_raw = bc_request(true, &[]);
     two_raw.raw_input_contents.push(vec![0; 4]);
     expect_code(&mut c, two_raw, Code::InvalidArgument).await;
+    // Raw and typed values at once: refused, not one silently preferred (issue 25 F9).
+    let mut both = bc_request(true, &[]);
+    both.inputs[0].contents = bc_request(false, &[]).inputs[0].contents.clone();
+    let e = expect_code(&mut c, both, Code::InvalidArgument).await;
+    assert!(e.contains("raw_input_contents") && e.contains("'features'"), "{e}");
     let mut unknown = bc_request(true, &[]);
     unknown.model_name = "nope".into();
     expect_code(&mut c, unknown, Code::NotFound).await;
@@ -404,10 +409,10 @@ async fn every_error_has_its_code_and_is_counted() {
         metric_sum(&m, "mcd_requests_total", &[("protocol", "grpc"), ("status", "404")]),
         2.0
     );
-    // Counted with the status the same error has over HTTP: three 400s, three 422s.
+    // Counted with the status the same error has over HTTP: four 400s, four 422s.
     assert_eq!(
         metric_sum(&m, "mcd_requests_total", &[("protocol", "grpc"), ("status", "400")]),
-        3.0
+        4.0
     );
     assert_eq!(
         metric_sum(&m, "mcd_requests_total", &[("protocol", "grpc"), ("status", "422")]),
@@ -458,4 +463,86 @@ async fn an_in_flight_grpc_mc_request_completes_across_sigterm() {
         reqwest::get(format!("{base}/health/live")).await.is_err(),
         "the listener is closed"
     );
+}
+
+/// Bytes in, bytes out: a gRPC call whose message is whatever the test writes.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        prost::bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let n = prost::bytes::Buf::remaining(src);
+        Ok(Some(prost::bytes::Buf::copy_to_bytes(src, n).to_vec()))
+    }
+}
+
+/// A message prost cannot decode is the client's error on every method, the health
+/// service's included: INVALID_ARGUMENT with an `error-type`, counted.
+#[tokio::test]
+async fn undecodable_protobuf_is_invalid_argument_on_every_method() {
+    let (s, url, _dir) = server_url().await;
+    let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+    let methods = [
+        "/inference.GRPCInferenceService/ModelInfer",
+        "/inference.GRPCInferenceService/ModelMetadata",
+        "/inference.GRPCInferenceService/ModelReady",
+        "/inference.GRPCInferenceService/ServerLive",
+        "/inference.GRPCInferenceService/ServerReady",
+        "/inference.GRPCInferenceService/ServerMetadata",
+        "/grpc.health.v1.Health/Check",
+    ];
+    for method in methods {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.unwrap();
+        // 0xff starts a varint that never ends: no message type decodes it.
+        let status = grpc
+            .unary(
+                tonic::Request::new(vec![0xffu8]),
+                tonic::codegen::http::uri::PathAndQuery::from_static(method),
+                RawCodec,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{method}: {status:?}");
+        assert_eq!(
+            status.metadata().get("error-type").map(|v| v.to_str().unwrap()),
+            Some("malformed_protobuf"),
+            "{method}: {status:?}"
+        );
+        assert!(status.message().contains(method), "{method}: {status:?}");
+    }
+    let m = s.metrics().await;
+    assert_eq!(
+        metric_sum(&m, "mcd_rejected_requests_total", &[("reason", "malformed_protobuf")]),
+        methods.len() as f64
+    );
+    assert_eq!(
+        metric_sum(&m, "mcd_requests_total", &[("protocol", "grpc"), ("status", "400")]),
+        methods.len() as f64
+    );
+    s.stop().await;
 }

@@ -252,6 +252,96 @@ async fn sighup_reloads_never_take_a_serving_replica_out_of_readiness() {
     assert_eq!(get_json(&client, &ready_url).await.0, 200);
 }
 
+/// Issue 25 F4: files that appear on a reload and fail to load (a half-copied model, a
+/// symlink to /etc/passwd) never served, so they take no readiness from a replica whose
+/// models all serve, on that reload or the next; they are reported in `/models` and the
+/// reload counts as partial. Once such a file loads, it serves.
+#[tokio::test]
+async fn a_new_bad_file_on_sighup_leaves_a_serving_replica_ready() {
+    let dir = model_folder(&[
+        models_dir().join("breast_cancer.onnx"),
+        models_dir().join("diabetes.onnx"),
+    ]);
+    let p = spawn(dir.path(), &[]);
+    let client = reqwest::Client::new();
+    let ready_url = format!("{}/health/ready", p.base);
+    wait_status(&client, &ready_url, 200).await;
+    let refs = read_json(&fixture("reference_outputs.json"));
+    let predict = |model: &str| {
+        let r = client
+            .post(format!("{}/models/{model}/predict", p.base))
+            .json(&json!({"inputs": [refs[model]["inputs"][0].clone()]}))
+            .send();
+        async move { r.await.unwrap().status().as_u16() }
+    };
+
+    let whole = std::fs::read(models_dir().join("digits_cnn.onnx")).unwrap();
+    std::fs::write(dir.path().join("new.onnx"), &whole[..5000]).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", dir.path().join("evil.onnx")).unwrap();
+    for n in [1.0, 2.0] {
+        signal(&p, "HUP");
+        wait_reloads(&client, &p.base, "partial", n).await;
+        assert_eq!(get_json(&client, &ready_url).await.0, 200);
+        assert_eq!(get_json(&client, &format!("{}/v2/health/ready", p.base)).await.0, 200);
+        let m = scrape(&client, &p.base).await;
+        assert_eq!(metric_sum(&m, "mcd_ready", &[]), 1.0);
+        assert_eq!(metric_sum(&m, "mcd_model_load_failures", &[]), 2.0);
+        assert_eq!(predict("breast_cancer").await, 200);
+        assert_eq!(predict("diabetes").await, 200);
+        let (_, list) = get_json(&client, &format!("{}/models", p.base)).await;
+        let mut failed: Vec<(&str, bool, bool)> = list["load_failures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                (
+                    f["model"].as_str().unwrap(),
+                    f["kept_previous"].as_bool().unwrap(),
+                    f["blocks_readiness"].as_bool().unwrap(),
+                )
+            })
+            .collect();
+        failed.sort();
+        assert_eq!(failed, [("evil", false, false), ("new", false, false)], "{list}");
+    }
+
+    // The copy finishes: the new model loads and serves.
+    std::fs::remove_file(dir.path().join("evil.onnx")).unwrap();
+    std::fs::write(dir.path().join("new.onnx"), &whole).unwrap();
+    signal(&p, "HUP");
+    wait_reloads(&client, &p.base, "ok", 1.0).await;
+    assert_eq!(get_json(&client, &ready_url).await.0, 200);
+    let (status, meta) = get_json(&client, &format!("{}/models/new", p.base)).await;
+    assert_eq!(status, 200, "{meta}");
+}
+
+/// At start every file of the folder should serve: one that fails keeps the replica
+/// unready (and says so) while the others serve.
+#[tokio::test]
+async fn a_bad_file_at_start_keeps_the_replica_unready() {
+    let dir = model_folder(&[models_dir().join("breast_cancer.onnx")]);
+    std::fs::write(dir.path().join("broken.onnx"), b"half a file").unwrap();
+    let p = spawn(dir.path(), &[]);
+    let client = reqwest::Client::new();
+    let ready_url = format!("{}/health/ready", p.base);
+    // The load is over once /models lists the failure.
+    for _ in 0..600 {
+        if let Ok(r) = client.get(format!("{}/models", p.base)).send().await
+            && r.status() == 200
+            && r.json::<Value>().await.unwrap()["load_failures"][0]["model"] == "broken"
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = get_json(&client, &ready_url).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("'broken'"), "{body}");
+    let (_, list) = get_json(&client, &format!("{}/models", p.base)).await;
+    assert_eq!(list["load_failures"][0]["blocks_readiness"], true, "{list}");
+    assert_eq!(metric_sum(&scrape(&client, &p.base).await, "mcd_ready", &[]), 0.0);
+}
+
 /// Probe finding j: a 503 from readiness is expected (loading, draining, a model that never
 /// loaded) and counted; it must not log at ERROR, where alerts on log levels would page.
 #[tokio::test]

@@ -9,8 +9,15 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::Error;
 
-/// Why a request was shed before inference: the `reason` of `mcd_rejected_requests_total`.
-pub const REJECT_REASONS: [&str; 4] = ["overloaded", "timeout", "not_ready", "payload_too_large"];
+/// Why a request was shed before inference, or refused before it was a request (a gRPC
+/// message that did not decode): the `reason` of `mcd_rejected_requests_total`.
+pub const REJECT_REASONS: [&str; 5] = [
+    "overloaded",
+    "timeout",
+    "not_ready",
+    "payload_too_large",
+    "malformed_protobuf",
+];
 
 pub struct Admission {
     cost: Arc<Semaphore>,

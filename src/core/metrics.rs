@@ -207,7 +207,7 @@ impl Metrics {
                 &registry,
                 counter(
                     "mcd_rejected_requests_total",
-                    "Requests shed before inference (overloaded, timeout, not_ready, payload_too_large).",
+                    "Requests shed before inference (overloaded, timeout, not_ready, payload_too_large), or whose gRPC message did not decode (malformed_protobuf).",
                     &["reason"],
                 ),
             ),
@@ -223,7 +223,7 @@ impl Metrics {
                 &registry,
                 IntGauge::new(
                     "mcd_ready",
-                    "1 when every model of the folder has a healthy version serving and the server is not shutting down.",
+                    "1 when every model that should serve (each of the folder at start; one added on a reload once it loads) has a healthy version serving and the server is not shutting down.",
                 )
                 .expect("valid gauge"),
             ),

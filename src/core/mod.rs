@@ -221,10 +221,13 @@ impl Core {
     }
 
     /// Empty when ready. Readiness means every model that should serve has a healthy
-    /// version serving, and the server is not stopping. A failed reload of a model that
-    /// keeps serving its last good version is not a readiness matter: the same bad file
-    /// reaches every replica, and taking them all out of the Service would stop models
-    /// that still answer. It shows in `/models`, `mcd_model_load_failures` and an alert.
+    /// version serving, and the server is not stopping. Every model of the folder at start
+    /// should; a file that first appears on a reload should not until it loads. So neither
+    /// a failed reload of a model that keeps serving its last good version nor a new file
+    /// that fails to load is a readiness matter: the same bad file reaches every replica,
+    /// and taking them all out of the Service would stop models that still answer. Both
+    /// show in `/models`, `mcd_model_load_failures` and an alert
+    /// ([`LoadFailure::blocks_readiness`](crate::engine::repo::LoadFailure)).
     pub fn not_ready_reasons(&self) -> Vec<String> {
         let mut reasons = vec![];
         if self.shutting_down.load(Ordering::SeqCst) {
@@ -233,7 +236,7 @@ impl Core {
         match self.repo() {
             None => reasons.push("models are still loading".into()),
             Some(repo) => {
-                for f in repo.failures.iter().filter(|f| !f.kept_previous) {
+                for f in repo.failures.iter().filter(|f| f.blocks_readiness) {
                     reasons.push(format!(
                         "model '{}' failed to load from {}: {}",
                         f.model,
@@ -322,6 +325,25 @@ impl Core {
     pub fn refuse(&self, protocol: Protocol, model: Option<&str>, mode: ModeLabel, error: Error) -> Error {
         let (model, _) = self.lookup(model);
         self.record(protocol, &model, mode, Some(&error), Instant::now());
+        error
+    }
+
+    /// Counts and logs (at debug) a gRPC call whose message did not decode: no model and no
+    /// mode are known, so it counts under `_unknown` and eval, with the reason
+    /// `malformed_protobuf` among the rejections.
+    pub fn refuse_undecodable(&self, error: Error) -> Error {
+        let m = &self.metrics;
+        m.rejected.with_label_values(&[error.error_type()]).inc();
+        let status = error.status().as_u16().to_string();
+        m.requests
+            .with_label_values(&[
+                UNKNOWN_MODEL,
+                ModeLabel::Eval.as_str(),
+                &status,
+                Protocol::Grpc.as_str(),
+            ])
+            .inc();
+        tracing::debug!(protocol = Protocol::Grpc.as_str(), error_type = error.error_type(), error = %error, "undecodable request refused");
         error
     }
 

@@ -17,6 +17,12 @@ pub struct LoadFailure {
     pub reason: String,
     /// True when an earlier good version of the model keeps serving.
     pub kept_previous: bool,
+    /// True when the failure takes readiness: the model was meant to serve and nothing
+    /// does. A file that fails at start does; one that appears on a reload and fails never
+    /// served, so it does not (nor on later reloads while it keeps failing): the same file
+    /// reaches every replica, and readiness would fall across the fleet for a model no
+    /// client could use yet.
+    pub blocks_readiness: bool,
 }
 
 #[derive(Default)]
@@ -163,12 +169,21 @@ pub fn load_folder(
             Ok(m) => format!("the new version failed its self-checks: {}", m.failed_checks()),
             Err(reason) => reason,
         };
-        tracing::error!(model = %name, file = %path.display(), reason = %failure, kept_previous = old.is_some(), "model failed to load");
+        let blocks_readiness = match previous {
+            None => true,
+            Some(p) => {
+                old.is_none()
+                    && (p.models.contains_key(&name)
+                        || p.failures.iter().any(|f| f.model == name && f.blocks_readiness))
+            }
+        };
+        tracing::error!(model = %name, file = %path.display(), reason = %failure, kept_previous = old.is_some(), blocks_readiness, "model failed to load");
         repo.failures.push(LoadFailure {
             model: name.clone(),
             file: path,
             reason: failure,
             kept_previous: old.is_some(),
+            blocks_readiness,
         });
         if let Some(old) = old {
             repo.models.insert(name, old);
@@ -186,6 +201,7 @@ pub fn load_folder(
             file: old.path.clone(),
             reason,
             kept_previous: true,
+            blocks_readiness: false,
         });
         repo.models.insert(name.to_string(), old.clone());
     }

@@ -8,8 +8,10 @@ use serde::{Deserialize, Serialize};
 use tract_onnx::prelude::*;
 
 /// Optional per-model settings, read from `<stem>.model.json` next to `<stem>.onnx`.
+/// An unknown key refuses the file (with the key named): a misspelt setting would
+/// otherwise be ignored in silence.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
     pub description: Option<String>,
     /// Outputs that are probability vectors along their last axis. When absent, outputs
@@ -23,6 +25,10 @@ pub struct ModelConfig {
     /// The accepted-case error rate that referral aims at (default 0.02); the model's
     /// calibration must have been computed for it.
     pub refer_target_error: Option<f64>,
+    /// How the model scored when it was trained, and how it was trained: notes for people
+    /// (the bundled models carry them), free-form, never read by the server.
+    pub metrics: Option<serde_json::Value>,
+    pub training: Option<serde_json::Value>,
 }
 
 /// One dimension of a declared shape.

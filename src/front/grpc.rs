@@ -115,7 +115,8 @@ fn mode_params(parameters: &HashMap<String, pb::InferParameter>) -> Result<ModeP
     Ok(params)
 }
 
-/// Inputs from `raw_input_contents` (one entry per input, in order) or typed `contents`.
+/// Inputs from `raw_input_contents` (one entry per input, in order) or typed `contents`,
+/// never both.
 fn wire_inputs(request: &mut pb::ModelInferRequest) -> Result<Vec<WireTensor>, Error> {
     let raw = std::mem::take(&mut request.raw_input_contents);
     if !raw.is_empty() && raw.len() != request.inputs.len() {
@@ -123,6 +124,19 @@ fn wire_inputs(request: &mut pb::ModelInferRequest) -> Result<Vec<WireTensor>, E
             "raw_input_contents has {} entries for {} inputs; send one per input, in order",
             raw.len(),
             request.inputs.len()
+        )));
+    }
+    // Triton and KServe take one or the other; which one wins would be a guess.
+    if !raw.is_empty()
+        && let Some(both) = request.inputs.iter().find(|i| {
+            i.contents
+                .as_ref()
+                .is_some_and(|c| *c != pb::InferTensorContents::default())
+        })
+    {
+        return Err(Error::InvalidValue(format!(
+            "input '{}' has typed contents and the request also has raw_input_contents; send the values one way",
+            both.name
         )));
     }
     let mut raw = raw.into_iter();

@@ -4,6 +4,7 @@
 pub mod answer;
 pub mod extract;
 pub mod grpc;
+pub mod grpc_decode;
 pub mod http;
 pub mod native;
 pub mod oip;

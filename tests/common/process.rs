@@ -28,6 +28,15 @@ pub fn spawn(models: &std::path::Path, extra: &[&str]) -> Proc {
 
 /// As [`spawn`], with environment variables (e.g. `RUST_LOG`).
 pub fn spawn_with_env(models: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> Proc {
+    spawn_logging(models, "json", extra, env)
+}
+
+/// As [`spawn`], logging in the text format (`logs` then holds text lines).
+pub fn spawn_text(models: &std::path::Path, extra: &[&str]) -> Proc {
+    spawn_logging(models, "text", extra, &[])
+}
+
+fn spawn_logging(models: &std::path::Path, format: &str, extra: &[&str], env: &[(&str, &str)]) -> Proc {
     let mut child = Command::new(env!("CARGO_BIN_EXE_mcd-serve"))
         .envs(env.iter().copied())
         .args([
@@ -38,7 +47,7 @@ pub fn spawn_with_env(models: &std::path::Path, extra: &[&str], env: &[(&str, &s
             "--grpc-addr",
             "127.0.0.1:0",
             "--log-format",
-            "json",
+            format,
         ])
         .args(extra)
         .stdout(Stdio::piped())
@@ -74,7 +83,16 @@ pub async fn wait_status(client: &reqwest::Client, url: &str, want: u16) {
     panic!("{url} never answered {want}");
 }
 
-/// The address of the first JSON log line that names one, and every line as it comes.
+/// A field of a log line, JSON (`fields.<name>`) or text (`<name>=<value>`).
+fn log_field(line: &str, name: &str) -> Option<String> {
+    if let Ok(v) = serde_json::from_str::<Value>(line) {
+        return v["fields"][name].as_str().map(str::to_string);
+    }
+    let at = line.find(&format!(" {name}="))? + name.len() + 2;
+    line[at..].split(' ').next().map(str::to_string)
+}
+
+/// The address of the first log line that names one, and every line as it comes.
 pub fn listening_addr(child: &mut Child) -> (String, Arc<Mutex<Vec<String>>>) {
     let stdout = child.stdout.take().unwrap();
     let logs = Arc::new(Mutex::new(vec![]));
@@ -86,18 +104,15 @@ pub fn listening_addr(child: &mut Child) -> (String, Arc<Mutex<Vec<String>>>) {
             let Ok(line) = line else { break };
             // Kept before the address is sent, so the caller finds the line in `logs`.
             kept.lock().unwrap().push(line.clone());
-            if !sent
-                && let Ok(v) = serde_json::from_str::<Value>(&line)
-                && let Some(addr) = v["fields"]["addr"].as_str()
-            {
-                tx.send(addr.to_string()).unwrap();
+            if !sent && let Some(addr) = log_field(&line, "addr") {
+                tx.send(addr).unwrap();
                 sent = true;
             }
         }
     });
     let addr = rx
         .recv_timeout(Duration::from_secs(30))
-        .expect("the server logged no listening address in JSON");
+        .expect("the server logged no listening address");
     (addr, logs)
 }
 
@@ -106,8 +121,7 @@ impl Proc {
     pub fn listening_field(&self, field: &str) -> String {
         let logs = self.logs.lock().unwrap();
         logs.iter()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find_map(|v| v["fields"][field].as_str().map(str::to_string))
+            .find_map(|l| log_field(l, field))
             .unwrap_or_else(|| panic!("no log line has fields.{field}"))
     }
 }

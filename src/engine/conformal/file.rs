@@ -130,8 +130,8 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
 }
 
 /// Reads the model's calibration, if it has one, and checks that it was made for this
-/// very file and fits the model's outputs; a calibration that does not is refused with the
-/// reason, never used.
+/// very file, holds the method's invariants (validate.rs) and fits the model's outputs; a
+/// calibration that does not is refused with the reason, never used.
 ///
 /// `outputs` are the model's outputs by name, with whether each is a probability output;
 /// `refer_target_error` is what the model's `model.json` asks of referral, if anything.
@@ -160,6 +160,9 @@ pub fn load(
             model_file.display()
         ));
     }
+    super::validate::validate(&file).map_err(|e| {
+        format!("{shown} is invalid: {e}; it is not what `mcd-serve calibrate` writes, so re-run it on this model")
+    })?;
     let refer_target = refer_target_error.unwrap_or(DEFAULT_REFER_TARGET);
     for (name, cal) in &file.outputs {
         let Some(&(_, probability)) = outputs.iter().find(|(o, _)| o == name) else {

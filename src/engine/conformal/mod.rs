@@ -19,10 +19,12 @@
 //!   the scan stops at the first that fails (fixed-sequence testing, as in Learn-then-Test),
 //!   so trying many thresholds does not spend the confidence.
 //!
-//! [`file`] holds the calibration file and its load-time checks; [`method`] the maths.
+//! [`file`] holds the calibration file and its load-time checks; [`method`] the maths;
+//! [`validate`] the invariants a file must hold to be served.
 
 mod file;
 mod method;
+mod validate;
 
 pub use file::*;
 pub use method::*;

@@ -33,6 +33,8 @@ pub fn analyse(proto: &ModelProto, ratio_inputs: &HashMap<String, f32>) -> anyho
 
     let mut sites = vec![];
     let mut mc_blockers = vec![];
+    // The graph inputs that give a Dropout node its ratio: what `ratio_inputs` may name.
+    let mut ratio_graph_inputs: HashSet<String> = HashSet::new();
     for (ix, node) in graph.node.iter().enumerate() {
         if node.op_type != "Dropout" || !is_default_domain(node) {
             continue;
@@ -59,6 +61,7 @@ pub fn analyse(proto: &ModelProto, ratio_inputs: &HashMap<String, f32>) -> anyho
                         (Some(v), (*kind).to_string())
                     } else if graph_inputs.contains(r.as_str()) {
                         control_inputs.push(r.clone());
+                        ratio_graph_inputs.insert(r.clone());
                         match ratio_inputs.get(r) {
                             Some(v) => (Some(*v), format!("graph input '{r}', value from the model config")),
                             None => (None, format!("graph input '{r}'")),
@@ -121,6 +124,16 @@ pub fn analyse(proto: &ModelProto, ratio_inputs: &HashMap<String, f32>) -> anyho
             template: None,
             form: None,
         });
+    }
+    let mut named: Vec<&String> = ratio_inputs.keys().collect();
+    named.sort();
+    if let Some(r) = named.into_iter().find(|r| !ratio_graph_inputs.contains(*r)) {
+        let mut known: Vec<&String> = ratio_graph_inputs.iter().collect();
+        known.sort();
+        bail!(
+            "the model config's dropout_ratios names '{r}', which is no graph input that gives a \
+             Dropout node its ratio (those are: {known:?})"
+        );
     }
     for d in decomposed {
         let alpha_correction = match d.form {

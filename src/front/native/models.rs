@@ -71,6 +71,9 @@ pub struct LoadFailure<'a> {
     pub reason: &'a str,
     /// Whether the previous version keeps serving.
     pub kept_previous: bool,
+    /// Whether this failure makes the server unready: a model of the folder at start that
+    /// has no version serving. A file added on a reload that fails does not.
+    pub blocks_readiness: bool,
 }
 
 impl<'a> From<&'a view::LoadFailure> for LoadFailure<'a> {
@@ -80,6 +83,7 @@ impl<'a> From<&'a view::LoadFailure> for LoadFailure<'a> {
             file: &f.file,
             reason: &f.reason,
             kept_previous: f.kept_previous,
+            blocks_readiness: f.blocks_readiness,
         }
     }
 }

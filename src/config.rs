@@ -107,6 +107,15 @@ pub struct ServeArgs {
     /// Most request rows merged into one pass (a single larger request still runs).
     #[arg(long, env = "MCD_MAX_PASS_ROWS", default_value_t = 256)]
     pub max_pass_rows: usize,
+    /// Rows per drift window: MC rows of a model with a drift reference fill windows of
+    /// this many rows, each tested against the reference (a model's `model.json` may set
+    /// `drift_window`). 0 turns drift monitoring off.
+    #[arg(long, env = "MCD_DRIFT_WINDOW", default_value_t = 200)]
+    pub drift_window: usize,
+    /// False-alarm probability per drift window: a window drifts when a statistic's KS
+    /// p-value is below alpha / m (Bonferroni over the m monitored statistics).
+    #[arg(long, env = "MCD_DRIFT_ALPHA", default_value_t = 0.01)]
+    pub drift_alpha: f64,
     /// Log format.
     #[arg(long, env = "MCD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -140,6 +149,10 @@ impl ServeArgs {
                 .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
             max_batch_delay: Duration::from_micros(self.max_batch_delay_us),
             max_pass_rows: self.max_pass_rows.max(1),
+            drift: crate::core::drift::DriftSettings {
+                window: self.drift_window,
+                alpha: self.drift_alpha.clamp(0.0, 1.0),
+            },
         }
     }
 

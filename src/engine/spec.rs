@@ -23,6 +23,8 @@ pub struct ModelConfig {
     /// The accepted-case error rate that referral aims at (default 0.02); the model's
     /// calibration must have been computed for it.
     pub refer_target_error: Option<f64>,
+    /// Rows per drift window for this model (default: `--drift-window`).
+    pub drift_window: Option<usize>,
 }
 
 /// One dimension of a declared shape.

@@ -90,7 +90,7 @@ pub fn row_statistics(outputs: &[McOutput], rows: usize) -> BTreeMap<String, BTr
     all
 }
 
-/// The drift gauges and counters (registered in [`crate::core::metrics`]).
+/// The drift gauges and counters (registered with the server's other metrics).
 #[derive(Clone)]
 pub struct DriftMetrics {
     pub p_value: GaugeVec,

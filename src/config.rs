@@ -107,6 +107,15 @@ pub struct ServeArgs {
     /// Most request rows merged into one pass (a single larger request still runs).
     #[arg(long, env = "MCD_MAX_PASS_ROWS", default_value_t = 256)]
     pub max_pass_rows: usize,
+    /// Rows per drift window: MC rows of a model with a drift reference fill windows of
+    /// this many rows, each tested against the reference (a model's `model.json` may set
+    /// `drift_window`). 0 turns drift monitoring off.
+    #[arg(long, env = "MCD_DRIFT_WINDOW", default_value_t = 200)]
+    pub drift_window: usize,
+    /// False-alarm probability per drift window: a window drifts when a statistic's KS
+    /// p-value is below alpha / m (Bonferroni over the m monitored statistics).
+    #[arg(long, env = "MCD_DRIFT_ALPHA", default_value_t = 0.01)]
+    pub drift_alpha: f64,
     /// Log format.
     #[arg(long, env = "MCD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -183,6 +192,12 @@ impl ServeArgs {
                 self.shutdown_drain_secs
             ));
         }
+        if !(self.drift_alpha > 0.0 && self.drift_alpha < 1.0) {
+            wrong.push(format!(
+                "--drift-alpha is {}; it must be a probability strictly between 0 and 1",
+                self.drift_alpha
+            ));
+        }
         if wrong.is_empty() {
             Ok(())
         } else {
@@ -205,6 +220,10 @@ impl ServeArgs {
                 .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
             max_batch_delay: Duration::from_micros(self.max_batch_delay_us),
             max_pass_rows: self.max_pass_rows,
+            drift: crate::core::drift::DriftSettings {
+                window: self.drift_window,
+                alpha: self.drift_alpha,
+            },
         }
     }
 

@@ -31,6 +31,8 @@ fn every_flag_reads_its_mcd_environment_variable() {
         ("MCD_HEALTHCHECK_TIMEOUT_SECS", "0.5"),
         ("MCD_API_KEY_FILE", "/run/secrets/keys"),
         ("MCD_METRICS_ADDR", "127.0.0.1:9997"),
+        ("MCD_DRIFT_WINDOW", "50"),
+        ("MCD_DRIFT_ALPHA", "0.05"),
     ];
     for (k, v) in vars {
         // SAFETY: the only test of this binary; nothing else reads the environment meanwhile.
@@ -54,11 +56,13 @@ fn every_flag_reads_its_mcd_environment_variable() {
     assert_eq!(serve.shutdown_drain_secs, 0.25);
     assert_eq!(serve.api_key_file, Some(PathBuf::from("/run/secrets/keys")));
     assert_eq!(serve.metrics_addr, "127.0.0.1:9997");
+    assert_eq!((serve.drift_window, serve.drift_alpha), (50, 0.05));
     let limits = serve.limits();
     assert_eq!(limits.request_timeout, Duration::from_millis(2500));
     assert_eq!(limits.workers, 3);
     assert_eq!(limits.max_batch_delay, Duration::from_micros(250));
     assert_eq!(limits.max_pass_rows, 64);
+    assert_eq!((limits.drift.window, limits.drift.alpha), (50, 0.05));
     match Cli::parse_from(["mcd-serve", "healthcheck"]).command {
         Some(Command::Healthcheck { url, timeout_secs }) => {
             assert_eq!(url, "http://127.0.0.1:1/ready");

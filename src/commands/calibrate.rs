@@ -13,6 +13,7 @@ use anyhow::{Context, anyhow, bail};
 use serde_json::Value;
 use tract_onnx::prelude::DatumType;
 
+use crate::core::drift;
 use crate::core::offline::OfflineModel;
 use crate::core::view::conformal::{
     self, CalibrationFile, ClassRow, DEFAULT_REFER_TARGET, FORMAT, OutputCalibration, REFER_TARGETS, RegressionRow,
@@ -71,6 +72,7 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.data).with_context(|| format!("reading {}", args.data.display()))?;
     let mut collected: BTreeMap<usize, Collected> = BTreeMap::new();
     let mut n = 0u64;
+    let mut reference: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
     for (ix, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -81,6 +83,16 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
         let outputs = offline
             .mc_row(inputs, args.mc_samples, args.seed.wrapping_add(n))
             .map_err(|e| at(e.to_string()))?;
+        for (output, stats) in drift::row_statistics(&outputs, 1) {
+            // The drift reference covers what calibration covers: probability and float outputs.
+            if !calibrated.iter().any(|&i| model.outputs[i].name == output) {
+                continue;
+            }
+            let into = reference.entry(output).or_default();
+            for (statistic, values) in stats {
+                into.entry(statistic).or_default().extend(values);
+            }
+        }
         for &o in &calibrated {
             let target = target_for(model, &calibrated, o, &target).map_err(at)?;
             add(&mut collected, o, &outputs[o], target).map_err(at)?;
@@ -111,6 +123,7 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
         mc_samples: args.mc_samples,
         seed: args.seed,
         outputs,
+        drift_reference: reference,
     };
     let out = conformal::calibration_path(&path);
     write_atomically(&out, &serde_json::to_vec_pretty(&file)?)?;
@@ -250,6 +263,13 @@ fn report(file: &CalibrationFile, own_target: f64, out: &Path) -> String {
         file.mc_samples,
         file.seed
     );
+    for (name, stats) in &file.drift_reference {
+        r += &format!(
+            "{name}: drift reference of {} rows for {}\n",
+            file.n,
+            stats.keys().cloned().collect::<Vec<_>>().join(", ")
+        );
+    }
     let bound = |q: Option<f64>| q.map_or("unbounded (too few rows)".to_string(), |q| format!("{q:.4}"));
     for (name, cal) in &file.outputs {
         match cal {

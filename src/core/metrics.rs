@@ -71,6 +71,7 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     pub panics: prometheus::IntCounter,
     pub startup_seconds: Histogram,
+    pub drift: crate::core::drift::DriftMetrics,
 }
 
 impl Default for Metrics {
@@ -276,6 +277,68 @@ impl Metrics {
                 )
                 .expect("valid histogram"),
             ),
+            drift: crate::core::drift::DriftMetrics {
+                p_value: reg(
+                    &registry,
+                    prometheus::GaugeVec::new(
+                        Opts::new(
+                            "mcd_drift_p_value",
+                            "Two-sample KS p-value of the last tested drift window against the calibration reference, by statistic (a window drifts when one is below alpha / m).",
+                        ),
+                        &["model", "output", "statistic"],
+                    )
+                    .expect("valid gauge"),
+                ),
+                ks_statistic: reg(
+                    &registry,
+                    prometheus::GaugeVec::new(
+                        Opts::new(
+                            "mcd_drift_ks_statistic",
+                            "Two-sample KS statistic D of the last tested drift window against the calibration reference, by statistic.",
+                        ),
+                        &["model", "output", "statistic"],
+                    )
+                    .expect("valid gauge"),
+                ),
+                windows: reg(
+                    &registry,
+                    counter(
+                        "mcd_drift_windows_total",
+                        "Drift windows tested, by result (drift: some statistic's p-value below alpha / m).",
+                        &["model", "result"],
+                    ),
+                ),
+                window_rows: reg(
+                    &registry,
+                    IntGaugeVec::new(
+                        Opts::new(
+                            "mcd_drift_window_rows",
+                            "MC rows in the model's current (not yet full) drift window.",
+                        ),
+                        &["model"],
+                    )
+                    .expect("valid gauge"),
+                ),
+                consecutive: reg(
+                    &registry,
+                    IntGaugeVec::new(
+                        Opts::new(
+                            "mcd_drift_consecutive_windows",
+                            "Drifting drift windows in a row up to the last tested one (0 after a window without drift).",
+                        ),
+                        &["model"],
+                    )
+                    .expect("valid gauge"),
+                ),
+                dropped: reg(
+                    &registry,
+                    counter(
+                        "mcd_drift_windows_dropped_total",
+                        "Full drift windows dropped untested because the drift thread was behind.",
+                        &["model"],
+                    ),
+                ),
+            },
             registry,
         };
         // Series an alert or a dashboard reads from the start, not from the first event.
@@ -321,6 +384,21 @@ impl Metrics {
                 self.referrals.with_label_values(&[name.as_str(), output]);
                 self.prediction_set_size.with_label_values(&[name.as_str(), output]);
             }
+        }
+        for (name, model) in &repo.models {
+            if model
+                .calibration
+                .as_ref()
+                .is_none_or(|c| c.file.drift_reference.is_empty())
+            {
+                continue;
+            }
+            for result in ["drift", "no_drift"] {
+                self.drift.windows.with_label_values(&[name.as_str(), result]);
+            }
+            self.drift.window_rows.with_label_values(&[name.as_str()]).set(0);
+            self.drift.consecutive.with_label_values(&[name.as_str()]).set(0);
+            self.drift.dropped.with_label_values(&[name.as_str()]);
         }
         for reason in REJECT_REASONS {
             self.rejected.with_label_values(&[reason]);

@@ -10,6 +10,7 @@
 pub mod adaptive;
 pub mod admission;
 pub mod auth;
+pub mod drift;
 mod engine_errors;
 pub mod guarantees;
 pub mod json_inputs;
@@ -60,6 +61,8 @@ pub struct Limits {
     pub max_batch_delay: Duration,
     /// Most request rows merged into one pass.
     pub max_pass_rows: usize,
+    /// Drift windows (a model's `model.json` may set its own window) and their α.
+    pub drift: drift::DriftSettings,
 }
 
 /// The protocol a request came by: the `protocol` label of the request metrics.
@@ -151,16 +154,22 @@ pub struct Core {
     admission: Admission,
     queue: Queue,
     memory: memory_budget::MemoryBudget,
+    /// Per model with a drift reference: its drift monitor (rebuilt at each install).
+    drift_monitors: RwLock<std::collections::HashMap<String, Arc<drift::Monitor>>>,
+    drift_tester: drift::Tester,
 }
 
 impl Core {
     pub fn new(default_model: Option<String>, limits: Limits, keys: ApiKeys) -> Arc<Self> {
+        let metrics = Metrics::new();
         Arc::new_cyclic(|core| Core {
             repo: RwLock::new(None),
             ready: tokio::sync::watch::Sender::new(false),
             shutting_down: AtomicBool::new(false),
             default_model,
-            metrics: Metrics::new(),
+            drift_tester: drift::Tester::start(metrics.drift.clone()),
+            metrics,
+            drift_monitors: RwLock::new(Default::default()),
             admission: Admission::new(limits.max_inflight_cost),
             // Requests are merged by count here and split into passes by their real rows
             // once decoded: a request has at least one row.
@@ -180,11 +189,33 @@ impl Core {
         self.repo.read().expect("repo lock poisoned: this is a bug").clone()
     }
 
+    /// The drift monitor of a model; None: it has no drift reference (or no such model).
+    pub fn drift_monitor(&self, model: &str) -> Option<Arc<drift::Monitor>> {
+        self.drift_monitors
+            .read()
+            .expect("drift lock poisoned: this is a bug")
+            .get(model)
+            .cloned()
+    }
+
     /// Installs a (re)loaded repository and publishes its metrics.
     pub fn install(&self, repo: ModelRepo) {
         self.metrics.install(&repo);
         let pass_budget = memory_budget::MemoryBudget::pass_bytes(self.limits.max_memory_bytes, self.limits.workers);
         repo.models.values().for_each(|m| m.set_pass_budget(pass_budget));
+        let monitors = repo
+            .models
+            .iter()
+            .filter_map(|(name, m)| {
+                let settings = drift::DriftSettings {
+                    window: m.config.drift_window.unwrap_or(self.limits.drift.window),
+                    ..self.limits.drift
+                };
+                let monitor = drift::Monitor::new(name, m.calibration.as_ref()?, settings)?;
+                Some((name.clone(), Arc::new(monitor)))
+            })
+            .collect();
+        *self.drift_monitors.write().expect("drift lock poisoned: this is a bug") = monitors;
         *self.repo.write().expect("repo lock poisoned: this is a bug") = Some(Arc::new(repo));
         self.refresh_ready();
     }

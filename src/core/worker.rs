@@ -344,6 +344,10 @@ impl Core {
                 }
             }
         }
+        if let Some(monitor) = self.drift_monitor(&model.name) {
+            let rows = outputs.first().and_then(|o| o.shape.first()).copied().unwrap_or(0);
+            self.drift_tester.record(&monitor, &outputs, rows);
+        }
         let calibrated = guarantees::compute(model, &outputs)?;
         self.record_calibrated(model, &outputs, &calibrated);
         Ok(Answer::McDropout(McAnswer {

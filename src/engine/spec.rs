@@ -29,6 +29,8 @@ pub struct ModelConfig {
     /// (the bundled models carry them), free-form, never read by the server.
     pub metrics: Option<serde_json::Value>,
     pub training: Option<serde_json::Value>,
+    /// Rows per drift window for this model (default: `--drift-window`).
+    pub drift_window: Option<usize>,
 }
 
 /// One dimension of a declared shape.

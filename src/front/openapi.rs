@@ -20,6 +20,7 @@ use crate::front::answer::McRun;
 use crate::front::http::{NotReady, Status};
 use crate::front::native::answer::{EvalAnswer, Interval, McAnswer, McOutput, PredictAnswer};
 use crate::front::native::answer::{NativeRequest, Tensor};
+use crate::front::native::drift::DriftAnswer;
 use crate::front::native::models::{LoadFailure, ModelList, ModelMetadata, ModelRefusal, ModelSummary, TensorSpec};
 use crate::front::oip::types::{
     InferAnswer as OipInferAnswer, InferInput as OipInput, InferRequest as OipInferRequest, Live as OipLive,
@@ -116,14 +117,14 @@ pub fn document() -> Value {
                        by proto/inference.proto."
     ),
     paths(
-        predict_default, list_models, model_metadata,
+        predict_default, list_models, model_metadata, model_drift,
         health_live, health_ready, metrics, openapi_json,
         oip_server_metadata, oip_live, oip_ready,
         oip_model_metadata, oip_model_ready, oip_infer,
     ),
     components(schemas(
         ErrorBody, Tensor, Nested, NativeRequest, EvalAnswer, McAnswer, McRun, McOutput, Interval,
-        PredictAnswer, ModelList, ModelSummary, LoadFailure, ModelMetadata, ModelRefusal, TensorSpec,
+        PredictAnswer, ModelList, ModelSummary, LoadFailure, ModelMetadata, ModelRefusal, TensorSpec, DriftAnswer,
         Status, NotReady, OipServerMetadata, OipLive, OipReady, OipModelReady, OipModelMetadata,
         OipTensorMetadata, OipInferRequest, OipInput, OipOutputRequest, OipInferAnswer, OipOutput,
     )),
@@ -232,6 +233,18 @@ fn list_models() {}
     )
 )]
 fn model_metadata() {}
+
+#[utoipa::path(
+    get, path = "/models/{name}/drift", tag = "native",
+    params(("name" = String, Path, description = "A model's name", example = "breast_cancer")),
+    responses(
+        (status = 200, description = "The model's drift monitor: the last windows' KS tests against its calibration reference, or why it has none", body = DriftAnswer),
+        (status = 400, description = "The path is malformed", body = ErrorBody),
+        (status = 404, description = "No model of that name", body = ErrorBody),
+        (status = 503, description = "Models are still loading, or this one failed to load", body = ErrorBody),
+    )
+)]
+fn model_drift() {}
 
 #[utoipa::path(
     get, path = "/health/live", tag = "operations",

@@ -41,6 +41,11 @@ pub struct CalibrationFile {
     /// Row i of the data file ran with seed `seed + i`.
     pub seed: u64,
     pub outputs: BTreeMap<String, OutputCalibration>,
+    /// Per output, per monitored statistic, its value on each calibration row: the
+    /// reference sample of drift detection (`core::drift`). Absent from files made before
+    /// it existed: such a model is served without drift monitoring.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub drift_reference: BTreeMap<String, BTreeMap<String, Vec<f64>>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -230,6 +230,7 @@ mod tests {
             n,
             mc_samples: 10,
             seed: 0,
+            drift_reference: Default::default(),
             outputs: [
                 ("y".to_string(), OutputCalibration::Regression(fit_regression(&reg))),
                 (

@@ -1,4 +1,5 @@
-//! The native REST API: `/predict`, `/models/{name}/predict`, `/models`, `/models/{name}`.
+//! The native REST API: `/predict`, `/models/{name}/predict`, `/models`, `/models/{name}`,
+//! `/models/{name}/drift`.
 //!
 //! A predict request's mode travels in its query: no `mc_samples` is eval, `mc_samples=N`
 //! is MC dropout. This module only maps the query onto the core's mode parameters, wraps
@@ -6,6 +7,7 @@
 
 pub mod answer;
 pub mod decode;
+pub mod drift;
 pub mod encode;
 pub mod models;
 
@@ -39,6 +41,7 @@ pub fn routes() -> Router<Arc<Core>> {
         .route("/models/{name}/predict", post(predict_named))
         .route("/models", get(list_models))
         .route("/models/{name}", get(model_metadata))
+        .route("/models/{name}/drift", get(model_drift))
 }
 
 async fn predict_default(
@@ -135,6 +138,12 @@ async fn model_metadata(State(core): State<Arc<Core>>, Path(name): Path<String>)
         }
     };
     Ok(axum::Json(ModelMetadata::new(&core, &m, load_failure)).into_response())
+}
+
+/// The model's drift monitor: its last windows' tests, or why it has none.
+async fn model_drift(State(core): State<Arc<Core>>, Path(name): Path<String>) -> Result<Response, Error> {
+    let m = core.model(Some(&name))?;
+    Ok(axum::Json(drift::DriftAnswer::new(&core, &m)).into_response())
 }
 
 #[cfg(test)]

@@ -28,7 +28,8 @@ COUNTERS_GAUGES = {
     "mcd_requests_total", "mcd_mode_checks_total", "mcd_mode_violations_total",
     "mcd_inflight_requests", "mcd_rejected_requests_total", "mcd_model_info", "mcd_ready",
     "mcd_model_load_failures", "mcd_model_reloads_total", "mcd_auth_failures_total",
-    "mcd_internal_panics_total",
+    "mcd_internal_panics_total", "mcd_drift_p_value", "mcd_drift_ks_statistic", "mcd_drift_windows_total",
+    "mcd_drift_window_rows", "mcd_drift_consecutive_windows", "mcd_drift_windows_dropped_total",
 }
 HISTOGRAMS = {
     "mcd_request_duration_seconds", "mcd_inference_duration_seconds",
@@ -413,6 +414,7 @@ REQUIRED_PANELS = {
     "mode violations": "mcd_mode_violations_total",
     "inflight": "mcd_inflight_requests",
     "rejections": "mcd_rejected_requests_total",
+    "dataset shift": "mcd_drift_p_value",
 }
 
 

@@ -282,7 +282,7 @@ fn report(file: &CalibrationFile, own_target: f64, out: &Path) -> String {
                         l.calibration_coverage,
                         l.calibration_mean_width
                             .iter()
-                            .map(|w| (w * 1e3).round() / 1e3)
+                            .map(|w| w.map_or("unbounded".to_string(), |w| format!("{}", (w * 1e3).round() / 1e3)))
                             .collect::<Vec<_>>(),
                         l.quantile.iter().map(|q| bound(*q)).collect::<Vec<_>>().join(", ")
                     );

@@ -70,7 +70,9 @@ pub struct IntervalLevel {
     pub quantile: Vec<Option<f64>>,
     /// On the calibration set itself (in-sample; the guarantee is about new rows).
     pub calibration_coverage: f64,
-    pub calibration_mean_width: Vec<f64>,
+    /// Per element; null where the interval is unbounded (as `quantile`). JSON has no
+    /// infinity, so an unbounded width written as a number could not be read back.
+    pub calibration_mean_width: Vec<Option<f64>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -76,7 +76,7 @@ pub fn fit_regression(rows: &[RegressionRow]) -> RegressionCalibration {
                 level,
                 quantile,
                 calibration_coverage: covered as f64 / n,
-                calibration_mean_width: widths.iter().map(|w| w / n).collect(),
+                calibration_mean_width: widths.iter().map(|w| Some(w / n).filter(|w| w.is_finite())).collect(),
             }
         })
         .collect();

@@ -227,3 +227,37 @@ proptest! {
         prop_assert!(bigger.len() >= set.len() && bigger[..set.len()] == set[..]);
     }
 }
+
+/// Fewer than 99 rows leave the 0.99 interval unbounded: its mean width is null, and the
+/// file reads back (an infinite width used to be written as null into an f64 and made the
+/// calibration unloadable).
+#[test]
+fn a_small_regression_calibration_round_trips_through_json() {
+    let (m, s, y): (Vec<f64>, Vec<f64>, Vec<f64>) = (
+        (0..50).map(|i| i as f64).collect(),
+        vec![1.0; 50],
+        (0..50).map(|i| i as f64 + (i % 7) as f64 - 3.0).collect(),
+    );
+    let rows: Vec<RegressionRow> = (0..50)
+        .map(|i| RegressionRow {
+            mean: std::slice::from_ref(&m[i]),
+            std: std::slice::from_ref(&s[i]),
+            target: std::slice::from_ref(&y[i]),
+        })
+        .collect();
+    let cal = fit_regression(&rows);
+    let widths = |c: &RegressionCalibration, level: f64| {
+        c.intervals
+            .iter()
+            .find(|l| l.level == level)
+            .unwrap()
+            .calibration_mean_width
+            .clone()
+    };
+    assert_eq!(widths(&cal, 0.99), vec![None]);
+    assert!(widths(&cal, 0.8)[0].is_some_and(|w| w.is_finite() && w > 0.0));
+    let text = serde_json::to_string(&cal).unwrap();
+    let back: RegressionCalibration = serde_json::from_str(&text).unwrap();
+    assert_eq!(widths(&back, 0.99), vec![None]);
+    assert_eq!(widths(&back, 0.8), widths(&cal, 0.8));
+}

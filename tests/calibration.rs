@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
 
 use common::*;
 use mcd_serve::config::ServeArgs;
@@ -26,19 +24,6 @@ const BORDERLINE: [f64; 30] = [
 fn rows(model: &str, n: usize) -> Vec<String> {
     let text = std::fs::read_to_string(repo_root().join(format!("tools/calibration-data/{model}.jsonl"))).unwrap();
     text.lines().take(n).map(str::to_string).collect()
-}
-
-fn calibrate(dir: &Path, model: &str, lines: &[String]) -> std::process::Output {
-    let data = dir.join(format!("{model}.rows.jsonl"));
-    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
-    Command::new(env!("CARGO_BIN_EXE_mcd-serve"))
-        .args(["calibrate", "--models"])
-        .arg(dir)
-        .args(["--model", model, "--data"])
-        .arg(&data)
-        .args(["--mc-samples", "30", "--seed", "3"])
-        .output()
-        .unwrap()
 }
 
 fn folder() -> tempdir::TempDir {
@@ -65,7 +50,7 @@ fn diabetes_rows() -> Value {
 async fn calibrate_writes_a_file_that_every_front_end_serves() {
     let dir = folder();
     for model in ["breast_cancer", "diabetes"] {
-        let out = calibrate(dir.path(), model, &rows(model, 120));
+        let out = run_calibrate(dir.path(), model, &rows(model, 120));
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let report = String::from_utf8_lossy(&out.stdout);
         assert!(report.contains("120 rows") && report.contains("level 0.95"), "{report}");
@@ -263,19 +248,19 @@ async fn bad_lines_are_refused_with_their_line_number() {
     let dir = folder();
     let mut lines = rows("breast_cancer", 5);
     lines[2] = lines[2].replace("\"target\":", "\"label\":");
-    let out = calibrate(dir.path(), "breast_cancer", &lines);
+    let out = run_calibrate(dir.path(), "breast_cancer", &lines);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("rows.jsonl:3:") && err.contains("target"), "{err}");
     let mut lines = rows("breast_cancer", 5);
     lines[3] = r#"{"inputs": [[1, 2, 3]], "target": 0}"#.into();
-    let err = String::from_utf8_lossy(&calibrate(dir.path(), "breast_cancer", &lines).stderr).to_string();
+    let err = String::from_utf8_lossy(&run_calibrate(dir.path(), "breast_cancer", &lines).stderr).to_string();
     assert!(err.contains("rows.jsonl:4:") && err.contains("shape"), "{err}");
     let mut lines = rows("breast_cancer", 5);
     lines[4] = lines[4]
         .replace("\"target\":1", "\"target\":2")
         .replace("\"target\":0", "\"target\":2");
-    let err = String::from_utf8_lossy(&calibrate(dir.path(), "breast_cancer", &lines).stderr).to_string();
+    let err = String::from_utf8_lossy(&run_calibrate(dir.path(), "breast_cancer", &lines).stderr).to_string();
     assert!(err.contains("rows.jsonl:5:") && err.contains("class index"), "{err}");
     assert!(
         !dir.path().join("breast_cancer.calibration.json").exists(),
@@ -286,7 +271,7 @@ async fn bad_lines_are_refused_with_their_line_number() {
 #[tokio::test]
 async fn a_calibration_made_for_another_model_file_is_refused_at_load() {
     let dir = folder();
-    let out = calibrate(dir.path(), "diabetes", &rows("diabetes", 100));
+    let out = run_calibrate(dir.path(), "diabetes", &rows("diabetes", 100));
     assert!(out.status.success());
     // The model file changes after calibration: one byte of its doc string.
     let onnx = dir.path().join("diabetes.onnx");

@@ -11,7 +11,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -21,10 +20,9 @@ use serde_json::{Value, json};
 const W: usize = 30;
 
 /// The lines of a bundled calibration data file, split into (reference, replay): even and
-/// odd lines; for diabetes (142 rows) the first 100 and the rest, because a regression
-/// calibration of fewer than 99 rows leaves its 0.99 interval unbounded, and such a file
-/// does not load back (its infinite mean width is written as null: a bug of the
-/// calibration file, outside drift detection).
+/// odd lines; for diabetes (142 rows) the first 100 and the rest, so that its regression
+/// calibration keeps every level bounded (the 0.99 level needs at least 99 rows) and the
+/// test's window counts stay those measured.
 fn halves(model: &str) -> (Vec<String>, Vec<String>) {
     let text = std::fs::read_to_string(repo_root().join(format!("tools/calibration-data/{model}.jsonl"))).unwrap();
     let lines: Vec<String> = text
@@ -41,16 +39,7 @@ fn halves(model: &str) -> (Vec<String>, Vec<String>) {
 }
 
 fn calibrate(dir: &Path, model: &str, lines: &[String]) {
-    let data = dir.join(format!("{model}.rows.jsonl"));
-    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_mcd-serve"))
-        .args(["calibrate", "--models"])
-        .arg(dir)
-        .args(["--model", model, "--data"])
-        .arg(&data)
-        .args(["--mc-samples", "30", "--seed", "3"])
-        .output()
-        .unwrap();
+    let out = run_calibrate(dir, model, lines);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("drift reference"),

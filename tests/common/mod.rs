@@ -359,3 +359,18 @@ pub fn le_f64(bytes: &[u8]) -> Vec<f64> {
         .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
         .collect()
 }
+
+/// `mcd-serve calibrate` on `lines` (JSON Lines rows) for `model` in `dir`: 30 MC samples,
+/// seed 3. The data file is written beside the model.
+pub fn run_calibrate(dir: &Path, model: &str, lines: &[String]) -> std::process::Output {
+    let data = dir.join(format!("{model}.rows.jsonl"));
+    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_mcd-serve"))
+        .args(["calibrate", "--models"])
+        .arg(dir)
+        .args(["--model", model, "--data"])
+        .arg(&data)
+        .args(["--mc-samples", "30", "--seed", "3"])
+        .output()
+        .unwrap()
+}

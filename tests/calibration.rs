@@ -3,7 +3,6 @@
 
 mod common;
 
-
 use common::*;
 use mcd_serve::config::ServeArgs;
 use mcd_serve::front::grpc::pb;

@@ -342,6 +342,38 @@ def main():
          f"(the `unless offset` clause is {'not ' if plain else ''}needed for this first violation)")
     until("McdServeHighPredictiveEntropy firing", firing("McdServeHighPredictiveEntropy", model=MODEL))
     ok("McdServeHighPredictiveEntropy (drift) is firing")
+
+    # Dataset shift: the model's eval rows with a unit error (mean radius x18, as
+    # mg/dL read for mmol/L) against the bundled calibration's eval reference. Four
+    # windows' worth, so at least three full windows in a row hold only shifted rows
+    # (the window open before may hold earlier rows).
+    d = get_json(f"{MCD}/models/{MODEL}/drift")
+    if not d.get("monitored") or not d.get("eval_drift"):
+        raise Fail(f"{MODEL} has no eval drift monitor: {d}")
+    window = d["eval_drift"]["window"]
+    tested0 = d["eval_drift"]["windows_tested"]
+    shifted = []
+    with open("tools/calibration-data/breast_cancer.jsonl", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)["inputs"][0]
+                r[0] *= 18.0
+                shifted.append(r)
+    rows = [shifted[i % len(shifted)] for i in range(4 * window)]
+    for i in range(0, len(rows), 50):
+        status, raw = http("POST", f"{MCD}/models/{MODEL}/predict", {"inputs": rows[i:i + 50]})
+        if status != 200:
+            raise Fail(f"shifted eval request -> {status}: {raw[:300]!r}")
+    d = until(f"{MODEL}'s eval drift monitor to test 3 more windows",
+              lambda: ((d := get_json(f"{MCD}/models/{MODEL}/drift"))["eval_drift"]["windows_tested"]
+                       >= tested0 + 3, d))
+    ok(f"{len(rows)} shifted eval rows: {d['eval_drift']['consecutive_drifting']} drifting windows in a row "
+       f"(window {window}, last min p-value {d['eval_drift']['last_windows'][0]['min_p_value']:.2e})")
+    sel_eval = f'job="{JOB}",model="{MODEL}",mode="eval"'
+    until("mcd_drift_consecutive_windows{mode=eval} >= 3",
+          lambda: ((v := scalar(f"mcd_drift_consecutive_windows{{{sel_eval}}}")) is not None and v >= 3, v))
+    until("McdServeDatasetShift firing", firing("McdServeDatasetShift", model=MODEL))
+    ok("McdServeDatasetShift is firing for the shifted rows")
     bad = [x["labels"]["alertname"] for x in alerts()
            if x["labels"]["alertname"] in ("McdServeTargetDown", "McdServeTargetMissing", "McdServeNotReady",
                                             "McdServeModeCheckFailed", "McdServeErrorBudgetBurnFast",

@@ -1,7 +1,13 @@
-//! `mcd-serve calibrate`: runs MC on labelled rows through the serving engine and writes
-//! `<stem>.calibration.json` beside the model (see `engine::conformal` for the maths).
+//! `mcd-serve calibrate`: runs eval and MC on held-out rows through the serving engine.
 //!
-//! The data file is JSON Lines, one labelled row per line:
+//! - Labelled rows give `<stem>.calibration.json` beside the model: the conformal
+//!   calibration (see `engine::conformal` for the maths) and the drift reference of the
+//!   same rows.
+//! - Unlabelled rows (no line has a `"target"`) give `<stem>.drift-reference.json`: the
+//!   drift reference alone, for a model served without a calibration
+//!   (`engine::drift_reference`).
+//!
+//! The data file is JSON Lines, one row per line:
 //! `{"inputs": <as in /predict, one row>, "target": <class index, or value(s)>}`. A model
 //! with several calibrated outputs takes `"target": {"<output>": ..., ...}`.
 
@@ -13,12 +19,13 @@ use anyhow::{Context, anyhow, bail};
 use serde_json::Value;
 use tract_onnx::prelude::DatumType;
 
-use crate::core::drift;
+use crate::core::drift::{self, Observed};
 use crate::core::offline::OfflineModel;
 use crate::core::view::conformal::{
     self, CalibrationFile, ClassRow, DEFAULT_REFER_TARGET, FORMAT, OutputCalibration, REFER_TARGETS, RegressionRow,
 };
 use crate::core::view::{LoadedModel, McOutput};
+use crate::engine::drift_reference::{self, ReferenceFile, Samples};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct CalibrateArgs {
@@ -28,7 +35,8 @@ pub struct CalibrateArgs {
     /// The model to calibrate (its file stem).
     #[arg(long)]
     pub model: String,
-    /// Labelled rows, JSON Lines: {"inputs": ..., "target": ...}.
+    /// Rows, JSON Lines: {"inputs": ..., "target": ...}. Without targets on every line:
+    /// only the drift reference is made (`<stem>.drift-reference.json`).
     #[arg(long)]
     pub data: PathBuf,
     /// MC samples per row.
@@ -72,7 +80,12 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.data).with_context(|| format!("reading {}", args.data.display()))?;
     let mut collected: BTreeMap<usize, Collected> = BTreeMap::new();
     let mut n = 0u64;
-    let mut reference: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
+    let mut reference = Samples::new();
+    let mut reference_eval = Samples::new();
+    // Whether the lines carry targets: decided by the first, held by every other.
+    let mut labelled: Option<bool> = None;
+    let probability: Vec<bool> = model.probability_classes.iter().map(Option::is_some).collect();
+    let monitored = |name: &str| calibrated.iter().any(|&i| model.outputs[i].name == name);
     for (ix, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -80,27 +93,98 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
         let line_no = ix + 1;
         let at = |e: String| anyhow!("{}:{line_no}: {e}", args.data.display());
         let (inputs, target) = split_line(line).map_err(at)?;
-        let outputs = offline
-            .mc_row(inputs, args.mc_samples, args.seed.wrapping_add(n))
-            .map_err(|e| at(e.to_string()))?;
-        for (output, stats) in drift::row_statistics(&outputs, 1) {
-            // The drift reference covers what calibration covers: probability and float outputs.
-            if !calibrated.iter().any(|&i| model.outputs[i].name == output) {
-                continue;
+        match (labelled, &target) {
+            (None, t) => labelled = Some(t.is_some()),
+            (Some(true), None) => return Err(at("no \"target\" field, though the first row has one".into())),
+            (Some(false), Some(_)) => {
+                return Err(at(
+                    "a \"target\" field, though the first row has none (unlabelled rows make a drift reference only)"
+                        .into(),
+                ));
             }
-            let into = reference.entry(output).or_default();
-            for (statistic, values) in stats {
-                into.entry(statistic).or_default().extend(values);
+            _ => {}
+        }
+        let row = offline.row(inputs).map_err(|e| at(e.to_string()))?;
+        let outputs = offline
+            .mc(&row, args.mc_samples, args.seed.wrapping_add(n))
+            .map_err(|e| at(e.to_string()))?;
+        let eval = offline.eval(&row).map_err(|e| at(e.to_string()))?;
+        // The drift reference covers what calibration covers: probability and float outputs.
+        for (into, samples) in [
+            (&mut reference, drift::observe::samples(&Observed::mc(&outputs), 1)),
+            (
+                &mut reference_eval,
+                drift::observe::samples(&Observed::eval(&eval, &probability), 1),
+            ),
+        ] {
+            for (output, stats) in samples.into_iter().filter(|(o, _)| monitored(o)) {
+                let into = into.entry(output).or_default();
+                for (statistic, values) in stats {
+                    into.entry(statistic).or_default().extend(values);
+                }
             }
         }
-        for &o in &calibrated {
-            let target = target_for(model, &calibrated, o, &target).map_err(at)?;
-            add(&mut collected, o, &outputs[o], target).map_err(at)?;
+        if let Some(target) = &target {
+            for &o in &calibrated {
+                let target = target_for(model, &calibrated, o, target).map_err(at)?;
+                add(&mut collected, o, &outputs[o], target).map_err(at)?;
+            }
         }
         n += 1;
     }
     if n == 0 {
         bail!("{} holds no rows", args.data.display());
+    }
+    let created = conformal::rfc3339(SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs());
+    let model_file = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let calibration_out = conformal::calibration_path(&path);
+    let reference_out = drift_reference::reference_path(&path);
+    if labelled == Some(false) {
+        // A reference beside a calibration that holds one would make the model refuse to
+        // load (which one to test against must not be a guess).
+        if let Ok(text) = std::fs::read_to_string(&calibration_out)
+            && serde_json::from_str::<CalibrationFile>(&text).is_ok_and(|c| !c.drift_reference.is_empty())
+        {
+            bail!(
+                "{} already holds a drift reference (of its labelled rows), and it is the one served; \
+                 re-run with labelled rows to replace both, or remove it first",
+                calibration_out.display()
+            );
+        }
+        let file = ReferenceFile {
+            format: drift_reference::FORMAT.into(),
+            model_file,
+            model_sha256: conformal::sha256_file(&path)?,
+            created,
+            n: n as usize,
+            mc_samples: args.mc_samples,
+            seed: args.seed,
+            drift_reference: reference,
+            drift_reference_eval: reference_eval,
+        };
+        write_atomically(&reference_out, &serde_json::to_vec_pretty(&file)?)?;
+        println!(
+            "wrote {} ({} unlabelled rows, mc_samples {}, seed {})",
+            reference_out.display(),
+            file.n,
+            file.mc_samples,
+            file.seed
+        );
+        print!(
+            "{}",
+            reference_report(&file.drift_reference, &file.drift_reference_eval, file.n)
+        );
+        return Ok(());
+    }
+    if reference_out.is_file() {
+        bail!(
+            "{} exists: a calibration holds its own drift reference, and a model with both is refused; \
+             remove it first",
+            reference_out.display()
+        );
     }
     let mut targets = REFER_TARGETS.to_vec();
     let own = model.config.refer_target_error.unwrap_or(DEFAULT_REFER_TARGET);
@@ -113,21 +197,18 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
         .collect();
     let file = CalibrationFile {
         format: FORMAT.into(),
-        model_file: path
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        model_file,
         model_sha256: conformal::sha256_file(&path)?,
-        created: conformal::rfc3339(SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs()),
+        created,
         n: n as usize,
         mc_samples: args.mc_samples,
         seed: args.seed,
         outputs,
         drift_reference: reference,
+        drift_reference_eval: reference_eval,
     };
-    let out = conformal::calibration_path(&path);
-    write_atomically(&out, &serde_json::to_vec_pretty(&file)?)?;
-    print!("{}", report(&file, own, &out));
+    write_atomically(&calibration_out, &serde_json::to_vec_pretty(&file)?)?;
+    print!("{}", report(&file, own, &calibration_out));
     Ok(())
 }
 
@@ -135,13 +216,13 @@ fn is_float(d: DatumType) -> bool {
     matches!(d, DatumType::F16 | DatumType::F32 | DatumType::F64)
 }
 
-fn split_line(line: &str) -> Result<(Value, Value), String> {
+fn split_line(line: &str) -> Result<(Value, Option<Value>), String> {
     let value: Value = serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))?;
     let Value::Object(mut o) = value else {
         return Err("each line must be an object {\"inputs\": ..., \"target\": ...}".into());
     };
     let inputs = o.remove("inputs").ok_or("no \"inputs\" field")?;
-    let target = o.remove("target").ok_or("no \"target\" field")?;
+    let target = o.remove("target");
     if let Some(k) = o.keys().next() {
         return Err(format!("unknown field \"{k}\"; a line has \"inputs\" and \"target\""));
     }
@@ -254,6 +335,20 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
+/// Which statistics the drift reference holds, per mode and output.
+fn reference_report(mc: &Samples, eval: &Samples, n: usize) -> String {
+    let mut r = String::new();
+    for (mode, samples) in [("MC", mc), ("eval", eval)] {
+        for (name, stats) in samples {
+            r += &format!(
+                "{name}: {mode} drift reference of {n} rows for {}\n",
+                stats.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
+    r
+}
+
 /// The short report: coverage per level on the calibration set, set sizes, referral.
 fn report(file: &CalibrationFile, own_target: f64, out: &Path) -> String {
     let mut r = format!(
@@ -263,13 +358,7 @@ fn report(file: &CalibrationFile, own_target: f64, out: &Path) -> String {
         file.mc_samples,
         file.seed
     );
-    for (name, stats) in &file.drift_reference {
-        r += &format!(
-            "{name}: drift reference of {} rows for {}\n",
-            file.n,
-            stats.keys().cloned().collect::<Vec<_>>().join(", ")
-        );
-    }
+    r += &reference_report(&file.drift_reference, &file.drift_reference_eval, file.n);
     let bound = |q: Option<f64>| q.map_or("unbounded (too few rows)".to_string(), |q| format!("{q:.4}"));
     for (name, cal) in &file.outputs {
         match cal {

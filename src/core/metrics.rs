@@ -285,7 +285,7 @@ impl Metrics {
                             "mcd_drift_p_value",
                             "Two-sample KS p-value of the last tested drift window against the calibration reference, by statistic (a window drifts when one is below alpha / m).",
                         ),
-                        &["model", "output", "statistic"],
+                        &["model", "mode", "output", "statistic"],
                     )
                     .expect("valid gauge"),
                 ),
@@ -296,7 +296,7 @@ impl Metrics {
                             "mcd_drift_ks_statistic",
                             "Two-sample KS statistic D of the last tested drift window against the calibration reference, by statistic.",
                         ),
-                        &["model", "output", "statistic"],
+                        &["model", "mode", "output", "statistic"],
                     )
                     .expect("valid gauge"),
                 ),
@@ -305,7 +305,7 @@ impl Metrics {
                     counter(
                         "mcd_drift_windows_total",
                         "Drift windows tested, by result (drift: some statistic's p-value below alpha / m).",
-                        &["model", "result"],
+                        &["model", "mode", "result"],
                     ),
                 ),
                 window_rows: reg(
@@ -313,9 +313,9 @@ impl Metrics {
                     IntGaugeVec::new(
                         Opts::new(
                             "mcd_drift_window_rows",
-                            "MC rows in the model's current (not yet full) drift window.",
+                            "Rows in the current (not yet full) drift window of the model's monitor of this mode (mc_dropout or eval).",
                         ),
-                        &["model"],
+                        &["model", "mode"],
                     )
                     .expect("valid gauge"),
                 ),
@@ -326,7 +326,7 @@ impl Metrics {
                             "mcd_drift_consecutive_windows",
                             "Drifting drift windows in a row up to the last tested one (0 after a window without drift).",
                         ),
-                        &["model"],
+                        &["model", "mode"],
                     )
                     .expect("valid gauge"),
                 ),
@@ -335,7 +335,7 @@ impl Metrics {
                     counter(
                         "mcd_drift_windows_dropped_total",
                         "Full drift windows dropped untested because the drift thread was behind.",
-                        &["model"],
+                        &["model", "mode"],
                     ),
                 ),
             },
@@ -386,19 +386,21 @@ impl Metrics {
             }
         }
         for (name, model) in &repo.models {
-            if model
-                .calibration
-                .as_ref()
-                .is_none_or(|c| c.file.drift_reference.is_empty())
-            {
+            let Some(reference) = &model.drift_reference else {
                 continue;
+            };
+            for (mode, samples) in [("mc_dropout", &reference.mc), ("eval", &reference.eval)] {
+                if samples.is_empty() {
+                    continue;
+                }
+                let labels = [name.as_str(), mode];
+                for result in ["drift", "no_drift"] {
+                    self.drift.windows.with_label_values(&[name.as_str(), mode, result]);
+                }
+                self.drift.window_rows.with_label_values(&labels).set(0);
+                self.drift.consecutive.with_label_values(&labels).set(0);
+                self.drift.dropped.with_label_values(&labels);
             }
-            for result in ["drift", "no_drift"] {
-                self.drift.windows.with_label_values(&[name.as_str(), result]);
-            }
-            self.drift.window_rows.with_label_values(&[name.as_str()]).set(0);
-            self.drift.consecutive.with_label_values(&[name.as_str()]).set(0);
-            self.drift.dropped.with_label_values(&[name.as_str()]);
         }
         for reason in REJECT_REASONS {
             self.rejected.with_label_values(&[reason]);

@@ -154,8 +154,8 @@ pub struct Core {
     admission: Admission,
     queue: Queue,
     memory: memory_budget::MemoryBudget,
-    /// Per model with a drift reference: its drift monitor (rebuilt at each install).
-    drift_monitors: RwLock<std::collections::HashMap<String, Arc<drift::Monitor>>>,
+    /// Per model with a drift reference: its drift monitors (rebuilt at each install).
+    drift_monitors: RwLock<std::collections::HashMap<String, drift::Monitors>>,
     drift_tester: drift::Tester,
 }
 
@@ -189,8 +189,9 @@ impl Core {
         self.repo.read().expect("repo lock poisoned: this is a bug").clone()
     }
 
-    /// The drift monitor of a model; None: it has no drift reference (or no such model).
-    pub fn drift_monitor(&self, model: &str) -> Option<Arc<drift::Monitor>> {
+    /// The drift monitors of a model; None: it has no drift reference, monitoring is off
+    /// (a window of 0), or there is no such model.
+    pub fn drift_monitors(&self, model: &str) -> Option<drift::Monitors> {
         self.drift_monitors
             .read()
             .expect("drift lock poisoned: this is a bug")
@@ -211,8 +212,8 @@ impl Core {
                     window: m.config.drift_window.unwrap_or(self.limits.drift.window),
                     ..self.limits.drift
                 };
-                let monitor = drift::Monitor::new(name, m.calibration.as_ref()?, settings)?;
-                Some((name.clone(), Arc::new(monitor)))
+                let monitors = drift::Monitors::new(name, m.drift_reference.as_ref()?, settings, &self.metrics.drift);
+                (!monitors.is_empty()).then(|| (name.clone(), monitors))
             })
             .collect();
         *self.drift_monitors.write().expect("drift lock poisoned: this is a bug") = monitors;

@@ -1,14 +1,14 @@
 //! A model run outside the server, one labelled row at a time: what `mcd-serve calibrate`
 //! drives. Rows come in the native API's input format (read by [`json_inputs`]), pass the
-//! same input checks as a request, and run through the same MC session the workers use, so
-//! a calibration measures the answers the server gives.
+//! same input checks as a request, and run through the same eval and MC sessions the
+//! workers use, so a calibration measures the answers the server gives.
 
 use std::path::Path;
 
 use serde_json::Value;
 
 use crate::core::json_inputs;
-use crate::engine::model::{LoadedModel, McOutput, McSamples};
+use crate::engine::model::{InputRows, LoadedModel, McOutput, McSamples, NamedTensor};
 use crate::engine::repo;
 use crate::error::Error;
 
@@ -26,12 +26,9 @@ impl OfflineModel {
         &self.model
     }
 
-    /// MC dropout on one row: `inputs` as a native request's `"inputs"`, `samples`
-    /// passes with the masks of `seed`.
-    pub fn mc_row(&self, inputs: Value, samples: usize, seed: u64) -> Result<Vec<McOutput>, Error> {
-        let samples = McSamples::new(samples)
-            .ok_or_else(|| Error::InvalidValue(format!("mc_samples must be at least 2, got {samples}")))?;
-        let session = self.model.mc_session()?;
+    /// One row in the native API's input format (`inputs` as a native request's
+    /// `"inputs"`), checked as a request's are.
+    pub fn row(&self, inputs: Value) -> Result<InputRows, Error> {
         let rows = self.model.input_rows(json_inputs::parse_inputs(&self.model, inputs)?)?;
         if rows.rows() != 1 {
             return Err(Error::InvalidValue(format!(
@@ -39,6 +36,18 @@ impl OfflineModel {
                 rows.rows()
             )));
         }
-        Ok(session.run(&rows, samples, seed, false)?)
+        Ok(rows)
+    }
+
+    /// MC dropout on a row: `samples` passes with the masks of `seed`.
+    pub fn mc(&self, row: &InputRows, samples: usize, seed: u64) -> Result<Vec<McOutput>, Error> {
+        let samples = McSamples::new(samples)
+            .ok_or_else(|| Error::InvalidValue(format!("mc_samples must be at least 2, got {samples}")))?;
+        Ok(self.model.mc_session()?.run(row, samples, seed, false)?)
+    }
+
+    /// The eval answer on a row.
+    pub fn eval(&self, row: &InputRows) -> Result<Vec<NamedTensor>, Error> {
+        Ok(self.model.eval_session().run(row)?)
     }
 }

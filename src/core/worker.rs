@@ -11,9 +11,9 @@ use std::time::Instant;
 use crate::core::admission::panic_message;
 use crate::core::mode::{McCount, McRequest, Mode};
 use crate::core::queue::{Job, PassClass, Pending};
-use crate::core::{Answer, Core, McAnswer, adaptive, guarantees, memory_budget};
+use crate::core::{Answer, Core, McAnswer, adaptive, drift, guarantees, memory_budget};
 use crate::engine::conformal::METRIC_SET_LEVEL;
-use crate::engine::model::{InputRows, LoadedModel, McOutput, McPart, McSamples, padded_rows};
+use crate::engine::model::{InputRows, LoadedModel, McOutput, McPart, McSamples, NamedTensor, padded_rows};
 use crate::error::Error;
 
 /// The class of a job's pass; None: it runs alone.
@@ -228,7 +228,11 @@ impl Core {
                     .with_label_values(&[model.name.as_str(), "eval"])
                     .observe(model.eval_pass_bytes(rows) as f64);
                 match model.eval_session().run_merged(&batches) {
-                    Ok(outputs) => outputs.into_iter().map(|o| Ok(Answer::Eval(o))).collect(),
+                    Ok(outputs) => parts
+                        .iter()
+                        .zip(outputs)
+                        .map(|(d, o)| Ok(self.eval_answer(model, d.batch.rows(), o)))
+                        .collect(),
                     Err(e) => {
                         let e = Error::from(e);
                         parts.iter().map(|_| Err(e.clone())).collect()
@@ -299,7 +303,7 @@ impl Core {
     /// One request alone: eval, or MC in as many passes as it needs (`auto` included).
     fn alone(&self, model: &LoadedModel, batch: &InputRows, mode: Mode) -> Result<Answer, Error> {
         let answer = match mode {
-            Mode::Eval => Answer::Eval(model.eval_session().run(batch)?),
+            Mode::Eval => self.eval_answer(model, batch.rows(), model.eval_session().run(batch)?),
             Mode::McDropout(request) => {
                 let (outputs, samples, auto) = adaptive::draw(&model.mc_session()?, batch, request)?;
                 self.mc_answer(model, request, outputs, samples, auto)?
@@ -317,6 +321,16 @@ impl Core {
             passes.observe(bytes as f64);
         }
         Ok(answer)
+    }
+
+    /// An eval request's answer, its rows recorded by the model's eval drift monitor.
+    fn eval_answer(&self, model: &LoadedModel, rows: usize, outputs: Vec<NamedTensor>) -> Answer {
+        if let Some(monitor) = self.drift_monitors(&model.name).and_then(|m| m.eval) {
+            let probability: Vec<bool> = model.probability_classes.iter().map(Option::is_some).collect();
+            self.drift_tester
+                .record(&monitor, &drift::Observed::eval(&outputs, &probability), rows);
+        }
+        Answer::Eval(outputs)
     }
 
     /// An MC request's answer from its samples' summaries: the calibrated additions, and
@@ -344,9 +358,9 @@ impl Core {
                 }
             }
         }
-        if let Some(monitor) = self.drift_monitor(&model.name) {
+        if let Some(monitor) = self.drift_monitors(&model.name).and_then(|m| m.mc) {
             let rows = outputs.first().and_then(|o| o.shape.first()).copied().unwrap_or(0);
-            self.drift_tester.record(&monitor, &outputs, rows);
+            self.drift_tester.record(&monitor, &drift::Observed::mc(&outputs), rows);
         }
         let calibrated = guarantees::compute(model, &outputs)?;
         self.record_calibrated(model, &outputs, &calibrated);

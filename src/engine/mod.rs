@@ -13,8 +13,10 @@
 //! - [`memory`]: the estimated peak memory of a pass and of an answer.
 //! - [`repo`]: the models folder, loaded and reloaded.
 //! - [`conformal`]: conformal intervals, prediction sets and referral, and their file.
+//! - [`drift_reference`]: the reference sample dataset-shift tests compare served rows with.
 
 pub mod conformal;
+pub mod drift_reference;
 pub mod error;
 pub mod footprint;
 pub mod kernels;

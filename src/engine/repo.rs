@@ -113,8 +113,8 @@ pub fn load_model(name: &str, path: &Path) -> Result<LoadedModel, String> {
     }
 }
 
-/// Attaches the model's calibration; a stale or mismatched one fails the load, so it is
-/// never silently used.
+/// Attaches the model's calibration and drift reference; a stale or mismatched one fails
+/// the load, so it is never silently used.
 fn with_calibration(mut m: LoadedModel) -> Result<LoadedModel, String> {
     let outputs: Vec<(&str, bool)> = m
         .outputs
@@ -123,6 +123,8 @@ fn with_calibration(mut m: LoadedModel) -> Result<LoadedModel, String> {
         .map(|(o, k)| (o.name.as_str(), k.is_some()))
         .collect();
     m.calibration = crate::engine::conformal::load(&m.name, &m.path, &outputs, m.config.refer_target_error)?;
+    let names: Vec<&str> = outputs.iter().map(|(o, _)| *o).collect();
+    m.drift_reference = crate::engine::drift_reference::load(&m.path, m.calibration.as_ref(), &names)?;
     Ok(m)
 }
 

@@ -1,34 +1,35 @@
-//! Online dataset-shift detection on served MC answers (issue 24; Rabanser et al.,
-//! "Failing Loudly", NeurIPS 2019: KS tests on a model's own outputs, Bonferroni over the
+//! Online dataset-shift detection on served answers (issue 24; Rabanser et al., "Failing
+//! Loudly", NeurIPS 2019: KS tests on a model's own outputs, Bonferroni over the
 //! statistics).
 //!
-//! Per MC row the worker records m statistics of each monitored output ([`row_statistics`]:
-//! predictive entropy, mutual information and top-class probability for probability outputs;
-//! mean and std per element for regression outputs) into its model's current window: a
-//! short mutex push of m numbers, bounded at W rows × m. A full window is handed, by a
-//! non-blocking send, to the one drift thread, which runs a two-sample KS test of each
-//! statistic against the calibration's reference sample ([`ks`]) and calls the window
-//! drifting when any p-value is below α / m. The tests never run on an answer's path.
+//! A model with a drift reference (`engine::drift_reference`) has up to two monitors: one
+//! for its MC rows and one for its eval rows, each against the reference of its mode. Per
+//! row the worker records the m statistics the monitor tests ([`observe`]) into the
+//! monitor's current window: one short mutex push of m numbers, bounded at W rows × m. A
+//! full window is handed, by a non-blocking send, to the one drift thread, which runs a
+//! two-sample KS test of each statistic against the reference sample ([`ks`]) and calls
+//! the window drifting when any p-value is below α / m. The tests never run on an
+//! answer's path.
 
 pub mod ks;
+pub mod observe;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec};
+use prometheus::{GaugeVec, IntCounterVec, IntGauge, IntGaugeVec};
 use serde::Serialize;
 
-use crate::engine::conformal::{ModelCalibration, rfc3339};
-use crate::engine::model::McOutput;
+use crate::engine::conformal::rfc3339;
+use crate::engine::drift_reference::{DriftReference, Samples, Statistic};
+pub use observe::{MAX_REGRESSION_ELEMENTS, Observed};
 
 /// Windows kept for `GET /models/{name}/drift`.
 pub const KEPT_WINDOWS: usize = 16;
 /// Full windows that may wait for the drift thread; more are dropped and counted.
 const QUEUED_WINDOWS: usize = 8;
-/// Elements of a regression output beyond which it is not monitored (m stays small).
-pub const MAX_REGRESSION_ELEMENTS: usize = 8;
 
 /// `--drift-window` and `--drift-alpha`.
 #[derive(Debug, Clone, Copy)]
@@ -37,57 +38,54 @@ pub struct DriftSettings {
     pub alpha: f64,
 }
 
-/// Per output, in order: per statistic, its value on each of the answer's `rows` rows.
-/// Outputs that cannot be monitored (several values per row for a probability output, or
-/// more than [`MAX_REGRESSION_ELEMENTS`] elements per row) give nothing.
-pub fn row_statistics(outputs: &[McOutput], rows: usize) -> BTreeMap<String, BTreeMap<String, Vec<f64>>> {
-    let mut all = BTreeMap::new();
-    if rows == 0 {
-        return all;
-    }
-    for o in outputs {
-        let s = &o.stats;
-        let mut stats = BTreeMap::new();
-        match &s.entropy {
-            Some(e) => {
-                if e.predictive_entropy.len() != rows || !s.mean.len().is_multiple_of(rows) {
-                    continue;
-                }
-                let classes = s.mean.len() / rows;
-                let top = s
-                    .mean
-                    .chunks_exact(classes.max(1))
-                    .map(|r| r.iter().copied().fold(f64::NEG_INFINITY, f64::max))
-                    .collect();
-                stats.insert("predictive_entropy".to_string(), e.predictive_entropy.clone());
-                stats.insert("mutual_information".to_string(), e.mutual_information.clone());
-                stats.insert("top_class_probability".to_string(), top);
-            }
-            None => {
-                if !s.mean.len().is_multiple_of(rows) {
-                    continue;
-                }
-                let columns = s.mean.len() / rows;
-                if columns == 0 || columns > MAX_REGRESSION_ELEMENTS {
-                    continue;
-                }
-                for c in 0..columns {
-                    let name = |n: &str| {
-                        if columns == 1 {
-                            n.to_string()
-                        } else {
-                            format!("{n}[{c}]")
-                        }
-                    };
-                    let column = |v: &[f64]| (0..rows).map(|r| v[r * columns + c]).collect();
-                    stats.insert(name("mean"), column(&s.mean));
-                    stats.insert(name("std"), column(&s.std));
-                }
-            }
+/// Which answers a monitor reads: each mode has its own reference, windows and tests
+/// (an eval row's top-class probability is not distributed as an MC mean's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriftMode {
+    Mc,
+    Eval,
+}
+
+impl DriftMode {
+    /// As the `mode` label of the other metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriftMode::Mc => "mc_dropout",
+            DriftMode::Eval => "eval",
         }
-        all.insert(o.name.clone(), stats);
     }
-    all
+}
+
+/// A model's monitors, one per mode its reference covers.
+#[derive(Clone, Default)]
+pub struct Monitors {
+    pub mc: Option<Arc<Monitor>>,
+    pub eval: Option<Arc<Monitor>>,
+}
+
+impl Monitors {
+    /// The monitors of a model's reference; none where it holds nothing for a mode, or
+    /// with a window of 0.
+    pub fn new(model: &str, reference: &DriftReference, settings: DriftSettings, metrics: &DriftMetrics) -> Monitors {
+        let info = |mc_samples| ReferenceInfo {
+            n: reference.n,
+            file: reference.file.clone(),
+            created: reference.created.clone(),
+            mc_samples,
+        };
+        let make = |mode: DriftMode, samples: &Samples, info: ReferenceInfo| {
+            let gauge = metrics.window_rows.with_label_values(&[model, mode.as_str()]);
+            Monitor::from_reference(model, mode, samples, info, settings, gauge).map(Arc::new)
+        };
+        Monitors {
+            mc: make(DriftMode::Mc, &reference.mc, info(Some(reference.mc_samples))),
+            eval: make(DriftMode::Eval, &reference.eval, info(None)),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mc.is_none() && self.eval.is_none()
+    }
 }
 
 /// The drift gauges and counters (registered with the server's other metrics).
@@ -134,9 +132,11 @@ struct History {
     last: VecDeque<WindowResult>,
 }
 
-/// What `GET /models/{name}/drift` shows of a monitored model.
+/// What `GET /models/{name}/drift` shows of one of a model's monitors.
 #[derive(Debug, Clone, Serialize)]
 pub struct DriftReport {
+    /// The answers it reads: `mc_dropout` or `eval`.
+    pub mode: &'static str,
     pub window: usize,
     pub alpha: f64,
     /// α / m: a window drifts when a statistic's p-value is below it.
@@ -164,52 +164,51 @@ pub struct ReferenceInfo {
     pub file: String,
     /// When the calibration was made (UTC, RFC 3339).
     pub created: String,
-    pub mc_samples: usize,
+    /// MC samples per row of an MC reference (absent for eval).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mc_samples: Option<usize>,
 }
 
-/// One model's monitor.
+/// One model's monitor of one mode.
 pub struct Monitor {
     model: String,
+    mode: DriftMode,
     window: usize,
     alpha: f64,
     statistics: Vec<MonitoredStatistic>,
+    /// Per monitored statistic, what it reads.
+    kinds: Vec<Statistic>,
     /// Per statistic, sorted.
     reference: Vec<Vec<f64>>,
     info: ReferenceInfo,
     /// The current window, row-major: rows × m values, fewer than W rows.
     current: Mutex<Vec<f64>>,
+    /// `mcd_drift_window_rows` of this monitor, resolved once.
+    window_rows: IntGauge,
     history: Mutex<History>,
     dropped: std::sync::atomic::AtomicU64,
 }
 
 impl Monitor {
-    /// The monitor of a model whose calibration holds a reference sample; None without one.
-    pub fn new(model: &str, calibration: &ModelCalibration, settings: DriftSettings) -> Option<Monitor> {
-        let file = &calibration.file;
-        let info = ReferenceInfo {
-            n: 0,
-            file: calibration
-                .path
-                .file_name()
-                .map(|f| f.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            created: file.created.clone(),
-            mc_samples: file.mc_samples,
-        };
-        Monitor::from_reference(model, &file.drift_reference, info, settings)
-    }
-
-    /// The monitor of a reference sample: per output, per statistic, its values.
+    /// The monitor of a reference sample (per output, per statistic, its values); None
+    /// when it holds nothing or the window is 0.
     pub fn from_reference(
         model: &str,
-        samples: &BTreeMap<String, BTreeMap<String, Vec<f64>>>,
-        mut info: ReferenceInfo,
+        mode: DriftMode,
+        samples: &Samples,
+        info: ReferenceInfo,
         settings: DriftSettings,
+        window_rows: IntGauge,
     ) -> Option<Monitor> {
         let mut statistics = vec![];
+        let mut kinds = vec![];
         let mut reference = vec![];
         for (output, stats) in samples {
             for (statistic, values) in stats {
+                // Names are checked at load (engine::drift_reference::validate).
+                let Some(kind) = Statistic::parse(statistic) else {
+                    continue;
+                };
                 let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
                 if v.is_empty() {
                     continue;
@@ -219,6 +218,7 @@ impl Monitor {
                     output: output.clone(),
                     statistic: statistic.clone(),
                 });
+                kinds.push(kind);
                 reference.push(v);
             }
         }
@@ -226,18 +226,25 @@ impl Monitor {
             return None;
         }
         let m = statistics.len();
-        info.n = reference.iter().map(Vec::len).max().unwrap_or(0);
+        window_rows.set(0);
         Some(Monitor {
             model: model.to_string(),
+            mode,
             window: settings.window,
             alpha: settings.alpha,
             statistics,
+            kinds,
             info,
             reference,
             current: Mutex::new(Vec::with_capacity(settings.window * m)),
+            window_rows,
             history: Mutex::new(History::default()),
             dropped: Default::default(),
         })
+    }
+
+    pub fn mode(&self) -> DriftMode {
+        self.mode
     }
 
     pub fn window(&self) -> usize {
@@ -250,30 +257,32 @@ impl Monitor {
     }
 
     /// Records an answer's rows; returns the windows this filled (each W rows × m values),
-    /// for the drift thread. Rows missing a monitored statistic are skipped.
-    pub fn record(&self, stats: &BTreeMap<String, BTreeMap<String, Vec<f64>>>, rows: usize) -> Vec<Vec<f64>> {
-        let columns: Option<Vec<&Vec<f64>>> = self
+    /// for the drift thread. An answer missing a monitored statistic is skipped whole.
+    pub fn record(&self, observed: &[Observed], rows: usize) -> Vec<Vec<f64>> {
+        let sources: Option<Vec<&Observed>> = self
             .statistics
             .iter()
-            .map(|s| {
-                stats
-                    .get(&s.output)
-                    .and_then(|o| o.get(&s.statistic))
-                    .filter(|v| v.len() == rows)
+            .zip(&self.kinds)
+            .map(|(s, &kind)| {
+                observed
+                    .iter()
+                    .find(|o| o.name() == s.output)
+                    .filter(|o| o.gives(kind, rows))
             })
             .collect();
-        let Some(columns) = columns else {
+        let Some(sources) = sources else {
             return vec![];
         };
         let m = self.statistics.len();
         let mut full = vec![];
         let mut current = self.current.lock().expect("drift window lock poisoned: this is a bug");
         for r in 0..rows {
-            current.extend(columns.iter().map(|c| c[r]));
+            current.extend(sources.iter().zip(&self.kinds).map(|(o, &k)| o.value(k, rows, r)));
             if current.len() == self.window * m {
                 full.push(std::mem::replace(&mut *current, Vec::with_capacity(self.window * m)));
             }
         }
+        self.window_rows.set((current.len() / m) as i64);
         full
     }
 
@@ -333,6 +342,7 @@ impl Monitor {
     pub fn report(&self) -> DriftReport {
         let history = self.history.lock().expect("drift history lock poisoned: this is a bug");
         DriftReport {
+            mode: self.mode.as_str(),
             window: self.window,
             alpha: self.alpha,
             threshold: self.threshold(),
@@ -349,15 +359,21 @@ impl Monitor {
 
     fn publish(&self, metrics: &DriftMetrics, result: &WindowResult) {
         for s in &result.statistics {
-            let labels = [self.model.as_str(), s.output.as_str(), s.statistic.as_str()];
+            let labels = [
+                self.model.as_str(),
+                self.mode.as_str(),
+                s.output.as_str(),
+                s.statistic.as_str(),
+            ];
             metrics.p_value.with_label_values(&labels).set(s.p_value);
             metrics.ks_statistic.with_label_values(&labels).set(s.ks_statistic);
         }
         let label = if result.drift { "drift" } else { "no_drift" };
-        metrics.windows.with_label_values(&[self.model.as_str(), label]).inc();
+        let model = [self.model.as_str(), self.mode.as_str()];
+        metrics.windows.with_label_values(&[model[0], model[1], label]).inc();
         metrics
             .consecutive
-            .with_label_values(&[self.model.as_str()])
+            .with_label_values(&model)
             .set(result.consecutive_drifting as i64);
     }
 }
@@ -386,15 +402,10 @@ impl Tester {
         Tester { send, metrics }
     }
 
-    /// Records an MC answer's rows in the model's monitor; full windows go to the drift
-    /// thread (dropped and counted when it is [`QUEUED_WINDOWS`] behind).
-    pub fn record(&self, monitor: &Arc<Monitor>, outputs: &[McOutput], rows: usize) {
-        let full = monitor.record(&row_statistics(outputs, rows), rows);
-        self.metrics
-            .window_rows
-            .with_label_values(&[monitor.model.as_str()])
-            .set(monitor.current_rows() as i64);
-        for window in full {
+    /// Records an answer's rows in a monitor; full windows go to the drift thread
+    /// (dropped and counted when it is [`QUEUED_WINDOWS`] behind).
+    pub fn record(&self, monitor: &Arc<Monitor>, observed: &[Observed], rows: usize) {
+        for window in monitor.record(observed, rows) {
             let sent = self.send.try_send(Full {
                 monitor: monitor.clone(),
                 window,
@@ -403,9 +414,9 @@ impl Tester {
                 f.monitor.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.metrics
                     .dropped
-                    .with_label_values(&[f.monitor.model.as_str()])
+                    .with_label_values(&[f.monitor.model.as_str(), f.monitor.mode.as_str()])
                     .inc();
-                tracing::warn!(model = %f.monitor.model, "drift window dropped: the drift thread is behind");
+                tracing::warn!(model = %f.monitor.model, mode = f.monitor.mode.as_str(), "drift window dropped: the drift thread is behind");
             }
         }
     }
@@ -418,6 +429,7 @@ fn run(receive: Receiver<Full>, metrics: DriftMetrics) {
         if result.drift {
             tracing::warn!(
                 model = %monitor.model,
+                mode = monitor.mode.as_str(),
                 window = result.window,
                 min_p_value = result.min_p_value,
                 threshold = monitor.threshold(),

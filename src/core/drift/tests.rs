@@ -1,4 +1,5 @@
 use super::*;
+use std::collections::BTreeMap;
 
 /// splitmix64: a fixed stream of uniforms in [0, 1).
 struct Rng(u64);
@@ -12,61 +13,78 @@ impl Rng {
     }
 }
 
-const NAMES: [&str; 3] = ["predictive_entropy", "mutual_information", "top_class_probability"];
+/// The monitored statistics: one eval regression output "y" of three elements per row.
+const NAMES: [&str; 3] = ["value[0]", "value[1]", "value[2]"];
 
-fn info() -> ReferenceInfo {
+fn info(n: usize) -> ReferenceInfo {
     ReferenceInfo {
-        n: 0,
+        n,
         file: "t.calibration.json".into(),
         created: "2026-12-06T00:00:00Z".into(),
-        mc_samples: 30,
+        mc_samples: None,
     }
 }
 
-/// A monitor of one output with the three statistics, each `n` uniforms (+ `shift` on the
-/// first).
+/// A monitor of the three statistics, each `n` uniforms.
 fn monitor(rng: &mut Rng, n: usize, window: usize, alpha: f64) -> Monitor {
     let stats = NAMES
         .iter()
         .map(|s| (s.to_string(), (0..n).map(|_| rng.next()).collect()))
         .collect();
-    let samples = BTreeMap::from([("probabilities".to_string(), stats)]);
-    Monitor::from_reference("m", &samples, info(), DriftSettings { window, alpha }).unwrap()
+    let samples = BTreeMap::from([("y".to_string(), stats)]);
+    let gauge = IntGauge::new("t", "t").unwrap();
+    Monitor::from_reference(
+        "m",
+        DriftMode::Eval,
+        &samples,
+        info(n),
+        DriftSettings { window, alpha },
+        gauge,
+    )
+    .unwrap()
 }
 
-/// `rows` rows of the three statistics, as `row_statistics` gives them.
-fn rows(rng: &mut Rng, rows: usize, shift: f64) -> BTreeMap<String, BTreeMap<String, Vec<f64>>> {
-    let stats = NAMES
-        .iter()
-        .enumerate()
-        .map(|(k, s)| {
-            let d = if k == 0 { shift } else { 0.0 };
-            (s.to_string(), (0..rows).map(|_| rng.next() + d).collect())
-        })
-        .collect();
-    BTreeMap::from([("probabilities".to_string(), stats)])
+/// An answer of `rows` rows of "y" with `elements` elements each, uniforms (+ `shift` on
+/// element 0).
+fn answer(rng: &mut Rng, rows: usize, elements: usize, shift: f64) -> Vec<f64> {
+    (0..rows * elements)
+        .map(|i| rng.next() + if i % elements == 0 { shift } else { 0.0 })
+        .collect()
+}
+
+fn record(m: &Monitor, values: Vec<f64>, rows: usize) -> Vec<Vec<f64>> {
+    let observed = [Observed::Eval {
+        name: "y",
+        values: observe::Values::new(values),
+        probability: false,
+    }];
+    m.record(&observed, rows)
+}
+
+/// `rows` rows of the three statistics.
+fn rows(rng: &mut Rng, rows: usize, shift: f64) -> Vec<f64> {
+    answer(rng, rows, 3, shift)
 }
 
 #[test]
 fn a_window_is_full_at_exactly_w_rows_and_windows_do_not_overlap() {
     let mut rng = Rng(1);
     let m = monitor(&mut rng, 100, 5, 0.01);
-    assert!(m.record(&rows(&mut rng, 4, 0.0), 4).is_empty());
+    assert!(record(&m, rows(&mut rng, 4, 0.0), 4).is_empty());
     assert_eq!(m.current_rows(), 4);
-    let full = m.record(&rows(&mut rng, 1, 0.0), 1);
+    let full = record(&m, rows(&mut rng, 1, 0.0), 1);
     assert_eq!(full.len(), 1);
     assert_eq!(full[0].len(), 5 * 3, "W rows × m statistics");
     assert_eq!(m.current_rows(), 0);
     // One answer of 12 rows fills two windows and starts the next with 2 rows.
-    let full = m.record(&rows(&mut rng, 12, 0.0), 12);
+    let full = record(&m, rows(&mut rng, 12, 0.0), 12);
     assert_eq!(full.iter().map(Vec::len).collect::<Vec<_>>(), vec![15, 15]);
     assert_eq!(m.current_rows(), 2);
     let r = m.test(&full[0]);
     assert_eq!((r.window, r.rows, r.statistics.len()), (1, 5, 3));
-    // An answer missing a statistic is not recorded.
-    let mut partial = rows(&mut rng, 3, 0.0);
-    partial.get_mut("probabilities").unwrap().remove("mutual_information");
-    assert!(m.record(&partial, 3).is_empty());
+    assert_eq!(m.window_rows.get(), 2, "the gauge follows the window");
+    // An answer missing a statistic (two elements a row: no value[2]) is not recorded.
+    assert!(record(&m, answer(&mut rng, 3, 2, 0.0), 3).is_empty());
     assert_eq!(m.current_rows(), 2);
 }
 
@@ -92,7 +110,7 @@ fn null_windows_drift_at_most_at_rate_alpha() {
     let mut drifting = 0;
     for _ in 0..trials {
         let m = monitor(&mut rng, 200, 50, 0.05);
-        let full = m.record(&rows(&mut rng, 50, 0.0), 50);
+        let full = record(&m, rows(&mut rng, 50, 0.0), 50);
         assert_eq!(full.len(), 1);
         drifting += m.test(&full[0]).drift as usize;
     }
@@ -106,10 +124,10 @@ fn a_shifted_statistic_drifts_and_is_reported() {
     let mut rng = Rng(7);
     let m = monitor(&mut rng, 200, 50, 0.01);
     for _ in 0..5 {
-        let full = m.record(&rows(&mut rng, 50, 0.3), 50);
+        let full = record(&m, rows(&mut rng, 50, 0.3), 50);
         let r = m.test(&full[0]);
         assert!(r.drift, "{r:?}");
-        assert!(r.statistics[1].statistic == "predictive_entropy" && r.statistics[1].p_value < m.threshold());
+        assert!(r.statistics[0].statistic == "value[0]" && r.statistics[0].p_value < m.threshold());
     }
     let report = m.report();
     assert_eq!(

@@ -46,6 +46,10 @@ pub struct CalibrationFile {
     /// it existed: such a model is served without drift monitoring.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub drift_reference: BTreeMap<String, BTreeMap<String, Vec<f64>>>,
+    /// As `drift_reference`, of the eval answers on the same rows: what eval-mode rows are
+    /// tested against.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub drift_reference_eval: BTreeMap<String, BTreeMap<String, Vec<f64>>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

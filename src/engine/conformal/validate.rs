@@ -231,6 +231,7 @@ mod tests {
             mc_samples: 10,
             seed: 0,
             drift_reference: Default::default(),
+            drift_reference_eval: Default::default(),
             outputs: [
                 ("y".to_string(), OutputCalibration::Regression(fit_regression(&reg))),
                 (

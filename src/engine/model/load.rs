@@ -97,6 +97,7 @@ impl LoadedModel {
             fixes: surgery.fixes,
             checks: vec![],
             calibration: None,
+            drift_reference: None,
             eval: EvalPlan {
                 plans: eval_plans,
                 softmax: eval_softmax,

@@ -44,6 +44,8 @@ pub struct LoadedModel {
     pub checks: Vec<CheckResult>,
     /// Checked against this very file at load (see `engine::conformal`).
     pub calibration: Option<crate::engine::conformal::ModelCalibration>,
+    /// What dataset-shift tests compare served rows with (see `engine::drift_reference`).
+    pub drift_reference: Option<crate::engine::drift_reference::DriftReference>,
     eval: EvalPlan,
     mc: Result<McPlan, String>,
     /// What the pass and answer estimates are built from, fixed at load.

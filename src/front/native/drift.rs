@@ -10,34 +10,43 @@ use crate::core::view::LoadedModel;
 #[derive(Serialize, ToSchema)]
 pub struct DriftAnswer {
     pub model: String,
-    /// Whether the model's MC rows are tested for dataset shift.
+    /// Whether any of the model's rows (MC or eval) are tested for dataset shift.
     pub monitored: bool,
     /// Why not, when not monitored.
     pub reason: Option<String>,
-    /// The monitor: window, α and its Bonferroni threshold, the statistics, the reference
-    /// (size, file, date), the current window's rows, counts, and the last windows' tests
-    /// (most recent first).
+    /// The monitor of MC rows: window, α and its Bonferroni threshold, the statistics,
+    /// the reference (size, file, date, MC samples), the current window's rows, counts,
+    /// and the last windows' tests (most recent first).
     #[schema(value_type = Option<Object>)]
     pub drift: Option<DriftReport>,
+    /// The monitor of eval rows (top-class probability, or each element's value), as
+    /// `drift`.
+    #[schema(value_type = Option<Object>)]
+    pub eval_drift: Option<DriftReport>,
 }
 
 impl DriftAnswer {
     pub fn new(core: &Core, m: &LoadedModel) -> DriftAnswer {
-        let monitor = core.drift_monitor(&m.name);
-        let reason = match (&monitor, &m.calibration) {
-            (Some(_), _) => None,
-            (None, None) => Some("the model has no calibration file, so no drift reference".to_string()),
-            (None, Some(c)) if c.file.drift_reference.is_empty() => Some(
+        let monitors = core.drift_monitors(&m.name).unwrap_or_default();
+        let reason = match (&m.drift_reference, &m.calibration) {
+            _ if !monitors.is_empty() => None,
+            (Some(_), _) => Some("drift monitoring is off (a drift window of 0)".to_string()),
+            (None, None) => Some(
+                "the model has no drift reference: no calibration file, and no <stem>.drift-reference.json \
+                 (`mcd-serve calibrate` makes one from unlabelled rows)"
+                    .to_string(),
+            ),
+            (None, Some(_)) => Some(
                 "its calibration file holds no drift reference (made before drift detection); re-run `mcd-serve calibrate`"
                     .to_string(),
             ),
-            (None, Some(_)) => Some("drift monitoring is off (a drift window of 0)".to_string()),
         };
         DriftAnswer {
             model: m.name.clone(),
-            monitored: monitor.is_some(),
+            monitored: !monitors.is_empty(),
             reason,
-            drift: monitor.map(|m| m.report()),
+            drift: monitors.mc.map(|m| m.report()),
+            eval_drift: monitors.eval.map(|m| m.report()),
         }
     }
 }

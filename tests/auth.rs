@@ -161,6 +161,52 @@ async fn keys_guard_predict_and_metadata_on_every_protocol_and_nothing_else() {
     s.stop().await;
 }
 
+/// Two `Authorization` headers (or gRPC metadata entries) are refused, even when one
+/// of them holds a good key: which one a proxy or server reads differs (first or last),
+/// so accepting either is a guess. Before the fix the first one won.
+#[tokio::test]
+async fn repeated_authorization_is_refused_on_every_protocol() {
+    let keys_dir = tempdir::TempDir::new();
+    let mut args = ServeArgs::for_models(models_dir());
+    args.api_key_file = Some(key_file(keys_dir.path(), &format!("{KEY_A}\n")));
+    let (s, grpc_url) = start_with_grpc(args).await;
+    for (path, body) in [
+        ("/predict", json!({"inputs": [bc_row()]})),
+        (
+            "/v2/models/breast_cancer/infer",
+            json!({"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": bc_row()}]}),
+        ),
+    ] {
+        for pair in [[KEY_A, WRONG], [WRONG, KEY_A], [KEY_A, KEY_A]] {
+            let r = s
+                .client
+                .post(s.url(path))
+                .json(&body)
+                .header("authorization", format!("Bearer {}", pair[0]))
+                .header("authorization", format!("Bearer {}", pair[1]))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 401, "{path} {pair:?}");
+            let b: Value = r.json().await.unwrap();
+            assert_eq!(b["error_type"], "unauthorized");
+            assert!(b["error"].as_str().unwrap().contains("2 Authorization headers"), "{b}");
+        }
+        let (status, _) = call(&s, "POST", path, Some(body.clone()), Some(KEY_A)).await;
+        assert_eq!(status, 200, "one good key still passes");
+    }
+    let mut c = GrpcInferenceServiceClient::connect(grpc_url).await.unwrap();
+    let mut r = tonic::Request::new(pb::ServerMetadataRequest {});
+    r.metadata_mut()
+        .append("authorization", format!("Bearer {KEY_A}").parse().unwrap());
+    r.metadata_mut()
+        .append("authorization", format!("Bearer {WRONG}").parse().unwrap());
+    let e = c.server_metadata(r).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("2 Authorization headers"), "{e:?}");
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn a_key_file_that_holds_no_key_refuses_to_start() {
     let keys_dir = tempdir::TempDir::new();

@@ -222,9 +222,18 @@ impl Core {
     }
 
     /// Whether a call may go on: always, without a key file; else only with a known key
-    /// in its `Authorization` (HTTP header or gRPC metadata). A refusal is counted.
-    pub fn authorize(&self, protocol: Protocol, authorization: Option<&[u8]>) -> Result<(), Error> {
-        self.keys.check(authorization).inspect_err(|e| {
+    /// in its `Authorization` (HTTP header or gRPC metadata), sent once: with several,
+    /// which one counts would be a guess (proxies differ on first or last), so the call
+    /// is refused. A refusal is counted.
+    pub fn authorize(&self, protocol: Protocol, authorization: &[&[u8]]) -> Result<(), Error> {
+        let checked = match authorization {
+            [_, _, ..] if self.keys.required() => Err(Error::Unauthorized(format!(
+                "{} Authorization headers; send exactly one",
+                authorization.len()
+            ))),
+            _ => self.keys.check(authorization.first().copied()),
+        };
+        checked.inspect_err(|e| {
             self.metrics.auth_failures.with_label_values(&[protocol.as_str()]).inc();
             // The reason only: never the header, which holds the key.
             tracing::info!(protocol = protocol.as_str(), error = %e, "unauthorized");

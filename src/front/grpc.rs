@@ -242,8 +242,13 @@ impl GrpcFront {
     /// Predict and metadata calls carry the key as HTTP does, in `authorization` metadata;
     /// liveness and readiness stay open for probes.
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let header = request.metadata().get("authorization").map(|v| v.as_bytes());
-        Ok(self.core.authorize(Protocol::Grpc, header)?)
+        let values: Vec<&[u8]> = request
+            .metadata()
+            .get_all("authorization")
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        Ok(self.core.authorize(Protocol::Grpc, &values)?)
     }
 }
 

@@ -78,8 +78,13 @@ async fn require_key(State(core): State<Arc<Core>>, request: Request<Body>, next
         } else {
             Protocol::Native
         };
-        let header = request.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
-        if let Err(e) = core.authorize(protocol, header) {
+        let values: Vec<&[u8]> = request
+            .headers()
+            .get_all(header::AUTHORIZATION)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        if let Err(e) = core.authorize(protocol, &values) {
             return e.into_response();
         }
     }

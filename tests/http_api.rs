@@ -713,3 +713,36 @@ async fn out_of_range_settings_refuse_to_start() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--max-batch-rows is 0"), "{stderr}");
 }
+
+/// Ambiguous bodies are refused, not read one way: `"inputs"` twice, or an input name
+/// twice, is a 400 that names the repeat (before, the last one silently won), as OIP REST
+/// refuses a repeated field.
+#[tokio::test]
+async fn repeated_keys_in_a_native_body_are_refused() {
+    let s = bundled().await;
+    let row = serde_json::to_string(&reference("breast_cancer")["inputs"][0]).unwrap();
+    let zeros = serde_json::to_string(&vec![0.0; 30]).unwrap();
+    for (body, named) in [
+        (
+            format!(r#"{{"inputs": [{row}], "inputs": [{zeros}]}}"#),
+            "\"inputs\" twice",
+        ),
+        (
+            format!(r#"{{"inputs": {{"features": [{row}], "features": [{zeros}]}}}}"#),
+            "'features' twice",
+        ),
+    ] {
+        for q in ["", "?mc_samples=5&seed=1"] {
+            let (status, b) = s
+                .post_raw(&format!("/models/breast_cancer/predict{q}"), body.clone())
+                .await;
+            assert_eq!((status, b["error_type"].as_str()), (400, Some("invalid_value")), "{b}");
+            assert!(b["error"].as_str().unwrap().contains(named), "{b}");
+        }
+    }
+    let (status, _) = s
+        .post_raw("/models/breast_cancer/predict", format!(r#"{{"inputs": [{row}]}}"#))
+        .await;
+    assert_eq!(status, 200);
+    s.stop().await;
+}

@@ -34,8 +34,10 @@ pub fn parse_request(model: &LoadedModel, body: &[u8]) -> Result<Vec<Tensor>, Er
     parsed.map_err(|e| Error::MalformedJson(format!("request body is not valid JSON: {e}")))?
 }
 
-/// The whole body: an object whose `"inputs"` are read (the last one, if repeated, as a
-/// JSON object keeps the last value of a key) and whose other fields are skipped.
+/// The whole body: an object whose `"inputs"` are read and whose other fields are
+/// skipped. `"inputs"` given twice is refused (as OIP REST refuses a repeated field):
+/// JSON leaves a repeated key's meaning to the reader, and parsers differ (first wins,
+/// last wins), so the server does not guess which one the client meant.
 struct BodySeed<'m>(&'m LoadedModel);
 
 impl<'de> DeserializeSeed<'de> for BodySeed<'_> {
@@ -58,12 +60,20 @@ impl<'de> Visitor<'de> for BodySeed<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut inputs = None;
+        let mut repeated = false;
         while let Some(key) = map.next_key::<Key>()? {
-            if key.0 == "inputs" {
+            if key.0 == "inputs" && inputs.is_none() {
                 inputs = Some(map.next_value_seed(InputsSeed(self.0))?);
             } else {
+                repeated |= key.0 == "inputs";
+                // Read to the end all the same: a body that is not JSON is refused as such.
                 map.next_value::<Skip>()?;
             }
+        }
+        if repeated {
+            return Ok(Err(Error::InvalidValue(
+                "the body gives \"inputs\" twice; send it once".into(),
+            )));
         }
         Ok(inputs.unwrap_or_else(|| Err(Error::MissingInput("request body has no \"inputs\" field".into()))))
     }
@@ -209,13 +219,19 @@ impl<'de> Visitor<'de> for InputsSeed<'_> {
         ))))
     }
 
-    /// By name. A name given twice keeps its first place and its last value, as a JSON
-    /// object read whole does; unknown and missing names are refused before any value
-    /// (by [`in_input_order`]), and values in the model's input order.
+    /// By name. A name given twice is refused, as `"inputs"` twice is (see [`BodySeed`]);
+    /// then unknown and missing names are refused before any value (by
+    /// [`in_input_order`]), and values come in the model's input order.
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let model = self.0;
         let mut named: Vec<(String, Option<Result<Tensor, Error>>)> = Vec::with_capacity(model.inputs.len());
+        let mut repeated: Option<String> = None;
         while let Some(Key(name)) = map.next_key::<Key>()? {
+            if named.iter().any(|(n, _)| *n == *name) {
+                map.next_value::<Skip>()?;
+                repeated.get_or_insert_with(|| name.into_owned());
+                continue;
+            }
             let value = match model.inputs.iter().find(|s| s.name == *name) {
                 Some(spec) => Some(map.next_value_seed(TensorSeed(spec))?),
                 None => {
@@ -223,10 +239,12 @@ impl<'de> Visitor<'de> for InputsSeed<'_> {
                     None
                 }
             };
-            match named.iter_mut().find(|(n, _)| *n == *name) {
-                Some((_, slot)) => *slot = value,
-                None => named.push((name.into_owned(), value)),
-            }
+            named.push((name.into_owned(), value));
+        }
+        if let Some(name) = repeated {
+            return Ok(Err(Error::InvalidValue(format!(
+                "\"inputs\" names '{name}' twice; send each input once"
+            ))));
         }
         Ok(in_input_order(model, named).and_then(|ordered| {
             ordered

@@ -303,6 +303,18 @@ async fn a_new_bad_file_on_sighup_leaves_a_serving_replica_ready() {
             .collect();
         failed.sort();
         assert_eq!(failed, [("evil", false, false), ("new", false, false)], "{list}");
+        // The link is refused for where it leads, before anything reads it.
+        let evil = list["load_failures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["model"] == "evil")
+            .unwrap();
+        let reason = evil["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("outside the models folder") && reason.contains("/etc/passwd"),
+            "{reason}"
+        );
     }
 
     // The copy finishes: the new model loads and serves.

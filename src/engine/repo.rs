@@ -162,7 +162,8 @@ pub fn load_folder(
             .and_then(|p| p.models.get(&name))
             .filter(|m| m.healthy())
             .cloned();
-        let failure = match load_model(&name, &path).and_then(with_calibration) {
+        let loaded = inside_folder(dir, &path).and_then(|()| load_model(&name, &path).and_then(with_calibration));
+        let failure = match loaded {
             Ok(m) if m.healthy() || old.is_none() => {
                 repo.load_times.insert(name.clone(), start.elapsed());
                 repo.models.insert(name, Arc::new(m));
@@ -210,9 +211,71 @@ pub fn load_folder(
     Ok(repo)
 }
 
+/// Refuses a model whose file, or a file beside it that the load reads, is a symbolic
+/// link that leaves the models folder: whoever can drop a link in the folder could
+/// otherwise make the server read any file it can (`evil.onnx -> /etc/passwd`). Links
+/// inside the folder stay allowed; a Kubernetes ConfigMap or Secret volume is made of
+/// them (`x -> ..data/x`).
+fn inside_folder(dir: &Path, model: &Path) -> Result<(), String> {
+    let folder =
+        std::fs::canonicalize(dir).map_err(|e| format!("resolving the models folder {}: {e}", dir.display()))?;
+    let sidecars = [
+        model.to_path_buf(),
+        config_path(model),
+        crate::engine::conformal::calibration_path(model),
+        crate::engine::drift_reference::reference_path(model),
+    ];
+    for file in sidecars {
+        let Ok(meta) = std::fs::symlink_metadata(&file) else {
+            continue;
+        };
+        if !meta.file_type().is_symlink() {
+            continue;
+        }
+        let target = std::fs::canonicalize(&file).map_err(|e| {
+            format!(
+                "{} is a symbolic link that cannot be resolved ({e}); refused",
+                file.display()
+            )
+        })?;
+        if !target.starts_with(&folder) {
+            return Err(format!(
+                "{} is a symbolic link to {}, outside the models folder {}; refused (a model and its files must live in the folder)",
+                file.display(),
+                target.display(),
+                folder.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A link that leaves the folder is refused with its target; one inside it loads.
+    #[test]
+    fn symlinks_out_of_the_folder_are_refused() {
+        let dir = std::env::temp_dir().join(format!("mcd-repo-link-{}", std::process::id()));
+        let outside = std::env::temp_dir().join(format!("mcd-repo-outside-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("secret"), b"not a model").unwrap();
+        std::fs::create_dir_all(dir.join("..data")).unwrap();
+        std::fs::write(dir.join("..data/inside.onnx"), b"").unwrap();
+        std::os::unix::fs::symlink(outside.join("secret"), dir.join("evil.onnx")).unwrap();
+        std::os::unix::fs::symlink("..data/inside.onnx", dir.join("inside.onnx")).unwrap();
+        std::fs::write(dir.join("plain.onnx"), b"").unwrap();
+        std::os::unix::fs::symlink(outside.join("secret"), dir.join("plain.model.json")).unwrap();
+        let e = inside_folder(&dir, &dir.join("evil.onnx")).unwrap_err();
+        assert!(e.contains("outside the models folder") && e.contains("secret"), "{e}");
+        assert!(inside_folder(&dir, &dir.join("inside.onnx")).is_ok());
+        let e = inside_folder(&dir, &dir.join("plain.onnx")).unwrap_err();
+        assert!(e.contains("plain.model.json"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&outside).unwrap();
+    }
 
     /// A KServe model mount: one file is served under the InferenceService's name; a
     /// folder of several cannot take one name.

@@ -74,6 +74,10 @@ POD="$NAME-pod-0"
 cleanup() {
   local rc=$?
   set +e
+  if ((rc)) && [[ -n ${CTR:-} ]] && podman container exists "$CTR"; then
+    printf "[kube-play] the container's log, last 30 lines:\n" >&2
+    podman logs --tail 30 "$CTR" 2>&1 | sed 's/^/    /' >&2
+  fi
   "${PODMAN[@]}" pod rm -f "$POD" >/dev/null 2>&1
   if [[ -z $pause_before ]]; then
     # Without -f: a pod someone else started meanwhile keeps it.
@@ -125,7 +129,7 @@ log "played pod $POD, container $CTR"
 # The kubelet's startup probe: the manifest's URL, timeout and failure threshold. It is
 # tried every second here (the kubelet waits periodSeconds between tries) until the
 # kubelet would give up: failureThreshold x periodSeconds.
-"$PY" - "$WORK/facts.json" "$CTR" <<'EOF' || { podman logs "$CTR" >&2 || true; die "startup probe did not pass"; }
+"$PY" - "$WORK/facts.json" "$CTR" <<'EOF' || die "startup probe did not pass"
 import json, subprocess, sys, time, urllib.request
 facts, ctr = json.load(open(sys.argv[1])), sys.argv[2]
 p = facts["probes"]["startupProbe"]

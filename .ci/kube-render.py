@@ -9,7 +9,9 @@ OUT_DIR/deployment.yaml and OUT_DIR/configmap.yaml for podman, and OUT_DIR/facts
 the manifest asks for (probes, user, read-only root, limits, preStop, grace period), resolved
 to this run's ports, for the script to check the running pod against.
 
-Only what cannot run here as written is rewritten; each rewrite says why. Everything else
+kustomize's labels: and images: are not applied: the labels do not change how the pod runs,
+and the image is the one given. Only what cannot run here as written is rewritten; each
+rewrite says why. Everything else
 (args, env, probes, securityContext, resources, volumes) goes to podman as it is.
 """
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the shipped Dockerfile with podman (no Docker engine here), runs the image
 # read-only as UID 10001, waits for the image's own HEALTHCHECK, sends an eval, an MC and
-# an OIP request, then stops it and checks the drain in its logs and the exit code.
+# an OIP request, then stops it and checks the drain in its logs and the exit code. Then
+# plays the Kubernetes Deployment's own pod spec on the same image (.ci/kube-play.sh).
 #
 #   bash .ci/container.sh      (as root; ../shared/CONTAINERS.md explains every setting)
 #
@@ -18,6 +19,8 @@ RUNTIME_BASE=docker.io/library/debian:bookworm-slim
 BUILDER_BASE=docker.io/library/rust:1.95.0-slim-bookworm
 IMAGE=localhost/mcd-serve:ci
 NAME="mcd-serve-ci-$$"
+# The Deployment's name in .ci/kube-play.sh; podman names its pod KUBE_NAME-pod-0.
+KUBE_NAME="mcd-serve-kube-$$"
 SUITE=bookworm
 ULIMITS=(--ulimit nofile=1024:1024 --ulimit nproc=4096:4096)
 # crun fails on this machine's hybrid cgroups; runc works.
@@ -36,15 +39,15 @@ die() { printf '[container] FAIL: %s\n' "$*" >&2; exit 1; }
 
 # --- tools -----------------------------------------------------------------------------
 missing=()
-for cmd in podman buildah runc debootstrap newuidmap curl python3; do
+for cmd in podman buildah runc debootstrap newuidmap catatonit curl python3; do
   command -v "$cmd" >/dev/null || missing+=("$cmd")
 done
 if ((${#missing[@]})); then
-  log "installing podman buildah runc debootstrap uidmap curl (missing: ${missing[*]})"
+  log "installing podman buildah runc debootstrap uidmap catatonit curl (missing: ${missing[*]})"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends \
-    podman buildah runc debootstrap uidmap curl python3 ca-certificates >/dev/null
+    podman buildah runc debootstrap uidmap catatonit curl python3 ca-certificates >/dev/null
 fi
 podman --version
 stage "tools"
@@ -66,10 +69,14 @@ cleanup() {
   local rc=$?
   set +e
   "${PODMAN[@]}" rm -f --time 0 "$NAME" >/dev/null 2>&1
+  "${PODMAN[@]}" pod rm -f "$KUBE_NAME-pod-0" >/dev/null 2>&1
   "${PODMAN[@]}" rmi -f "$IMAGE" >/dev/null 2>&1
-  # The build's intermediate (stage and layer) images: whatever is new since the build began.
+  # The build's intermediate (stage and layer) images: whatever is new since the build began,
+  # but podman's pause image, which pods of other runs may use (kube-play.sh removes it
+  # when it built it and no pod uses it).
   if [[ -f $images_before ]]; then
-    comm -13 <(sort -u "$images_before") <(podman images -aq --no-trunc | sort -u) \
+    comm -13 <(sort -u "$images_before") \
+      <(podman images -aq --no-trunc --filter 'reference!=localhost/podman-pause' | sort -u) \
       | xargs -r podman rmi -f >/dev/null 2>&1
   fi
   rm -rf "$WORK"
@@ -248,6 +255,10 @@ assert all(i >= 0 for i in idx) and idx[0] < idx[1], (idx, msgs)
 EOF
 log "drained: shutdown requested, then all requests finished; exit code 0; stop took ${stop_secs}s"
 stage "stop and drain"
+
+# --- the Kubernetes pod spec on the same image --------------------------------------------
+MCD_KUBE_NAME="$KUBE_NAME" bash .ci/kube-play.sh "$IMAGE" || die "the Deployment's pod spec did not pass"
+stage "Kubernetes pod spec (kube-play.sh)"
 
 log "image $IMAGE: $(python3 -c "print(f'{$size_bytes / 1e6:.1f}')") MB ($size_bytes bytes)"
 log "PASS in $((SECONDS - T_START))s"

@@ -206,3 +206,211 @@ async fn requests_that_could_never_fit_are_refused_at_once_with_what_would_fit()
     let labels = [("model", "breast_cancer"), ("mode", "mc_dropout")];
     assert!(metric_sum(&scrape, "mcd_pass_memory_bytes_count", &labels) >= 1.0);
 }
+
+// ---- Request bodies inside the budget (issue 25, F1) -------------------------------------
+
+/// A raw HTTP/1.1 exchange: writes `head`, then `body` (errors ignored: the server may
+/// answer and close before the body is in), and reads the answer's status and body.
+async fn exchange(addr: &str, head: String, body: Vec<u8>) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut read, mut write) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        let _ = write.write_all(head.as_bytes()).await;
+        for chunk in body.chunks(1 << 20) {
+            if write.write_all(chunk).await.is_err() {
+                break;
+            }
+        }
+        write
+    });
+    let mut answer = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let answered = tokio::time::timeout(std::time::Duration::from_secs(120), async {
+        loop {
+            let n = read.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+            if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&answer[..end]).to_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                if answer.len() >= end + 4 + length {
+                    break;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(answered.is_ok(), "no answer within 120 s");
+    drop(writer.await);
+    let text = String::from_utf8_lossy(&answer).to_string();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_string());
+    (status, body)
+}
+
+fn head(path: &str, length: usize) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
+    )
+}
+
+/// A valid native breast_cancer body of exactly `size` bytes (padded with a skipped field).
+fn padded_body(size: usize) -> Vec<u8> {
+    let start = format!(r#"{{"inputs": [{}], "pad": ""#, rows("breast_cancer", 1)[0]);
+    let mut b = start.into_bytes();
+    b.resize(size - 2, b'x');
+    b.extend_from_slice(b"\"}");
+    b
+}
+
+/// A declared `Content-Length` over the body limit is refused with 413 before a byte of
+/// the body is sent (before the fix the server waited for, and read, 64 MiB of it).
+#[tokio::test]
+async fn a_declared_body_over_the_limit_is_refused_before_it_is_read() {
+    let s = TestServer::start(mcd_serve::config::ServeArgs::for_models(models_dir())).await;
+    let addr = s.base.trim_start_matches("http://").to_string();
+    for path in ["/models/breast_cancer/predict", "/v2/models/breast_cancer/infer"] {
+        let (status, body) = exchange(&addr, head(path, 70_000_000), vec![]).await;
+        let b: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        assert_eq!(
+            (status, b["error_type"].as_str()),
+            (413, Some("payload_too_large")),
+            "{body}"
+        );
+        assert!(
+            b["error"].as_str().unwrap().contains("declares 70000000 bytes"),
+            "{body}"
+        );
+    }
+    s.stop().await;
+}
+
+/// Bodies are admitted against the same budget as passes, before they are read: with a
+/// 64 MiB budget, a 5 MiB body being sent holds 40 MiB, so a second one is refused with
+/// 429 at once; once the first is answered the budget is whole again. A chunked body
+/// reserves as it arrives, and one that could never fit (9 MiB, 72 MiB to decode) is
+/// refused with 413.
+#[tokio::test]
+async fn bodies_are_admitted_against_the_memory_budget_before_they_are_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut args = mcd_serve::config::ServeArgs::for_models(models_dir());
+    args.max_memory_bytes = 64 << 20;
+    let s = TestServer::start(args).await;
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let path = "/models/breast_cancer/predict";
+    let size = 5 << 20;
+    let body = padded_body(size);
+    let mut first = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    first.write_all(head(path, size).as_bytes()).await.unwrap();
+    first.write_all(&body[..1024]).await.unwrap();
+    // The head is read and the body's reservation made as soon as the head arrives.
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    let (status, answer) = exchange(&addr, head(path, size), body.clone()).await;
+    assert_eq!(status, 429, "{answer}");
+    first.write_all(&body[1024..]).await.unwrap();
+    let mut answer = Vec::new();
+    first.read_to_end(&mut answer).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer[..200.min(answer.len())])
+    );
+    let (status, answer) = exchange(&addr, head(path, size), body.clone()).await;
+    assert_eq!(status, 200, "the budget is whole again: {answer}");
+
+    // Chunked: no declared length.
+    let big = padded_body(9 << 20);
+    let mut chunked = Vec::new();
+    for c in big.chunks(256 << 10) {
+        chunked.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+        chunked.extend_from_slice(c);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let chunked_head = format!(
+        "POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    let (status, answer) = exchange(&addr, chunked_head.clone(), chunked).await;
+    assert_eq!(status, 413, "{answer}");
+    assert!(answer.contains("to read and decode"), "{answer}");
+    let mut small = Vec::new();
+    let ok = padded_body(1 << 20);
+    for c in ok.chunks(100 << 10) {
+        small.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+        small.extend_from_slice(c);
+        small.extend_from_slice(b"\r\n");
+    }
+    small.extend_from_slice(b"0\r\n\r\n");
+    let (status, answer) = exchange(&addr, chunked_head, small).await;
+    assert_eq!(status, 200, "a chunked body that fits is read: {answer}");
+    let scrape = s.metrics().await;
+    assert!(metric_sum(&scrape, "mcd_rejected_requests_total", &[("reason", "overloaded")]) >= 1.0);
+    s.stop().await;
+}
+
+/// The issue's reproduction, at the default limits: 16 OIP bodies of 62 MB (31 M zeros for
+/// a [1, 30] input) sent at once. Each body reserves its decode (8 bytes per body byte)
+/// before it is read, so at most one is read at a time and the others get 429 at once:
+/// peak resident memory stays under the shipped pod limit of 1 GiB (before the fix, 8 such
+/// bodies peaked at 1,294 MiB), and the memory comes back afterwards.
+#[tokio::test]
+async fn sixteen_maximum_bodies_at_once_stay_under_the_pod_limit() {
+    let _serial = SERIAL.lock().await;
+    let server = spawn(&models_dir(), &["--request-timeout-secs", "600"]);
+    let pid = server.child.id();
+    let client = reqwest::Client::new();
+    wait_status(&client, &format!("{}/health/ready", server.base), 200).await;
+    let (status, _) = post(&client, &server.base, "breast_cancer", "", &rows("breast_cancer", 1)).await;
+    assert_eq!(status, 200);
+    let idle = status_bytes(pid, "VmRSS");
+    reset_peak(pid);
+    let mut body = br#"{"inputs": [{"name": "features", "shape": [1, 30], "datatype": "FP32", "data": ["#.to_vec();
+    let zeros = 31_000_000;
+    body.reserve(zeros * 2 + 16);
+    for i in 0..zeros {
+        body.extend_from_slice(if i == 0 { b"0" } else { b",0" });
+    }
+    body.extend_from_slice(b"]}]}");
+    let body = std::sync::Arc::new(body);
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let sends: Vec<_> = (0..16)
+        .map(|_| {
+            let (addr, body) = (addr.clone(), body.clone());
+            tokio::spawn(async move {
+                exchange(&addr, head("/v2/models/breast_cancer/infer", body.len()), body.to_vec()).await
+            })
+        })
+        .collect();
+    let mut statuses = std::collections::BTreeMap::new();
+    for s in sends {
+        let (status, answer) = s.await.unwrap();
+        assert!(status > 0 && status < 500, "{status}: {answer}");
+        *statuses.entry(status).or_insert(0) += 1;
+    }
+    let peak = status_bytes(pid, "VmHWM");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let after = status_bytes(pid, "VmRSS");
+    eprintln!(
+        "16 bodies of {:.0} MB: answers {statuses:?}; idle {:.0} MiB, peak {:.0} MiB, after {:.0} MiB",
+        body.len() as f64 / 1e6,
+        mib(idle),
+        mib(peak),
+        mib(after)
+    );
+    assert!(statuses.get(&429).copied().unwrap_or(0) >= 1, "{statuses:?}");
+    assert!(peak < 1 << 30, "peak {:.0} MiB, over the 1 GiB pod limit", mib(peak));
+    assert!(
+        after < idle + (64 << 20),
+        "after {:.0} MiB, idle {:.0} MiB",
+        mib(after),
+        mib(idle)
+    );
+}

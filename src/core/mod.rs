@@ -240,6 +240,17 @@ impl Core {
         })
     }
 
+    /// Reserves, from the memory budget passes share, what reading and decoding a request
+    /// body of `body_bytes` may hold (see [`memory_budget::JSON_BODY_FACTOR`]).
+    pub fn reserve_body(&self, body_bytes: u64) -> Result<memory_budget::MemoryPermit, Error> {
+        self.memory.reserve_body(body_bytes)
+    }
+
+    /// Adds `body_bytes` to a body's reservation, for a body whose length was not declared.
+    pub fn grow_body(&self, permit: &mut memory_budget::MemoryPermit, body_bytes: u64) -> Result<(), Error> {
+        self.memory.grow_body(permit, body_bytes)
+    }
+
     /// Whether the drain has begun (readiness is 503 from then on).
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)

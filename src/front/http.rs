@@ -108,7 +108,11 @@ fn build(core: Arc<Core>, with_metrics: bool, middleware: Middleware) -> Router 
     let routes = routes
         .fallback(|uri: Uri| async move { Error::RouteNotFound(uri.path().to_string()) })
         .method_not_allowed_fallback(|method: Method| async move { Error::MethodNotAllowed(method.to_string()) })
-        .layer(DefaultBodyLimit::max(body_limit));
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            core.clone(),
+            super::body_budget::reserve_body,
+        ));
     // The key file is fixed at start (SIGHUP changes the keys, not whether there are any),
     // so a server without one has no key check on its request path at all.
     let routes = if core.keys.required() {

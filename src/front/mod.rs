@@ -2,6 +2,7 @@
 //! core's answer. None of them decides anything a request means.
 
 pub mod answer;
+pub mod body_budget;
 pub mod extract;
 pub mod grpc;
 pub mod grpc_decode;

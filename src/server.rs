@@ -116,6 +116,7 @@ pub async fn serve_listeners(
             let health = grpc::health(core.clone()).await;
             let server = tonic::transport::Server::builder()
                 .layer(crate::front::grpc_decode::UndecodableLayer { core: core.clone() })
+                .layer(crate::front::body_budget::GrpcBodyLayer { core: core.clone() })
                 .add_service(health)
                 .add_service(grpc::service(core.clone()))
                 .serve_with_incoming_shutdown(

@@ -157,11 +157,12 @@ async fn requests_that_could_never_fit_are_refused_at_once_with_what_would_fit()
     );
     drop(server);
 
-    // Over the memory budget: a server with 8 MiB cannot hold MC-1000 of 4096 rows with
-    // their samples; the message says how many rows would fit.
+    // Over the memory budget: a server with 24 MiB cannot hold MC-1000 of 4096 rows with
+    // their samples; the message says how many rows would fit. (With 8 MiB the 2.2 MiB
+    // body itself could not be read: 413 for the body, before its rows are counted.)
     let server = spawn(
         &models_dir(),
-        &["--max-memory-bytes", "8388608", "--max-returned-samples", "100000000"],
+        &["--max-memory-bytes", "25165824", "--max-returned-samples", "100000000"],
     );
     wait_status(&client, &format!("{}/health/ready", server.base), 200).await;
     let (status, body) = post(
@@ -413,4 +414,44 @@ async fn sixteen_maximum_bodies_at_once_stay_under_the_pod_limit() {
         mib(after),
         mib(idle)
     );
+}
+
+/// gRPC messages reserve as they arrive: with a 64 MiB budget a 9 MiB message (72 MiB to
+/// read and decode) is refused with RESOURCE_EXHAUSTED and `error-type:
+/// payload_too_large`, counted; a 1 MiB one is answered.
+#[tokio::test]
+async fn grpc_messages_reserve_their_decode_as_they_arrive() {
+    use mcd_serve::front::grpc::pb;
+    use pb::grpc_inference_service_client::GrpcInferenceServiceClient;
+    let mut args = mcd_serve::config::ServeArgs::for_models(models_dir());
+    args.max_memory_bytes = 64 << 20;
+    let (s, url) = start_with_grpc(args).await;
+    let mut client = GrpcInferenceServiceClient::connect(url).await.unwrap();
+    let request = |rows: usize| pb::ModelInferRequest {
+        model_name: "breast_cancer".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "features".into(),
+            datatype: "FP32".into(),
+            shape: vec![rows as i64, 30],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![vec![0u8; rows * 30 * 4]],
+        ..Default::default()
+    };
+    // 9 MiB of raw input: 78 643 rows of 30 floats.
+    let e = client.model_infer(request(78_643)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert_eq!(e.metadata().get("error-type").unwrap(), "payload_too_large");
+    assert!(e.message().contains("to read and decode"), "{e:?}");
+    let ok = client.model_infer(request(64)).await;
+    assert!(ok.is_ok(), "{ok:?}");
+    let scrape = s.metrics().await;
+    assert!(
+        metric_sum(
+            &scrape,
+            "mcd_requests_total",
+            &[("protocol", "grpc"), ("status", "413")]
+        ) >= 1.0
+    );
+    s.stop().await;
 }

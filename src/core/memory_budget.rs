@@ -54,6 +54,11 @@ impl Drop for MemoryPermit {
 }
 
 impl MemoryPermit {
+    /// A permit that holds nothing yet (a body that reserves as it arrives).
+    pub fn none() -> MemoryPermit {
+        MemoryPermit { permit: None, bytes: 0 }
+    }
+
     /// Gives back what was reserved beyond `bytes`: a reservation made on an upper bound of
     /// the rows shrinks to the request's estimate once its body is decoded.
     pub fn shrink_to(&mut self, bytes: u64) {
@@ -104,8 +109,21 @@ fn trim() {}
 /// against the same budget as passes.
 pub const JSON_BODY_FACTOR: u64 = 8;
 
-/// A body without a declared length reserves as it arrives, this much body at a time.
-pub const BODY_STEP_BYTES: u64 = 1 << 20;
+tokio::task_local! {
+    /// The reservation of the request body this task is handling (`front::body_budget`).
+    /// The request's own reservation takes it over ([`MemoryBudget::reserve_request`]), so
+    /// a body and the work it becomes are not counted twice: the body is parsed before the
+    /// pass runs, and the larger of the two is what the request holds.
+    pub static BODY_RESERVATION: std::cell::RefCell<Option<MemoryPermit>>;
+}
+
+fn take_body_reservation() -> Option<MemoryPermit> {
+    BODY_RESERVATION.try_with(|c| c.borrow_mut().take()).ok().flatten()
+}
+
+/// A body without a declared length reserves as it arrives, in steps of this much body
+/// at least.
+pub const BODY_STEP_BYTES: u64 = 64 << 10;
 
 impl MemoryBudget {
     /// Reserves what reading and decoding `body_bytes` of JSON may hold: 413 when it
@@ -121,14 +139,21 @@ impl MemoryBudget {
         Ok(permit)
     }
 
-    /// Adds `body_bytes` more of body to a body's reservation: 413 when the body so far
-    /// could never fit, 429 when the rest of the budget is held now.
-    pub fn grow_body(&self, permit: &mut MemoryPermit, body_bytes: u64) -> Result<(), Error> {
-        let total = permit.bytes / JSON_BODY_FACTOR + body_bytes;
-        if total.saturating_mul(JSON_BODY_FACTOR) > self.bytes {
-            return Err(self.body_refusal(Error::PayloadTooLarge(String::new()), total));
+    /// Grows a body's reservation to cover the `read` bytes that have arrived: 413 when
+    /// they could never fit, 429 when the rest of the budget is held now. It grows by an
+    /// eighth at a time (at least [`BODY_STEP_BYTES`]), so a large body takes few steps and
+    /// a small one holds little, and never asks beyond the whole budget.
+    pub fn grow_body(&self, permit: &mut MemoryPermit, read: u64) -> Result<(), Error> {
+        let covered = permit.bytes / JSON_BODY_FACTOR;
+        if read <= covered {
+            return Ok(());
         }
-        let mut more = self.reserve_body(body_bytes)?;
+        if read.saturating_mul(JSON_BODY_FACTOR) > self.bytes {
+            return Err(self.body_refusal(Error::PayloadTooLarge(String::new()), read));
+        }
+        let wanted = read.max(covered + covered / 8).next_multiple_of(BODY_STEP_BYTES);
+        let target = wanted.min(self.bytes / JSON_BODY_FACTOR);
+        let mut more = self.reserve_body(target - covered)?;
         // What `more` holds moves into `permit`, whose drop gives it back (and trims).
         permit.bytes += std::mem::take(&mut more.bytes);
         if let Some(more) = more.permit.take() {
@@ -202,7 +227,22 @@ impl MemoryBudget {
     /// 413 of a request that really could never fit.
     pub fn reserve_request(&self, model: &LoadedModel, rows_bound: usize, mode: &Mode) -> Result<MemoryPermit, Error> {
         let bytes = self.request_bytes(model, rows_bound, 1, mode).unwrap_or(self.bytes);
-        self.reserve(bytes.min(self.bytes))
+        let bytes = bytes.min(self.bytes);
+        let Some(mut body) = take_body_reservation() else {
+            return self.reserve(bytes);
+        };
+        let held = body.permit.as_ref().map_or(0, |p| p.num_permits() as u64 * UNIT);
+        if bytes > held {
+            let mut more = self.reserve(bytes - held)?;
+            if let Some(more) = more.permit.take() {
+                match &mut body.permit {
+                    Some(p) => p.merge(more),
+                    None => body.permit = Some(more),
+                }
+            }
+        }
+        // `bytes` stays the body's: a large body read and refused still trims on release.
+        Ok(body)
     }
 
     /// The estimated peak of a request of `rows` rows in `mode`, or 413 with what would fit;
@@ -386,16 +426,33 @@ mod tests {
         drop(empty);
         let mut body = budget.reserve_body(2 << 20).unwrap();
         assert_eq!(budget.available_bytes(), (64 - 16) << 20);
-        budget.grow_body(&mut body, 3 << 20).unwrap();
+        budget.grow_body(&mut body, 1 << 20).unwrap();
+        assert_eq!(
+            budget.available_bytes(),
+            (64 - 16) << 20,
+            "what is covered needs nothing"
+        );
+        budget.grow_body(&mut body, 5 << 20).unwrap();
         assert_eq!(budget.available_bytes(), (64 - 40) << 20);
-        let other = budget.reserve_body(2 << 20).unwrap();
-        assert!(matches!(budget.grow_body(&mut body, 1 << 20), Err(Error::Overloaded)));
+        let other = budget.reserve_body(3 << 20).unwrap();
+        assert!(matches!(budget.grow_body(&mut body, 6 << 20), Err(Error::Overloaded)));
         drop(other);
+        // Growth stops at the whole budget: 7.9 MiB of body still fits.
+        budget.grow_body(&mut body, (7 << 20) + (900 << 10)).unwrap();
+        assert!(budget.available_bytes() < 1 << 20, "{}", budget.available_bytes());
         assert!(matches!(
-            budget.grow_body(&mut body, 4 << 20),
+            budget.grow_body(&mut body, (8 << 20) + 1),
             Err(Error::PayloadTooLarge(_))
         ));
         drop(body);
+        let mut small = MemoryPermit::none();
+        budget.grow_body(&mut small, 700).unwrap();
+        assert_eq!(
+            budget.available_bytes(),
+            (64 << 20) - 8 * BODY_STEP_BYTES,
+            "a small body holds one step"
+        );
+        drop(small);
         assert_eq!(
             budget.available_bytes(),
             64 << 20,

@@ -246,9 +246,10 @@ impl Core {
         self.memory.reserve_body(body_bytes)
     }
 
-    /// Adds `body_bytes` to a body's reservation, for a body whose length was not declared.
-    pub fn grow_body(&self, permit: &mut memory_budget::MemoryPermit, body_bytes: u64) -> Result<(), Error> {
-        self.memory.grow_body(permit, body_bytes)
+    /// Grows a body's reservation to the `read` bytes that have arrived, for a body whose
+    /// length was not declared.
+    pub fn grow_body(&self, permit: &mut memory_budget::MemoryPermit, read: u64) -> Result<(), Error> {
+        self.memory.grow_body(permit, read)
     }
 
     /// Whether the drain has begun (readiness is 503 from then on).

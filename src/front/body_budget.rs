@@ -7,12 +7,17 @@
 //!   byte of the body is read;
 //! - a declared length reserves its whole cost up front, or the request is refused (429
 //!   while others hold the budget, 413 if it could never fit), again before reading;
-//! - a body without a declared length (chunked) reserves as it arrives, a step at a time;
+//! - a body without a declared length (chunked) reserves as it arrives, growing by an
+//!   eighth at a time;
 //!   a step that does not fit ends the read, and the request gets that refusal.
+//!
+//! gRPC messages carry no length the server sees before reading, so a gRPC call's body
+//! reserves as it arrives, as a chunked REST body does ([`GrpcBodyLayer`]).
 //!
 //! The reservation is held until the answer is built, and its release trims the heap
 //! (`MemoryPermit`), so the memory comes back.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -24,7 +29,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http_body::Frame;
 
-use crate::core::memory_budget::{BODY_STEP_BYTES, MemoryPermit};
+use crate::core::memory_budget::{BODY_RESERVATION, MemoryPermit};
 use crate::core::mode::ModeLabel;
 use crate::core::{Core, Protocol};
 use crate::error::Error;
@@ -49,34 +54,20 @@ pub async fn reserve_body(State(core): State<Arc<Core>>, request: Request, next:
         Err(e) => return refuse(e),
     };
     if !streamed {
-        let response = next.run(request).await;
-        drop(permit);
-        return response;
+        // The request's own reservation takes the body's over (see BODY_RESERVATION).
+        let held = std::cell::RefCell::new(Some(permit));
+        return BODY_RESERVATION.scope(held, next.run(request)).await;
     }
-    let state = Arc::new(Streamed {
-        core: core.clone(),
-        permit: Mutex::new(permit),
-        failed: Mutex::new(None),
-    });
+    let state = Streamed::new(core.clone(), permit);
     let (parts, body) = request.into_parts();
-    let body = Body::new(Reserving {
-        inner: body,
-        state: state.clone(),
-        read: 0,
-        covered: 0,
-    });
+    let body = Body::new(Reserving::new(body, state.clone()));
     let counted = (
         model_of(parts.uri.path()).map(str::to_string),
         mode_of(&parts.uri),
         protocol_of(parts.uri.path()),
     );
     let response = next.run(Request::from_parts(parts, body)).await;
-    let failed = state
-        .failed
-        .lock()
-        .expect("body budget lock poisoned: this is a bug")
-        .take();
-    match failed {
+    match state.failed() {
         // The handler saw a broken body; the reason is the budget's.
         Some(e) => {
             let (model, mode, protocol) = counted;
@@ -124,38 +115,58 @@ struct Streamed {
     failed: Mutex<Option<Error>>,
 }
 
-/// A body that reserves as it arrives.
-struct Reserving {
-    inner: Body,
-    state: Arc<Streamed>,
-    read: u64,
-    /// Body bytes reserved so far.
-    covered: u64,
+impl Streamed {
+    fn new(core: Arc<Core>, permit: MemoryPermit) -> Arc<Streamed> {
+        Arc::new(Streamed {
+            core,
+            permit: Mutex::new(permit),
+            failed: Mutex::new(None),
+        })
+    }
+
+    fn failed(&self) -> Option<Error> {
+        self.failed
+            .lock()
+            .expect("body budget lock poisoned: this is a bug")
+            .take()
+    }
 }
 
-impl http_body::Body for Reserving {
-    type Data = axum::body::Bytes;
-    type Error = axum::Error;
+/// A body that reserves as it arrives.
+struct Reserving<B> {
+    inner: B,
+    state: Arc<Streamed>,
+    /// Body bytes read so far.
+    read: u64,
+}
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let frame = Pin::new(&mut self.inner).poll_frame(cx);
+impl<B> Reserving<B> {
+    fn new(inner: B, state: Arc<Streamed>) -> Reserving<B> {
+        Reserving { inner, state, read: 0 }
+    }
+}
+
+impl<B> http_body::Body for Reserving<B>
+where
+    B: http_body::Body<Data = axum::body::Bytes> + Unpin,
+    B::Error: Into<tower::BoxError>,
+{
+    type Data = axum::body::Bytes;
+    type Error = tower::BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let frame = Pin::new(&mut this.inner).poll_frame(cx).map_err(Into::into);
         if let Poll::Ready(Some(Ok(f))) = &frame
             && let Some(data) = f.data_ref()
         {
-            self.read += data.len() as u64;
-            if self.read > self.covered {
-                let step = (self.read - self.covered).div_ceil(BODY_STEP_BYTES) * BODY_STEP_BYTES;
-                let state = self.state.clone();
-                let mut permit = state.permit.lock().expect("body budget lock poisoned: this is a bug");
-                if let Err(e) = state.core.grow_body(&mut permit, step) {
-                    let message = e.to_string();
-                    *state.failed.lock().expect("body budget lock poisoned: this is a bug") = Some(e);
-                    return Poll::Ready(Some(Err(axum::Error::new(message))));
-                }
-                self.covered += step;
+            this.read += data.len() as u64;
+            let state = &this.state;
+            let mut permit = state.permit.lock().expect("body budget lock poisoned: this is a bug");
+            if let Err(e) = state.core.grow_body(&mut permit, this.read) {
+                let message = e.to_string();
+                *state.failed.lock().expect("body budget lock poisoned: this is a bug") = Some(e);
+                return Poll::Ready(Some(Err(message.into())));
             }
         }
         frame
@@ -167,6 +178,67 @@ impl http_body::Body for Reserving {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The gRPC listener's layer: each call's message reserves as it arrives; a call whose
+/// message does not fit gets RESOURCE_EXHAUSTED with the budget's reason (429 or 413 on
+/// REST), counted like the other refusals.
+#[derive(Clone)]
+pub struct GrpcBodyLayer {
+    pub core: Arc<Core>,
+}
+
+impl<S> tower::Layer<S> for GrpcBodyLayer {
+    type Service = GrpcBody<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcBody {
+            inner,
+            core: self.core.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct GrpcBody<S> {
+    inner: S,
+    core: Arc<Core>,
+}
+
+impl<S, RB> tower::Service<axum::http::Request<tonic::body::Body>> for GrpcBody<S>
+where
+    S: tower::Service<axum::http::Request<tonic::body::Body>, Response = axum::http::Response<RB>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: axum::http::Request<tonic::body::Body>) -> Self::Future {
+        let core = self.core.clone();
+        let state = Streamed::new(core.clone(), MemoryPermit::none());
+        let (parts, body) = request.into_parts();
+        let body = tonic::body::Body::new(Reserving::new(body, state.clone()));
+        let answer = self.inner.call(axum::http::Request::from_parts(parts, body));
+        Box::pin(async move {
+            let mut response = answer.await?;
+            if let Some(e) = state.failed() {
+                // tonic answered the broken read with a status of its own; the reason is ours.
+                let e = core.refuse(Protocol::Grpc, None, ModeLabel::Eval, e);
+                response.extensions_mut().remove::<tonic::Status>();
+                let headers = response.headers_mut();
+                headers.remove(tonic::Status::GRPC_MESSAGE);
+                headers.remove(tonic::Status::GRPC_STATUS_DETAILS);
+                tonic::Status::from(e)
+                    .add_header(headers)
+                    .expect("an error message from our own Error is a valid header: this is a bug");
+            }
+            Ok(response)
+        })
     }
 }
 

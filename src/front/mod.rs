@@ -2,9 +2,12 @@
 //! core's answer. None of them decides anything a request means.
 
 pub mod answer;
+pub mod connections;
 pub mod extract;
 pub mod grpc;
 pub mod grpc_decode;
+pub mod grpc_preface;
+pub mod head_limits;
 pub mod http;
 pub mod native;
 pub mod oip;

@@ -123,6 +123,23 @@ pub struct ServeArgs {
     /// listener, so load balancers stop sending traffic first.
     #[arg(long, env = "MCD_SHUTDOWN_DRAIN_SECS", default_value_t = 1.0)]
     pub shutdown_drain_secs: f64,
+    /// Seconds a client may take to send a request head, from its first byte; then the
+    /// connection is closed (slow header senders hold a connection each).
+    #[arg(long, env = "MCD_HEADER_READ_TIMEOUT_SECS", default_value_t = 30.0)]
+    pub header_read_timeout_secs: f64,
+    /// Seconds a connection may stay open with no request in flight and nothing sent
+    /// (keep-alive, or a new connection); then it is closed.
+    #[arg(long, env = "MCD_IDLE_TIMEOUT_SECS", default_value_t = 60.0)]
+    pub idle_timeout_secs: f64,
+    /// Seconds a request body may make no progress; then the request is answered 408
+    /// `body_timeout` and its connection closed.
+    #[arg(long, env = "MCD_BODY_READ_TIMEOUT_SECS", default_value_t = 30.0)]
+    pub body_read_timeout_secs: f64,
+    /// Seconds between HTTP/2 keepalive pings on gRPC connections; a client that does not
+    /// answer one within as many seconds is disconnected. A gRPC connection that has not
+    /// sent its HTTP/2 preface within `--header-read-timeout-secs` is closed.
+    #[arg(long, env = "MCD_GRPC_KEEPALIVE_SECS", default_value_t = 30.0)]
+    pub grpc_keepalive_secs: f64,
     /// File of API keys, one per line (blank lines and `#` comments ignored), re-read on
     /// SIGHUP. When set, predict and metadata calls on every protocol need
     /// `Authorization: Bearer <key>`; health and metrics stay open.
@@ -133,6 +150,9 @@ pub struct ServeArgs {
     #[arg(long, env = "MCD_METRICS_ADDR", default_value = "")]
     pub metrics_addr: String,
 }
+
+/// The longest connection timeout: a day (a longer one is a typo, or no timeout at all).
+pub const MAX_CONNECTION_TIMEOUT_SECS: f64 = 86_400.0;
 
 /// The smallest `--max-memory-bytes`: below it not even one small pass fits.
 pub const MIN_MEMORY_BYTES: u64 = 1 << 20;
@@ -192,6 +212,18 @@ impl ServeArgs {
                 self.shutdown_drain_secs
             ));
         }
+        for (flag, secs) in [
+            ("--header-read-timeout-secs", self.header_read_timeout_secs),
+            ("--idle-timeout-secs", self.idle_timeout_secs),
+            ("--body-read-timeout-secs", self.body_read_timeout_secs),
+            ("--grpc-keepalive-secs", self.grpc_keepalive_secs),
+        ] {
+            if !(secs.is_finite() && secs > 0.0 && secs <= MAX_CONNECTION_TIMEOUT_SECS) {
+                wrong.push(format!(
+                    "{flag} is {secs}; it must be a number of seconds above 0 and at most {MAX_CONNECTION_TIMEOUT_SECS} (a day)"
+                ));
+            }
+        }
         if !(self.drift_alpha > 0.0 && self.drift_alpha < 1.0) {
             wrong.push(format!(
                 "--drift-alpha is {}; it must be a probability strictly between 0 and 1",
@@ -224,6 +256,15 @@ impl ServeArgs {
                 window: self.drift_window,
                 alpha: self.drift_alpha,
             },
+        }
+    }
+
+    /// The HTTP connection timeouts; [`check`](Self::check) has passed.
+    pub fn connection_timeouts(&self) -> crate::front::connections::Timeouts {
+        crate::front::connections::Timeouts {
+            header_read: Duration::from_secs_f64(self.header_read_timeout_secs),
+            idle: Duration::from_secs_f64(self.idle_timeout_secs),
+            body_read: Duration::from_secs_f64(self.body_read_timeout_secs),
         }
     }
 

@@ -36,6 +36,12 @@ pub enum Error {
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
+    UriTooLong(String),
+    #[error("{0}")]
+    HeadersTooLarge(String),
+    #[error("the request body made no progress for {0:?}")]
+    BodyTimeout(std::time::Duration),
+    #[error("{0}")]
     InvalidParameter(String),
     #[error("{0}")]
     ModeMismatch(String),
@@ -79,6 +85,9 @@ impl Error {
             Error::Unauthorized(_) => "unauthorized",
             Error::MethodNotAllowed(_) => "method_not_allowed",
             Error::PayloadTooLarge(_) => "payload_too_large",
+            Error::UriTooLong(_) => "uri_too_long",
+            Error::HeadersTooLarge(_) => "headers_too_large",
+            Error::BodyTimeout(_) => "body_timeout",
             Error::InvalidParameter(_) => "invalid_parameter",
             Error::ModeMismatch(_) => "mode_mismatch",
             Error::McUnavailable(_) => "mc_unavailable",
@@ -105,6 +114,9 @@ impl Error {
             Error::ModelNotFound(_) | Error::NoDefaultModel(_) | Error::RouteNotFound(_) => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::UriTooLong(_) => StatusCode::URI_TOO_LONG,
+            Error::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Error::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Error::InvalidParameter(_) | Error::ModeMismatch(_) | Error::McUnavailable(_) => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
@@ -136,7 +148,11 @@ impl Error {
             Error::RouteNotFound(_) | Error::MethodNotAllowed(_) => Code::Unimplemented,
             // The model cannot do what was asked (no live dropout): not the client's syntax.
             Error::McUnavailable(_) => Code::FailedPrecondition,
-            Error::PayloadTooLarge(_) | Error::Overloaded => Code::ResourceExhausted,
+            // The HTTP-only limits, for completeness: gRPC never raises them.
+            Error::PayloadTooLarge(_) | Error::UriTooLong(_) | Error::HeadersTooLarge(_) | Error::Overloaded => {
+                Code::ResourceExhausted
+            }
+            Error::BodyTimeout(_) => Code::DeadlineExceeded,
             Error::NotReady(_) | Error::ModelUnhealthy(_) => Code::Unavailable,
             Error::Timeout(_) => Code::DeadlineExceeded,
             Error::Internal(_) => Code::Internal,

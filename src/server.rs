@@ -11,8 +11,8 @@ use crate::config::ServeArgs;
 use crate::core::Core;
 use crate::core::auth::ApiKeys;
 use crate::core::models_folder::{default_model, model_names};
-use crate::front::grpc;
 use crate::front::http::{metrics_router, router, router_without_metrics};
+use crate::front::{connections, grpc, grpc_preface};
 
 /// Serves HTTP on `listener` until `shutdown` resolves, then drains (see [`serve_all`]).
 /// The gRPC service is not started: this is the entry point of tests and embedders that
@@ -110,39 +110,46 @@ pub async fn serve_listeners(
         let _ = rx.wait_for(|stop| *stop).await;
     };
 
+    let timeouts = args.connection_timeouts();
     let grpc_task = match grpc {
         None => None,
         Some(listener) => {
             let health = grpc::health(core.clone()).await;
+            let keepalive = Duration::from_secs_f64(args.grpc_keepalive_secs);
+            // No Nagle: an answer larger than one segment otherwise waits for the client's
+            // delayed ACK (measured: MC-50 answers took 44 ms each).
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             let server = tonic::transport::Server::builder()
+                // A client that stops answering pings (gone, or stalled) is disconnected.
+                .http2_keepalive_interval(Some(keepalive))
+                .http2_keepalive_timeout(Some(keepalive))
                 .layer(crate::front::grpc_decode::UndecodableLayer { core: core.clone() })
                 .layer(crate::front::body_budget::GrpcBodyLayer { core: core.clone() })
                 .add_service(health)
                 .add_service(grpc::service(core.clone()))
                 .serve_with_incoming_shutdown(
-                    // No Nagle: an answer larger than one segment otherwise waits for the
-                    // client's delayed ACK (measured: MC-50 answers took 44 ms each).
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    grpc_preface::Incoming::new(incoming, timeouts.header_read),
                     stopped(stop_rx.clone()),
                 );
             Some(tokio::spawn(server))
         }
     };
     let metrics_task = metrics.map(|listener| {
-        let server =
-            axum::serve(listener, metrics_router(core.clone())).with_graceful_shutdown(stopped(stop_rx.clone()));
-        tokio::spawn(async move { server.await })
+        tokio::spawn(connections::serve(
+            listener,
+            metrics_router(core.clone()),
+            timeouts,
+            stop_rx.clone(),
+        ))
     });
     let main_router = if metrics_task.is_some() {
         router_without_metrics(core)
     } else {
         router(core)
     };
-    axum::serve(http, main_router)
-        .with_graceful_shutdown(stopped(stop_rx))
-        .await?;
+    connections::serve(http, main_router, timeouts, stop_rx).await;
     if let Some(task) = metrics_task {
-        task.await.context("the metrics server task")??;
+        task.await.context("the metrics server task")?;
     }
     if let Some(task) = grpc_task {
         task.await.context("the gRPC server task")??;

@@ -33,6 +33,10 @@ fn every_flag_reads_its_mcd_environment_variable() {
         ("MCD_METRICS_ADDR", "127.0.0.1:9997"),
         ("MCD_DRIFT_WINDOW", "50"),
         ("MCD_DRIFT_ALPHA", "0.05"),
+        ("MCD_HEADER_READ_TIMEOUT_SECS", "7.5"),
+        ("MCD_IDLE_TIMEOUT_SECS", "11"),
+        ("MCD_BODY_READ_TIMEOUT_SECS", "13"),
+        ("MCD_GRPC_KEEPALIVE_SECS", "17"),
     ];
     for (k, v) in vars {
         // SAFETY: the only test of this binary; nothing else reads the environment meanwhile.
@@ -57,6 +61,11 @@ fn every_flag_reads_its_mcd_environment_variable() {
     assert_eq!(serve.api_key_file, Some(PathBuf::from("/run/secrets/keys")));
     assert_eq!(serve.metrics_addr, "127.0.0.1:9997");
     assert_eq!((serve.drift_window, serve.drift_alpha), (50, 0.05));
+    let timeouts = serve.connection_timeouts();
+    assert_eq!(timeouts.header_read, Duration::from_millis(7500));
+    assert_eq!(timeouts.idle, Duration::from_secs(11));
+    assert_eq!(timeouts.body_read, Duration::from_secs(13));
+    assert_eq!(serve.grpc_keepalive_secs, 17.0);
     let limits = serve.limits();
     assert_eq!(limits.request_timeout, Duration::from_millis(2500));
     assert_eq!(limits.workers, 3);

@@ -211,6 +211,29 @@ async fn health_and_metadata_rpcs() {
     s.stop().await;
 }
 
+/// Issue 25 (F10): a client that compresses with gzip and accepts gzip (tritonclient's
+/// `compression_algorithm="gzip"`) is served, with the same answer as an uncompressed one,
+/// and answered in gzip.
+#[tokio::test]
+async fn a_gzip_client_is_read_and_answered_in_gzip() {
+    use tonic::codec::CompressionEncoding::Gzip;
+    let (s, mut plain, _dir) = server().await;
+    let mut gzip = plain.clone().send_compressed(Gzip).accept_compressed(Gzip);
+    let params = [
+        ("mc_samples", ParameterChoice::Int64Param(20)),
+        ("seed", ParameterChoice::Int64Param(5)),
+    ];
+    let want = plain.model_infer(bc_request(false, &params)).await.unwrap();
+    assert!(want.metadata().get("grpc-encoding").is_none());
+    let got = gzip.model_infer(bc_request(false, &params)).await.unwrap();
+    assert_eq!(
+        got.metadata().get("grpc-encoding").map(|v| v.to_str().unwrap()),
+        Some("gzip")
+    );
+    assert_eq!(got.into_inner(), want.into_inner());
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn infer_raw_and_typed_equals_native_in_both_modes() {
     let (s, mut c, _dir) = server().await;

@@ -66,8 +66,8 @@ async fn the_inflight_gauge_counts_a_running_request_and_returns_to_zero() {
 }
 
 /// A request that times out answers 504 at once, but its work keeps its admitted cost
-/// until the computation really ends: meanwhile a request that would not fit is refused
-/// with 429, and once the work ends the budget is whole again.
+/// until the computation really ends, shown in `mcd_held_cost`: meanwhile a request that
+/// would not fit is refused with 429, and once the work ends the budget is whole again.
 #[tokio::test]
 async fn a_timed_out_request_holds_its_capacity_until_its_work_ends() {
     let mut args = heavy_args();
@@ -78,6 +78,11 @@ async fn a_timed_out_request_holds_its_capacity_until_its_work_ends() {
         .post(HEAVY_PATH, &json!({"inputs": breast_cancer_rows(HEAVY_ROWS)}))
         .await;
     assert_eq!((st, b["error_type"].as_str().unwrap()), (504, "timeout"));
+    // No request is in flight, and the cost the work holds shows (issue 25, F10): a 429
+    // with the in-flight gauge at 0 is not a leak.
+    let m = s.metrics().await;
+    assert_eq!(metric_sum(&m, "mcd_inflight_requests", &[]), 0.0);
+    assert_eq!(metric_sum(&m, "mcd_held_cost", &[]), (HEAVY_ROWS * 1000) as f64);
     // The work runs on: an eval of one row (cost 1) does not fit in what it holds.
     let one = json!({"inputs": breast_cancer_rows(1)});
     let (st, b, headers) = s.post("/predict", &one).await;
@@ -96,6 +101,7 @@ async fn a_timed_out_request_holds_its_capacity_until_its_work_ends() {
     }
     assert!(served, "the budget never came back");
     let m = s.metrics().await;
+    assert_eq!(metric_sum(&m, "mcd_held_cost", &[]), 0.0);
     assert_eq!(
         metric_sum(&m, "mcd_rejected_requests_total", &[("reason", "timeout")]),
         1.0

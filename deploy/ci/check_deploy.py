@@ -26,7 +26,7 @@ import yaml
 # to _bucket/_sum/_count.
 COUNTERS_GAUGES = {
     "mcd_requests_total", "mcd_mode_checks_total", "mcd_mode_violations_total",
-    "mcd_inflight_requests", "mcd_rejected_requests_total", "mcd_model_info", "mcd_ready",
+    "mcd_inflight_requests", "mcd_held_cost", "mcd_rejected_requests_total", "mcd_model_info", "mcd_ready",
     "mcd_model_load_failures", "mcd_model_reloads_total", "mcd_auth_failures_total",
     "mcd_internal_panics_total", "mcd_drift_p_value", "mcd_drift_ks_statistic", "mcd_drift_windows_total",
     "mcd_drift_window_rows", "mcd_drift_consecutive_windows", "mcd_drift_windows_dropped_total",

@@ -63,6 +63,7 @@ pub struct Metrics {
     pub mode_checks: IntCounterVec,
     pub mode_violations: IntCounterVec,
     pub inflight: IntGauge,
+    pub held_cost: IntGauge,
     pub rejected: IntCounterVec,
     pub model_info: IntGaugeVec,
     pub ready: IntGauge,
@@ -203,6 +204,14 @@ impl Metrics {
             inflight: reg(
                 &registry,
                 IntGauge::new("mcd_inflight_requests", "Predict requests in progress.").expect("valid gauge"),
+            ),
+            held_cost: reg(
+                &registry,
+                IntGauge::new(
+                    "mcd_held_cost",
+                    "Admission cost held by work whose request timed out (answered 504) and that has not ended yet.",
+                )
+                .expect("valid gauge"),
             ),
             rejected: reg(
                 &registry,

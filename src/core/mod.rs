@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, oneshot};
+use tokio::sync::oneshot;
 use tract_onnx::prelude::Tensor;
 
 use crate::engine::model::{LoadedModel, McOutput, NamedTensor};
@@ -162,6 +162,7 @@ pub struct Core {
 impl Core {
     pub fn new(default_model: Option<String>, limits: Limits, keys: ApiKeys) -> Arc<Self> {
         let metrics = Metrics::new();
+        let admission = Admission::new(limits.max_inflight_cost, metrics.held_cost.clone());
         Arc::new_cyclic(|core| Core {
             repo: RwLock::new(None),
             ready: tokio::sync::watch::Sender::new(false),
@@ -170,7 +171,7 @@ impl Core {
             drift_tester: drift::Tester::start(metrics.drift.clone()),
             metrics,
             drift_monitors: RwLock::new(Default::default()),
-            admission: Admission::new(limits.max_inflight_cost),
+            admission,
             // Requests are merged by count here and split into passes by their real rows
             // once decoded: a request has at least one row.
             queue: Queue::start(
@@ -443,6 +444,7 @@ impl Core {
         // than the limit after decoding), and shrinks to the estimate once decoded.
         let rows = rows_bound.min(self.limits.max_batch_rows);
         let reserved = self.memory.reserve_request(&model, rows, &mode)?;
+        let held = admitted.held();
         let (tx, rx) = oneshot::channel();
         self.queue.submit(Job {
             class: worker::pass_class(&model, &mode),
@@ -459,7 +461,10 @@ impl Core {
         });
         match tokio::time::timeout(self.limits.request_timeout, rx).await {
             // Dropping `rx` marks the job abandoned: a worker that has not started it skips it.
-            Err(_) => Err(Error::Timeout(self.limits.request_timeout)),
+            Err(_) => {
+                held.timed_out();
+                Err(Error::Timeout(self.limits.request_timeout))
+            }
             Ok(Err(_)) => Err(Error::Internal("the inference worker stopped".into())),
             Ok(Ok(result)) => result,
         }
@@ -514,7 +519,7 @@ struct Request<I, E, T> {
     tx: oneshot::Sender<Result<T, Error>>,
     /// Its admission and its memory: given back when the work ends, before the answer is
     /// sent.
-    admitted: OwnedSemaphorePermit,
+    admitted: admission::Admitted,
     reserved: memory_budget::MemoryPermit,
 }
 

@@ -39,9 +39,14 @@ pub struct GrpcFront {
 /// of 4 MiB would refuse image batches the REST API takes).
 pub fn service(core: Arc<Core>) -> GrpcInferenceServiceServer<GrpcFront> {
     let limit = core.limits.body_limit_bytes;
+    // gzip both ways, as tritonclient offers (`compression_algorithm="gzip"`): a client
+    // that sends gzip is read, and one that accepts gzip is answered in it. The decoding
+    // limit applies to the message as decompressed.
     GrpcInferenceServiceServer::new(GrpcFront { core })
         .max_decoding_message_size(limit)
         .max_encoding_message_size(usize::MAX)
+        .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip)
 }
 
 /// `grpc.health.v1`: SERVING for the server ("") and the inference service exactly while

@@ -3,9 +3,12 @@
 
 pub mod answer;
 pub mod body_budget;
+pub mod connections;
 pub mod extract;
 pub mod grpc;
 pub mod grpc_decode;
+pub mod grpc_preface;
+pub mod head_limits;
 pub mod http;
 pub mod native;
 pub mod oip;

@@ -50,6 +50,8 @@ pub fn body_error(core: &Core, rejection: BytesRejection) -> Error {
             "request body exceeds the limit of {} bytes",
             core.limits.body_limit_bytes
         ))
+    } else if let Some(limit) = crate::front::connections::stalled(&rejection) {
+        Error::BodyTimeout(limit)
     } else {
         Error::MalformedJson(format!("could not read the request body: {rejection}"))
     }

@@ -357,6 +357,110 @@ async fn bodies_are_admitted_against_the_memory_budget_before_they_are_read() {
     s.stop().await;
 }
 
+/// The same at the default limits for the native route (a 62 MB `[[0,0,…]]` body) and gRPC
+/// (16 messages of 63 MB of raw input for a [1, 30] tensor, which reserve as they arrive):
+/// peak resident memory stays under the 1 GiB pod limit, nothing gets a 5xx, and the
+/// memory comes back.
+#[tokio::test]
+async fn sixteen_maximum_native_bodies_and_grpc_messages_at_once_stay_under_the_pod_limit() {
+    use mcd_serve::front::grpc::pb;
+    use pb::grpc_inference_service_client::GrpcInferenceServiceClient;
+    let _serial = SERIAL.lock().await;
+    let server = spawn(&models_dir(), &["--request-timeout-secs", "600"]);
+    let pid = server.child.id();
+    let client = reqwest::Client::new();
+    wait_status(&client, &format!("{}/health/ready", server.base), 200).await;
+    let grpc_url = format!("http://{}", server.listening_field("grpc_addr"));
+    let idle = status_bytes(pid, "VmRSS");
+
+    reset_peak(pid);
+    let mut body = br#"{"inputs": [["#.to_vec();
+    for i in 0..31_000_000 {
+        body.extend_from_slice(if i == 0 { b"0" } else { b",0" });
+    }
+    body.extend_from_slice(b"]]}");
+    let body = std::sync::Arc::new(body);
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let sends: Vec<_> = (0..16)
+        .map(|_| {
+            let (addr, body) = (addr.clone(), body.clone());
+            tokio::spawn(async move {
+                exchange(&addr, head("/models/breast_cancer/predict", body.len()), body.to_vec()).await
+            })
+        })
+        .collect();
+    let mut statuses = std::collections::BTreeMap::new();
+    for s in sends {
+        let (status, answer) = s.await.unwrap();
+        assert!(status > 0 && status < 500, "{status}: {answer}");
+        *statuses.entry(status).or_insert(0) += 1;
+    }
+    let native_peak = status_bytes(pid, "VmHWM");
+    drop(body);
+
+    reset_peak(pid);
+    let message = pb::ModelInferRequest {
+        model_name: "breast_cancer".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "features".into(),
+            datatype: "FP32".into(),
+            shape: vec![1, 30],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![vec![0u8; 63_000_000]],
+        ..Default::default()
+    };
+    let calls: Vec<_> = (0..16)
+        .map(|_| {
+            let (url, message) = (grpc_url.clone(), message.clone());
+            tokio::spawn(async move {
+                let mut c = GrpcInferenceServiceClient::connect(url).await.unwrap();
+                c.model_infer(message).await.map(|_| ()).map_err(|e| e.code())
+            })
+        })
+        .collect();
+    let mut codes = std::collections::BTreeMap::new();
+    for c in calls {
+        let code = c.await.unwrap().err().unwrap_or(tonic::Code::Ok);
+        assert!(
+            !matches!(
+                code,
+                tonic::Code::Internal | tonic::Code::Unknown | tonic::Code::Unavailable
+            ),
+            "{code:?}"
+        );
+        *codes.entry(format!("{code:?}")).or_insert(0) += 1;
+    }
+    let grpc_peak = status_bytes(pid, "VmHWM");
+    drop(message);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let after = status_bytes(pid, "VmRSS");
+    eprintln!(
+        "16 native bodies of 62 MB: {statuses:?}, peak {:.0} MiB; 16 gRPC messages of 63 MB: {codes:?}, peak {:.0} MiB; idle {:.0} MiB, after {:.0} MiB",
+        mib(native_peak),
+        mib(grpc_peak),
+        mib(idle),
+        mib(after)
+    );
+    assert!(
+        codes.keys().any(|c| c != "ResourceExhausted"),
+        "one message at a time is read (its length prefix reserves it whole): {codes:?}"
+    );
+    for (what, peak) in [("native", native_peak), ("gRPC", grpc_peak)] {
+        assert!(
+            peak < 1 << 30,
+            "{what}: peak {:.0} MiB, over the 1 GiB pod limit",
+            mib(peak)
+        );
+    }
+    assert!(
+        after < idle + (64 << 20),
+        "after {:.0} MiB, idle {:.0} MiB",
+        mib(after),
+        mib(idle)
+    );
+}
+
 /// The issue's reproduction, at the default limits: 16 OIP bodies of 62 MB (31 M zeros for
 /// a [1, 30] input) sent at once. Each body reserves its decode (8 bytes per body byte)
 /// before it is read, so at most one is read at a time and the others get 429 at once:

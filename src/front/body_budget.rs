@@ -138,11 +138,18 @@ struct Reserving<B> {
     state: Arc<Streamed>,
     /// Body bytes read so far.
     read: u64,
+    /// A gRPC body: its first five bytes give the message's length, reserved whole at once.
+    grpc: bool,
 }
 
 impl<B> Reserving<B> {
     fn new(inner: B, state: Arc<Streamed>) -> Reserving<B> {
-        Reserving { inner, state, read: 0 }
+        Reserving {
+            inner,
+            state,
+            read: 0,
+            grpc: false,
+        }
     }
 }
 
@@ -160,10 +167,17 @@ where
         if let Poll::Ready(Some(Ok(f))) = &frame
             && let Some(data) = f.data_ref()
         {
+            // A gRPC message's length prefix (a flag byte, then 4 bytes big-endian) says what
+            // is coming: reserving it whole at once means concurrent large messages are
+            // refused up front, not each refused halfway after taking a share of the budget.
+            let announced = match (this.grpc, this.read, data.get(..5)) {
+                (true, 0, Some(prefix)) => 5 + u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as u64,
+                _ => 0,
+            };
             this.read += data.len() as u64;
             let state = &this.state;
             let mut permit = state.permit.lock().expect("body budget lock poisoned: this is a bug");
-            if let Err(e) = state.core.grow_body(&mut permit, this.read) {
+            if let Err(e) = state.core.grow_body(&mut permit, this.read.max(announced)) {
                 let message = e.to_string();
                 *state.failed.lock().expect("body budget lock poisoned: this is a bug") = Some(e);
                 return Poll::Ready(Some(Err(message.into())));
@@ -222,7 +236,9 @@ where
         let core = self.core.clone();
         let state = Streamed::new(core.clone(), MemoryPermit::none());
         let (parts, body) = request.into_parts();
-        let body = tonic::body::Body::new(Reserving::new(body, state.clone()));
+        let mut reserving = Reserving::new(body, state.clone());
+        reserving.grpc = true;
+        let body = tonic::body::Body::new(reserving);
         let answer = self.inner.call(axum::http::Request::from_parts(parts, body));
         Box::pin(async move {
             let mut response = answer.await?;

@@ -102,9 +102,10 @@ fn trim() {
 fn trim() {}
 
 /// Memory a JSON request body makes the server hold while it is read and decoded, per
-/// byte of body: the body itself and its parse (the OIP tree parse costs most). Measured
-/// with VmHWM on this server (issue 25, F1): a 62 MB OIP body of zeros peaked at 441 MiB,
-/// 7.1 bytes per body byte with the idle process, a native one at 356 MiB. A body
+/// byte of body: the body itself and its parse (the OIP tree parse costs most). The issue's
+/// probe (issue 25, F1) saw a 62 MB OIP body of zeros peak at 441 MiB with VmHWM, 7.1
+/// bytes per body byte with the idle process, and a native one at 356 MiB; here
+/// (tests/memory.rs, AMD EPYC Zen 4 with AVX-512) the OIP one peaks at 417 MiB. A body
 /// reserves this much of the budget before it is read, so concurrent bodies are admitted
 /// against the same budget as passes.
 pub const JSON_BODY_FACTOR: u64 = 8;

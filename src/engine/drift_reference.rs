@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::conformal::{ModelCalibration, sha256_file};
+use crate::engine::conformal::{ModelCalibration, made_for};
 
 pub const FORMAT: &str = "mcd-serve-drift-reference/1";
 
@@ -170,15 +170,7 @@ pub fn load(
             if file.format != FORMAT {
                 return Err(format!("{shown} has format '{}', expected '{FORMAT}'", file.format));
             }
-            let hash = sha256_file(model_file).map_err(|e| format!("hashing {}: {e}", model_file.display()))?;
-            if hash != file.model_sha256 {
-                return Err(format!(
-                    "{shown} is stale: it was made for a model file with SHA-256 {}, but {} has SHA-256 {hash}; \
-                     re-run `mcd-serve calibrate` on this model",
-                    file.model_sha256,
-                    model_file.display()
-                ));
-            }
+            made_for(model_file, &file.model_sha256, &path)?;
             DriftReference {
                 file: file_name(&path),
                 created: file.created,

@@ -30,9 +30,11 @@ use axum::response::{IntoResponse, Response};
 use http_body::Frame;
 
 use crate::core::memory_budget::{BODY_RESERVATION, MemoryPermit};
-use crate::core::mode::ModeLabel;
+use crate::core::mode::{self, ModeLabel};
 use crate::core::{Core, Protocol};
 use crate::error::Error;
+use crate::front::grpc_decode::replace_status;
+use crate::front::http::protocol_of;
 
 /// The middleware of the HTTP listener.
 pub async fn reserve_body(State(core): State<Arc<Core>>, request: Request, next: Next) -> Response {
@@ -83,14 +85,6 @@ fn refused(core: &Core, request: &Request, e: Error) -> Error {
     core.refuse(protocol_of(path), model_of(path), mode_of(request.uri()), e)
 }
 
-fn protocol_of(path: &str) -> Protocol {
-    if path == "/v2" || path.starts_with("/v2/") {
-        Protocol::OipRest
-    } else {
-        Protocol::Native
-    }
-}
-
 /// The model a predict or infer path names (`/models/{name}/…`, `/v2/models/{name}/…`).
 fn model_of(path: &str) -> Option<&str> {
     let rest = path.strip_prefix("/v2").unwrap_or(path);
@@ -100,12 +94,17 @@ fn model_of(path: &str) -> Option<&str> {
         .filter(|m| !m.is_empty())
 }
 
-/// A native request names MC in its query; an OIP request's mode is in its body, not read.
+/// The mode asked for, by the core's rule on parameter names ([`mode::asked_for`]): a
+/// native request names MC in its query; an OIP request's mode is in its body, not read.
 fn mode_of(uri: &axum::http::Uri) -> ModeLabel {
-    let asks_mc = uri
+    let names: Vec<String> = uri
         .query()
-        .is_some_and(|q| q.split('&').any(|p| p.split('=').next() == Some("mc_samples")));
-    if asks_mc { ModeLabel::McDropout } else { ModeLabel::Eval }
+        .and_then(|q| serde_urlencoded::from_str::<Vec<(String, String)>>(q).ok())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    mode::asked_for(names.iter())
 }
 
 /// A chunked body's reservation, and why it ended the read, if it did.
@@ -244,14 +243,7 @@ where
             let mut response = answer.await?;
             if let Some(e) = state.failed() {
                 // tonic answered the broken read with a status of its own; the reason is ours.
-                let e = core.refuse(Protocol::Grpc, None, ModeLabel::Eval, e);
-                response.extensions_mut().remove::<tonic::Status>();
-                let headers = response.headers_mut();
-                headers.remove(tonic::Status::GRPC_MESSAGE);
-                headers.remove(tonic::Status::GRPC_STATUS_DETAILS);
-                tonic::Status::from(e)
-                    .add_header(headers)
-                    .expect("an error message from our own Error is a valid header: this is a bug");
+                replace_status(&mut response, core.refuse(Protocol::Grpc, None, ModeLabel::Eval, e));
             }
             Ok(response)
         })

@@ -65,19 +65,24 @@ where
         Box::pin(async move {
             let mut response = answer.await?;
             if let Some(error) = undecodable(response.headers(), &method) {
-                let status = core.refuse_undecodable(error);
-                response.extensions_mut().remove::<Status>();
-                let headers = response.headers_mut();
-                headers.remove(Status::GRPC_MESSAGE);
-                headers.remove(Status::GRPC_STATUS_DETAILS);
-                // A status that came from our own Error has printable ASCII only.
-                Status::from(status)
-                    .add_header(headers)
-                    .expect("an error message from our own Error is a valid header: this is a bug");
+                replace_status(&mut response, core.refuse_undecodable(error));
             }
             Ok(response)
         })
     }
+}
+
+/// Replaces the status tonic put in a response's headers with our error's (for a layer
+/// that knows the real reason of a failure tonic answered on its own).
+pub(crate) fn replace_status<B>(response: &mut axum::http::Response<B>, error: Error) {
+    response.extensions_mut().remove::<Status>();
+    let headers = response.headers_mut();
+    headers.remove(Status::GRPC_MESSAGE);
+    headers.remove(Status::GRPC_STATUS_DETAILS);
+    // A status that came from our own Error has printable ASCII only.
+    Status::from(error)
+        .add_header(headers)
+        .expect("an error message from our own Error is a valid header: this is a bug");
 }
 
 /// The client's error, when `headers` hold tonic's INTERNAL answer to a message it could not

@@ -70,14 +70,19 @@ pub fn open_path(path: &str) -> bool {
     ) || (path.starts_with("/v2/models/") && path.ends_with("/ready"))
 }
 
+/// The REST protocol a path belongs to: OIP under `/v2`, the native API elsewhere.
+pub(crate) fn protocol_of(path: &str) -> Protocol {
+    if path == "/v2" || path.starts_with("/v2/") {
+        Protocol::OipRest
+    } else {
+        Protocol::Native
+    }
+}
+
 async fn require_key(State(core): State<Arc<Core>>, request: Request<Body>, next: Next) -> Response {
     let path = request.uri().path();
     if !open_path(path) {
-        let protocol = if path == "/v2" || path.starts_with("/v2/") {
-            Protocol::OipRest
-        } else {
-            Protocol::Native
-        };
+        let protocol = protocol_of(path);
         let values: Vec<&[u8]> = request
             .headers()
             .get_all(header::AUTHORIZATION)

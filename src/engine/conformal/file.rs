@@ -135,6 +135,21 @@ fn same_target(a: f64, b: f64) -> bool {
     (a - b).abs() < 1e-12
 }
 
+/// Refuses a file `mcd-serve calibrate` made (`written`) for another version of
+/// `model_file` than the one beside it, by the SHA-256 it recorded.
+pub fn made_for(model_file: &Path, recorded_sha256: &str, written: &Path) -> Result<(), String> {
+    let hash = sha256_file(model_file).map_err(|e| format!("hashing {}: {e}", model_file.display()))?;
+    if hash != recorded_sha256 {
+        return Err(format!(
+            "{} is stale: it was made for a model file with SHA-256 {recorded_sha256}, but {} has SHA-256 {hash}; \
+             re-run `mcd-serve calibrate` on this model",
+            written.display(),
+            model_file.display()
+        ));
+    }
+    Ok(())
+}
+
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     let bytes = std::fs::read(path)?;
     Ok(Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
@@ -162,15 +177,7 @@ pub fn load(
     if file.format != FORMAT {
         return Err(format!("{shown} has format '{}', expected '{FORMAT}'", file.format));
     }
-    let hash = sha256_file(model_file).map_err(|e| format!("hashing {}: {e}", model_file.display()))?;
-    if hash != file.model_sha256 {
-        return Err(format!(
-            "{shown} is stale: it was made for a model file with SHA-256 {}, but {} has SHA-256 {hash}; \
-             re-run `mcd-serve calibrate` on this model",
-            file.model_sha256,
-            model_file.display()
-        ));
-    }
+    made_for(model_file, &file.model_sha256, &path)?;
     super::validate::validate(&file).map_err(|e| {
         format!("{shown} is invalid: {e}; it is not what `mcd-serve calibrate` writes, so re-run it on this model")
     })?;

@@ -257,6 +257,29 @@ async fn exchange(addr: &str, head: String, body: Vec<u8>) -> (u16, String) {
     (status, body)
 }
 
+/// Sends `body` to `path` on 16 connections at once; the count of each status. None may
+/// be a 5xx (or no answer).
+async fn sixteen_at_once(
+    base: &str,
+    path: &'static str,
+    body: &std::sync::Arc<Vec<u8>>,
+) -> std::collections::BTreeMap<u16, usize> {
+    let addr = base.trim_start_matches("http://").to_string();
+    let sends: Vec<_> = (0..16)
+        .map(|_| {
+            let (addr, body) = (addr.clone(), body.clone());
+            tokio::spawn(async move { exchange(&addr, head(path, body.len()), body.to_vec()).await })
+        })
+        .collect();
+    let mut statuses = std::collections::BTreeMap::new();
+    for s in sends {
+        let (status, answer) = s.await.unwrap();
+        assert!(status > 0 && status < 500, "{status}: {answer}");
+        *statuses.entry(status).or_insert(0) += 1;
+    }
+    statuses
+}
+
 fn head(path: &str, length: usize) -> String {
     format!(
         "POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
@@ -380,21 +403,7 @@ async fn sixteen_maximum_native_bodies_and_grpc_messages_at_once_stay_under_the_
     }
     body.extend_from_slice(b"]]}");
     let body = std::sync::Arc::new(body);
-    let addr = server.base.trim_start_matches("http://").to_string();
-    let sends: Vec<_> = (0..16)
-        .map(|_| {
-            let (addr, body) = (addr.clone(), body.clone());
-            tokio::spawn(async move {
-                exchange(&addr, head("/models/breast_cancer/predict", body.len()), body.to_vec()).await
-            })
-        })
-        .collect();
-    let mut statuses = std::collections::BTreeMap::new();
-    for s in sends {
-        let (status, answer) = s.await.unwrap();
-        assert!(status > 0 && status < 500, "{status}: {answer}");
-        *statuses.entry(status).or_insert(0) += 1;
-    }
+    let statuses = sixteen_at_once(&server.base, "/models/breast_cancer/predict", &body).await;
     let native_peak = status_bytes(pid, "VmHWM");
     drop(body);
 
@@ -485,21 +494,7 @@ async fn sixteen_maximum_bodies_at_once_stay_under_the_pod_limit() {
     }
     body.extend_from_slice(b"]}]}");
     let body = std::sync::Arc::new(body);
-    let addr = server.base.trim_start_matches("http://").to_string();
-    let sends: Vec<_> = (0..16)
-        .map(|_| {
-            let (addr, body) = (addr.clone(), body.clone());
-            tokio::spawn(async move {
-                exchange(&addr, head("/v2/models/breast_cancer/infer", body.len()), body.to_vec()).await
-            })
-        })
-        .collect();
-    let mut statuses = std::collections::BTreeMap::new();
-    for s in sends {
-        let (status, answer) = s.await.unwrap();
-        assert!(status > 0 && status < 500, "{status}: {answer}");
-        *statuses.entry(status).or_insert(0) += 1;
-    }
+    let statuses = sixteen_at_once(&server.base, "/v2/models/breast_cancer/infer", &body).await;
     let peak = status_bytes(pid, "VmHWM");
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let after = status_bytes(pid, "VmRSS");

@@ -299,6 +299,7 @@ fn padded_body(size: usize) -> Vec<u8> {
 /// the body is sent (before the fix the server waited for, and read, 64 MiB of it).
 #[tokio::test]
 async fn a_declared_body_over_the_limit_is_refused_before_it_is_read() {
+    let _serial = SERIAL.lock().await;
     let s = TestServer::start(mcd_serve::config::ServeArgs::for_models(models_dir())).await;
     let addr = s.base.trim_start_matches("http://").to_string();
     for path in ["/models/breast_cancer/predict", "/v2/models/breast_cancer/infer"] {
@@ -324,6 +325,7 @@ async fn a_declared_body_over_the_limit_is_refused_before_it_is_read() {
 /// refused with 413.
 #[tokio::test]
 async fn bodies_are_admitted_against_the_memory_budget_before_they_are_read() {
+    let _serial = SERIAL.lock().await;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut args = mcd_serve::config::ServeArgs::for_models(models_dir());
     args.max_memory_bytes = 64 << 20;
@@ -520,6 +522,7 @@ async fn sixteen_maximum_bodies_at_once_stay_under_the_pod_limit() {
 /// payload_too_large`, counted; a 1 MiB one is answered.
 #[tokio::test]
 async fn grpc_messages_reserve_their_decode_as_they_arrive() {
+    let _serial = SERIAL.lock().await;
     use mcd_serve::front::grpc::pb;
     use pb::grpc_inference_service_client::GrpcInferenceServiceClient;
     let mut args = mcd_serve::config::ServeArgs::for_models(models_dir());

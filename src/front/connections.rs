@@ -51,12 +51,18 @@ pub const MAX_HEAD_BUFFER: usize = 2 << 20;
 /// would otherwise drop it before reading a byte. It is answered 503.
 const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
+/// At the drain's end the listener closes once nothing has connected for this long.
+const QUIET_BEFORE_CLOSE: Duration = Duration::from_millis(100);
+
+/// ... or this long after the drain's end, if connections keep coming.
+const LINGER_MAX: Duration = Duration::from_secs(1);
+
 /// An idle HTTP/2 connection is told GOAWAY; one that has not closed this long after is
 /// dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// Serves `router` on `listener` until `stop` turns true. Then the connections the kernel
-/// has already queued are accepted, the listener closes, every request from then on is
+/// Serves `router` on `listener` until `stop` turns true. Then the listener stays open until
+/// it has been quiet for a moment ([`QUIET_BEFORE_CLOSE`]), every request from then on is
 /// answered 503 `not_ready` (with `Connection: close` on HTTP/1), requests in flight
 /// finish, and the function returns when every connection has closed.
 pub async fn serve(listener: TcpListener, router: Router, timeouts: Timeouts, mut stop: watch::Receiver<bool>) {
@@ -99,16 +105,30 @@ pub async fn serve(listener: TcpListener, router: Router, timeouts: Timeouts, mu
         }
     }
     // Closing the listener resets the connections whose handshake the kernel has already
-    // completed, with the requests they sent unanswered. Accept them first: they are
-    // answered 503 and told to close. What remains is the time between this last look at
-    // the queue and the close.
+    // completed, with the requests they sent unanswered; a client can complete one at any
+    // moment before the close. So the listener stays open until nothing has connected for
+    // QUIET_BEFORE_CLOSE (at most LINGER_MAX): the connections accepted meanwhile are
+    // answered 503 and told to close, and a client that got its 503 goes elsewhere instead
+    // of connecting again. Only a client connecting in the instant of the close still
+    // meets a reset.
+    let lingered = Instant::now();
     let mut queued = 0u32;
-    while let Poll::Ready(Ok((stream, _))) = std::future::poll_fn(|cx| Poll::Ready(listener.poll_accept(cx))).await {
-        spawn(stream);
-        queued += 1;
+    loop {
+        let left = (lingered + LINGER_MAX).saturating_duration_since(Instant::now());
+        match tokio::time::timeout(QUIET_BEFORE_CLOSE.min(left), listener.accept()).await {
+            Ok(Ok((stream, _))) => {
+                spawn(stream);
+                queued += 1;
+            }
+            Ok(Err(e)) => tracing::debug!(error = %e, "accepting a connection during the close failed"),
+            Err(_) => break,
+        }
+        if left.is_zero() {
+            break;
+        }
     }
     drop(listener);
-    tracing::debug!(queued, "listener closed; queued connections accepted");
+    tracing::debug!(queued, "listener closed; the connections made meanwhile were answered 503");
     drop(open_tx);
     let _ = open_rx.recv().await;
 }

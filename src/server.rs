@@ -125,6 +125,7 @@ pub async fn serve_listeners(
                 .http2_keepalive_timeout(Some(keepalive))
                 .layer(crate::front::grpc_decode::UndecodableLayer { core: core.clone() })
                 .layer(crate::front::body_budget::GrpcBodyLayer { core: core.clone() })
+                .layer(crate::front::large_answers::TrimLargeLayer)
                 .add_service(health)
                 .add_service(grpc::service(core.clone()))
                 .serve_with_incoming_shutdown(

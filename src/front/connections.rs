@@ -11,7 +11,7 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::Router;
@@ -27,6 +27,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
+use crate::core::memory_budget;
 use crate::error::Error;
 use crate::front::head_limits;
 
@@ -128,7 +129,10 @@ pub async fn serve(listener: TcpListener, router: Router, timeouts: Timeouts, mu
         }
     }
     drop(listener);
-    tracing::debug!(queued, "listener closed; the connections made meanwhile were answered 503");
+    tracing::debug!(
+        queued,
+        "listener closed; the connections made meanwhile were answered 503"
+    );
     drop(open_tx);
     let _ = open_rx.recv().await;
 }
@@ -388,7 +392,8 @@ impl tower::Service<Request<Incoming>> for RequestService {
     }
 }
 
-/// An answer's body, holding its request in flight until written.
+/// An answer's body, holding its request in flight until written; a large buffer of it
+/// trims the heap once freed ([`memory_budget::trim_when_freed`]).
 struct Tracked {
     inner: Body,
     _in_flight: InFlight,
@@ -402,7 +407,8 @@ impl http_body::Body for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        Poll::Ready(frame.map(|f| f.map(|f| f.map_data(memory_budget::trim_when_freed))))
     }
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()

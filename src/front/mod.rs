@@ -10,6 +10,7 @@ pub mod grpc_decode;
 pub mod grpc_preface;
 pub mod head_limits;
 pub mod http;
+pub mod large_answers;
 pub mod native;
 pub mod oip;
 pub mod openapi;

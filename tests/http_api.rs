@@ -746,3 +746,97 @@ async fn repeated_keys_in_a_native_body_are_refused() {
     assert_eq!(status, 200);
     s.stop().await;
 }
+
+/// Token ids outside BERT's vocabulary made tract's Gather panic, answered 500. The load
+/// finds the inputs that index a table (`input_ids`, not `attention_mask`) and its size;
+/// a value outside `-n..n` is a 400 naming the input, the element and the valid range, on
+/// every protocol, and the server keeps serving. A negative id inside the range is valid
+/// ONNX and is answered.
+#[tokio::test]
+async fn an_index_outside_its_table_is_a_400_on_every_protocol() {
+    use mcd_serve::front::grpc::pb;
+    let Some(shared) = shared_models() else { return };
+    let dir = model_folder(&[shared.join("medical/bert_tiny_cls.onnx")]);
+    let (s, grpc_url) = common::start_with_grpc(ServeArgs::for_models(dir.path())).await;
+    let (status, meta) = s.get("/models/bert_tiny_cls").await;
+    assert_eq!(status, 200);
+    let inputs = meta["inputs"].as_array().unwrap();
+    let limit_of = |name: &str| inputs.iter().find(|i| i["name"] == name).unwrap()["index_limit"].clone();
+    let vocab = limit_of("input_ids").as_i64().expect("input_ids has an index limit");
+    assert!(vocab > 400, "the shared BERT's vocabulary: {vocab}");
+    assert_eq!(limit_of("attention_mask"), Value::Null);
+
+    let body = |id: i64| json!({"inputs": {"input_ids": [[5, 7, id, 9]], "attention_mask": [[1, 1, 1, 1]]}});
+    for (id, ok) in [
+        (vocab, false),
+        (-vocab - 1, false),
+        (vocab - 1, true),
+        (-vocab, true),
+        (-3, true),
+    ] {
+        for query in ["", "?mc_samples=4&seed=1"] {
+            let (status, answer, _) = s
+                .post(&format!("/models/bert_tiny_cls/predict{query}"), &body(id))
+                .await;
+            if ok {
+                assert_eq!(status, 200, "id {id}{query}: {answer}");
+                continue;
+            }
+            assert_eq!(status, 400, "id {id}{query}: {answer}");
+            assert_eq!(answer["error_type"], "invalid_value", "{answer}");
+            let e = answer["error"].as_str().unwrap();
+            for part in ["'input_ids'", "[0, 2]", &format!("= {id}"), &format!("{vocab} entries")] {
+                assert!(e.contains(part), "{part} not in {e}");
+            }
+        }
+    }
+    let oip = json!({"inputs": [
+        {"name": "input_ids", "datatype": "INT64", "shape": [1, 3], "data": [1, 2, vocab + 1000]},
+        {"name": "attention_mask", "datatype": "INT64", "shape": [1, 3], "data": [1, 1, 1]},
+    ]});
+    let (status, answer, _) = s.post("/v2/models/bert_tiny_cls/infer", &oip).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer["error"].as_str().unwrap().contains("[0, 2]"), "{answer}");
+
+    let mut client = pb::grpc_inference_service_client::GrpcInferenceServiceClient::connect(grpc_url)
+        .await
+        .unwrap();
+    let tensor = |name: &str, data: Vec<i64>| pb::model_infer_request::InferInputTensor {
+        name: name.into(),
+        datatype: "INT64".into(),
+        shape: vec![1, 3],
+        contents: Some(pb::InferTensorContents {
+            int64_contents: data,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let request = pb::ModelInferRequest {
+        model_name: "bert_tiny_cls".into(),
+        inputs: vec![
+            tensor("input_ids", vec![1, vocab, 2]),
+            tensor("attention_mask", vec![1, 1, 1]),
+        ],
+        ..Default::default()
+    };
+    let e = client.model_infer(request).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("[0, 1]"), "{}", e.message());
+
+    // Still serving, and no panic was counted.
+    let (status, _, _) = s.post("/models/bert_tiny_cls/predict", &body(3)).await;
+    assert_eq!(status, 200);
+    let panics = s
+        .metrics()
+        .await
+        .samples
+        .into_iter()
+        .filter(|m| m.metric == "mcd_internal_panics_total")
+        .map(|m| match m.value {
+            prometheus_parse::Value::Counter(v) => v,
+            other => panic!("{other:?}"),
+        })
+        .sum::<f64>();
+    assert_eq!(panics, 0.0);
+    s.stop().await;
+}

@@ -29,6 +29,17 @@ impl From<EngineError> for Error {
             EngineError::Input(InputMismatch::Empty { input, symbol }) => Error::ShapeMismatch(format!(
                 "input '{input}': dimension '{symbol}' is 0; send at least one row"
             )),
+            EngineError::Input(InputMismatch::Index {
+                input,
+                at,
+                value,
+                limit,
+            }) => Error::InvalidValue(format!(
+                "input '{input}': element {at:?} = {value} is not an index of the model's table of {limit} \
+                 entries (valid: {} to {})",
+                -(limit as i128),
+                limit - 1
+            )),
             EngineError::McUnavailable { model, reason } => {
                 Error::McUnavailable(format!("model '{model}' cannot serve MC dropout: {reason}"))
             }

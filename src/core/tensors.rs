@@ -503,6 +503,7 @@ mod tests {
             dtype: "x",
             datum,
             shape: vec![Dim::Symbol("batch".into()), Dim::Fixed(2)],
+            index_limit: None,
         }
     }
 

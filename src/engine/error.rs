@@ -45,6 +45,14 @@ pub enum InputMismatch {
     },
     /// A symbolic dimension of 0: no rows.
     Empty { input: String, symbol: String },
+    /// A value of an input that indexes a table of `limit` entries is outside `-limit..limit`.
+    Index {
+        input: String,
+        /// Where the value is, per axis.
+        at: Vec<usize>,
+        value: i64,
+        limit: usize,
+    },
 }
 
 /// A pass's failure inside tract, as an [`EngineError::Pass`].

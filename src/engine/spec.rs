@@ -64,6 +64,10 @@ pub struct TensorSpec {
     #[serde(skip)]
     pub datum: DatumType,
     pub shape: Vec<Dim>,
+    /// For an input whose values index a table (`onnx_graph::index_limits`): the table's
+    /// size `n`; each value must be in `-n..n`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index_limit: Option<usize>,
 }
 
 /// A number of MC samples that is valid by construction: at least 2, so that a variance
@@ -132,5 +136,6 @@ pub fn tensor_spec(name: &str, fact: &TypedFact) -> TractResult<TensorSpec> {
         dtype: dtype_name(fact.datum_type),
         datum: fact.datum_type,
         shape,
+        index_limit: None,
     })
 }

@@ -29,10 +29,15 @@ impl LoadedModel {
         let mut surgery = onnx_graph::analyse(&proto, &config.dropout_ratios)?;
         let dir = folder.to_str();
         let eval_typed = typed(&onnx, &surgery.eval_proto, dir).context("building the eval graph")?;
+        let index_limits = onnx_graph::index_limits(surgery.eval_proto.graph.as_ref().expect("has graph"));
         let inputs = (0..eval_typed.inputs.len())
             .map(|i| {
                 let outlet = eval_typed.inputs[i];
-                tensor_spec(&eval_typed.node(outlet.node).name, eval_typed.input_fact(i)?)
+                let mut spec = tensor_spec(&eval_typed.node(outlet.node).name, eval_typed.input_fact(i)?)?;
+                if !spec.datum.is_float() {
+                    spec.index_limit = index_limits.get(&spec.name).copied();
+                }
+                Ok(spec)
             })
             .collect::<TractResult<Vec<_>>>()?;
         let output_names: Vec<String> = surgery

@@ -206,6 +206,11 @@ impl LoadedModel {
                     },
                 }
             }
+            if let Some(limit) = spec.index_limit {
+                if let Some(m) = out_of_table(spec, t, limit) {
+                    return refuse(m);
+                }
+            }
         }
         let rows = match &self.batch_symbol {
             Some(s) => symbols[s],
@@ -223,6 +228,28 @@ impl LoadedModel {
             })
             .collect()
     }
+}
+
+/// The first value of `t` (an input that indexes a table of `limit` entries) outside
+/// `-limit..limit`: tract's Gather would panic on it.
+fn out_of_table(spec: &TensorSpec, t: &Tensor, limit: usize) -> Option<InputMismatch> {
+    let limit_i = i64::try_from(limit).unwrap_or(i64::MAX);
+    let values = t.cast_to::<i64>().ok()?;
+    let values = values.try_as_plain_ram().ok()?.as_slice::<i64>().ok()?.to_vec();
+    let i = values.iter().position(|&v| v < -limit_i || v >= limit_i)?;
+    // The flat position as one index per axis.
+    let mut at = vec![0; t.rank()];
+    let mut rest = i;
+    for (a, &d) in t.shape().iter().enumerate().rev() {
+        at[a] = rest % d;
+        rest /= d;
+    }
+    Some(InputMismatch::Index {
+        input: spec.name.clone(),
+        at,
+        value: values[i],
+        limit,
+    })
 }
 
 /// The rows `idx` of `batch` (repeats allowed), as a batch of their own.

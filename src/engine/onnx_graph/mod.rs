@@ -24,12 +24,14 @@
 mod analyse;
 pub mod decomposed;
 mod external;
+mod index_inputs;
 pub mod proto;
 mod rewrite;
 mod sites;
 
 pub use analyse::analyse;
 pub use external::check_external_data;
+pub use index_inputs::index_limits;
 pub use proto::opset;
 pub use sites::*;
 

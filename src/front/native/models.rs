@@ -158,6 +158,10 @@ pub struct TensorSpec<'a> {
     pub dtype: &'a str,
     #[schema(schema_with = dims)]
     pub shape: &'a [Dim],
+    /// For an input whose values index a table (token ids into an embedding): the table's
+    /// size `n`. Each value must be in `-n..n`; another is refused with 400.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index_limit: Option<usize>,
 }
 
 impl<'a> From<&'a crate::core::view::TensorSpec> for TensorSpec<'a> {
@@ -166,6 +170,7 @@ impl<'a> From<&'a crate::core::view::TensorSpec> for TensorSpec<'a> {
             name: &spec.name,
             dtype: spec.dtype,
             shape: &spec.shape,
+            index_limit: spec.index_limit,
         }
     }
 }

@@ -150,6 +150,7 @@ fn spec(datum: DatumType, rank: usize) -> TensorSpec {
         dtype: "float32",
         datum,
         shape,
+        index_limit: None,
     }
 }
 

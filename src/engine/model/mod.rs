@@ -206,10 +206,10 @@ impl LoadedModel {
                     },
                 }
             }
-            if let Some(limit) = spec.index_limit {
-                if let Some(m) = out_of_table(spec, t, limit) {
-                    return refuse(m);
-                }
+            if let Some(limit) = spec.index_limit
+                && let Some(m) = out_of_table(spec, t, limit)
+            {
+                return refuse(m);
             }
         }
         let rows = match &self.batch_symbol {

@@ -1,28 +1,145 @@
 //! Monte-Carlo summary statistics, accumulated in f64.
 //!
 //! For each output element: mean, unbiased variance and std over the S samples (Welford's
-//! update, so one pass and no catastrophic cancellation). For probability outputs (a
-//! distribution along the last axis), per row: predictive entropy H[mean], expected
-//! entropy mean_s H[p_s] (aleatoric) and their difference, the mutual information
-//! (epistemic, BALD), clamped at 0. Entropies are in nats.
+//! update, so one pass and no catastrophic cancellation). For probability outputs, per
+//! position: predictive entropy H[mean], expected entropy mean_s H[p_s] (aleatoric) and
+//! their difference, the mutual information (epistemic, BALD), clamped at 0. A position is
+//! one distribution: a row of a last-axis softmax, a pixel of a segmentation's class axis,
+//! an element of a Bernoulli (sigmoid) output. Entropies are in nats.
+
+/// How one sample's values hold its distributions (see `OutputKind::layout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntropyLayout {
+    /// Row-major blocks of `classes × inner` values: class `c` of position `i` of a block
+    /// is at `c·inner + i` (inner = 1 for a last-axis distribution).
+    Categorical { classes: usize, inner: usize },
+    /// Every element is the probability of its own event: H(p) = −p ln p − (1−p) ln(1−p).
+    Bernoulli,
+}
+
+impl EntropyLayout {
+    fn positions(self, len: usize) -> Option<usize> {
+        match self {
+            EntropyLayout::Categorical { classes, inner } => {
+                let block = classes.checked_mul(inner)?;
+                (classes > 0 && inner > 0 && len.is_multiple_of(block)).then(|| len / classes)
+            }
+            EntropyLayout::Bernoulli => Some(len),
+        }
+    }
+
+    /// The largest entropy of one position: ln K, or ln 2.
+    fn max_entropy(self) -> f64 {
+        match self {
+            EntropyLayout::Categorical { classes, .. } => (classes as f64).ln().max(0.0),
+            EntropyLayout::Bernoulli => std::f64::consts::LN_2,
+        }
+    }
+
+    /// Adds each position's entropy of `p` (clamped to [0, max]) to `out`.
+    fn add_entropies(self, p: &[f64], out: &mut [f64], max: f64) {
+        match self {
+            EntropyLayout::Categorical { classes, inner: 1 } => {
+                for (row, o) in p.chunks_exact(classes).zip(out.iter_mut()) {
+                    *o += raw_entropy(row).clamp(0.0, max);
+                }
+            }
+            EntropyLayout::Categorical { classes, inner } => {
+                // Block by block, class-major, so that memory is read in order.
+                let mut h = vec![0.0; inner];
+                for (block, o) in p.chunks_exact(classes * inner).zip(out.chunks_exact_mut(inner)) {
+                    h.iter_mut().for_each(|x| *x = 0.0);
+                    for class in block.chunks_exact(inner) {
+                        for (hi, &x) in h.iter_mut().zip(class) {
+                            if x > 0.0 {
+                                *hi -= x * x.ln();
+                            }
+                        }
+                    }
+                    for (oi, hi) in o.iter_mut().zip(&h) {
+                        *oi += hi.clamp(0.0, max);
+                    }
+                }
+            }
+            EntropyLayout::Bernoulli => {
+                for (o, &x) in out.iter_mut().zip(p) {
+                    *o += bernoulli_entropy(x);
+                }
+            }
+        }
+    }
+}
 
 /// Running statistics of one output over MC samples.
 pub struct Accumulator {
     count: usize,
     mean: Vec<f64>,
     m2: Vec<f64>,
-    /// Classes along the last axis, and the per-row sum of sample entropies.
-    entropy: Option<(usize, Vec<f64>)>,
-    /// ln K, the largest entropy: computed once, not per row and sample.
+    /// The layout, the per-position sum of sample entropies, and the shape those positions
+    /// take in an answer.
+    entropy: Option<(EntropyLayout, Vec<f64>, Vec<usize>)>,
+    /// The largest entropy of a position: computed once, not per position and sample.
     max_entropy: f64,
     samples: Option<Vec<f64>>,
 }
 
 #[derive(Debug, Clone)]
 pub struct EntropyStats {
+    /// The shape of each statistic below: the output's without its class axes (or the
+    /// output's own, for a Bernoulli output); its first dim is the rows.
+    pub shape: Vec<usize>,
     pub predictive_entropy: Vec<f64>,
     pub expected_entropy: Vec<f64>,
     pub mutual_information: Vec<f64>,
+    /// Per row, for outputs with more than one position per row.
+    pub summary: Option<RowSummary>,
+}
+
+/// One score per row (an image, a volume, a sequence) over its positions: the mean and the
+/// largest predictive entropy and mutual information.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowSummary {
+    pub mean_predictive_entropy: Vec<f64>,
+    pub max_predictive_entropy: Vec<f64>,
+    pub mean_mutual_information: Vec<f64>,
+    pub max_mutual_information: Vec<f64>,
+}
+
+impl RowSummary {
+    /// The summary of `rows` rows of per-position values, or None with one position a row
+    /// (the values are then their own summary).
+    pub fn of(rows: usize, predictive: &[f64], mutual_information: &[f64]) -> Option<RowSummary> {
+        if rows == 0 || !predictive.len().is_multiple_of(rows) || predictive.len() / rows < 2 {
+            return None;
+        }
+        let per_row = predictive.len() / rows;
+        let mean = |v: &[f64]| -> Vec<f64> {
+            v.chunks_exact(per_row)
+                .map(|r| r.iter().sum::<f64>() / per_row as f64)
+                .collect()
+        };
+        let max = |v: &[f64]| -> Vec<f64> {
+            v.chunks_exact(per_row)
+                .map(|r| r.iter().cloned().fold(f64::NEG_INFINITY, f64::max))
+                .collect()
+        };
+        Some(RowSummary {
+            mean_predictive_entropy: mean(predictive),
+            max_predictive_entropy: max(predictive),
+            mean_mutual_information: mean(mutual_information),
+            max_mutual_information: max(mutual_information),
+        })
+    }
+
+    /// The summary's statistics by name, in answer order.
+    pub fn named(&self) -> [(&'static str, &[f64]); 4] {
+        [
+            ("mean_predictive_entropy", &self.mean_predictive_entropy),
+            ("max_predictive_entropy", &self.max_predictive_entropy),
+            ("mean_mutual_information", &self.mean_mutual_information),
+            ("max_mutual_information", &self.max_mutual_information),
+        ]
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -38,12 +155,22 @@ pub struct OutputStats {
 
 impl Accumulator {
     /// `len` elements per sample; `classes` is the size of the last axis for a probability
-    /// output, None otherwise.
+    /// output, None otherwise. The positions take the shape [len / classes].
     pub fn new(len: usize, classes: Option<usize>, keep_samples: bool) -> Self {
-        let entropy = classes
-            .filter(|&k| k > 0 && len.is_multiple_of(k))
-            .map(|k| (k, vec![0.0; len / k]));
-        let max_entropy = entropy.as_ref().map(|(k, _)| (*k as f64).ln()).unwrap_or(0.0);
+        let layout = classes.map(|classes| EntropyLayout::Categorical { classes, inner: 1 });
+        let positions = classes.filter(|&k| k > 0).map(|k| vec![len / k]).unwrap_or_default();
+        Self::with_layout(len, layout, positions, keep_samples)
+    }
+
+    /// `len` elements per sample, read as `layout` says; `positions` is the shape the
+    /// per-position statistics take (its first dim the rows). No entropies when the layout
+    /// does not fit `len`, or the shape does not hold its positions.
+    pub fn with_layout(len: usize, layout: Option<EntropyLayout>, positions: Vec<usize>, keep_samples: bool) -> Self {
+        let entropy = layout.and_then(|l| {
+            let n = l.positions(len)?;
+            (positions.iter().product::<usize>() == n).then(|| (l, vec![0.0; n], positions))
+        });
+        let max_entropy = entropy.as_ref().map(|(l, _, _)| l.max_entropy()).unwrap_or(0.0);
         Accumulator {
             max_entropy,
             count: 0,
@@ -63,10 +190,8 @@ impl Accumulator {
             *m += delta / n;
             *m2 += delta * (x - *m);
         }
-        if let Some((k, sums)) = &mut self.entropy {
-            for (row, sum) in sample.chunks_exact(*k).zip(sums.iter_mut()) {
-                *sum += raw_entropy(row).clamp(0.0, self.max_entropy);
-            }
+        if let Some((layout, sums, _)) = &mut self.entropy {
+            layout.add_entropies(sample, sums, self.max_entropy);
         }
         if let Some(s) = &mut self.samples {
             s.extend_from_slice(sample);
@@ -91,15 +216,20 @@ impl Accumulator {
             vec![0.0; self.m2.len()]
         };
         let std = variance.iter().map(|v| v.sqrt()).collect();
-        let entropy = self.entropy.map(|(k, sums)| {
-            let predictive: Vec<f64> = self.mean.chunks_exact(k).map(entropy).collect();
+        let max_entropy = self.max_entropy;
+        let entropy = self.entropy.map(|(layout, sums, shape)| {
+            let mut predictive = vec![0.0; sums.len()];
+            layout.add_entropies(&self.mean, &mut predictive, max_entropy);
             let expected: Vec<f64> = sums.iter().map(|s| s / n.max(1) as f64).collect();
             let mutual_information = predictive
                 .iter()
                 .zip(&expected)
                 .map(|(p, e)| (p - e).max(0.0))
-                .collect();
+                .collect::<Vec<f64>>();
+            let rows = shape.first().copied().unwrap_or(1);
             EntropyStats {
+                summary: RowSummary::of(rows, &predictive, &mutual_information),
+                shape,
                 predictive_entropy: predictive,
                 expected_entropy: expected,
                 mutual_information,
@@ -124,6 +254,14 @@ pub fn entropy(p: &[f64]) -> f64 {
 
 fn raw_entropy(p: &[f64]) -> f64 {
     p.iter().filter(|&&x| x > 0.0).map(|&x| -x * x.ln()).sum()
+}
+
+/// H(p) = −p ln p − (1−p) ln(1−p) in nats, with p clamped to [0, 1] (a float32 sigmoid
+/// can round a hair outside) and 0·ln 0 = 0.
+pub fn bernoulli_entropy(p: f64) -> f64 {
+    let p = p.clamp(0.0, 1.0);
+    let term = |x: f64| if x > 0.0 { -x * x.ln() } else { 0.0 };
+    (term(p) + term(1.0 - p)).clamp(0.0, std::f64::consts::LN_2)
 }
 
 #[cfg(test)]

@@ -51,8 +51,10 @@ pub struct McAnswer<'a> {
 }
 
 /// The statistics of one output over the MC passes. `mean`, `variance` and `std` have the
-/// output's shape; the entropies have one value per row (the output's shape without its
-/// last axis) and come only for probability outputs. A calibrated regression output adds
+/// output's shape. The entropies come for categorical and Bernoulli outputs (see the
+/// model's `output_kinds`), one per position: shaped like the output without its class
+/// axes (categorical), or like the output itself (Bernoulli). Where a row has more than
+/// one position, `summary` scores each row. A calibrated regression output adds
 /// `intervals`; a calibrated probability output adds `prediction_sets`, `refer`,
 /// `refer_threshold` and `refer_target_error`.
 #[derive(Serialize, ToSchema)]
@@ -61,15 +63,18 @@ pub struct McOutput<'a> {
     /// Unbiased, accumulated in f64.
     pub variance: Nested<'a>,
     pub std: Nested<'a>,
-    /// Entropy of the mean distribution, per row (probability outputs only).
+    /// Entropy of the mean distribution, per position, in nats.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub predictive_entropy: Option<Nested<'a>>,
-    /// Mean entropy of the sampled distributions, per row (probability outputs only).
+    /// Mean entropy of the sampled distributions, per position.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expected_entropy: Option<Nested<'a>>,
-    /// predictive_entropy - expected_entropy: the model's own uncertainty, per row.
+    /// predictive_entropy - expected_entropy: the model's own uncertainty, per position.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mutual_information: Option<Nested<'a>>,
+    /// One score per row over its positions, for outputs with more than one position a row.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub summary: Option<Summary<'a>>,
     /// Every pass, shaped [mc_samples, ...output shape], with `return_samples=true`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub samples: Option<Nested<'a>>,
@@ -92,6 +97,20 @@ pub struct McOutput<'a> {
     /// The error the referral keeps accepted rows under.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refer_target_error: Option<f64>,
+}
+
+/// Per row, over its positions: the mean and the largest predictive entropy and mutual
+/// information (nats).
+#[derive(Serialize, ToSchema)]
+pub struct Summary<'a> {
+    #[schema(value_type = Vec<f64>)]
+    pub mean_predictive_entropy: &'a [f64],
+    #[schema(value_type = Vec<f64>)]
+    pub max_predictive_entropy: &'a [f64],
+    #[schema(value_type = Vec<f64>)]
+    pub mean_mutual_information: &'a [f64],
+    #[schema(value_type = Vec<f64>)]
+    pub max_mutual_information: &'a [f64],
 }
 
 fn prediction_sets() -> RefOr<Schema> {

@@ -133,7 +133,9 @@ fn direct(samples: &[f64], len: usize, classes: usize, inner: usize) -> [Vec<f64
             return vec![s[j], 1.0 - s[j]];
         }
         let (block, i) = (j / inner, j % inner);
-        (0..classes).map(|c| s[block * classes * inner + c * inner + i]).collect()
+        (0..classes)
+            .map(|c| s[block * classes * inner + c * inner + i])
+            .collect()
     };
     let positions = if classes == 0 { len } else { len / classes };
     let samples: Vec<&[f64]> = samples.chunks_exact(len).collect();
@@ -227,7 +229,10 @@ async fn a_volume_has_per_voxel_entropies_along_its_class_axis() {
         assert!((pe[j] - 3f64.ln()).abs() < 1e-12, "{}", pe[j]);
         assert!(mi[j].abs() < 1e-12, "{}", mi[j]);
     }
-    assert!(mi[8..].iter().any(|&v| v > 1e-3), "dropout moves the second row: {mi:?}");
+    assert!(
+        mi[8..].iter().any(|&v| v > 1e-3),
+        "dropout moves the second row: {mi:?}"
+    );
     // The summary: per row, the mean and the largest over its 8 voxels.
     let summary = &y["summary"];
     for r in 0..2 {
@@ -283,7 +288,10 @@ async fn an_opset_12_softmax_is_one_distribution_per_row_never_per_pixel() {
     let p = f64s(&e["outputs"]["y"]);
     assert!((p[12..].iter().sum::<f64>() - 1.0).abs() < 1e-6);
     let per_pixel: f64 = (0..3).map(|c| p[12 + c * 4]).sum();
-    assert!((per_pixel - 1.0).abs() > 1e-3, "a pixel's classes do not sum to one: {per_pixel}");
+    assert!(
+        (per_pixel - 1.0).abs() > 1e-3,
+        "a pixel's classes do not sum to one: {per_pixel}"
+    );
     s.stop().await;
 }
 
@@ -317,4 +325,35 @@ async fn a_sigmoid_output_has_a_bernoulli_entropy_per_element() {
     // Still the sigmoid's probabilities: the server applies the graph's activation.
     assert!(f64s(&y["mean"]).iter().all(|p| (0.0..=1.0).contains(p)));
     s.stop().await;
+}
+
+/// The answer estimate counts what a map returns: three entropies (and their running sum)
+/// per position, not per row; and a config naming an output the model lacks, or a class
+/// axis it does not have, fails the load with the reason.
+#[test]
+fn the_answer_estimate_counts_every_position_and_bad_declarations_are_refused() {
+    use mcd_serve::engine::footprint::ENCODED_BYTES_PER_VALUE;
+    use mcd_serve::engine::repo::load_model;
+    let dir = tempdir::TempDir::new();
+    let path = |name: &str| dir.path().join(format!("{name}.onnx"));
+    for name in ["labels", "declared", "wrong_name", "wrong_axis"] {
+        std::fs::write(path(name), model(13, &[4], "Sigmoid", None)).unwrap();
+    }
+    let config = |name: &str, text: &str| std::fs::write(dir.path().join(format!("{name}.model.json")), text).unwrap();
+    config("declared", r#"{"output_kinds": {"y": {"kind": "other"}}}"#);
+    config("wrong_name", r#"{"output_kinds": {"z": {"kind": "bernoulli"}}}"#);
+    config(
+        "wrong_axis",
+        r#"{"output_kinds": {"y": {"kind": "categorical", "class_axis": 2}}}"#,
+    );
+    let labels = load_model("labels", &path("labels")).unwrap();
+    let declared = load_model("declared", &path("declared")).unwrap();
+    for rows in [1, 3] {
+        let extra = labels.mc_answer_bytes(rows, 10, false) - declared.mc_answer_bytes(rows, 10, false);
+        assert_eq!(extra, rows as u64 * 4 * (4 * 8 + 3 * ENCODED_BYTES_PER_VALUE));
+    }
+    let err = load_model("wrong_name", &path("wrong_name")).err().unwrap();
+    assert!(err.contains("output 'z'") && err.contains("'y'"), "{err}");
+    let err = load_model("wrong_axis", &path("wrong_axis")).err().unwrap();
+    assert!(err.contains("class_axis 2"), "{err}");
 }

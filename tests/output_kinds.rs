@@ -137,7 +137,8 @@ fn direct(samples: &[f64], len: usize, classes: usize, inner: usize) -> [Vec<f64
             .map(|c| s[block * classes * inner + c * inner + i])
             .collect()
     };
-    let positions = if classes == 0 { len } else { len / classes };
+    // Bernoulli (classes 0): one position per element.
+    let positions = len.checked_div(classes).unwrap_or(len);
     let samples: Vec<&[f64]> = samples.chunks_exact(len).collect();
     let n = samples.len() as f64;
     let mut out = [vec![], vec![], vec![]];

@@ -186,6 +186,7 @@ async fn serve() -> Served {
     let dir = tempdir::TempDir::new();
     let write = |name: &str, bytes: Vec<u8>| std::fs::write(dir.path().join(format!("{name}.onnx")), bytes).unwrap();
     write("volume", model(13, &[3, 2, 2, 2], "Softmax", Some(1)));
+    std::fs::write(dir.path().join("volume.model.json"), r#"{"background_class": 0}"#).unwrap();
     write("flat12", model(12, &[3, 2, 2], "Softmax", Some(1)));
     write("labels", model(13, &[4], "Sigmoid", None));
     // The same sigmoid graph, declared as other outputs by its config: no entropies.
@@ -245,6 +246,41 @@ async fn a_volume_has_per_voxel_entropies_along_its_class_axis() {
         assert_eq!(got("max_predictive_entropy"), max(row(&pe)));
         assert!((got("mean_mutual_information") - mean(row(&mi))).abs() < 1e-12);
         assert_eq!(got("max_mutual_information"), max(row(&mi)));
+    }
+    // Foreground (the config's background is class 0): voxels whose mean's top class is
+    // not 0. Volumes: per row and class, the voxels each sample's argmax gives that class.
+    let mean = f64s(&y["mean"]);
+    let samples = f64s(&y["samples"]);
+    let top = |v: &[f64], b: usize, i: usize| {
+        (0..3)
+            .max_by(|&a, &c| v[b * 24 + a * 8 + i].total_cmp(&v[b * 24 + c * 8 + i]).then(c.cmp(&a)))
+            .unwrap()
+    };
+    for r in 0..2 {
+        let fg: Vec<usize> = (0..8).filter(|&i| top(&mean, r, i) != 0).collect();
+        let got = summary["foreground_mean_predictive_entropy"][r].as_f64();
+        match fg.len() {
+            0 => assert_eq!(got, None, "a row without foreground has none"),
+            n => {
+                let want = fg.iter().map(|&i| pe[r * 8 + i]).sum::<f64>() / n as f64;
+                assert!((got.unwrap() - want).abs() < 1e-12, "row {r}: {got:?} vs {want}");
+            }
+        }
+        for c in 0..3 {
+            let counts: Vec<f64> = samples
+                .chunks_exact(48)
+                .map(|s| (0..8).filter(|&i| top(s, r, i) == c).count() as f64)
+                .collect();
+            let n = counts.len() as f64;
+            let m = counts.iter().sum::<f64>() / n;
+            let sd = (counts.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+            let got = |k: &str| summary[k][r][c].as_f64();
+            assert!((got("volume_mean").unwrap() - m).abs() < 1e-12, "row {r} class {c}");
+            assert!((got("volume_std").unwrap() - sd).abs() < 1e-9, "row {r} class {c}");
+            if m > 0.0 {
+                assert!((got("volume_cv").unwrap() - sd / m).abs() < 1e-9);
+            }
+        }
     }
     // Eval: each voxel's classes sum to one.
     let (_, e, _) = s
@@ -317,6 +353,22 @@ async fn a_sigmoid_output_has_a_bernoulli_entropy_per_element() {
     assert!(mi[..4].iter().all(|v| v.abs() < 1e-12), "{mi:?}");
     let mean = pe[4..].iter().sum::<f64>() / 4.0;
     assert!((y["summary"]["mean_predictive_entropy"][1].as_f64().unwrap() - mean).abs() < 1e-12);
+    // Foreground: labels whose mean p is at least 0.5; volume: labels at p ≥ 0.5 per sample.
+    let p = f64s(&y["mean"]);
+    let fg: Vec<usize> = (4..8).filter(|&j| p[j] >= 0.5).collect();
+    let want = fg.iter().map(|&j| pe[j]).sum::<f64>() / fg.len() as f64;
+    let got = y["summary"]["foreground_mean_predictive_entropy"][1].as_f64();
+    assert!(
+        fg.is_empty() || (got.unwrap() - want).abs() < 1e-12,
+        "{got:?} vs {want}"
+    );
+    let counts: Vec<f64> = f64s(&y["samples"])
+        .chunks_exact(8)
+        .map(|s| s[4..].iter().filter(|&&v| v >= 0.5).count() as f64)
+        .collect();
+    let m = counts.iter().sum::<f64>() / counts.len() as f64;
+    assert_eq!(nested_shape(&y["summary"]["volume_mean"]), vec![2, 1]);
+    assert!((y["summary"]["volume_mean"][1][0].as_f64().unwrap() - m).abs() < 1e-12);
 
     assert_eq!(kind(&s, "declared").await, json!({"kind": "other"}));
     let y = mc(&s, "declared", &x, &[2, 4]).await;

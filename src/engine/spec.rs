@@ -31,6 +31,9 @@ pub struct ModelConfig {
     pub training: Option<serde_json::Value>,
     /// Rows per drift window for this model (default: `--drift-window`).
     pub drift_window: Option<usize>,
+    /// The class of a categorical output that is background: the per-row summary then adds
+    /// means over the other positions (the foreground).
+    pub background_class: Option<usize>,
     /// Output kinds by output name, overriding what the graph shows (see [`OutputKind`]).
     pub output_kinds: HashMap<String, DeclaredKind>,
 }

@@ -7,6 +7,8 @@
 //! one distribution: a row of a last-axis softmax, a pixel of a segmentation's class axis,
 //! an element of a Bernoulli (sigmoid) output. Entropies are in nats.
 
+use crate::engine::row_summary::{self, RowSummary, VolumeCounter};
+
 /// How one sample's values hold its distributions (see `OutputKind::layout`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntropyLayout {
@@ -81,6 +83,10 @@ pub struct Accumulator {
     /// The largest entropy of a position: computed once, not per position and sample.
     max_entropy: f64,
     samples: Option<Vec<f64>>,
+    /// Each row's segmented volumes, where a row has more than one position.
+    volumes: Option<VolumeCounter>,
+    /// The class whose positions are not foreground (categorical outputs).
+    background: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -93,53 +99,6 @@ pub struct EntropyStats {
     pub mutual_information: Vec<f64>,
     /// Per row, for outputs with more than one position per row.
     pub summary: Option<RowSummary>,
-}
-
-/// One score per row (an image, a volume, a sequence) over its positions: the mean and the
-/// largest predictive entropy and mutual information.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RowSummary {
-    pub mean_predictive_entropy: Vec<f64>,
-    pub max_predictive_entropy: Vec<f64>,
-    pub mean_mutual_information: Vec<f64>,
-    pub max_mutual_information: Vec<f64>,
-}
-
-impl RowSummary {
-    /// The summary of `rows` rows of per-position values, or None with one position a row
-    /// (the values are then their own summary).
-    pub fn of(rows: usize, predictive: &[f64], mutual_information: &[f64]) -> Option<RowSummary> {
-        if rows == 0 || !predictive.len().is_multiple_of(rows) || predictive.len() / rows < 2 {
-            return None;
-        }
-        let per_row = predictive.len() / rows;
-        let mean = |v: &[f64]| -> Vec<f64> {
-            v.chunks_exact(per_row)
-                .map(|r| r.iter().sum::<f64>() / per_row as f64)
-                .collect()
-        };
-        let max = |v: &[f64]| -> Vec<f64> {
-            v.chunks_exact(per_row)
-                .map(|r| r.iter().cloned().fold(f64::NEG_INFINITY, f64::max))
-                .collect()
-        };
-        Some(RowSummary {
-            mean_predictive_entropy: mean(predictive),
-            max_predictive_entropy: max(predictive),
-            mean_mutual_information: mean(mutual_information),
-            max_mutual_information: max(mutual_information),
-        })
-    }
-
-    /// The summary's statistics by name, in answer order.
-    pub fn named(&self) -> [(&'static str, &[f64]); 4] {
-        [
-            ("mean_predictive_entropy", &self.mean_predictive_entropy),
-            ("max_predictive_entropy", &self.max_predictive_entropy),
-            ("mean_mutual_information", &self.mean_mutual_information),
-            ("max_mutual_information", &self.max_mutual_information),
-        ]
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -171,7 +130,13 @@ impl Accumulator {
             (positions.iter().product::<usize>() == n).then(|| (l, vec![0.0; n], positions))
         });
         let max_entropy = entropy.as_ref().map(|(l, _, _)| l.max_entropy()).unwrap_or(0.0);
+        let volumes = entropy.as_ref().and_then(|(layout, sums, shape)| {
+            let rows = *shape.first()?;
+            (rows > 0 && sums.len() / rows >= 2).then(|| VolumeCounter::new(*layout, rows, sums.len()))
+        });
         Accumulator {
+            volumes,
+            background: None,
             max_entropy,
             count: 0,
             mean: vec![0.0; len],
@@ -179,6 +144,12 @@ impl Accumulator {
             entropy,
             samples: keep_samples.then(Vec::new),
         }
+    }
+
+    /// Names the class that is background, for the summary's foreground means.
+    pub fn with_background(mut self, background: Option<usize>) -> Self {
+        self.background = background;
+        self
     }
 
     pub fn push(&mut self, sample: &[f64]) {
@@ -192,6 +163,9 @@ impl Accumulator {
         }
         if let Some((layout, sums, _)) = &mut self.entropy {
             layout.add_entropies(sample, sums, self.max_entropy);
+        }
+        if let Some(v) = &mut self.volumes {
+            v.push(sample);
         }
         if let Some(s) = &mut self.samples {
             s.extend_from_slice(sample);
@@ -217,6 +191,7 @@ impl Accumulator {
         };
         let std = variance.iter().map(|v| v.sqrt()).collect();
         let max_entropy = self.max_entropy;
+        let (volumes, background, mean) = (self.volumes, self.background, &self.mean);
         let entropy = self.entropy.map(|(layout, sums, shape)| {
             let mut predictive = vec![0.0; sums.len()];
             layout.add_entropies(&self.mean, &mut predictive, max_entropy);
@@ -228,7 +203,10 @@ impl Accumulator {
                 .collect::<Vec<f64>>();
             let rows = shape.first().copied().unwrap_or(1);
             EntropyStats {
-                summary: RowSummary::of(rows, &predictive, &mutual_information),
+                summary: volumes.and_then(|v| {
+                    let fg = row_summary::foreground(layout, mean, background);
+                    RowSummary::of(rows, &predictive, &mutual_information, fg.as_deref(), v.finish())
+                }),
                 shape,
                 predictive_entropy: predictive,
                 expected_entropy: expected,

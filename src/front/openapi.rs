@@ -18,7 +18,7 @@ use utoipa::{IntoParams, OpenApi};
 
 use crate::front::answer::McRun;
 use crate::front::http::{NotReady, Status};
-use crate::front::native::answer::{EvalAnswer, Interval, McAnswer, McOutput, PredictAnswer, Summary};
+use crate::front::native::answer::{EvalAnswer, Interval, McAnswer, McOutput, PredictAnswer};
 use crate::front::native::answer::{NativeRequest, Tensor};
 use crate::front::native::drift::DriftAnswer;
 use crate::front::native::models::{LoadFailure, ModelList, ModelMetadata, ModelRefusal, ModelSummary, TensorSpec};
@@ -123,7 +123,7 @@ pub fn document() -> Value {
         oip_model_metadata, oip_model_ready, oip_infer,
     ),
     components(schemas(
-        ErrorBody, Tensor, Nested, NativeRequest, EvalAnswer, McAnswer, McRun, McOutput, Interval, Summary,
+        ErrorBody, Tensor, Nested, NativeRequest, EvalAnswer, McAnswer, McRun, McOutput, Interval,
         PredictAnswer, ModelList, ModelSummary, LoadFailure, ModelMetadata, ModelRefusal, TensorSpec, DriftAnswer,
         Status, NotReady, OipServerMetadata, OipLive, OipReady, OipModelReady, OipModelMetadata,
         OipTensorMetadata, OipInferRequest, OipInput, OipOutputRequest, OipInferAnswer, OipOutput,

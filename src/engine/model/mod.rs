@@ -257,6 +257,7 @@ impl LoadedModel {
         let len = shape.iter().product();
         let positions = kind.positions(shape).unwrap_or_default();
         crate::engine::uncertainty::Accumulator::with_layout(len, kind.layout(shape), positions, keep_samples)
+            .with_background(self.config.background_class)
     }
 }
 

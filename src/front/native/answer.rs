@@ -72,9 +72,16 @@ pub struct McOutput<'a> {
     /// predictive_entropy - expected_entropy: the model's own uncertainty, per position.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mutual_information: Option<Nested<'a>>,
-    /// One score per row over its positions, for outputs with more than one position a row.
+    /// Scores per row over its positions, for outputs with more than one position a row:
+    /// `mean_predictive_entropy`, `max_predictive_entropy`, `mean_mutual_information`,
+    /// `max_mutual_information` (one per row); for Bernoulli outputs, or with the config's
+    /// `background_class`, `foreground_mean_predictive_entropy` and
+    /// `foreground_mean_mutual_information` (null for a row without foreground); and
+    /// `volume_mean`, `volume_std`, `volume_cv` ([rows, structures]: the positions each
+    /// class takes across samples).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub summary: Option<Summary<'a>>,
+    #[schema(value_type = Option<BTreeMap<String, Nested>>)]
+    pub summary: Option<ByName<&'static str, Nested<'a>>>,
     /// Every pass, shaped [mc_samples, ...output shape], with `return_samples=true`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub samples: Option<Nested<'a>>,
@@ -97,20 +104,6 @@ pub struct McOutput<'a> {
     /// The error the referral keeps accepted rows under.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refer_target_error: Option<f64>,
-}
-
-/// Per row, over its positions: the mean and the largest predictive entropy and mutual
-/// information (nats).
-#[derive(Serialize, ToSchema)]
-pub struct Summary<'a> {
-    #[schema(value_type = Vec<f64>)]
-    pub mean_predictive_entropy: &'a [f64],
-    #[schema(value_type = Vec<f64>)]
-    pub max_predictive_entropy: &'a [f64],
-    #[schema(value_type = Vec<f64>)]
-    pub mean_mutual_information: &'a [f64],
-    #[schema(value_type = Vec<f64>)]
-    pub max_mutual_information: &'a [f64],
 }
 
 fn prediction_sets() -> RefOr<Schema> {

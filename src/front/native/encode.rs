@@ -61,11 +61,9 @@ fn mc_output<'a>(o: &'a McOutput, calibrated: Option<&'a Calibrated>) -> answer:
         predictive_entropy: entropy.map(|e| Nested::floats(&e.shape, &e.predictive_entropy)),
         expected_entropy: entropy.map(|e| Nested::floats(&e.shape, &e.expected_entropy)),
         mutual_information: entropy.map(|e| Nested::floats(&e.shape, &e.mutual_information)),
-        summary: entropy.and_then(|e| e.summary.as_ref()).map(|r| answer::Summary {
-            mean_predictive_entropy: &r.mean_predictive_entropy,
-            max_predictive_entropy: &r.max_predictive_entropy,
-            mean_mutual_information: &r.mean_mutual_information,
-            max_mutual_information: &r.max_mutual_information,
+        summary: entropy.and_then(|e| e.summary.as_ref()).map(|r| {
+            let named = r.named().into_iter();
+            ByName(named.map(|(n, shape, v)| (n, Nested::floats(shape, v))).collect())
         }),
         samples: s.samples.as_ref().map(|raw| {
             let shape: Vec<usize> = [s.count].iter().chain(shape).copied().collect();

@@ -17,7 +17,7 @@ use tract_onnx::prelude::*;
 
 use crate::core::guarantees::Calibrated;
 use crate::core::tensors::{DataType, f32_bytes, f64_bytes, tensor_bytes};
-use crate::core::view::{Dim, LoadedModel, TensorSpec};
+use crate::core::view::{Dim, LoadedModel, OutputKind, TensorSpec, row_summary};
 use crate::core::view::{OutputCalibration, level_key};
 use crate::core::{Answer, MODEL_VERSION};
 use crate::error::Error;
@@ -31,13 +31,15 @@ use crate::front::oip::types::{
 const STATS: [&str; 2] = ["variance", "std"];
 const ENTROPIES: [&str; 3] = ["predictive_entropy", "expected_entropy", "mutual_information"];
 const SAMPLES: &str = "samples";
-/// The per-row summary's statistics, as `RowSummary::named` lists them.
-const SUMMARY: [&str; 4] = [
-    "mean_predictive_entropy",
-    "max_predictive_entropy",
-    "mean_mutual_information",
-    "max_mutual_information",
-];
+/// Whether the summary has foreground means: Bernoulli outputs, and categorical ones of a
+/// model whose config names its background class.
+fn has_foreground(model: &LoadedModel, kind: &OutputKind) -> bool {
+    match kind {
+        OutputKind::Bernoulli => true,
+        OutputKind::Categorical { .. } => model.config.background_class.is_some(),
+        OutputKind::Other => false,
+    }
+}
 
 fn summary_name(output: &str, statistic: &str) -> String {
     format!("{output}.summary.{statistic}")
@@ -135,11 +137,19 @@ pub fn output_meta(model: &LoadedModel) -> Result<Vec<OutputMeta>, Error> {
             }
             // A summary where a row may have more than one position (a dim of -1 may).
             if positions.iter().skip(1).any(|&d| d != 1) {
-                for suffix in SUMMARY {
+                let structures = match kind {
+                    OutputKind::Categorical { classes, .. } => classes.map_or(-1, |k| k as i64),
+                    _ => 1,
+                };
+                for suffix in row_summary::statistics(has_foreground(model, kind)) {
+                    let mut shape = positions[..1].to_vec();
+                    if suffix.starts_with("volume_") {
+                        shape.push(structures);
+                    }
                     out.push(OutputMeta {
                         name: summary_name(&spec.name, suffix),
                         datatype: DataType::F64,
-                        shape: positions[..1].to_vec(),
+                        shape,
                         mc_only: true,
                     });
                 }
@@ -339,10 +349,12 @@ pub fn answer_outputs(model: &LoadedModel, answer: Answer) -> Result<(Vec<OutTen
                         out.push(floats(format!("{}.{suffix}", o.name), e.shape.clone(), values));
                     }
                     if let Some(summary) = &e.summary {
-                        for ((statistic, values), listed) in summary.named().into_iter().zip(SUMMARY) {
-                            debug_assert_eq!(statistic, listed, "output_meta() lists the summary in this order");
-                            let rows = values.len();
-                            out.push(floats(summary_name(&o.name, statistic), vec![rows], values.to_vec()));
+                        for (statistic, shape, values) in summary.named() {
+                            out.push(floats(
+                                summary_name(&o.name, statistic),
+                                shape.to_vec(),
+                                values.to_vec(),
+                            ));
                         }
                     }
                 }

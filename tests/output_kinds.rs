@@ -410,3 +410,19 @@ fn the_answer_estimate_counts_every_position_and_bad_declarations_are_refused() 
     let err = load_model("wrong_axis", &path("wrong_axis")).err().unwrap();
     assert!(err.contains("class_axis 2"), "{err}");
 }
+
+/// `mcd-serve calibrate` refuses an output with per-position uncertainty (here Bernoulli
+/// labels), with the reason, rather than claim a guarantee no method behind it gives.
+#[test]
+fn calibrate_refuses_per_position_outputs_with_the_reason() {
+    let dir = tempdir::TempDir::new();
+    std::fs::write(dir.path().join("labels.onnx"), model(13, &[4], "Sigmoid", None)).unwrap();
+    let lines: Vec<String> = (0..30)
+        .map(|i| json!({"inputs": {"x": [[0.1 * i as f64, -0.5, 1.0, 0.0]]}, "target": [[1, 0, 1, 0]]}).to_string())
+        .collect();
+    let out = run_calibrate(dir.path(), "labels", &lines);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("per position") && err.contains("'y'"), "{err}");
+    assert!(!dir.path().join("labels.calibration.json").exists());
+}

@@ -127,7 +127,7 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
         if let Some(target) = &target {
             for &o in &calibrated {
                 let target = target_for(model, &calibrated, o, target).map_err(at)?;
-                add(&mut collected, o, &outputs[o], target).map_err(at)?;
+                add(&mut collected, o, probability[o], &outputs[o], target).map_err(at)?;
             }
         }
         n += 1;
@@ -244,9 +244,24 @@ fn target_for<'t>(model: &LoadedModel, calibrated: &[usize], o: usize, target: &
     })
 }
 
-fn add(collected: &mut BTreeMap<usize, Collected>, o: usize, out: &McOutput, target: &Value) -> Result<(), String> {
+fn add(
+    collected: &mut BTreeMap<usize, Collected>,
+    o: usize,
+    probability: bool,
+    out: &McOutput,
+    target: &Value,
+) -> Result<(), String> {
     let s = &out.stats;
     match &s.entropy {
+        // Per-position entropies (a segmentation map, Bernoulli labels): no conformal method
+        // for them is chosen yet, and a guarantee must never be claimed in silence.
+        Some(_) if !probability => {
+            return Err(format!(
+                "'{}' has an uncertainty per position (per pixel, voxel or label): calibrating such an output \
+                 is not supported yet, so no guarantee is claimed for it",
+                out.name
+            ));
+        }
         Some(e) => {
             let classes = s.mean.len();
             let k = target.as_u64().filter(|&k| (k as usize) < classes).ok_or_else(|| {

@@ -163,7 +163,7 @@ impl Metrics {
                 &registry,
                 hist(
                     "mcd_predictive_entropy",
-                    "Predictive entropy (nats) of MC answers, one observation per row.",
+                    "Predictive entropy (nats) of MC answers, one observation per row (the mean over its positions for a map).",
                     &["model", "output"],
                     ENTROPY_BUCKETS,
                 ),

@@ -353,7 +353,12 @@ impl Core {
                     .metrics
                     .predictive_entropy
                     .with_label_values(&[model.name.as_str(), o.name.as_str()]);
-                for h in &e.predictive_entropy {
+                // One observation per row: a 512×512 map is one image, not 262,144 values.
+                let per_row = match &e.summary {
+                    Some(summary) => &summary.mean_predictive_entropy,
+                    None => &e.predictive_entropy,
+                };
+                for h in per_row {
                     hist.observe(*h);
                 }
             }

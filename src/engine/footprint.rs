@@ -112,8 +112,9 @@ pub struct ModelMemory {
     pub mask_bytes_per_row: u64,
     /// Output elements per request row, over all outputs.
     pub output_elements_per_row: u64,
-    /// Rows per row of output of probability outputs (for the per-row entropy vectors).
-    pub probability_rows_per_row: u64,
+    /// Entropy positions per request row, over all outputs: one per row of a last-axis
+    /// classifier, one per pixel of a segmentation map (each has three entropies).
+    pub entropy_positions_per_row: u64,
 }
 
 impl ModelMemory {
@@ -160,12 +161,12 @@ impl ModelMemory {
     }
 
     /// An MC answer of `rows` rows: accumulators and statistics (mean, m2, variance, std
-    /// per element; three entropies and a running sum per probability row), the samples
+    /// per element; three entropies and a running sum per entropy position), the samples
     /// when returned, and every value's encoding.
     pub fn mc_answer(&self, rows: usize, samples: usize, return_samples: bool) -> u64 {
         let rows = rows as u64;
         let elements = self.output_elements_per_row.saturating_mul(rows);
-        let entropy_rows = self.probability_rows_per_row.saturating_mul(rows);
+        let entropy_rows = self.entropy_positions_per_row.saturating_mul(rows);
         let stats = elements
             .saturating_mul(4 * 8)
             .saturating_add(entropy_rows.saturating_mul(4 * 8));

@@ -25,6 +25,7 @@ pub mod model;
 pub mod onnx_graph;
 pub mod plans;
 pub mod repo;
+pub mod row_summary;
 pub mod spec;
 pub mod trunk;
 pub mod uncertainty;

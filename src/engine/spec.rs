@@ -1,6 +1,6 @@
 //! The engine's vocabulary: a model's configuration, its tensors' declared shapes, a valid
 //! MC sample count, and the conversions every other engine module shares. A leaf: it uses
-//! nothing else of the crate.
+//! nothing else of the crate but the entropy layout its output kinds give.
 
 use std::collections::HashMap;
 
@@ -31,6 +31,81 @@ pub struct ModelConfig {
     pub training: Option<serde_json::Value>,
     /// Rows per drift window for this model (default: `--drift-window`).
     pub drift_window: Option<usize>,
+    /// The class of a categorical output that is background: the per-row summary then adds
+    /// means over the other positions (the foreground).
+    pub background_class: Option<usize>,
+    /// Output kinds by output name, overriding what the graph shows (see [`OutputKind`]).
+    pub output_kinds: HashMap<String, DeclaredKind>,
+}
+
+/// An output kind as `<stem>.model.json` declares it: `{"kind": "categorical",
+/// "class_axis": 1}`, `{"kind": "bernoulli"}` or `{"kind": "other"}`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum DeclaredKind {
+    /// The axis may count from the end (-1 is the last).
+    Categorical {
+        class_axis: i64,
+    },
+    Bernoulli,
+    Other,
+}
+
+/// What an output's values are, decided once at load from the graph (the Softmax or Sigmoid
+/// that produces it) or from the model's config. It decides which uncertainty statistics the
+/// output has.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum OutputKind {
+    /// At every position of the other axes, a distribution over the classes along
+    /// `class_axes`: one axis, or (a Softmax before opset 13) every axis from its `axis` on,
+    /// which ONNX normalises jointly, so that block is one distribution per row.
+    /// `classes` is their count when the file fixes those dims.
+    Categorical {
+        class_axes: Vec<usize>,
+        classes: Option<usize>,
+    },
+    /// Each element is the probability of its own event (a Sigmoid produces it).
+    Bernoulli,
+    Other,
+}
+
+impl OutputKind {
+    /// The shape of the per-position statistics for an output of `shape`: the shape without
+    /// its class axes (categorical), the shape itself (Bernoulli); None for other outputs.
+    pub fn positions<T: Clone>(&self, shape: &[T]) -> Option<Vec<T>> {
+        match self {
+            OutputKind::Categorical { class_axes, .. } => Some(
+                shape
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !class_axes.contains(i))
+                    .map(|(_, d)| d.clone())
+                    .collect(),
+            ),
+            OutputKind::Bernoulli => Some(shape.to_vec()),
+            OutputKind::Other => None,
+        }
+    }
+
+    /// How the entropies read a sample of `shape` (row-major), or None for other outputs
+    /// and for shapes the kind does not fit.
+    pub fn layout(&self, shape: &[usize]) -> Option<crate::engine::uncertainty::EntropyLayout> {
+        use crate::engine::uncertainty::EntropyLayout;
+        match self {
+            OutputKind::Categorical { class_axes, .. } => {
+                let (&first, &last) = (class_axes.first()?, class_axes.last()?);
+                if last >= shape.len() || first > last {
+                    return None;
+                }
+                let classes: usize = shape[first..=last].iter().product();
+                let inner: usize = shape[last + 1..].iter().product();
+                (classes >= 2).then_some(EntropyLayout::Categorical { classes, inner })
+            }
+            OutputKind::Bernoulli => Some(EntropyLayout::Bernoulli),
+            OutputKind::Other => None,
+        }
+    }
 }
 
 /// One dimension of a declared shape.

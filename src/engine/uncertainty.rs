@@ -1,28 +1,104 @@
 //! Monte-Carlo summary statistics, accumulated in f64.
 //!
 //! For each output element: mean, unbiased variance and std over the S samples (Welford's
-//! update, so one pass and no catastrophic cancellation). For probability outputs (a
-//! distribution along the last axis), per row: predictive entropy H[mean], expected
-//! entropy mean_s H[p_s] (aleatoric) and their difference, the mutual information
-//! (epistemic, BALD), clamped at 0. Entropies are in nats.
+//! update, so one pass and no catastrophic cancellation). For probability outputs, per
+//! position: predictive entropy H[mean], expected entropy mean_s H[p_s] (aleatoric) and
+//! their difference, the mutual information (epistemic, BALD), clamped at 0. A position is
+//! one distribution: a row of a last-axis softmax, a pixel of a segmentation's class axis,
+//! an element of a Bernoulli (sigmoid) output. Entropies are in nats.
+
+use crate::engine::row_summary::{self, RowSummary, VolumeCounter};
+
+/// How one sample's values hold its distributions (see `OutputKind::layout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntropyLayout {
+    /// Row-major blocks of `classes × inner` values: class `c` of position `i` of a block
+    /// is at `c·inner + i` (inner = 1 for a last-axis distribution).
+    Categorical { classes: usize, inner: usize },
+    /// Every element is the probability of its own event: H(p) = −p ln p − (1−p) ln(1−p).
+    Bernoulli,
+}
+
+impl EntropyLayout {
+    fn positions(self, len: usize) -> Option<usize> {
+        match self {
+            EntropyLayout::Categorical { classes, inner } => {
+                let block = classes.checked_mul(inner)?;
+                (classes > 0 && inner > 0 && len.is_multiple_of(block)).then(|| len / classes)
+            }
+            EntropyLayout::Bernoulli => Some(len),
+        }
+    }
+
+    /// The largest entropy of one position: ln K, or ln 2.
+    fn max_entropy(self) -> f64 {
+        match self {
+            EntropyLayout::Categorical { classes, .. } => (classes as f64).ln().max(0.0),
+            EntropyLayout::Bernoulli => std::f64::consts::LN_2,
+        }
+    }
+
+    /// Adds each position's entropy of `p` (clamped to [0, max]) to `out`.
+    fn add_entropies(self, p: &[f64], out: &mut [f64], max: f64) {
+        match self {
+            EntropyLayout::Categorical { classes, inner: 1 } => {
+                for (row, o) in p.chunks_exact(classes).zip(out.iter_mut()) {
+                    *o += raw_entropy(row).clamp(0.0, max);
+                }
+            }
+            EntropyLayout::Categorical { classes, inner } => {
+                // Block by block, class-major, so that memory is read in order.
+                let mut h = vec![0.0; inner];
+                for (block, o) in p.chunks_exact(classes * inner).zip(out.chunks_exact_mut(inner)) {
+                    h.iter_mut().for_each(|x| *x = 0.0);
+                    for class in block.chunks_exact(inner) {
+                        for (hi, &x) in h.iter_mut().zip(class) {
+                            if x > 0.0 {
+                                *hi -= x * x.ln();
+                            }
+                        }
+                    }
+                    for (oi, hi) in o.iter_mut().zip(&h) {
+                        *oi += hi.clamp(0.0, max);
+                    }
+                }
+            }
+            EntropyLayout::Bernoulli => {
+                for (o, &x) in out.iter_mut().zip(p) {
+                    *o += bernoulli_entropy(x);
+                }
+            }
+        }
+    }
+}
 
 /// Running statistics of one output over MC samples.
 pub struct Accumulator {
     count: usize,
     mean: Vec<f64>,
     m2: Vec<f64>,
-    /// Classes along the last axis, and the per-row sum of sample entropies.
-    entropy: Option<(usize, Vec<f64>)>,
-    /// ln K, the largest entropy: computed once, not per row and sample.
+    /// The layout, the per-position sum of sample entropies, and the shape those positions
+    /// take in an answer.
+    entropy: Option<(EntropyLayout, Vec<f64>, Vec<usize>)>,
+    /// The largest entropy of a position: computed once, not per position and sample.
     max_entropy: f64,
     samples: Option<Vec<f64>>,
+    /// Each row's segmented volumes, where a row has more than one position.
+    volumes: Option<VolumeCounter>,
+    /// The class whose positions are not foreground (categorical outputs).
+    background: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
 pub struct EntropyStats {
+    /// The shape of each statistic below: the output's without its class axes (or the
+    /// output's own, for a Bernoulli output); its first dim is the rows.
+    pub shape: Vec<usize>,
     pub predictive_entropy: Vec<f64>,
     pub expected_entropy: Vec<f64>,
     pub mutual_information: Vec<f64>,
+    /// Per row, for outputs with more than one position per row.
+    pub summary: Option<RowSummary>,
 }
 
 #[derive(Debug, Clone)]
@@ -38,13 +114,29 @@ pub struct OutputStats {
 
 impl Accumulator {
     /// `len` elements per sample; `classes` is the size of the last axis for a probability
-    /// output, None otherwise.
+    /// output, None otherwise. The positions take the shape [len / classes].
     pub fn new(len: usize, classes: Option<usize>, keep_samples: bool) -> Self {
-        let entropy = classes
-            .filter(|&k| k > 0 && len.is_multiple_of(k))
-            .map(|k| (k, vec![0.0; len / k]));
-        let max_entropy = entropy.as_ref().map(|(k, _)| (*k as f64).ln()).unwrap_or(0.0);
+        let layout = classes.map(|classes| EntropyLayout::Categorical { classes, inner: 1 });
+        let positions = classes.filter(|&k| k > 0).map(|k| vec![len / k]).unwrap_or_default();
+        Self::with_layout(len, layout, positions, keep_samples)
+    }
+
+    /// `len` elements per sample, read as `layout` says; `positions` is the shape the
+    /// per-position statistics take (its first dim the rows). No entropies when the layout
+    /// does not fit `len`, or the shape does not hold its positions.
+    pub fn with_layout(len: usize, layout: Option<EntropyLayout>, positions: Vec<usize>, keep_samples: bool) -> Self {
+        let entropy = layout.and_then(|l| {
+            let n = l.positions(len)?;
+            (positions.iter().product::<usize>() == n).then(|| (l, vec![0.0; n], positions))
+        });
+        let max_entropy = entropy.as_ref().map(|(l, _, _)| l.max_entropy()).unwrap_or(0.0);
+        let volumes = entropy.as_ref().and_then(|(layout, sums, shape)| {
+            let rows = *shape.first()?;
+            (rows > 0 && sums.len() / rows >= 2).then(|| VolumeCounter::new(*layout, rows, sums.len()))
+        });
         Accumulator {
+            volumes,
+            background: None,
             max_entropy,
             count: 0,
             mean: vec![0.0; len],
@@ -52,6 +144,12 @@ impl Accumulator {
             entropy,
             samples: keep_samples.then(Vec::new),
         }
+    }
+
+    /// Names the class that is background, for the summary's foreground means.
+    pub fn with_background(mut self, background: Option<usize>) -> Self {
+        self.background = background;
+        self
     }
 
     pub fn push(&mut self, sample: &[f64]) {
@@ -63,10 +161,11 @@ impl Accumulator {
             *m += delta / n;
             *m2 += delta * (x - *m);
         }
-        if let Some((k, sums)) = &mut self.entropy {
-            for (row, sum) in sample.chunks_exact(*k).zip(sums.iter_mut()) {
-                *sum += raw_entropy(row).clamp(0.0, self.max_entropy);
-            }
+        if let Some((layout, sums, _)) = &mut self.entropy {
+            layout.add_entropies(sample, sums, self.max_entropy);
+        }
+        if let Some(v) = &mut self.volumes {
+            v.push(sample);
         }
         if let Some(s) = &mut self.samples {
             s.extend_from_slice(sample);
@@ -91,15 +190,24 @@ impl Accumulator {
             vec![0.0; self.m2.len()]
         };
         let std = variance.iter().map(|v| v.sqrt()).collect();
-        let entropy = self.entropy.map(|(k, sums)| {
-            let predictive: Vec<f64> = self.mean.chunks_exact(k).map(entropy).collect();
+        let max_entropy = self.max_entropy;
+        let (volumes, background, mean) = (self.volumes, self.background, &self.mean);
+        let entropy = self.entropy.map(|(layout, sums, shape)| {
+            let mut predictive = vec![0.0; sums.len()];
+            layout.add_entropies(&self.mean, &mut predictive, max_entropy);
             let expected: Vec<f64> = sums.iter().map(|s| s / n.max(1) as f64).collect();
             let mutual_information = predictive
                 .iter()
                 .zip(&expected)
                 .map(|(p, e)| (p - e).max(0.0))
-                .collect();
+                .collect::<Vec<f64>>();
+            let rows = shape.first().copied().unwrap_or(1);
             EntropyStats {
+                summary: volumes.and_then(|v| {
+                    let fg = row_summary::foreground(layout, mean, background);
+                    RowSummary::of(rows, &predictive, &mutual_information, fg.as_deref(), v.finish())
+                }),
+                shape,
                 predictive_entropy: predictive,
                 expected_entropy: expected,
                 mutual_information,
@@ -124,6 +232,14 @@ pub fn entropy(p: &[f64]) -> f64 {
 
 fn raw_entropy(p: &[f64]) -> f64 {
     p.iter().filter(|&&x| x > 0.0).map(|&x| -x * x.ln()).sum()
+}
+
+/// H(p) = −p ln p − (1−p) ln(1−p) in nats, with p clamped to [0, 1] (a float32 sigmoid
+/// can round a hair outside) and 0·ln 0 = 0.
+pub fn bernoulli_entropy(p: f64) -> f64 {
+    let p = p.clamp(0.0, 1.0);
+    let term = |x: f64| if x > 0.0 { -x * x.ln() } else { 0.0 };
+    (term(p) + term(1.0 - p)).clamp(0.0, std::f64::consts::LN_2)
 }
 
 #[cfg(test)]

@@ -316,6 +316,10 @@ impl GrpcInferenceService for GrpcFront {
             ),
             ("mc_only_outputs".to_string(), mc_only.join(",")),
             ("dropout_sites".to_string(), model.sampling_sites().to_string()),
+            (
+                "output_kinds".to_string(),
+                serde_json::Value::Object(model.output_kinds_by_name()).to_string(),
+            ),
         ]);
         Ok(Response::new(pb::ModelMetadataResponse {
             name: model.name.clone(),

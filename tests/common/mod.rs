@@ -374,3 +374,40 @@ pub fn run_calibrate(dir: &Path, model: &str, lines: &[String]) -> std::process:
         .output()
         .unwrap()
 }
+
+/// erfc, Numerical Recipes' `erfcc` (relative error below 1.2e-7).
+pub fn erfc(x: f64) -> f64 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = [
+        -1.265_512_23,
+        1.000_023_68,
+        0.374_091_96,
+        0.096_784_18,
+        -0.186_288_06,
+        0.278_868_07,
+        -1.135_203_98,
+        1.488_515_87,
+        -0.822_152_23,
+        0.170_872_77,
+    ]
+    .iter()
+    .rev()
+    .fold(0.0, |acc, c| acc * t + c);
+    let r = t * (-z * z + poly).exp();
+    if x >= 0.0 { r } else { 2.0 - r }
+}
+
+/// z such that P(|Z| > z) = alpha for a standard normal Z (bisection).
+pub fn two_sided_z(alpha: f64) -> f64 {
+    let (mut lo, mut hi) = (0.0f64, 40.0f64);
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if erfc(mid / std::f64::consts::SQRT_2) > alpha {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    0.5 * (lo + hi)
+}

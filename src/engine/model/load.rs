@@ -55,28 +55,29 @@ impl LoadedModel {
             .map(|(i, n)| tensor_spec(n, eval_typed.output_fact(i)?))
             .collect::<TractResult<Vec<_>>>()?;
         let batch_symbol = batch_symbol(&inputs, &outputs);
-        let logits = softmax_logits(&proto, &outputs);
-        let probability_classes = probability_outputs(&config, &outputs, &logits);
+        let found = kinds::output_kinds(&proto, &config, &outputs)?;
+        let probability_classes = probability_outputs(&outputs, &found);
         let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
 
-        // Both graphs stop at the logits of a last-axis Softmax output, and the server
-        // applies the softmax itself, in f64. For MC, tract's Softmax has a cost per row
+        // Both graphs stop at the logits of a Softmax or Sigmoid output, and the server
+        // applies the activation itself, in f64. For MC, tract's Softmax has a cost per row
         // (breast_cancer's MC-50, 2 classes: 57-76 µs with it, 33-43 µs without). For both,
         // tract's row sum splits a row at a 64-byte boundary, so a row's last bits would
         // follow its place in the pass (`engine::kernels`); the server's sum does not.
         // Logits that are an output themselves stay as they are: one name, one output.
-        let server_softmax: Vec<Option<String>> = outputs
+        let server_activation: Vec<Option<(kinds::Activation, String)>> = outputs
             .iter()
-            .zip(&logits)
-            .map(|(o, l)| {
-                l.clone().filter(|l| {
+            .zip(&found)
+            .map(|(o, f)| {
+                f.activation.clone().filter(|(_, l)| {
                     matches!(o.datum, DatumType::F32 | DatumType::F64 | DatumType::F16)
                         && !outputs.iter().any(|other| other.name == *l)
                 })
             })
             .collect();
-        let (eval_typed, eval_softmax) =
-            cut_softmax(eval_typed, &server_softmax).context("cutting the eval graph at its logits")?;
+        let output_kinds = found.into_iter().map(|f| f.kind).collect();
+        let (eval_typed, eval_activation) =
+            cut_activations(eval_typed, &server_activation).context("cutting the eval graph at its logits")?;
         let eval_plans =
             Plans::new(eval_typed, batch_symbol.as_deref(), None, file_bytes).context("optimizing the eval graph")?;
         let probed = probe_sites(&onnx, &mut surgery, dir)?;
@@ -86,7 +87,7 @@ impl LoadedModel {
             &probed,
             dir,
             &inputs,
-            &server_softmax,
+            &server_activation,
             batch_symbol.as_deref(),
             file_bytes,
         );
@@ -97,6 +98,7 @@ impl LoadedModel {
             inputs,
             outputs,
             probability_classes,
+            output_kinds,
             batch_symbol,
             sites: surgery.sites,
             fixes: surgery.fixes,
@@ -105,7 +107,7 @@ impl LoadedModel {
             drift_reference: None,
             eval: EvalPlan {
                 plans: eval_plans,
-                softmax: eval_softmax,
+                activation: eval_activation,
             },
             mc,
             memory: ModelMemory::default(),
@@ -140,80 +142,52 @@ pub(super) fn batch_symbol(inputs: &[TensorSpec], outputs: &[TensorSpec]) -> Opt
     (inputs.iter().all(is_batch) && outputs.iter().all(is_batch)).then_some(first)
 }
 
-pub(super) fn probability_outputs(
-    config: &ModelConfig,
-    outputs: &[TensorSpec],
-    softmax_logits: &[Option<String>],
-) -> Vec<Option<usize>> {
+/// Per output: the classes along the last axis, when the output is one distribution
+/// along it (what calibration, prediction sets and referral work on).
+pub(super) fn probability_outputs(outputs: &[TensorSpec], found: &[kinds::FromGraph]) -> Vec<Option<usize>> {
     outputs
         .iter()
-        .zip(softmax_logits)
-        .map(|(o, logits)| {
-            let last = match o.shape.last() {
-                Some(Dim::Fixed(k)) if *k >= 2 => *k,
-                _ => return None,
-            };
-            let declared = match &config.probability_outputs {
-                Some(list) => list.contains(&o.name),
-                None => logits.is_some(),
-            };
-            declared.then_some(last)
+        .zip(found)
+        .map(|(o, f)| match &f.kind {
+            OutputKind::Categorical {
+                class_axes,
+                classes: Some(k),
+            } if *class_axes == [o.shape.len() - 1] => Some(*k),
+            _ => None,
         })
         .collect()
 }
 
-/// The typed graph with each output that `server_softmax` names given by the input of the
-/// Softmax that produced it (its logits); per output, whether it was cut.
-pub(super) fn cut_softmax(
+/// The typed graph with each output that `server_activation` names given by the input of
+/// the Softmax or Sigmoid that produced it (its logits); per output, the activation the
+/// server then applies. An output whose final node tract has changed (a Softmax before
+/// opset 13 becomes a reshaped one) stays as the graph gives it.
+pub(super) fn cut_activations(
     mut model: TypedModel,
-    server_softmax: &[Option<String>],
-) -> TractResult<(TypedModel, Vec<bool>)> {
+    server_activation: &[Option<(kinds::Activation, String)>],
+) -> TractResult<(TypedModel, Vec<Option<kinds::Activation>>)> {
     use tract_onnx::tract_core::ops::nn::Softmax;
     let mut outlets = model.outputs.clone();
-    let mut cut = vec![false; outlets.len()];
-    for (ix, logits) in server_softmax.iter().enumerate() {
-        if logits.is_none() {
+    let mut cut = vec![None; outlets.len()];
+    for (ix, found) in server_activation.iter().enumerate() {
+        let Some((activation, _)) = found else {
             continue;
-        }
+        };
         let node = model.node(outlets[ix].node);
-        if node.op_as::<Softmax>().is_some() && node.inputs.len() == 1 {
+        let matches = match activation {
+            kinds::Activation::Softmax { .. } => node.op_as::<Softmax>().is_some(),
+            kinds::Activation::Sigmoid => node.op().name() == "Sigmoid",
+        };
+        if matches && node.inputs.len() == 1 {
             outlets[ix] = node.inputs[0];
-            cut[ix] = true;
+            cut[ix] = Some(activation.clone());
         }
     }
-    if cut.iter().any(|c| *c) {
+    if cut.iter().any(Option::is_some) {
         model.select_output_outlets(&outlets)?;
         model = model.into_decluttered()?;
     }
     Ok((model, cut))
-}
-
-/// Per output: when a Softmax over the output's last axis produces it, the name of the
-/// Softmax's input (the logits).
-pub(super) fn softmax_logits(proto: &ModelProto, outputs: &[TensorSpec]) -> Vec<Option<String>> {
-    let graph = proto.graph.as_ref().expect("has graph");
-    let opset = onnx_graph::opset(proto);
-    outputs
-        .iter()
-        .map(|o| {
-            let n = graph.node.iter().find(|n| {
-                n.op_type == "Softmax"
-                    && (n.domain.is_empty() || n.domain == "ai.onnx")
-                    && n.output.first() == Some(&o.name)
-            })?;
-            let rank = o.shape.len() as i64;
-            let default_axis = if opset >= 13 { -1 } else { 1 };
-            let axis = n
-                .attribute
-                .iter()
-                .find(|a| a.name == "axis")
-                .map(|a| a.i)
-                .unwrap_or(default_axis);
-            // Before opset 13, Softmax normalises over all axes from `axis` on.
-            let axis = if axis < 0 { axis + rank } else { axis };
-            (axis == rank - 1).then(|| n.input.first().cloned()).flatten()
-        })
-        .collect()
 }
 
 /// The activation's data type and the mask's shape, per site (in site order).
@@ -279,7 +253,7 @@ pub(super) fn build_mc(
     probed: &Result<Probed, String>,
     dir: Option<&str>,
     inputs: &[TensorSpec],
-    server_softmax: &[Option<String>],
+    server_activation: &[Option<(kinds::Activation, String)>],
     batch_symbol: Option<&str>,
     file_bytes: u64,
 ) -> Result<McPlan, String> {
@@ -331,12 +305,15 @@ pub(super) fn build_mc(
             });
         }
     }
-    let logits_outputs: Vec<(usize, String)> = server_softmax
+    let logits_outputs: Vec<(usize, String)> = server_activation
         .iter()
         .enumerate()
-        .filter_map(|(ix, logits)| logits.clone().map(|l| (ix, l)))
+        .filter_map(|(ix, found)| found.as_ref().map(|(_, l)| (ix, l.clone())))
         .collect();
-    let softmax: Vec<bool> = server_softmax.iter().map(Option::is_some).collect();
+    let activation: Vec<Option<kinds::Activation>> = server_activation
+        .iter()
+        .map(|f| f.as_ref().map(|(a, _)| a.clone()))
+        .collect();
     let proto = surgery
         .mc_proto(&masks, &logits_outputs)
         .map_err(|e| format!("{e:#}"))?;
@@ -382,7 +359,7 @@ pub(super) fn build_mc(
         plans,
         masks,
         batch,
-        softmax,
+        activation,
         trunk,
     })
 }

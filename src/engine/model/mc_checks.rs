@@ -40,7 +40,7 @@ pub(super) fn unnamed(tensors: impl IntoIterator<Item = Tensor>) -> Vec<NamedTen
 }
 
 /// Dropout must move the raw MC graph's outputs (the logits, where the server applies the
-/// softmax, centred per row) by far more than float rounding: a variance merely above zero
+/// softmax, centred per distribution) by far more than float rounding: a variance merely above zero
 /// proves nothing (a saturated softmax gives 1e-39 from rounding alone). The spread of each
 /// element over the samples is measured against the output's scale.
 pub(super) fn check_live(plan: &McPlan, probe: &InputRows) -> CheckResult {
@@ -60,14 +60,11 @@ pub(super) fn check_live(plan: &McPlan, probe: &InputRows) -> CheckResult {
             .and_then(|masks| McPlan::run_plans(&plan.plans, shared, probe, step, masks))
             .and_then(|outs| {
                 outs.iter()
-                    .zip(&plan.softmax)
-                    .map(|(t, &softmax)| {
+                    .zip(&plan.activation)
+                    .map(|(t, activation)| {
                         let mut values = to_f64(t)?;
-                        if softmax {
-                            center_rows(
-                                &mut values,
-                                *t.shape().last().expect("softmax outputs have a last axis"),
-                            );
+                        if let Some(a) = activation {
+                            a.center(&mut values, t.shape());
                         }
                         Ok(values)
                     })
@@ -101,16 +98,6 @@ pub(super) fn check_live(plan: &McPlan, probe: &InputRows) -> CheckResult {
                  this model (zero variance)"
             ),
         )
-    }
-}
-
-/// Subtracts each row's mean: softmax ignores a shift shared by a row's logits, so only
-/// what is left can move a probability. (With equal weights every logit of a row moves
-/// alike, and the probabilities never move at all.)
-pub(super) fn center_rows(values: &mut [f64], classes: usize) {
-    for row in values.chunks_exact_mut(classes.max(1)) {
-        let mean = row.iter().sum::<f64>() / row.len() as f64;
-        row.iter_mut().for_each(|v| *v -= mean);
     }
 }
 

@@ -16,7 +16,6 @@
 use super::*;
 use crate::engine::error::{EngineError, pass_failed};
 use crate::engine::masks::MaskSampler;
-use crate::engine::uncertainty::Accumulator;
 
 /// One MC request of a merged pass.
 pub struct McPart<'b> {
@@ -166,14 +165,13 @@ impl McSession<'_> {
             for (o, ((shape, values), spec)) in outs.iter().zip(&self.model.outputs).enumerate() {
                 // Elements of one row of one sample.
                 let per_row = values.len() / (k * padded);
-                let classes = self.model.probability_classes.get(o).copied().flatten();
-                let mut acc = Accumulator::new(p.batch.rows * per_row, classes, p.keep_samples);
+                let mut shape = shape.clone();
+                shape[0] = p.batch.rows;
+                let mut acc = self.model.accumulator(o, &shape, p.keep_samples);
                 for s in 0..k {
                     let start = (s * padded + at) * per_row;
                     acc.push(&values[start..start + p.batch.rows * per_row]);
                 }
-                let mut shape = shape.clone();
-                shape[0] = p.batch.rows;
                 mine.push(McOutput {
                     name: spec.name.clone(),
                     shape,

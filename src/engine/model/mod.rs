@@ -18,6 +18,7 @@ pub use crate::engine::spec::*;
 
 mod checks;
 mod invariance;
+mod kinds;
 mod load;
 mod mc_checks;
 mod merged;
@@ -36,8 +37,10 @@ pub struct LoadedModel {
     pub config: ModelConfig,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
-    /// Per output: classes along the last axis when it is a probability output.
+    /// Per output: classes along the last axis when it is one distribution along it.
     pub probability_classes: Vec<Option<usize>>,
+    /// Per output: what its values are, which decides its uncertainty statistics.
+    pub output_kinds: Vec<OutputKind>,
     pub batch_symbol: Option<String>,
     pub sites: Vec<DropoutSite>,
     pub fixes: Vec<String>,
@@ -266,4 +269,35 @@ pub(super) fn probe_rows(model: &LoadedModel, batch: &InputRows, idx: &[usize]) 
         })
         .collect::<TractResult<Vec<_>>>()?;
     model.input_rows(tensors).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+impl LoadedModel {
+    /// The accumulator for output `o`, of `shape` per sample (its first dim the rows), with
+    /// the per-position entropies its kind gives.
+    pub(super) fn accumulator(
+        &self,
+        o: usize,
+        shape: &[usize],
+        keep_samples: bool,
+    ) -> crate::engine::uncertainty::Accumulator {
+        let kind = self.output_kinds.get(o).unwrap_or(&OutputKind::Other);
+        let len = shape.iter().product();
+        let positions = kind.positions(shape).unwrap_or_default();
+        crate::engine::uncertainty::Accumulator::with_layout(len, kind.layout(shape), positions, keep_samples)
+            .with_background(self.config.background_class)
+    }
+}
+
+impl LoadedModel {
+    /// Each output's kind by output name, as model metadata shows it.
+    pub fn output_kinds_by_name(&self) -> serde_json::Map<String, serde_json::Value> {
+        self.outputs
+            .iter()
+            .zip(&self.output_kinds)
+            .map(|(o, k)| {
+                let kind = serde_json::to_value(k).expect("an output kind serialises: this is a bug");
+                (o.name.clone(), kind)
+            })
+            .collect()
+    }
 }

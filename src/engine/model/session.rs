@@ -11,13 +11,14 @@ use crate::engine::masks::{MaskSampler, MaskSpec};
 use crate::engine::onnx_graph::MaskInput;
 use crate::engine::plans::{self, Plans};
 use crate::engine::uncertainty::{Accumulator, OutputStats};
+use kinds::Activation;
 use sizing::{aligned, pass_sizes, sample_step};
 
 pub(super) struct EvalPlan {
     pub(super) plans: Plans,
-    /// Per output: the plan gives the logits of a final last-axis Softmax, which the server
+    /// Per output: the plan gives the logits of a final Softmax or Sigmoid, which the server
     /// applies, in f64 (see `LoadedModel::load`).
-    pub(super) softmax: Vec<bool>,
+    pub(super) activation: Vec<Option<Activation>>,
 }
 
 pub(super) struct McPlan {
@@ -27,9 +28,9 @@ pub(super) struct McPlan {
     /// model has a batch axis and it leads every mask. None: each sample is its own pass
     /// (the file fixes the batch size, or a mask does not have the batch in front).
     pub(super) batch: Option<String>,
-    /// Per output: the graph gives the logits of a final last-axis Softmax, which the
+    /// Per output: the graph gives the logits of a final Softmax or Sigmoid, which the
     /// server applies (see `LoadedModel::load`).
-    pub(super) softmax: Vec<bool>,
+    pub(super) activation: Vec<Option<Activation>>,
     pub(super) trunk: Trunk,
 }
 
@@ -55,14 +56,11 @@ impl McPlan {
         let shared = matches!(self.trunk, Trunk::Shared { .. });
         let outs = Self::run_plans(&self.plans, shared, batch, k, masks)?;
         outs.iter()
-            .zip(&self.softmax)
-            .map(|(t, &softmax)| {
+            .zip(&self.activation)
+            .map(|(t, activation)| {
                 let mut values = to_f64(t)?;
-                if softmax {
-                    softmax_rows(
-                        &mut values,
-                        *t.shape().last().expect("softmax outputs have a last axis"),
-                    );
+                if let Some(a) = activation {
+                    a.apply(&mut values, t.shape());
                 }
                 Ok((t.shape().to_vec(), values))
             })
@@ -232,16 +230,13 @@ impl EvalSession<'_> {
         let plan = self.plan.plans.get(batch.rows, 1)?;
         let outs = plans::run(&plan, inputs)?;
         outs.into_iter()
-            .zip(&self.plan.softmax)
-            .map(|(t, &softmax)| {
-                if !softmax {
+            .zip(&self.plan.activation)
+            .map(|(t, activation)| {
+                let Some(activation) = activation else {
                     return Ok(t);
-                }
+                };
                 let mut values = to_f64(&t)?;
-                softmax_rows(
-                    &mut values,
-                    *t.shape().last().expect("softmax outputs have a last axis"),
-                );
+                activation.apply(&mut values, t.shape());
                 let probabilities = Tensor::from_shape(t.shape(), &values)?;
                 Ok(probabilities.cast_to_dt(t.datum_type())?.into_owned().into_tvalue())
             })
@@ -337,9 +332,8 @@ impl McDraw<'_> {
                     if run > 1 {
                         shape[0] /= run;
                     }
-                    let classes = self.model.probability_classes.get(o).copied().flatten();
-                    self.accumulators
-                        .push((shape, Accumulator::new(per_sample, classes, self.keep_samples)));
+                    let acc = self.model.accumulator(o, &shape, self.keep_samples);
+                    self.accumulators.push((shape, acc));
                 }
                 for s in 0..k {
                     self.accumulators[o]
@@ -375,35 +369,5 @@ impl McDraw<'_> {
                 stats: acc.finish(),
             })
             .collect()
-    }
-}
-
-/// Softmax over consecutive rows of `classes` values, in place, in f64.
-pub(super) fn softmax_rows(values: &mut [f64], classes: usize) {
-    for row in values.chunks_exact_mut(classes.max(1)) {
-        let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let mut sum = 0.0;
-        for v in row.iter_mut() {
-            *v = (*v - max).exp();
-            sum += *v;
-        }
-        for v in row.iter_mut() {
-            *v /= sum;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::softmax_rows;
-
-    #[test]
-    fn softmax_rows_closed_forms_and_extreme_logits() {
-        let mut v = vec![0.0, 3f64.ln(), 5.0, 5.0, 1000.0, 0.0, -1000.0, -1000.0];
-        softmax_rows(&mut v, 2);
-        let want = [0.25, 0.75, 0.5, 0.5, 1.0, 0.0, 0.5, 0.5];
-        for (g, w) in v.iter().zip(want) {
-            assert!((g - w).abs() < 1e-15, "{v:?}");
-        }
     }
 }

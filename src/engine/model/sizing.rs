@@ -32,11 +32,12 @@ impl LoadedModel {
             .map(|i| per_row(&i.shape) * i.datum.size_of() as u64)
             .sum();
         let output_elements_per_row = self.outputs.iter().map(|o| per_row(&o.shape)).sum();
-        let probability_rows_per_row = self
+        // Per-position entropies: a row of a classifier, every pixel of a map.
+        let entropy_positions_per_row = self
             .outputs
             .iter()
-            .zip(&self.probability_classes)
-            .filter_map(|(o, k)| k.map(|k| per_row(&o.shape) / k.max(1) as u64))
+            .zip(&self.output_kinds)
+            .filter_map(|(o, k)| k.positions(&o.shape).map(|p| per_row(&p)))
             .sum();
         let (mc_graph, mc_shared, mask_bytes_per_row) = match &self.mc {
             Err(_) => (None, false, 0),
@@ -57,7 +58,7 @@ impl LoadedModel {
             input_bytes_per_row,
             mask_bytes_per_row,
             output_elements_per_row,
-            probability_rows_per_row,
+            entropy_positions_per_row,
         }
     }
 

@@ -51,8 +51,10 @@ pub struct McAnswer<'a> {
 }
 
 /// The statistics of one output over the MC passes. `mean`, `variance` and `std` have the
-/// output's shape; the entropies have one value per row (the output's shape without its
-/// last axis) and come only for probability outputs. A calibrated regression output adds
+/// output's shape. The entropies come for categorical and Bernoulli outputs (see the
+/// model's `output_kinds`), one per position: shaped like the output without its class
+/// axes (categorical), or like the output itself (Bernoulli). Where a row has more than
+/// one position, `summary` scores each row. A calibrated regression output adds
 /// `intervals`; a calibrated probability output adds `prediction_sets`, `refer`,
 /// `refer_threshold` and `refer_target_error`.
 #[derive(Serialize, ToSchema)]
@@ -61,15 +63,25 @@ pub struct McOutput<'a> {
     /// Unbiased, accumulated in f64.
     pub variance: Nested<'a>,
     pub std: Nested<'a>,
-    /// Entropy of the mean distribution, per row (probability outputs only).
+    /// Entropy of the mean distribution, per position, in nats.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub predictive_entropy: Option<Nested<'a>>,
-    /// Mean entropy of the sampled distributions, per row (probability outputs only).
+    /// Mean entropy of the sampled distributions, per position.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expected_entropy: Option<Nested<'a>>,
-    /// predictive_entropy - expected_entropy: the model's own uncertainty, per row.
+    /// predictive_entropy - expected_entropy: the model's own uncertainty, per position.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mutual_information: Option<Nested<'a>>,
+    /// Scores per row over its positions, for outputs with more than one position a row:
+    /// `mean_predictive_entropy`, `max_predictive_entropy`, `mean_mutual_information`,
+    /// `max_mutual_information` (one per row); for Bernoulli outputs, or with the config's
+    /// `background_class`, `foreground_mean_predictive_entropy` and
+    /// `foreground_mean_mutual_information` (null for a row without foreground); and
+    /// `volume_mean`, `volume_std`, `volume_cv` ([rows, structures]: the positions each
+    /// class takes across samples).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<BTreeMap<String, Nested>>)]
+    pub summary: Option<ByName<&'static str, Nested<'a>>>,
     /// Every pass, shaped [mc_samples, ...output shape], with `return_samples=true`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub samples: Option<Nested<'a>>,

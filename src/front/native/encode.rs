@@ -51,16 +51,20 @@ fn mc_answer<'a>(model: &'a LoadedModel, mc: &'a McAnswer) -> answer::McAnswer<'
 fn mc_output<'a>(o: &'a McOutput, calibrated: Option<&'a Calibrated>) -> answer::McOutput<'a> {
     let s = &o.stats;
     let shape = &o.shape[..];
-    // Per-row values: the output's shape without its last axis.
+    // Per-row values of a last-axis probability output: its shape without that axis.
     let rows = &shape[..shape.len().saturating_sub(1)];
     let entropy = s.entropy.as_ref();
     let mut out = answer::McOutput {
         mean: Nested::floats(shape, &s.mean),
         variance: Nested::floats(shape, &s.variance),
         std: Nested::floats(shape, &s.std),
-        predictive_entropy: entropy.map(|e| Nested::floats(rows, &e.predictive_entropy)),
-        expected_entropy: entropy.map(|e| Nested::floats(rows, &e.expected_entropy)),
-        mutual_information: entropy.map(|e| Nested::floats(rows, &e.mutual_information)),
+        predictive_entropy: entropy.map(|e| Nested::floats(&e.shape, &e.predictive_entropy)),
+        expected_entropy: entropy.map(|e| Nested::floats(&e.shape, &e.expected_entropy)),
+        mutual_information: entropy.map(|e| Nested::floats(&e.shape, &e.mutual_information)),
+        summary: entropy.and_then(|e| e.summary.as_ref()).map(|r| {
+            let named = r.named().into_iter();
+            ByName(named.map(|(n, shape, v)| (n, Nested::floats(shape, v))).collect())
+        }),
         samples: s.samples.as_ref().map(|raw| {
             let shape: Vec<usize> = [s.count].iter().chain(shape).copied().collect();
             Nested::new(shape, Leaves::Floats(raw.into()))

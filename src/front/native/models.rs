@@ -98,6 +98,10 @@ pub struct ModelMetadata<'a> {
     pub inputs: Vec<TensorSpec<'a>>,
     pub outputs: Vec<TensorSpec<'a>>,
     pub probability_outputs: Vec<&'a str>,
+    /// Per output: `{"kind": "categorical", "class_axes": [1], "classes": 3}`,
+    /// `{"kind": "bernoulli"}` or `{"kind": "other"}`; decides its MC entropies.
+    #[schema(value_type = Object)]
+    pub output_kinds: serde_json::Map<String, serde_json::Value>,
     /// The symbolic batch dimension, if the model has one.
     pub batch_dim: Option<&'a str>,
     /// The dropout sites found in the graph.
@@ -129,6 +133,7 @@ impl<'a> ModelMetadata<'a> {
             inputs: m.inputs.iter().map(TensorSpec::from).collect(),
             outputs: m.outputs.iter().map(TensorSpec::from).collect(),
             probability_outputs: m.probability_output_names(),
+            output_kinds: m.output_kinds_by_name(),
             batch_dim: m.batch_symbol.as_deref(),
             dropout_sites: AsValue(&m.sites),
             graph_fixes: &m.fixes,

@@ -2,8 +2,11 @@
 //!
 //! Eval answers carry each model output under its own name. MC answers carry the mean
 //! under the output's name, and the statistics as derived outputs `y.variance`, `y.std`,
-//! for probability outputs `y.predictive_entropy`, `y.expected_entropy` and
-//! `y.mutual_information` (one value per row), and `y.samples` when asked for. A model
+//! for categorical and Bernoulli outputs `y.predictive_entropy`, `y.expected_entropy` and
+//! `y.mutual_information` (one value per position: shaped like `y` without its class axes,
+//! or like `y` for a Bernoulli output), for those with more than one position a row the
+//! per-row scores `y.summary.mean_predictive_entropy` (`max_`, and the same for
+//! `mutual_information`), and `y.samples` when asked for. A model
 //! with a calibration adds, for a regression output, `y.interval_0.95_lower` and
 //! `y.interval_0.95_upper` per level (FP64, shaped like `y`; ±inf where unbounded), and for
 //! a probability output `y.set_0.95` per level, a BOOL membership mask shaped like `y`
@@ -14,7 +17,7 @@ use tract_onnx::prelude::*;
 
 use crate::core::guarantees::Calibrated;
 use crate::core::tensors::{DataType, f32_bytes, f64_bytes, tensor_bytes};
-use crate::core::view::{Dim, LoadedModel, TensorSpec};
+use crate::core::view::{Dim, LoadedModel, OutputKind, TensorSpec, row_summary};
 use crate::core::view::{OutputCalibration, level_key};
 use crate::core::{Answer, MODEL_VERSION};
 use crate::error::Error;
@@ -28,6 +31,19 @@ use crate::front::oip::types::{
 const STATS: [&str; 2] = ["variance", "std"];
 const ENTROPIES: [&str; 3] = ["predictive_entropy", "expected_entropy", "mutual_information"];
 const SAMPLES: &str = "samples";
+/// Whether the summary has foreground means: Bernoulli outputs, and categorical ones of a
+/// model whose config names its background class.
+fn has_foreground(model: &LoadedModel, kind: &OutputKind) -> bool {
+    match kind {
+        OutputKind::Bernoulli => true,
+        OutputKind::Categorical { .. } => model.config.background_class.is_some(),
+        OutputKind::Other => false,
+    }
+}
+
+fn summary_name(output: &str, statistic: &str) -> String {
+    format!("{output}.summary.{statistic}")
+}
 const REFER: &str = "refer";
 
 fn interval_name(output: &str, level: f64, bound: &str) -> String {
@@ -90,7 +106,7 @@ pub fn input_meta(model: &LoadedModel) -> Result<Vec<(String, DataType, Vec<i64>
 pub fn output_meta(model: &LoadedModel) -> Result<Vec<OutputMeta>, Error> {
     let mc = model.mc_unavailable_reason().is_none();
     let mut out = vec![];
-    for (spec, classes) in model.outputs.iter().zip(&model.probability_classes) {
+    for (spec, kind) in model.outputs.iter().zip(&model.output_kinds) {
         let shape = dims(&spec.shape);
         out.push(OutputMeta {
             name: spec.name.clone(),
@@ -110,14 +126,33 @@ pub fn output_meta(model: &LoadedModel) -> Result<Vec<OutputMeta>, Error> {
             });
         }
         let rows = shape[..shape.len().saturating_sub(1)].to_vec();
-        if classes.is_some() {
+        if let Some(positions) = kind.positions(&shape) {
             for suffix in ENTROPIES {
                 out.push(OutputMeta {
                     name: format!("{}.{suffix}", spec.name),
                     datatype: DataType::F64,
-                    shape: rows.clone(),
+                    shape: positions.clone(),
                     mc_only: true,
                 });
+            }
+            // A summary where a row may have more than one position (a dim of -1 may).
+            if positions.iter().skip(1).any(|&d| d != 1) {
+                let structures = match kind {
+                    OutputKind::Categorical { classes, .. } => classes.map_or(-1, |k| k as i64),
+                    _ => 1,
+                };
+                for suffix in row_summary::statistics(has_foreground(model, kind)) {
+                    let mut shape = positions[..1].to_vec();
+                    if suffix.starts_with("volume_") {
+                        shape.push(structures);
+                    }
+                    out.push(OutputMeta {
+                        name: summary_name(&spec.name, suffix),
+                        datatype: DataType::F64,
+                        shape,
+                        mc_only: true,
+                    });
+                }
             }
         }
         let mc_only = |name: String, datatype: DataType, shape: Vec<i64>| OutputMeta {
@@ -189,6 +224,7 @@ pub fn metadata(model: &LoadedModel) -> Result<ModelMetadata<'_>, Error> {
             dropout_sites: model.sampling_sites(),
             calibrated: model.calibration.is_some(),
             refer_target_error: model.calibration.as_ref().map(|c| c.refer_target),
+            output_kinds: model.output_kinds_by_name(),
         },
     })
 }
@@ -308,10 +344,18 @@ pub fn answer_outputs(model: &LoadedModel, answer: Answer) -> Result<(Vec<OutTen
                     out.push(floats(format!("{}.{suffix}", o.name), o.shape.clone(), values));
                 }
                 if let Some(e) = s.entropy {
-                    let rows = o.shape[..o.shape.len() - 1].to_vec();
-                    let per_row = [e.predictive_entropy, e.expected_entropy, e.mutual_information];
-                    for (suffix, values) in ENTROPIES.into_iter().zip(per_row) {
-                        out.push(floats(format!("{}.{suffix}", o.name), rows.clone(), values));
+                    let per_position = [e.predictive_entropy, e.expected_entropy, e.mutual_information];
+                    for (suffix, values) in ENTROPIES.into_iter().zip(per_position) {
+                        out.push(floats(format!("{}.{suffix}", o.name), e.shape.clone(), values));
+                    }
+                    if let Some(summary) = &e.summary {
+                        for (statistic, shape, values) in summary.named() {
+                            out.push(floats(
+                                summary_name(&o.name, statistic),
+                                shape.to_vec(),
+                                values.to_vec(),
+                            ));
+                        }
                     }
                 }
                 let rows = o.shape[..o.shape.len().saturating_sub(1)].to_vec();

@@ -67,6 +67,10 @@ pub struct ModelParameters {
     pub calibrated: bool,
     /// The error the referral keeps accepted rows under; null without a calibration.
     pub refer_target_error: Option<f64>,
+    /// Per output: `{"kind": "categorical", "class_axes": [1], "classes": 3}`,
+    /// `{"kind": "bernoulli"}` or `{"kind": "other"}`; decides its MC entropies.
+    #[schema(value_type = Object)]
+    pub output_kinds: serde_json::Map<String, Value>,
 }
 
 #[derive(Serialize, ToSchema)]

@@ -59,16 +59,6 @@ fn inputs(m: &LoadedModel, spec: &Value) -> Vec<Tensor> {
         .collect()
 }
 
-fn nested_shape(v: &Value) -> Vec<usize> {
-    let mut shape = vec![];
-    let mut at = v;
-    while let Some(a) = at.as_array() {
-        shape.push(a.len());
-        at = &a[0];
-    }
-    shape
-}
-
 /// Per position, the class probabilities of one sample of `len` values: along axis 1
 /// (categorical, `classes` of them), or (p, 1 − p) per element (Bernoulli, `classes` 0).
 fn distributions(sample: &[f64], rows: usize, classes: usize) -> Vec<Vec<f64>> {

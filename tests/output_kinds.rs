@@ -110,16 +110,6 @@ fn nest(values: &[f64], shape: &[usize]) -> Value {
     Value::Array(values.chunks(step).map(|c| nest(c, &shape[1..])).collect())
 }
 
-fn nested_shape(v: &Value) -> Vec<usize> {
-    let mut shape = vec![];
-    let mut at = v;
-    while let Some(a) = at.as_array() {
-        shape.push(a.len());
-        at = &a[0];
-    }
-    shape
-}
-
 fn h(p: &[f64]) -> f64 {
     p.iter().filter(|&&x| x > 0.0).map(|&x| -x * x.ln()).sum()
 }

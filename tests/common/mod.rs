@@ -75,6 +75,17 @@ pub fn uniform(seed: u64) -> impl FnMut() -> f64 {
     }
 }
 
+/// The shape of nested JSON arrays, read along each first element.
+pub fn nested_shape(v: &serde_json::Value) -> Vec<usize> {
+    let mut shape = vec![];
+    let mut at = v;
+    while let Some(a) = at.as_array() {
+        shape.push(a.len());
+        at = &a[0];
+    }
+    shape
+}
+
 pub fn f64s(v: &serde_json::Value) -> Vec<f64> {
     fn walk(v: &serde_json::Value, out: &mut Vec<f64>) {
         match v {

@@ -11,7 +11,7 @@
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -27,9 +27,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
-use crate::core::memory_budget;
 use crate::error::Error;
 use crate::front::head_limits;
+use crate::front::large_answers::TrimLarge;
 
 /// How long a connection may take, each with its flag (`config`).
 #[derive(Debug, Clone, Copy)]
@@ -384,7 +384,7 @@ impl tower::Service<Request<Incoming>> for RequestService {
             };
             Ok(response.map(|body| {
                 Body::new(Tracked {
-                    inner: body,
+                    inner: TrimLarge::new(body),
                     _in_flight: in_flight,
                 })
             }))
@@ -393,9 +393,9 @@ impl tower::Service<Request<Incoming>> for RequestService {
 }
 
 /// An answer's body, holding its request in flight until written; a large buffer of it
-/// trims the heap once freed ([`memory_budget::trim_when_freed`]).
+/// trims the heap once freed ([`TrimLarge`]).
 struct Tracked {
-    inner: Body,
+    inner: TrimLarge<Body>,
     _in_flight: InFlight,
 }
 
@@ -407,8 +407,7 @@ impl http_body::Body for Tracked {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        Poll::Ready(frame.map(|f| f.map(|f| f.map_data(memory_budget::trim_when_freed))))
+        Pin::new(&mut self.inner).poll_frame(cx)
     }
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()

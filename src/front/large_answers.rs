@@ -1,5 +1,5 @@
-//! The gRPC listener's answers, with their large buffers trimming the heap once freed
-//! ([`memory_budget::trim_when_freed`]); the HTTP listener's answers do the same in
+//! Answers whose large buffers trim the heap once freed ([`memory_budget::trim_when_freed`]):
+//! the gRPC listener's through [`TrimLargeLayer`], the HTTP listener's in
 //! [`connections`](crate::front::connections).
 
 use std::future::Future;
@@ -44,6 +44,12 @@ where
 
 /// An answer body whose large data frames trim the heap once freed.
 pub struct TrimLarge<B>(B);
+
+impl<B> TrimLarge<B> {
+    pub fn new(body: B) -> TrimLarge<B> {
+        TrimLarge(body)
+    }
+}
 
 impl<B> http_body::Body for TrimLarge<B>
 where

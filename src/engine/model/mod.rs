@@ -238,7 +238,7 @@ impl LoadedModel {
 fn out_of_table(spec: &TensorSpec, t: &Tensor, limit: usize) -> Option<InputMismatch> {
     let limit_i = i64::try_from(limit).unwrap_or(i64::MAX);
     let values = t.cast_to::<i64>().ok()?;
-    let values = values.try_as_plain_ram().ok()?.as_slice::<i64>().ok()?.to_vec();
+    let values = values.try_as_plain_ram().ok()?.as_slice::<i64>().ok()?;
     let i = values.iter().position(|&v| v < -limit_i || v >= limit_i)?;
     // The flat position as one index per axis.
     let mut at = vec![0; t.rank()];

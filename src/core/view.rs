@@ -7,5 +7,4 @@ pub use crate::engine::conformal::{self, CalibrationFile, OutputCalibration, lev
 pub use crate::engine::model::{CheckResult, LoadedModel, McOutput};
 pub use crate::engine::onnx_graph::DropoutSite;
 pub use crate::engine::repo::{LoadFailure, ModelRepo, load_model};
-pub use crate::engine::row_summary;
 pub use crate::engine::spec::{Dim, OutputKind, TensorSpec, shape_string, to_f64};

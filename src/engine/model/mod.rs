@@ -289,6 +289,18 @@ impl LoadedModel {
 }
 
 impl LoadedModel {
+    /// The per-row summary statistics an output of `kind` carries, in answer order: the
+    /// foreground means for Bernoulli outputs, and for categorical ones of a model whose
+    /// config names its background class.
+    pub fn summary_statistics(&self, kind: &OutputKind) -> Vec<&'static str> {
+        let foreground = match kind {
+            OutputKind::Bernoulli => true,
+            OutputKind::Categorical { .. } => self.config.background_class.is_some(),
+            OutputKind::Other => false,
+        };
+        crate::engine::row_summary::statistics(foreground)
+    }
+
     /// Each output's kind by output name, as model metadata shows it.
     pub fn output_kinds_by_name(&self) -> serde_json::Map<String, serde_json::Value> {
         self.outputs

@@ -17,7 +17,7 @@ use tract_onnx::prelude::*;
 
 use crate::core::guarantees::Calibrated;
 use crate::core::tensors::{DataType, f32_bytes, f64_bytes, tensor_bytes};
-use crate::core::view::{Dim, LoadedModel, OutputKind, TensorSpec, row_summary};
+use crate::core::view::{Dim, LoadedModel, OutputKind, TensorSpec};
 use crate::core::view::{OutputCalibration, level_key};
 use crate::core::{Answer, MODEL_VERSION};
 use crate::error::Error;
@@ -31,16 +31,6 @@ use crate::front::oip::types::{
 const STATS: [&str; 2] = ["variance", "std"];
 const ENTROPIES: [&str; 3] = ["predictive_entropy", "expected_entropy", "mutual_information"];
 const SAMPLES: &str = "samples";
-/// Whether the summary has foreground means: Bernoulli outputs, and categorical ones of a
-/// model whose config names its background class.
-fn has_foreground(model: &LoadedModel, kind: &OutputKind) -> bool {
-    match kind {
-        OutputKind::Bernoulli => true,
-        OutputKind::Categorical { .. } => model.config.background_class.is_some(),
-        OutputKind::Other => false,
-    }
-}
-
 fn summary_name(output: &str, statistic: &str) -> String {
     format!("{output}.summary.{statistic}")
 }
@@ -141,7 +131,7 @@ pub fn output_meta(model: &LoadedModel) -> Result<Vec<OutputMeta>, Error> {
                     OutputKind::Categorical { classes, .. } => classes.map_or(-1, |k| k as i64),
                     _ => 1,
                 };
-                for suffix in row_summary::statistics(has_foreground(model, kind)) {
+                for suffix in model.summary_statistics(kind) {
                     let mut shape = positions[..1].to_vec();
                     if suffix.starts_with("volume_") {
                         shape.push(structures);

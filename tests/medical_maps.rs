@@ -339,13 +339,56 @@ async fn front_ends_carry_per_position_maps_and_summaries() {
         let kinds: Value = serde_json::from_str(&gm.properties["output_kinds"]).unwrap();
         assert_eq!(kinds[&out], *kind, "{name}");
 
-        // Native.
+        let has_summary = shape[1..].iter().product::<usize>() > 1;
+        // What a request chose, and what each output returns by default: everything for
+        // one position a row, the mean, two entropies and the summary for more.
+        let chosen: Vec<&str> = STATS.iter().copied().chain(has_summary.then_some("summary")).collect();
+        let default: Vec<&str> = if has_summary {
+            vec!["mean", "predictive_entropy", "mutual_information", "summary"]
+        } else {
+            vec![
+                "mean",
+                "variance",
+                "std",
+                "predictive_entropy",
+                "expected_entropy",
+                "mutual_information",
+            ]
+        };
+        let keys = |o: &Value| -> Vec<String> {
+            let mut k: Vec<String> = o.as_object().unwrap().keys().cloned().collect();
+            k.sort();
+            k
+        };
+        let sorted = |v: &[&str]| -> Vec<String> {
+            let mut v: Vec<String> = v.iter().map(|s| s.to_string()).collect();
+            v.sort();
+            v
+        };
+
+        // Native: the statistics chosen, and only those.
         let body = json!({"inputs": spec["inputs"]});
         let (st, a, _) = s
-            .post(&format!("/models/{name}/predict?mc_samples={N1}&seed={SEED}"), &body)
+            .post(
+                &format!(
+                    "/models/{name}/predict?mc_samples={N1}&seed={SEED}&statistics={}",
+                    chosen.join(",")
+                ),
+                &body,
+            )
             .await;
         assert_eq!(st, 200, "{a}");
         let o = &a["outputs"][&out];
+        assert_eq!(keys(o), sorted(&chosen), "{name}: native with statistics");
+        let (st, d, _) = s
+            .post(&format!("/models/{name}/predict?mc_samples={N1}&seed={SEED}"), &body)
+            .await;
+        assert_eq!(st, 200, "{d}");
+        assert_eq!(keys(&d["outputs"][&out]), sorted(&default), "{name}: native default");
+        assert_eq!(
+            d["outputs"][&out]["predictive_entropy"], o["predictive_entropy"],
+            "{name}"
+        );
         let native: [Vec<f64>; 3] = STATS.map(|stat| f64s(&o[stat]));
         for stat in STATS {
             assert_eq!(nested_shape(&o[stat]), *shape, "{name} {stat}");
@@ -367,7 +410,6 @@ async fn front_ends_carry_per_position_maps_and_summaries() {
             "mean_mutual_information",
             "max_mutual_information",
         ];
-        let has_summary = shape[1..].iter().product::<usize>() > 1;
         assert_eq!(o["summary"].is_object(), has_summary, "{name}: {}", o["summary"]);
         let per_row = native[0].len() / shape[0];
         if has_summary {
@@ -388,10 +430,16 @@ async fn front_ends_carry_per_position_maps_and_summaries() {
             }
         }
 
-        // OIP REST, JSON answer: the same values under the derived names.
+        // OIP REST, JSON answer: the same values under the derived names; the outputs
+        // named are what comes back.
+        let mut named: Vec<String> = STATS.iter().map(|stat| format!("{out}.{stat}")).collect();
+        if has_summary {
+            named.extend(summary_names.iter().map(|stat| format!("{out}.summary.{stat}")));
+        }
         let request = json!({
             "inputs": oip_inputs(&meta, &spec),
             "parameters": {"mc_samples": N1, "seed": SEED},
+            "outputs": named.iter().map(|n| json!({"name": n})).collect::<Vec<_>>(),
         });
         let (st, rest, _) = s.post(&format!("/v2/models/{name}/infer"), &request).await;
         assert_eq!(st, 200, "{rest}");
@@ -401,6 +449,37 @@ async fn front_ends_carry_per_position_maps_and_summaries() {
             .iter()
             .map(|o| (o["name"].as_str().unwrap().to_string(), o))
             .collect();
+        let names_of = |outputs: &Value| -> Vec<String> {
+            outputs
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| o["name"].as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(names_of(&rest["outputs"]), named, "{name}: OIP REST with outputs");
+        let mut request = request;
+        request.as_object_mut().unwrap().remove("outputs");
+        let (st, rest_default, _) = s.post(&format!("/v2/models/{name}/infer"), &request).await;
+        assert_eq!(st, 200, "{rest_default}");
+        let mut want_default: Vec<String> = vec![];
+        for stat in &default {
+            match *stat {
+                "mean" => want_default.push(out.clone()),
+                "summary" => want_default.extend(summary_names.iter().map(|x| format!("{out}.summary.{x}"))),
+                other => want_default.push(format!("{out}.{other}")),
+            }
+        }
+        let mut got_default = names_of(&rest_default["outputs"]);
+        // A Bernoulli output's summary adds foreground means and volumes: kept to the four
+        // scores compared here.
+        got_default.retain(|n| {
+            n.split_once(".summary.")
+                .is_none_or(|(_, score)| summary_names.contains(&score))
+        });
+        got_default.sort();
+        want_default.sort();
+        assert_eq!(got_default, want_default, "{name}: OIP REST default");
         for (stat, values) in STATS.iter().zip(&native) {
             let t = rest_out[&format!("{out}.{stat}")];
             assert_eq!(t["shape"], json!(shape), "{name} {stat}");
@@ -435,9 +514,18 @@ async fn front_ends_carry_per_position_maps_and_summaries() {
                     },
                 ),
             ]),
+            outputs: named
+                .iter()
+                .map(|n| pb::model_infer_request::InferRequestedOutputTensor {
+                    name: n.clone(),
+                    ..Default::default()
+                })
+                .collect(),
             ..Default::default()
         };
         let g = grpc.model_infer(request).await.unwrap().into_inner();
+        let grpc_names: Vec<String> = g.outputs.iter().map(|o| o.name.clone()).collect();
+        assert_eq!(grpc_names, named, "{name}: gRPC with outputs");
         let by_name = |n: &str| {
             let i = g.outputs.iter().position(|o| o.name == n);
             i.map(|i| (g.outputs[i].shape.clone(), le_f64(&g.raw_output_contents[i])))
@@ -459,14 +547,14 @@ async fn front_ends_carry_per_position_maps_and_summaries() {
             }
         }
 
-        // Three answers of `rows` rows: one histogram observation per row, not per position.
+        // Five answers of `rows` rows: one histogram observation per row, not per position.
         let scrape = s.metrics().await;
         let observed = metric_sum(
             &scrape,
             "mcd_predictive_entropy",
             &[("model", name), ("output", out.as_str())],
         );
-        assert_eq!(observed, 3.0 * shape[0] as f64, "{name}");
+        assert_eq!(observed, 5.0 * shape[0] as f64, "{name}");
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
     s.stop().await;

@@ -10,6 +10,7 @@ use common::*;
 use mcd_serve::engine::footprint::ENCODED_BYTES_PER_VALUE;
 use mcd_serve::engine::model::{InputRows, LoadedModel, McSamples};
 use mcd_serve::engine::repo::load_model;
+use mcd_serve::engine::statistics::Requested;
 use mcd_serve::front::native::decode::parse_request;
 use mcd_serve::front::values::Nested;
 use serde_json::{Value, json};
@@ -101,7 +102,8 @@ fn pass_and_answer_estimates_bound_what_passes_allocate() {
             let kept = LIVE.load(Ordering::Relaxed).saturating_sub(before);
             println!("{name}: the first MC pass of {k} samples x {rows} rows kept {kept} bytes (its plan, cached)");
             let (_, measured) = peak_of(|| session.run_in_passes(&b, n, 1, false, k).unwrap());
-            let estimate = model.mc_pass_bytes(rows, k) + model.mc_answer_bytes(rows, n.get(), false);
+            let estimate =
+                model.mc_pass_bytes(rows, k) + model.mc_answer_bytes(rows, n.get(), Requested::Defaults, false);
             let pass = model.mc_pass_bytes(rows, k);
             println!(
                 "{name}: MC pass of {k} samples x {rows} rows: pass estimate {:.2} MiB, measured (pass and \

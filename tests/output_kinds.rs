@@ -8,6 +8,7 @@ mod common;
 
 use common::*;
 use mcd_serve::config::ServeArgs;
+use mcd_serve::engine::statistics::{Requested, StatSet, Statistic};
 use prost::Message;
 use serde_json::{Value, json};
 use tract_onnx::pb::{
@@ -49,6 +50,11 @@ fn node(op: &str, inputs: &[&str], output: &str, attribute: Vec<AttributeProto>)
 
 /// x [batch, dims] → Dropout(0.5, training) → `activation` (with `axis`, if given) → y.
 fn model(opset: i64, dims: &[i64], activation: &str, axis: Option<i64>) -> Vec<u8> {
+    model_with_ratio(opset, dims, activation, axis, 0.5)
+}
+
+/// The same with another dropout ratio.
+fn model_with_ratio(opset: i64, dims: &[i64], activation: &str, axis: Option<i64>, ratio: f32) -> Vec<u8> {
     let attribute = axis
         .map(|i| {
             vec![AttributeProto {
@@ -62,7 +68,7 @@ fn model(opset: i64, dims: &[i64], activation: &str, axis: Option<i64>) -> Vec<u
     let ratio = TensorProto {
         name: "ratio".into(),
         data_type: DataType::Float as i32,
-        float_data: vec![0.5],
+        float_data: vec![ratio],
         ..Default::default()
     };
     let training = TensorProto {
@@ -147,12 +153,29 @@ fn direct(samples: &[f64], len: usize, classes: usize, inner: usize) -> [Vec<f64
 
 const STATS: [&str; 3] = ["predictive_entropy", "expected_entropy", "mutual_information"];
 
-/// An MC answer of `model` for x of `shape` ([2, ...]), with its samples.
+const ALL_STATISTICS: &str = "mean,variance,std,predictive_entropy,expected_entropy,mutual_information,summary";
+
+/// An MC answer of `model` for x of `shape` ([2, ...]), with its samples and every statistic.
 async fn mc(s: &TestServer, model: &str, x: &[f64], shape: &[usize]) -> Value {
     let body = json!({"inputs": {"x": nest(x, shape)}});
+    // Every statistic the output has, asked for by name: a map's default leaves some out,
+    // and naming one the model has none of is refused.
+    let (_, meta) = s.get(&format!("/v2/models/{model}")).await;
+    let offered: Vec<&str> = ALL_STATISTICS
+        .split(',')
+        .filter(|stat| {
+            meta["outputs"].as_array().unwrap().iter().any(|o| {
+                let name = o["name"].as_str().unwrap();
+                name == format!("y.{stat}") || name.starts_with(&format!("y.{stat}.")) || *stat == "mean"
+            })
+        })
+        .collect();
     let (st, a, _) = s
         .post(
-            &format!("/models/{model}/predict?mc_samples=300&seed=5&return_samples=true"),
+            &format!(
+                "/models/{model}/predict?mc_samples=300&seed=5&return_samples=true&statistics={}",
+                offered.join(",")
+            ),
             &body,
         )
         .await;
@@ -392,8 +415,23 @@ fn the_answer_estimate_counts_every_position_and_bad_declarations_are_refused() 
     let labels = load_model("labels", &path("labels")).unwrap();
     let declared = load_model("declared", &path("declared")).unwrap();
     for rows in [1, 3] {
-        let extra = labels.mc_answer_bytes(rows, 10, false) - declared.mc_answer_bytes(rows, 10, false);
+        // Every statistic asked for: the entropies are what the Bernoulli kind adds.
+        let all = Requested::Every(StatSet::of(Statistic::ALL));
+        let extra = labels.mc_answer_bytes(rows, 10, all, false) - declared.mc_answer_bytes(rows, 10, all, false);
         assert_eq!(extra, rows as u64 * 4 * (4 * 8 + 3 * ENCODED_BYTES_PER_VALUE));
+        // By default the labels return mean, predictive entropy and mutual information (3
+        // values a label) besides the summary; asked for the summary alone, none of them.
+        let summary = Requested::Every(StatSet::of([Statistic::Summary]));
+        let saved = labels.mc_answer_bytes(rows, 10, Requested::Defaults, false)
+            - labels.mc_answer_bytes(rows, 10, summary, false);
+        assert_eq!(saved, rows as u64 * 4 * 3 * ENCODED_BYTES_PER_VALUE);
+        // Samples count only where they come back.
+        let named = |stats: &[Statistic]| Requested::Union(StatSet::of(stats.iter().copied()));
+        assert_eq!(labels.returned_values(rows, 10, named(&[Statistic::Mean])), 0);
+        assert_eq!(
+            labels.returned_values(rows, 10, named(&[Statistic::Samples])),
+            rows as u64 * 10 * 4
+        );
     }
     let err = load_model("wrong_name", &path("wrong_name")).err().unwrap();
     assert!(err.contains("output 'z'") && err.contains("'y'"), "{err}");
@@ -401,18 +439,234 @@ fn the_answer_estimate_counts_every_position_and_bad_declarations_are_refused() 
     assert!(err.contains("class_axis 2"), "{err}");
 }
 
-/// `mcd-serve calibrate` refuses an output with per-position uncertainty (here Bernoulli
-/// labels), with the reason, rather than claim a guarantee no method behind it gives.
+/// A choice of statistics that cannot be met is refused with what the model offers, on
+/// every spelling; and what an answer returns is what the budget counts: a request whose
+/// samples would pass `--max-returned-samples` is refused natively, and answered on OIP when
+/// its `outputs` leave the samples out.
+#[tokio::test]
+async fn statistics_are_chosen_refused_with_the_offer_and_counted_as_returned() {
+    let dir = tempdir::TempDir::new();
+    std::fs::write(dir.path().join("labels.onnx"), model(13, &[4], "Sigmoid", None)).unwrap();
+    std::fs::write(dir.path().join("declared.onnx"), model(13, &[4], "Sigmoid", None)).unwrap();
+    std::fs::write(
+        dir.path().join("declared.model.json"),
+        r#"{"output_kinds": {"y": {"kind": "other"}}}"#,
+    )
+    .unwrap();
+    let mut args = ServeArgs::for_models(dir.path());
+    // 2 rows × 300 samples × 4 elements = 2,400 sample values.
+    args.max_returned_samples = 1000;
+    let s = TestServer::start(args).await;
+    let x = json!({"inputs": {"x": [[0.5, -1.0, 2.0, 0.0], [3.0, 0.1, -2.0, 1.0]]}});
+    let native = |model: &str, query: &str| format!("/models/{model}/predict?mc_samples=300&seed=1{query}");
+
+    let (st, a, _) = s.post(&native("labels", "&statistics=summary,std"), &x).await;
+    assert_eq!(st, 200, "{a}");
+    let mut keys: Vec<&String> = a["outputs"]["y"].as_object().unwrap().keys().collect();
+    keys.sort();
+    assert_eq!(keys, ["std", "summary"], "{a}");
+    for (model, query, says) in [
+        ("labels", "&statistics=entropy", "unknown statistic 'entropy'"),
+        ("labels", "&statistics=", "names none"),
+        ("labels", "&statistics=samples", "return_samples"),
+        ("declared", "&statistics=mean,summary", "no output with summary"),
+    ] {
+        let (st, a, _) = s.post(&native(model, query), &x).await;
+        assert_eq!(
+            (st, a["error_type"].as_str()),
+            (422, Some("invalid_parameter")),
+            "{query}: {a}"
+        );
+        assert!(a["error"].as_str().unwrap().contains(says), "{query}: {a}");
+    }
+    let (st, a, _) = s.post("/models/labels/predict?statistics=mean", &x).await;
+    assert_eq!((st, a["error_type"].as_str()), (422, Some("mode_mismatch")), "{a}");
+
+    // OIP REST: the same choice as a request parameter; or through `outputs`, not both.
+    let oip = |params: Value, outputs: Option<Vec<&str>>| {
+        let mut body = json!({
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4],
+                        "data": [0.5, -1.0, 2.0, 0.0, 3.0, 0.1, -2.0, 1.0]}],
+            "parameters": params,
+        });
+        if let Some(names) = outputs {
+            body["outputs"] = names.iter().map(|n| json!({"name": n})).collect();
+        }
+        body
+    };
+    let names = |a: &Value| -> Vec<String> {
+        a["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let mc = json!({"mc_samples": 300, "seed": 1});
+    let (st, a, _) = s
+        .post(
+            "/v2/models/labels/infer",
+            &oip(json!({"mc_samples": 300, "statistics": "mean,std"}), None),
+        )
+        .await;
+    assert_eq!(st, 200, "{a}");
+    assert_eq!(names(&a), ["y", "y.std"]);
+    let (st, a, _) = s
+        .post(
+            "/v2/models/labels/infer",
+            &oip(json!({"mc_samples": 300, "statistics": "std"}), Some(vec!["y.std"])),
+        )
+        .await;
+    assert_eq!((st, a["error_type"].as_str()), (422, Some("invalid_parameter")), "{a}");
+
+    // The samples: refused where they would come back, answered where they would not.
+    let (st, a, _) = s.post(&native("labels", "&return_samples=true"), &x).await;
+    assert_eq!((st, a["error_type"].as_str()), (413, Some("payload_too_large")), "{a}");
+    let mut with_samples = mc.clone();
+    with_samples["return_samples"] = json!(true);
+    let (st, a, _) = s
+        .post("/v2/models/labels/infer", &oip(with_samples.clone(), None))
+        .await;
+    assert_eq!(st, 413, "{a}");
+    let (st, a, _) = s
+        .post(
+            "/v2/models/labels/infer",
+            &oip(with_samples, Some(vec!["y", "y.mutual_information"])),
+        )
+        .await;
+    assert_eq!(st, 200, "{a}");
+    assert_eq!(names(&a), ["y", "y.mutual_information"]);
+    s.stop().await;
+}
+
+/// `mcd-serve calibrate` refuses an output with per-position uncertainty (here a binary
+/// mask, a Bernoulli map), with the reason, rather than claim a guarantee no method behind
+/// it gives.
 #[test]
 fn calibrate_refuses_per_position_outputs_with_the_reason() {
     let dir = tempdir::TempDir::new();
-    std::fs::write(dir.path().join("labels.onnx"), model(13, &[4], "Sigmoid", None)).unwrap();
+    std::fs::write(dir.path().join("mask.onnx"), model(13, &[1, 2, 2], "Sigmoid", None)).unwrap();
     let lines: Vec<String> = (0..30)
-        .map(|i| json!({"inputs": {"x": [[0.1 * i as f64, -0.5, 1.0, 0.0]]}, "target": [[1, 0, 1, 0]]}).to_string())
+        .map(|i| {
+            json!({"inputs": {"x": [[[[0.1 * i as f64, -0.5], [1.0, 0.0]]]]}, "target": [[[[1, 0], [1, 0]]]]})
+                .to_string()
+        })
         .collect();
-    let out = run_calibrate(dir.path(), "labels", &lines);
+    let out = run_calibrate(dir.path(), "mask", &lines);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("per position") && err.contains("'y'"), "{err}");
-    assert!(!dir.path().join("labels.calibration.json").exists());
+    assert!(!dir.path().join("mask.calibration.json").exists());
+}
+
+/// Multi-label calibration on a generated set: the model is y_j = sigmoid(dropout(x_j))
+/// (ratio 0.05),
+/// with x_j ~ N(0, 5²) and labels 1[x_j + N(0, 0.5²) > 0]. `calibrate` fits LAC per label; the
+/// server's sets on fresh rows then cover each label at each level (up to sampling error),
+/// and a row is referred exactly when its mean predictive entropy over the labels is above
+/// the calibration's threshold.
+#[tokio::test]
+async fn multi_label_sets_cover_each_label_and_refer_by_the_rows_entropy() {
+    use rand::{Rng, SeedableRng};
+    const LABELS: usize = 4;
+    let (n_cal, n_test) = (1000usize, 1500usize);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let mut normal = move || {
+        // Box–Muller.
+        let (u, v): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+    };
+    let mut draw = |rows: usize| -> Vec<(Vec<f64>, Vec<u8>)> {
+        (0..rows)
+            .map(|_| {
+                let x: Vec<f64> = (0..LABELS).map(|_| 5.0 * normal()).collect();
+                // Labels are wrong only near x = 0, so that rows far from it on every label
+                // are right, and referral at 2 % can accept them.
+                let y = x.iter().map(|&x| (x + 0.5 * normal() > 0.0) as u8).collect();
+                (x, y)
+            })
+            .collect()
+    };
+    let (cal, test) = (draw(n_cal), draw(n_test));
+    let dir = tempdir::TempDir::new();
+    // A small ratio: at 0.5 on the logits themselves, half the samples are p = 0.5 and the
+    // row's entropy would measure how many were dropped more than how far x is from 0.
+    let onnx = model_with_ratio(13, &[LABELS as i64], "Sigmoid", None, 0.05);
+    std::fs::write(dir.path().join("labels.onnx"), onnx).unwrap();
+    let lines: Vec<String> = cal
+        .iter()
+        .map(|(x, y)| json!({"inputs": {"x": [x]}, "target": y}).to_string())
+        .collect();
+    let out = run_calibrate(dir.path(), "labels", &lines);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let file = read_json(&dir.path().join("labels.calibration.json"));
+    let cal_file = &file["outputs"]["y"];
+    assert_eq!(cal_file["kind"], "labels", "{cal_file}");
+    assert_eq!(cal_file["labels"], LABELS);
+
+    let s = TestServer::start(ServeArgs::for_models(dir.path())).await;
+    let xs: Vec<&Vec<f64>> = test.iter().map(|(x, _)| x).collect();
+    let (st, a, _) = s
+        .post(
+            "/models/labels/predict?mc_samples=30&seed=9",
+            &json!({"inputs": {"x": xs}}),
+        )
+        .await;
+    assert_eq!(st, 200, "{a}");
+    let y = &a["outputs"]["y"];
+    let threshold = y["refer_threshold"].as_f64();
+    let pe = f64s(&y["predictive_entropy"]);
+    let refer: Vec<bool> = y["refer"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_bool().unwrap())
+        .collect();
+    for (r, referred) in refer.iter().enumerate() {
+        let h = pe[r * LABELS..(r + 1) * LABELS].iter().sum::<f64>() / LABELS as f64;
+        assert_eq!(
+            *referred,
+            threshold.is_none_or(|t| h > t),
+            "row {r}: entropy {h}, threshold {threshold:?}"
+        );
+    }
+    assert!(
+        refer.iter().any(|r| !r) && refer.iter().any(|r| *r),
+        "referral decides nothing: {threshold:?}"
+    );
+    for (level, sets) in y["prediction_sets"].as_object().unwrap() {
+        let level: f64 = level.parse().unwrap();
+        // Split conformal: coverage on fresh rows is at least the level in expectation, and
+        // varies by the calibration draw (~1/n_cal) and the test draw (~1/n_test); 4 sd of
+        // both is a bound a correct method fails with odds below 1e-4 per label and level.
+        let tolerance = 4.0 * (level * (1.0 - level) * (1.0 / n_cal as f64 + 1.0 / n_test as f64)).sqrt();
+        let mut undecided = 0usize;
+        for j in 0..LABELS {
+            let covered = test
+                .iter()
+                .enumerate()
+                .filter(|(r, (_, truth))| {
+                    let set: Vec<u64> = sets[*r][j]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_u64().unwrap())
+                        .collect();
+                    undecided += (set.len() == 2) as usize;
+                    set.contains(&(truth[j] as u64))
+                })
+                .count();
+            let coverage = covered as f64 / n_test as f64;
+            assert!(
+                coverage >= level - tolerance,
+                "label {j} at {level}: coverage {coverage} below {level} − {tolerance}"
+            );
+        }
+        // Sets that always hold both values would cover trivially: at the lowest level most
+        // labels are decided.
+        if level <= 0.8 {
+            assert!(undecided < n_test * LABELS / 2, "{undecided} undecided at {level}");
+        }
+    }
+    s.stop().await;
 }

@@ -24,7 +24,8 @@ What it does, start to end (deterministic: fixed seeds, single-threaded BLAS):
    the numpy eval pass; with EliminateDropout disabled the outputs must vary).
 4. Writes it to a temporary models folder, starts the real server on a free port, waits
    for GET /health/ready, and sends one held-out 128x128 image to
-   POST /models/unet_shapes/predict?mc_samples=20&seed=7. The picture shows the answer's
+   POST /models/unet_shapes/predict?mc_samples=20&seed=7 (with every statistic named in
+   `statistics`). The picture shows the answer's
    own `mean`, `predictive_entropy` and `mutual_information` (not recomputed here); a few
    pixels are cross-checked against the entropy of `mean` computed in numpy, and an eval
    request against the numpy eval pass.
@@ -68,6 +69,7 @@ CLASSES = ("background", "disc", "ring")
 TRAIN_SIZE, TEST_SIZE = 64, 128
 SEED = 11
 MC_SAMPLES, MC_SEED = 20, 7
+STATISTICS = "mean,variance,std,predictive_entropy,expected_entropy,mutual_information,summary"
 
 
 # --------------------------------------------------------------------------
@@ -439,7 +441,9 @@ def main():
         served_eval = np.array(json.loads(raw)["outputs"]["probabilities"], dtype=np.float64)
         eval_diff = float(np.abs(served_eval - p_eval).max())
         t0 = time.time()
-        status, raw = http("POST", f"{url}?mc_samples={MC_SAMPLES}&seed={MC_SEED}", body)
+        # Every statistic by name: a map's default answer leaves variance, std and expected
+        # entropy out, and the checks below use them.
+        status, raw = http("POST", f"{url}?mc_samples={MC_SAMPLES}&seed={MC_SEED}&statistics={STATISTICS}", body)
         latency = time.time() - t0
         assert status == 200, (status, raw[:500])
         answer = json.loads(raw)

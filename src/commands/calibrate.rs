@@ -22,7 +22,8 @@ use tract_onnx::prelude::DatumType;
 use crate::core::drift::{self, Observed};
 use crate::core::offline::OfflineModel;
 use crate::core::view::conformal::{
-    self, CalibrationFile, ClassRow, DEFAULT_REFER_TARGET, FORMAT, OutputCalibration, REFER_TARGETS, RegressionRow,
+    self, Calibrates, CalibrationFile, ClassRow, DEFAULT_REFER_TARGET, FORMAT, LabelRow, OutputCalibration,
+    REFER_TARGETS, RegressionRow,
 };
 use crate::core::view::{LoadedModel, McOutput};
 use crate::engine::drift_reference::{self, ReferenceFile, Samples};
@@ -58,6 +59,13 @@ enum Collected {
         mean: Vec<Vec<f64>>,
         entropy: Vec<f64>,
         target: Vec<usize>,
+    },
+    /// Per row: each label's mean, the mean predictive entropy over the labels, and the
+    /// true labels.
+    Labels {
+        mean: Vec<Vec<f64>>,
+        entropy: Vec<f64>,
+        target: Vec<Vec<bool>>,
     },
 }
 
@@ -127,7 +135,7 @@ pub fn run(args: &CalibrateArgs) -> anyhow::Result<()> {
         if let Some(target) = &target {
             for &o in &calibrated {
                 let target = target_for(model, &calibrated, o, target).map_err(at)?;
-                add(&mut collected, o, probability[o], &outputs[o], target).map_err(at)?;
+                add(&mut collected, o, model.calibrates(o), &outputs[o], target).map_err(at)?;
             }
         }
         n += 1;
@@ -247,22 +255,13 @@ fn target_for<'t>(model: &LoadedModel, calibrated: &[usize], o: usize, target: &
 fn add(
     collected: &mut BTreeMap<usize, Collected>,
     o: usize,
-    probability: bool,
+    calibrates: Calibrates,
     out: &McOutput,
     target: &Value,
 ) -> Result<(), String> {
     let s = &out.stats;
-    match &s.entropy {
-        // Per-position entropies (a segmentation map, Bernoulli labels): no conformal method
-        // for them is chosen yet, and a guarantee must never be claimed in silence.
-        Some(_) if !probability => {
-            return Err(format!(
-                "'{}' has an uncertainty per position (per pixel, voxel or label): calibrating such an output \
-                 is not supported yet, so no guarantee is claimed for it",
-                out.name
-            ));
-        }
-        Some(e) => {
+    match (calibrates, &s.entropy) {
+        (Calibrates::Probabilities, Some(e)) => {
             let classes = s.mean.len();
             let k = target.as_u64().filter(|&k| (k as usize) < classes).ok_or_else(|| {
                 format!(
@@ -281,7 +280,35 @@ fn add(
                 target.push(k as usize);
             }
         }
-        None => {
+        (Calibrates::Labels(labels), Some(e)) => {
+            let flags = label_targets(target).filter(|f| f.len() == labels).ok_or_else(|| {
+                format!(
+                    "target of '{}' must be {labels} labels, each 0 or 1 (or false or true), got {target}",
+                    out.name
+                )
+            })?;
+            let entry = collected.entry(o).or_insert_with(|| Collected::Labels {
+                mean: vec![],
+                entropy: vec![],
+                target: vec![],
+            });
+            if let Collected::Labels { mean, entropy, target } = entry {
+                mean.push(s.mean.clone());
+                // The statistic referral reads when serving (`core::guarantees`).
+                entropy.push(e.predictive_entropy.iter().sum::<f64>() / labels.max(1) as f64);
+                target.push(flags);
+            }
+        }
+        // Per-position entropies (a segmentation map, a binary mask): no conformal method
+        // for them is chosen yet, and a guarantee must never be claimed in silence.
+        (_, Some(_)) => {
+            return Err(format!(
+                "'{}' has an uncertainty per position (per pixel or voxel): calibrating such an output is not \
+                 supported yet, so no guarantee is claimed for it",
+                out.name
+            ));
+        }
+        (_, None) => {
             let values: Vec<f64> = match target {
                 Value::Number(x) => vec![x.as_f64().unwrap_or(f64::NAN)],
                 Value::Array(a) => flatten(a),
@@ -307,6 +334,24 @@ fn add(
         }
     }
     Ok(())
+}
+
+/// Labels as a flat list of 0/1 or booleans (nested lists are read in order).
+fn label_targets(target: &Value) -> Option<Vec<bool>> {
+    let Value::Array(items) = target else {
+        return None;
+    };
+    let mut flags = vec![];
+    for v in items {
+        match v {
+            Value::Bool(b) => flags.push(*b),
+            Value::Number(n) if n.as_f64() == Some(0.0) => flags.push(false),
+            Value::Number(n) if n.as_f64() == Some(1.0) => flags.push(true),
+            Value::Array(_) => flags.extend(label_targets(v)?),
+            _ => return None,
+        }
+    }
+    Some(flags)
 }
 
 fn flatten(a: &[Value]) -> Vec<f64> {
@@ -340,6 +385,16 @@ fn fit(c: Collected, targets: &[f64]) -> OutputCalibration {
                 })
                 .collect();
             OutputCalibration::Probabilities(conformal::fit_sets(&rows, targets))
+        }
+        Collected::Labels { mean, entropy, target } => {
+            let rows: Vec<LabelRow> = (0..mean.len())
+                .map(|i| LabelRow {
+                    probabilities: &mean[i],
+                    mean_predictive_entropy: entropy[i],
+                    target: &target[i],
+                })
+                .collect();
+            OutputCalibration::Labels(conformal::fit_labels(&rows, targets))
         }
     }
 }
@@ -400,24 +455,47 @@ fn report(file: &CalibrationFile, own_target: f64, out: &Path) -> String {
                         l.level, l.calibration_coverage, l.calibration_mean_size
                     );
                 }
-                for f in &c.referral {
-                    let mark = if (f.target_error - own_target).abs() < 1e-12 {
-                        " (served)"
-                    } else {
-                        ""
-                    };
+                r += &referral_report(&c.referral, own_target);
+            }
+            OutputCalibration::Labels(c) => {
+                r += &format!("{name}: {} labels, a set per label (LAC per label)\n", c.labels);
+                for l in &c.sets {
+                    let lowest = l.calibration_coverage.iter().copied().fold(f64::INFINITY, f64::min);
                     r += &format!(
-                        "  refer at target error {:<5}{mark}: entropy threshold {}, refers {:.1}%, accepted error {:.4} (upper bound {:.4})\n",
-                        f.target_error,
-                        f.threshold
-                            .map_or("none: refer every row".into(), |t| format!("{t:.5}")),
-                        100.0 * (1.0 - f.coverage),
-                        f.accepted_error,
-                        f.error_upper_bound
+                        "  level {:<4}  coverage per label {:?} (lowest {lowest:.3})  undecided labels a row {:.3}\n",
+                        l.level,
+                        l.calibration_coverage
+                            .iter()
+                            .map(|c| (c * 1e3).round() / 1e3)
+                            .collect::<Vec<_>>(),
+                        l.calibration_mean_undecided
                     );
                 }
+                r += &referral_report(&c.referral, own_target);
             }
         }
+    }
+    r
+}
+
+/// Referral per target: the threshold, the share referred, the accepted error.
+fn referral_report(referral: &[conformal::Referral], own_target: f64) -> String {
+    let mut r = String::new();
+    for f in referral {
+        let mark = if (f.target_error - own_target).abs() < 1e-12 {
+            " (served)"
+        } else {
+            ""
+        };
+        r += &format!(
+            "  refer at target error {:<5}{mark}: entropy threshold {}, refers {:.1}%, accepted error {:.4} (upper bound {:.4})\n",
+            f.target_error,
+            f.threshold
+                .map_or("none: refer every row".into(), |t| format!("{t:.5}")),
+            100.0 * (1.0 - f.coverage),
+            f.accepted_error,
+            f.error_upper_bound
+        );
     }
     r
 }

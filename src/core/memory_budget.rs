@@ -17,6 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::core::adaptive;
 use crate::core::mode::{McCount, Mode};
 use crate::engine::model::{InputRows, LoadedModel, pass_sizes, sample_step};
+use crate::engine::statistics::Requested;
 use crate::error::Error;
 
 /// Reservations count in KiB, so a u32 permit count covers 4 TiB.
@@ -311,11 +312,15 @@ impl MemoryBudget {
             }
             Mode::McDropout(mc) => (mc.samples.bound(), mc.return_samples),
         };
+        let requested = match mode {
+            Mode::McDropout(mc) => mc.requested,
+            Mode::Eval => Requested::Defaults,
+        };
         if return_samples {
-            let values = model.returned_values(rows, samples);
+            let values = model.returned_values(rows, samples, requested);
             if values > self.max_returned_samples {
-                let per_sample = model.returned_values(rows, 1).max(1);
-                let per_row = model.returned_values(1, samples).max(1);
+                let per_sample = model.returned_values(rows, 1, requested).max(1);
+                let per_row = model.returned_values(1, samples, requested).max(1);
                 return Err(Error::PayloadTooLarge(format!(
                     "return_samples would return {values} values ({samples} samples × {rows} rows × {} output \
                      elements), above the cap of {} (--max-returned-samples, MCD_MAX_RETURNED_SAMPLES); at most \
@@ -333,10 +338,11 @@ impl MemoryBudget {
             _ => samples,
         };
         let fits = |rows: usize, samples: usize| {
-            mc_bytes(model, rows, granularity, samples, chunk, return_samples).is_some_and(|b| b <= self.bytes)
+            mc_bytes(model, rows, granularity, samples, chunk, requested, return_samples)
+                .is_some_and(|b| b <= self.bytes)
         };
         if let Some(bytes) =
-            mc_bytes(model, rows, granularity, samples, chunk, return_samples).filter(|&b| b <= self.bytes)
+            mc_bytes(model, rows, granularity, samples, chunk, requested, return_samples).filter(|&b| b <= self.bytes)
         {
             return Ok(bytes);
         }
@@ -409,6 +415,7 @@ pub fn mc_bytes(
     granularity: usize,
     samples: usize,
     chunk: usize,
+    requested: Requested,
     return_samples: bool,
 ) -> Option<u64> {
     let largest = model
@@ -419,7 +426,7 @@ pub fn mc_bytes(
         model
             .input_bytes(rows)
             .saturating_add(model.mc_pass_bytes(rows, largest))
-            .saturating_add(model.mc_answer_bytes(rows, samples, return_samples))
+            .saturating_add(model.mc_answer_bytes(rows, samples, requested, return_samples))
     })
 }
 

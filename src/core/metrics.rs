@@ -381,17 +381,17 @@ impl Metrics {
             if model.mc_unavailable_reason().is_none() {
                 self.pass_memory.with_label_values(&[name.as_str(), "mc_dropout"]);
             }
-            let calibrated_sets = model.calibration.as_ref().map(|c| {
-                c.file
-                    .outputs
-                    .iter()
-                    .filter(|(_, o)| matches!(o, OutputCalibration::Probabilities(_)))
-                    .map(|(n, _)| n.as_str())
-                    .collect::<Vec<_>>()
-            });
-            for output in calibrated_sets.into_iter().flatten() {
-                self.referrals.with_label_values(&[name.as_str(), output]);
-                self.prediction_set_size.with_label_values(&[name.as_str(), output]);
+            for (output, cal) in model.calibration.iter().flat_map(|c| &c.file.outputs) {
+                match cal {
+                    OutputCalibration::Probabilities(_) => {
+                        self.referrals.with_label_values(&[name.as_str(), output]);
+                        self.prediction_set_size.with_label_values(&[name.as_str(), output]);
+                    }
+                    OutputCalibration::Labels(_) => {
+                        self.referrals.with_label_values(&[name.as_str(), output]);
+                    }
+                    OutputCalibration::Regression(_) => {}
+                }
             }
         }
         for (name, model) in &repo.models {

@@ -432,6 +432,7 @@ impl Core {
                         .inc();
                     return Err(e.into());
                 }
+                model.check_statistics(mc.requested).map_err(Error::InvalidParameter)?;
                 mc.samples.bound()
             }
         };

@@ -6,6 +6,7 @@
 //! mode carries the reason label that `mcd_mode_violations_total` counts.
 
 use crate::engine::model::McSamples;
+use crate::engine::statistics::{Requested, StatSet, Statistic};
 use crate::error::Error;
 
 /// A parameter value as a protocol carried it.
@@ -40,7 +41,9 @@ pub const RETURN_SAMPLES: &str = "return_samples";
 /// With `mc_samples=auto`: the most samples to draw, and the standard error to stop at.
 pub const MC_MAX: &str = "mc_max";
 pub const MC_SE: &str = "mc_se";
-pub const MODE_PARAMS: [&str; 5] = [MC_SAMPLES, SEED, RETURN_SAMPLES, MC_MAX, MC_SE];
+/// The statistics an MC answer returns, comma-separated (see [`crate::engine::statistics`]).
+pub const STATISTICS: &str = "statistics";
+pub const MODE_PARAMS: [&str; 6] = [MC_SAMPLES, SEED, RETURN_SAMPLES, MC_MAX, MC_SE, STATISTICS];
 /// The `mc_samples` value that asks for an adaptive count.
 pub const AUTO: &str = "auto";
 /// The standard error `mc_samples=auto` stops at unless `mc_se` says otherwise.
@@ -54,6 +57,9 @@ pub struct ModeParams {
     pub return_samples: Option<Param>,
     pub mc_max: Option<Param>,
     pub mc_se: Option<Param>,
+    pub statistics: Option<Param>,
+    /// The outputs an OIP request names (`outputs`): the statistics it wants are among them.
+    pub outputs: Option<Vec<String>>,
 }
 
 impl ModeParams {
@@ -67,9 +73,11 @@ impl ModeParams {
             RETURN_SAMPLES => &mut self.return_samples,
             MC_MAX => &mut self.mc_max,
             MC_SE => &mut self.mc_se,
+            STATISTICS => &mut self.statistics,
             other => {
                 return Err(Error::InvalidParameter(format!(
-                    "unknown {where_} '{other}'; the known ones are mc_samples, seed, return_samples, mc_max and mc_se"
+                    "unknown {where_} '{other}'; the known ones are mc_samples, seed, return_samples, mc_max, mc_se \
+                     and statistics"
                 )));
             }
         };
@@ -141,7 +149,11 @@ impl McCount {
 pub struct McRequest {
     pub samples: McCount,
     pub seed: u64,
+    /// Whether any output returns its samples: `return_samples=true`, and on OIP with
+    /// `outputs`, a `.samples` output named.
     pub return_samples: bool,
+    /// The statistics asked for.
+    pub requested: Requested,
 }
 
 /// What a predict request asked for, once its parameters are validated.
@@ -198,6 +210,13 @@ pub fn decide(params: &ModeParams, max_samples: usize) -> Result<Mode, Refusal> 
         if params.mc_max.is_some() || params.mc_se.is_some() {
             return Err(Error::InvalidParameter("'mc_max' and 'mc_se' only apply with mc_samples=auto".into()).into());
         }
+        if params.statistics.is_some() {
+            return Err(Error::ModeMismatch(
+                "'statistics' only applies to MC dropout: add mc_samples=N (an eval answer is the outputs themselves)"
+                    .into(),
+            )
+            .into());
+        }
         return Ok(Mode::Eval);
     };
     let count = |n: &Param, name: &str| {
@@ -244,11 +263,92 @@ pub fn decide(params: &ModeParams, max_samples: usize) -> Result<Mode, Refusal> 
         Some(v) => boolean(v)
             .ok_or_else(|| Error::InvalidParameter(format!("return_samples must be true or false, got {v}")))?,
     };
+    let requested = match (&params.statistics, &params.outputs) {
+        (Some(_), Some(_)) => {
+            return Err(Error::InvalidParameter(
+                "give either the 'statistics' parameter or 'outputs', not both: the outputs named are what comes back"
+                    .into(),
+            )
+            .into());
+        }
+        (Some(list), None) => Requested::Every(statistics_list(list)?),
+        (None, Some(names)) => Requested::Union(named_statistics(names)),
+        (None, None) => Requested::Defaults,
+    };
+    let return_samples = return_samples && !matches!(requested, Requested::Union(s) if !s.has(Statistic::Samples));
     Ok(Mode::McDropout(McRequest {
         samples,
         seed,
         return_samples,
+        requested,
     }))
+}
+
+/// The native `statistics` list: known names, at least one; samples come with
+/// `return_samples`, not here.
+fn statistics_list(list: &Param) -> Result<StatSet, Error> {
+    let Param::Str(text) = list else {
+        return Err(Error::InvalidParameter(format!(
+            "statistics must be a comma-separated list of names, got {list}"
+        )));
+    };
+    let known = || {
+        Statistic::ALL
+            .iter()
+            .filter(|s| **s != Statistic::Samples)
+            .map(|s| s.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut set = StatSet::EMPTY;
+    for name in text.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        match Statistic::named(name) {
+            Some(Statistic::Samples) => {
+                return Err(Error::InvalidParameter(
+                    "samples come back with return_samples=true, not through 'statistics'".into(),
+                ));
+            }
+            Some(s) => set = set.with(s),
+            None => {
+                return Err(Error::InvalidParameter(format!(
+                    "statistics: unknown statistic '{name}'; the known ones are {}",
+                    known()
+                )));
+            }
+        }
+    }
+    if set.is_empty() {
+        return Err(Error::InvalidParameter(format!(
+            "statistics names none; the known ones are {}",
+            known()
+        )));
+    }
+    Ok(set)
+}
+
+/// The statistics among OIP output names: `y` is the mean, `y.variance` the variance,
+/// `y.summary.<score>` the summary, `y.samples` the samples. Calibration outputs (`y.set_…`,
+/// `y.interval_…`, `y.refer`) are always computed. Names no answer has are refused later,
+/// when the outputs are selected, with the model's list.
+fn named_statistics(names: &[String]) -> StatSet {
+    let mut set = StatSet::EMPTY;
+    for name in names {
+        let (_, last) = name.rsplit_once('.').unwrap_or(("", name));
+        let stat = if name.contains(".summary.") {
+            Some(Statistic::Summary)
+        } else if name.contains(".interval_") || name.contains(".set_") || last == "refer" {
+            None
+        } else {
+            match Statistic::named(last) {
+                Some(Statistic::Mean | Statistic::Summary) | None => Some(Statistic::Mean),
+                other => other,
+            }
+        };
+        if let Some(s) = stat {
+            set = set.with(s);
+        }
+    }
+    set
 }
 
 /// A non-negative integer: an integer type, a double with an integral value (tritonclient

@@ -8,3 +8,5 @@ pub use crate::engine::model::{CheckResult, LoadedModel, McOutput};
 pub use crate::engine::onnx_graph::DropoutSite;
 pub use crate::engine::repo::{LoadFailure, ModelRepo, load_model};
 pub use crate::engine::spec::{Dim, OutputKind, TensorSpec, shape_string, to_f64};
+pub use crate::engine::statistics::{StatSet, Statistic};
+pub use crate::engine::uncertainty::EntropyStats;

@@ -386,15 +386,21 @@ impl Core {
         calibrated: &[Option<guarantees::Calibrated>],
     ) {
         for (o, c) in outputs.iter().zip(calibrated) {
-            let Some(guarantees::Calibrated::Sets(sets)) = c else {
-                continue;
-            };
             let labels = [model.name.as_str(), o.name.as_str()];
-            let referred = sets.refer.iter().filter(|r| **r).count();
+            let refer = match c {
+                Some(guarantees::Calibrated::Sets(sets)) => &sets.refer,
+                Some(guarantees::Calibrated::Labels(l)) => &l.refer,
+                _ => continue,
+            };
+            let referred = refer.iter().filter(|r| **r).count();
             self.metrics
                 .referrals
                 .with_label_values(&labels)
                 .inc_by(referred as u64);
+            // A multi-label set is per label, not a set of classes: no set size to count.
+            let Some(guarantees::Calibrated::Sets(sets)) = c else {
+                continue;
+            };
             let sizes = self.metrics.prediction_set_size.with_label_values(&labels);
             let at = |(level, _): &&(f64, Vec<Vec<usize>>)| *level == METRIC_SET_LEVEL;
             for row in sets.sets.iter().find(at).map(|(_, rows)| rows).into_iter().flatten() {
@@ -434,6 +440,7 @@ mod tests {
             samples: McCount::Fixed(McSamples::new(samples).unwrap()),
             seed,
             return_samples: false,
+            requested: crate::engine::statistics::Requested::Defaults,
         })
     }
 
@@ -445,6 +452,7 @@ mod tests {
             },
             seed: 0,
             return_samples: false,
+            requested: crate::engine::statistics::Requested::Defaults,
         })
     }
 

@@ -18,6 +18,14 @@
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::cnn::Conv;
 
+/// What one row of an MC answer returns: the values of its statistics (per element and
+/// per position), and the output elements whose samples come back (times the samples).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReturnedPerRow {
+    pub values: u64,
+    pub sample_elements: u64,
+}
+
 /// Bytes as `fixed + per_row·R + per_sample·S + per_row_sample·R·S`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Bilinear {
@@ -153,31 +161,27 @@ impl ModelMemory {
             .saturating_add(outputs)
     }
 
-    /// Values an MC answer returns with `return_samples`.
-    pub fn returned_values(&self, rows: usize, samples: usize) -> u64 {
-        self.output_elements_per_row
-            .saturating_mul(rows as u64)
-            .saturating_mul(samples as u64)
-    }
-
     /// An MC answer of `rows` rows: accumulators and statistics (mean, m2, variance, std
-    /// per element; three entropies and a running sum per entropy position), the samples
-    /// when returned, and every value's encoding.
-    pub fn mc_answer(&self, rows: usize, samples: usize, return_samples: bool) -> u64 {
+    /// per element; three entropies and a running sum per entropy position), every
+    /// output's samples when some are returned (`keep_samples`), and the encoding of what
+    /// `returned` says comes back.
+    pub fn mc_answer(&self, rows: usize, samples: usize, keep_samples: bool, returned: ReturnedPerRow) -> u64 {
         let rows = rows as u64;
         let elements = self.output_elements_per_row.saturating_mul(rows);
         let entropy_rows = self.entropy_positions_per_row.saturating_mul(rows);
         let stats = elements
             .saturating_mul(4 * 8)
             .saturating_add(entropy_rows.saturating_mul(4 * 8));
-        let mut values = elements
-            .saturating_mul(3)
-            .saturating_add(entropy_rows.saturating_mul(3));
+        let mut values = returned.values.saturating_mul(rows);
         let mut kept = 0;
-        if return_samples {
-            let returned = self.returned_values(rows as usize, samples);
-            kept = returned.saturating_mul(8);
-            values = values.saturating_add(returned);
+        if keep_samples {
+            kept = elements.saturating_mul(samples as u64).saturating_mul(8);
+            values = values.saturating_add(
+                returned
+                    .sample_elements
+                    .saturating_mul(rows)
+                    .saturating_mul(samples as u64),
+            );
         }
         stats
             .saturating_add(kept)

@@ -9,7 +9,8 @@
 //!   every other random op is refused.
 //! - [`kernels`]: the arithmetic a pass may run, so that a row's answer does not depend on
 //!   its batch.
-//! - [`masks`], [`uncertainty`]: mask sampling and the MC statistics.
+//! - [`masks`], [`uncertainty`]: mask sampling and the MC statistics; [`statistics`]:
+//!   which of them an answer returns.
 //! - [`memory`]: the estimated peak memory of a pass and of an answer.
 //! - [`repo`]: the models folder, loaded and reloaded.
 //! - [`conformal`]: conformal intervals, prediction sets and referral, and their file.
@@ -27,5 +28,6 @@ pub mod plans;
 pub mod repo;
 pub mod row_summary;
 pub mod spec;
+pub mod statistics;
 pub mod trunk;
 pub mod uncertainty;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::engine::conformal::Calibrates;
 use crate::engine::model::{LoadedModel, ModelConfig};
 
 #[derive(Debug, Clone, Serialize)]
@@ -116,11 +117,11 @@ pub fn load_model(name: &str, path: &Path) -> Result<LoadedModel, String> {
 /// Attaches the model's calibration and drift reference; a stale or mismatched one fails
 /// the load, so it is never silently used.
 fn with_calibration(mut m: LoadedModel) -> Result<LoadedModel, String> {
-    let outputs: Vec<(&str, bool)> = m
+    let outputs: Vec<(&str, Calibrates)> = m
         .outputs
         .iter()
-        .zip(&m.probability_classes)
-        .map(|(o, k)| (o.name.as_str(), k.is_some()))
+        .enumerate()
+        .map(|(i, o)| (o.name.as_str(), m.calibrates(i)))
         .collect();
     m.calibration = crate::engine::conformal::load(&m.name, &m.path, &outputs, m.config.refer_target_error)?;
     let names: Vec<&str> = outputs.iter().map(|(o, _)| *o).collect();

@@ -346,7 +346,7 @@ impl GrpcInferenceService for GrpcFront {
         let model = r.model_name.clone();
         let decoded = check_version(&model, Some(&r.model_version))
             .and_then(|()| Ok((mode_params(&r.parameters)?, wire_inputs(&mut r)?)));
-        let (params, inputs) = match decoded {
+        let (mut params, inputs) = match decoded {
             Ok(d) => d,
             Err(e) => {
                 let label = crate::core::mode::asked_for(r.parameters.keys());
@@ -354,6 +354,9 @@ impl GrpcInferenceService for GrpcFront {
             }
         };
         let (id, requested) = (r.id, r.outputs);
+        if !requested.is_empty() {
+            params.outputs = Some(requested.iter().map(|o| o.name.clone()).collect());
+        }
         let request = PredictRequest {
             protocol: Protocol::Grpc,
             model: Some(model),

@@ -157,6 +157,12 @@ struct ModeQuery {
     mc_max: Option<u64>,
     /// With `mc_samples=auto`: the standard-error target.
     mc_se: Option<f64>,
+    /// The statistics to return (MC only), comma-separated, among `mean`, `variance`, `std`,
+    /// `predictive_entropy`, `expected_entropy`, `mutual_information` and `summary`.
+    /// Without it: all of them for an output with one position a row, and `mean`,
+    /// `predictive_entropy`, `mutual_information` and `summary` for more (a map).
+    #[param(example = "mean,predictive_entropy,mutual_information")]
+    statistics: Option<String>,
 }
 
 fn mc_samples() -> RefOr<Schema> {

@@ -57,6 +57,40 @@ pub struct CalibrationFile {
 pub enum OutputCalibration {
     Regression(RegressionCalibration),
     Probabilities(SetCalibration),
+    /// A multi-label (Bernoulli) output: a set per label, and referral on the row.
+    Labels(LabelCalibration),
+}
+
+/// What an output can be calibrated as, decided from the model at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Calibrates {
+    Regression,
+    Probabilities,
+    /// Bernoulli labels, this many a row.
+    Labels(usize),
+}
+
+/// Per label, LAC on its two values (absent, present); referral on the row's mean
+/// predictive entropy over its labels, where a row is wrong when any label is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabelCalibration {
+    pub method: String,
+    pub labels: usize,
+    pub sets: Vec<LabelSetLevel>,
+    pub referral_confidence: f64,
+    pub referral: Vec<Referral>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabelSetLevel {
+    pub level: f64,
+    /// Per label: a value (absent, present) is in the label's set when 1 − P(value) is at
+    /// most this (the more probable value always is); null: both values.
+    pub threshold: Vec<Option<f64>>,
+    /// Per label, on the calibration set itself.
+    pub calibration_coverage: Vec<f64>,
+    /// Labels a row left undecided (both values in the set), on average.
+    pub calibration_mean_undecided: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -123,8 +157,8 @@ impl ModelCalibration {
     }
 
     /// The referral at the model's target (present: checked at load).
-    pub fn referral(&self, cal: &SetCalibration) -> Option<Referral> {
-        cal.referral
+    pub fn referral(&self, referral: &[Referral]) -> Option<Referral> {
+        referral
             .iter()
             .find(|r| same_target(r.target_error, self.refer_target))
             .cloned()
@@ -159,12 +193,12 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
 /// very file, holds the method's invariants (validate.rs) and fits the model's outputs; a
 /// calibration that does not is refused with the reason, never used.
 ///
-/// `outputs` are the model's outputs by name, with whether each is a probability output;
+/// `outputs` are the model's outputs by name, with what each can be calibrated as;
 /// `refer_target_error` is what the model's `model.json` asks of referral, if anything.
 pub fn load(
     model: &str,
     model_file: &Path,
-    outputs: &[(&str, bool)],
+    outputs: &[(&str, Calibrates)],
     refer_target_error: Option<f64>,
 ) -> Result<Option<ModelCalibration>, String> {
     let path = calibration_path(model_file);
@@ -183,31 +217,30 @@ pub fn load(
     })?;
     let refer_target = refer_target_error.unwrap_or(DEFAULT_REFER_TARGET);
     for (name, cal) in &file.outputs {
-        let Some(&(_, probability)) = outputs.iter().find(|(o, _)| o == name) else {
+        let Some(&(_, can)) = outputs.iter().find(|(o, _)| o == name) else {
             return Err(format!(
                 "{shown} calibrates output '{name}', which the model does not have"
             ));
         };
-        match cal {
-            OutputCalibration::Regression(_) if probability => {
-                return Err(format!(
-                    "{shown} calibrates '{name}' as a regression output, but it is a probability output"
-                ));
-            }
-            OutputCalibration::Probabilities(_) if !probability => {
-                return Err(format!(
-                    "{shown} calibrates '{name}' as a probability output, but it is not one"
-                ));
-            }
-            OutputCalibration::Probabilities(s)
-                if !s.referral.iter().any(|r| same_target(r.target_error, refer_target)) =>
-            {
-                return Err(format!(
-                    "the referral target {refer_target} of model '{model}' is not among the targets {shown} was computed for; \
-                     re-run `mcd-serve calibrate` (it adds the model's own target)"
-                ));
-            }
-            _ => {}
+        let (as_what, referral) = match cal {
+            OutputCalibration::Regression(_) => (Calibrates::Regression, None),
+            OutputCalibration::Probabilities(s) => (Calibrates::Probabilities, Some(&s.referral)),
+            OutputCalibration::Labels(l) => (Calibrates::Labels(l.labels), Some(&l.referral)),
+        };
+        if as_what != can {
+            return Err(format!(
+                "{shown} calibrates '{name}' as {}, but it is {}",
+                describe(as_what),
+                describe(can)
+            ));
+        }
+        if let Some(referral) = referral
+            && !referral.iter().any(|r| same_target(r.target_error, refer_target))
+        {
+            return Err(format!(
+                "the referral target {refer_target} of model '{model}' is not among the targets {shown} was computed for; \
+                 re-run `mcd-serve calibrate` (it adds the model's own target)"
+            ));
         }
     }
     Ok(Some(ModelCalibration {
@@ -236,4 +269,12 @@ pub fn rfc3339(secs: u64) -> String {
         rem / 60 % 60,
         rem % 60
     )
+}
+
+fn describe(c: Calibrates) -> String {
+    match c {
+        Calibrates::Regression => "a regression output".into(),
+        Calibrates::Probabilities => "a probability output".into(),
+        Calibrates::Labels(n) => format!("a multi-label output of {n} labels"),
+    }
 }

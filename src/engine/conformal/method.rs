@@ -167,6 +167,88 @@ pub fn fit_sets(rows: &[ClassRow], targets: &[f64]) -> SetCalibration {
     }
 }
 
+/// A label's predicted value: present when its probability is at least one half (as the
+/// row summary's foreground and volumes read a Bernoulli output).
+pub fn label_present(p: f64) -> bool {
+    p >= 0.5
+}
+
+/// The set of one label at `threshold` (None: both values), as (absent in it, present in
+/// it): the predicted value, and the other when its LAC score 1 − P(value) is within the
+/// threshold. Never empty.
+pub fn label_set(p: f64, threshold: Option<f64>) -> (bool, bool) {
+    let within = |score: f64| threshold.is_none_or(|t| score <= t);
+    let present = label_present(p);
+    (!present || within(p), present || within(1.0 - p))
+}
+
+/// One calibration row of a multi-label output: each label's mean probability and true
+/// value, and the row's mean predictive entropy over its labels.
+pub struct LabelRow<'a> {
+    pub probabilities: &'a [f64],
+    pub mean_predictive_entropy: f64,
+    pub target: &'a [bool],
+}
+
+/// Per label, LAC at each level (the score of a row is 1 − P(its true value)); referral
+/// on the row's mean entropy, counting a row wrong when any of its labels is.
+pub fn fit_labels(rows: &[LabelRow], targets: &[f64]) -> LabelCalibration {
+    let labels = rows.first().map_or(0, |r| r.probabilities.len());
+    let scores: Vec<Vec<f64>> = (0..labels)
+        .map(|j| {
+            rows.iter()
+                .map(|r| {
+                    let p = r.probabilities[j];
+                    if r.target[j] { 1.0 - p } else { p }
+                })
+                .collect()
+        })
+        .collect();
+    let n = rows.len().max(1) as f64;
+    let sets = LEVELS
+        .iter()
+        .map(|&level| {
+            let threshold: Vec<Option<f64>> = scores.iter().map(|s| conformal_quantile(s, level)).collect();
+            let mut covered = vec![0usize; labels];
+            let mut undecided = 0usize;
+            for r in rows {
+                for j in 0..labels {
+                    let (absent, present) = label_set(r.probabilities[j], threshold[j]);
+                    covered[j] += if r.target[j] { present } else { absent } as usize;
+                    undecided += (absent && present) as usize;
+                }
+            }
+            LabelSetLevel {
+                level,
+                threshold,
+                calibration_coverage: covered.iter().map(|c| *c as f64 / n).collect(),
+                calibration_mean_undecided: undecided as f64 / n,
+            }
+        })
+        .collect();
+    let entropies: Vec<(f64, bool)> = rows
+        .iter()
+        .map(|r| {
+            let wrong = r
+                .probabilities
+                .iter()
+                .zip(r.target)
+                .any(|(p, y)| label_present(*p) != *y);
+            (r.mean_predictive_entropy, wrong)
+        })
+        .collect();
+    LabelCalibration {
+        method: "lac_per_label".into(),
+        labels,
+        sets,
+        referral_confidence: REFER_CONFIDENCE,
+        referral: targets
+            .iter()
+            .map(|&t| referral_threshold(&entropies, t, REFER_CONFIDENCE))
+            .collect(),
+    }
+}
+
 pub fn argmax(p: &[f64]) -> usize {
     ranked(p).first().copied().unwrap_or(0)
 }

@@ -15,7 +15,9 @@
 //!   (0, 1); referral thresholds (predictive entropies) are finite and ≥ 0, or null;
 //!   calibration coverages, accepted errors and their bounds are shares, in [0, 1].
 
-use super::file::{CalibrationFile, OutputCalibration, RegressionCalibration, SetCalibration};
+use super::file::{
+    CalibrationFile, LabelCalibration, OutputCalibration, Referral, RegressionCalibration, SetCalibration,
+};
 use super::method::conformal_rank;
 
 /// Why `file` cannot be served, if it cannot.
@@ -30,6 +32,7 @@ pub fn validate(file: &CalibrationFile) -> Result<(), String> {
         match cal {
             OutputCalibration::Regression(r) => regression(file.n, r),
             OutputCalibration::Probabilities(s) => sets(file.n, s),
+            OutputCalibration::Labels(l) => labels(file.n, l),
         }
         .map_err(|e| format!("output '{name}': {e}"))?;
     }
@@ -108,10 +111,71 @@ fn sets(n: usize, s: &SetCalibration) -> Result<(), String> {
             ));
         }
     }
-    open_share(s.referral_confidence, "referral_confidence")?;
-    for (i, r) in s.referral.iter().enumerate() {
+    referrals(s.referral_confidence, &s.referral)
+}
+
+fn labels(n: usize, l: &LabelCalibration) -> Result<(), String> {
+    if l.method != "lac_per_label" {
+        return Err(format!(
+            "method '{}' is not one the server applies to labels (lac_per_label)",
+            l.method
+        ));
+    }
+    if l.labels == 0 {
+        return Err("labels is 0".into());
+    }
+    let levels: Vec<f64> = l.sets.iter().map(|s| s.level).collect();
+    let order = levels_in_order(&levels)?;
+    for s in &l.sets {
+        let at = format!("the {} level", s.level);
+        if s.threshold.len() != l.labels || s.calibration_coverage.len() != l.labels {
+            return Err(format!(
+                "{at} has {} thresholds and {} coverages for {} labels (one per label each)",
+                s.threshold.len(),
+                s.calibration_coverage.len(),
+                l.labels
+            ));
+        }
+        for (j, (t, c)) in s.threshold.iter().zip(&s.calibration_coverage).enumerate() {
+            if let Some(t) = t
+                && !(0.0..=1.0).contains(t)
+            {
+                return Err(format!(
+                    "{at}: threshold[{j}] {t} is outside [0, 1] (a LAC score is 1 − p)"
+                ));
+            }
+            rank_consistent(n, s.level, t.is_some(), &format!("{at}: threshold[{j}]"))?;
+            share(*c, &format!("{at}: calibration_coverage[{j}]"))?;
+        }
+        if !(0.0..=l.labels as f64).contains(&s.calibration_mean_undecided) {
+            return Err(format!(
+                "{at}: calibration_mean_undecided {} is outside [0, {}]",
+                s.calibration_mean_undecided, l.labels
+            ));
+        }
+    }
+    for pair in order.windows(2) {
+        let (lo, hi) = (&l.sets[pair[0]], &l.sets[pair[1]]);
+        for (j, (a, b)) in lo.threshold.iter().zip(&hi.threshold).enumerate() {
+            if unbounded(*a) > unbounded(*b) {
+                return Err(format!(
+                    "threshold[{j}] decreases with the level: {} at {} but {} at {}",
+                    shown(*a),
+                    lo.level,
+                    shown(*b),
+                    hi.level
+                ));
+            }
+        }
+    }
+    referrals(l.referral_confidence, &l.referral)
+}
+
+fn referrals(confidence: f64, referral: &[Referral]) -> Result<(), String> {
+    open_share(confidence, "referral_confidence")?;
+    for (i, r) in referral.iter().enumerate() {
         open_share(r.target_error, &format!("referral[{i}].target_error"))?;
-        if s.referral[..i].iter().any(|o| o.target_error == r.target_error) {
+        if referral[..i].iter().any(|o| o.target_error == r.target_error) {
             return Err(format!("referral target {} appears twice", r.target_error));
         }
         let at = format!("the referral at target {}", r.target_error);

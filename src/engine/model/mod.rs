@@ -11,10 +11,12 @@ use std::sync::atomic::AtomicU64;
 
 use tract_onnx::prelude::*;
 
+use crate::engine::conformal::Calibrates;
 use crate::engine::error::{EngineError, InputMismatch};
 use crate::engine::footprint::ModelMemory;
 use crate::engine::onnx_graph::DropoutSite;
 pub use crate::engine::spec::*;
+use crate::engine::statistics::{self, Requested, StatSet};
 
 mod checks;
 mod invariance;
@@ -299,6 +301,49 @@ impl LoadedModel {
             OutputKind::Other => false,
         };
         crate::engine::row_summary::statistics(foreground)
+    }
+
+    /// What output `o` can be calibrated as: a probability output; Bernoulli labels, one
+    /// per element of a [rows, labels] output; anything else as a regression (a map's
+    /// positions have no conformal method yet, and `calibrate` refuses them).
+    pub fn calibrates(&self, o: usize) -> Calibrates {
+        let shape = &self.outputs[o].shape;
+        match (&self.probability_classes[o], &self.output_kinds[o], shape.as_slice()) {
+            (Some(_), _, _) => Calibrates::Probabilities,
+            (None, OutputKind::Bernoulli, [_, Dim::Fixed(labels)]) => Calibrates::Labels(*labels),
+            _ => Calibrates::Regression,
+        }
+    }
+
+    /// What output `o` returns for a request (see [`crate::engine::statistics`]).
+    pub fn returned(&self, o: usize, requested: Requested, return_samples: bool) -> StatSet {
+        let kind = self.output_kinds.get(o).unwrap_or(&OutputKind::Other);
+        statistics::returned(kind, &self.outputs[o].shape, requested, return_samples)
+    }
+
+    /// A `statistics` choice naming one that no output of this model has is a mistake to
+    /// say, not an answer with that statistic silently missing.
+    pub fn check_statistics(&self, requested: Requested) -> Result<(), String> {
+        let Requested::Every(asked) = requested else {
+            return Ok(());
+        };
+        let offered = self
+            .outputs
+            .iter()
+            .zip(&self.output_kinds)
+            .fold(StatSet::EMPTY, |set, (o, k)| {
+                StatSet::of(set.iter().chain(statistics::available(k, &o.shape).iter()))
+            });
+        let missing: Vec<&str> = asked.iter().filter(|s| !offered.has(*s)).map(|s| s.name()).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "model '{}' has no output with {}: its outputs offer {}",
+            self.name,
+            missing.join(", "),
+            offered.without(statistics::Statistic::Samples).names()
+        ))
     }
 
     /// Each output's kind by output name, as model metadata shows it.

@@ -4,7 +4,8 @@
 use std::sync::atomic::Ordering;
 
 use super::*;
-use crate::engine::footprint::ModelMemory;
+use crate::engine::footprint::{ModelMemory, ReturnedPerRow};
+use crate::engine::statistics::Requested;
 use session::Trunk;
 
 /// Upper bound on input elements fed to one MC pass; more samples than fit run in chunks.
@@ -13,19 +14,20 @@ const MAX_PASS_INPUT_ELEMENTS: usize = 1 << 24;
 /// ([`LoadedModel::set_pass_budget`]): half the default `--max-memory-bytes`.
 pub const DEFAULT_PASS_BUDGET_BYTES: u64 = 256 << 20;
 
+/// Elements of one batch row: every dim but the batch (other symbols count 1; see
+/// `engine::footprint`). A model without a batch symbol counts its whole input as a row.
+fn per_row(shape: &[Dim]) -> u64 {
+    shape
+        .iter()
+        .map(|d| match d {
+            Dim::Fixed(n) => *n as u64,
+            Dim::Symbol(_) => 1,
+        })
+        .product()
+}
+
 impl LoadedModel {
     pub(super) fn memory_model(&self) -> ModelMemory {
-        // Elements of one batch row: every dim but the batch (other symbols count 1; see
-        // `engine::footprint`). A model without a batch symbol counts its whole input as a row.
-        let per_row = |shape: &[Dim]| -> u64 {
-            shape
-                .iter()
-                .map(|d| match d {
-                    Dim::Fixed(n) => *n as u64,
-                    Dim::Symbol(_) => 1,
-                })
-                .product()
-        };
         let input_bytes_per_row = self
             .inputs
             .iter()
@@ -73,9 +75,34 @@ impl LoadedModel {
     }
 
     /// The estimated bytes of an MC answer: its statistics, its samples when returned, and
-    /// their encoding.
-    pub fn mc_answer_bytes(&self, rows: usize, samples: usize, return_samples: bool) -> u64 {
-        self.memory.mc_answer(rows, samples, return_samples)
+    /// the encoding of what it returns.
+    pub fn mc_answer_bytes(&self, rows: usize, samples: usize, requested: Requested, return_samples: bool) -> u64 {
+        let returned = self.returned_per_row(requested, return_samples);
+        self.memory.mc_answer(rows, samples, return_samples, returned)
+    }
+
+    /// What a row of an MC answer returns, by the request's choice.
+    fn returned_per_row(&self, requested: Requested, return_samples: bool) -> ReturnedPerRow {
+        use crate::engine::statistics::Statistic as S;
+        let mut returned = ReturnedPerRow::default();
+        for (i, (o, kind)) in self.outputs.iter().zip(&self.output_kinds).enumerate() {
+            let set = self.returned(i, requested, return_samples);
+            let elements = per_row(&o.shape);
+            let positions = kind.positions(&o.shape).map_or(0, |p| per_row(&p));
+            let count = |stats: &[S]| stats.iter().filter(|s| set.has(**s)).count() as u64;
+            returned.values = returned
+                .values
+                .saturating_add(elements.saturating_mul(count(&[S::Mean, S::Variance, S::Std])))
+                .saturating_add(positions.saturating_mul(count(&[
+                    S::PredictiveEntropy,
+                    S::ExpectedEntropy,
+                    S::MutualInformation,
+                ])));
+            if set.has(S::Samples) {
+                returned.sample_elements = returned.sample_elements.saturating_add(elements);
+            }
+        }
+        returned
     }
 
     /// The estimated bytes of an eval answer's encoding.
@@ -104,9 +131,13 @@ impl LoadedModel {
         self.memory.input_bytes_per_row.saturating_mul(rows as u64)
     }
 
-    /// Values `return_samples` gives back for `samples` samples of `rows` rows.
-    pub fn returned_values(&self, rows: usize, samples: usize) -> u64 {
-        self.memory.returned_values(rows, samples)
+    /// Values `return_samples` gives back for `samples` samples of `rows` rows: the
+    /// elements of the outputs whose samples the request returns.
+    pub fn returned_values(&self, rows: usize, samples: usize, requested: Requested) -> u64 {
+        self.returned_per_row(requested, true)
+            .sample_elements
+            .saturating_mul(rows as u64)
+            .saturating_mul(samples as u64)
     }
 
     /// Sets the bytes one pass may take (the server's share of `--max-memory-bytes`).

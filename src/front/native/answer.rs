@@ -50,19 +50,25 @@ pub struct McAnswer<'a> {
     pub outputs: ByName<&'a str, McOutput<'a>>,
 }
 
-/// The statistics of one output over the MC passes. `mean`, `variance` and `std` have the
-/// output's shape. The entropies come for categorical and Bernoulli outputs (see the
+/// The statistics of one output over the MC passes, those the request's `statistics` chose
+/// (by default: all of them for an output with one position a row; `mean`,
+/// `predictive_entropy`, `mutual_information` and `summary` for more). `mean`, `variance`
+/// and `std` have the output's shape. The entropies come for categorical and Bernoulli outputs (see the
 /// model's `output_kinds`), one per position: shaped like the output without its class
 /// axes (categorical), or like the output itself (Bernoulli). Where a row has more than
 /// one position, `summary` scores each row. A calibrated regression output adds
 /// `intervals`; a calibrated probability output adds `prediction_sets`, `refer`,
-/// `refer_threshold` and `refer_target_error`.
+/// `refer_threshold` and `refer_target_error`; a calibrated multi-label output the same,
+/// with a set per label.
 #[derive(Serialize, ToSchema)]
 pub struct McOutput<'a> {
-    pub mean: Nested<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mean: Option<Nested<'a>>,
     /// Unbiased, accumulated in f64.
-    pub variance: Nested<'a>,
-    pub std: Nested<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub variance: Option<Nested<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub std: Option<Nested<'a>>,
     /// Entropy of the mean distribution, per position, in nats.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub predictive_entropy: Option<Nested<'a>>,
@@ -90,6 +96,8 @@ pub struct McOutput<'a> {
     #[schema(value_type = Option<BTreeMap<String, Interval>>)]
     pub intervals: Option<ByName<String, Interval<'a>>>,
     /// Per level, per row, the class indices of the prediction set, most probable first.
+    /// For a multi-label output, per row and label, the label's values in its set (0
+    /// absent, 1 present), the predicted one first.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(schema_with = prediction_sets)]
     pub prediction_sets: Option<ByName<String, Nested<'a>>>,
@@ -109,7 +117,10 @@ pub struct McOutput<'a> {
 fn prediction_sets() -> RefOr<Schema> {
     json_schema(json!({
         "type": "object",
-        "additionalProperties": {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0}}},
+        "additionalProperties": {"type": "array", "items": {"type": "array", "items": {"anyOf": [
+            {"type": "integer", "minimum": 0},
+            {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        ]}}},
     }))
 }
 

@@ -2,7 +2,7 @@
 
 use crate::core::guarantees::Calibrated;
 use crate::core::view::level_key;
-use crate::core::view::{LoadedModel, McOutput};
+use crate::core::view::{EntropyStats, LoadedModel, McOutput, StatSet, Statistic};
 use crate::core::{Answer, McAnswer};
 use crate::error::Error;
 use crate::front::answer::{EvalMode, McMode, McRun};
@@ -38,7 +38,11 @@ fn mc_answer<'a>(model: &'a LoadedModel, mc: &'a McAnswer) -> answer::McAnswer<'
         .outputs
         .iter()
         .zip(&mc.calibrated)
-        .map(|(o, calibrated)| (o.name.as_str(), mc_output(o, calibrated.as_ref())))
+        .enumerate()
+        .map(|(i, (o, calibrated))| {
+            let returned = model.returned(i, mc.request.requested, mc.request.return_samples);
+            (o.name.as_str(), mc_output(o, returned, calibrated.as_ref()))
+        })
         .collect();
     answer::McAnswer {
         model: &model.name,
@@ -48,27 +52,40 @@ fn mc_answer<'a>(model: &'a LoadedModel, mc: &'a McAnswer) -> answer::McAnswer<'
     }
 }
 
-fn mc_output<'a>(o: &'a McOutput, calibrated: Option<&'a Calibrated>) -> answer::McOutput<'a> {
+fn mc_output<'a>(o: &'a McOutput, returned: StatSet, calibrated: Option<&'a Calibrated>) -> answer::McOutput<'a> {
     let s = &o.stats;
     let shape = &o.shape[..];
     // Per-row values of a last-axis probability output: its shape without that axis.
     let rows = &shape[..shape.len().saturating_sub(1)];
     let entropy = s.entropy.as_ref();
+    let per_element = |stat: Statistic, values: &'a [f64]| returned.has(stat).then(|| Nested::floats(shape, values));
+    let per_position = |stat: Statistic, values: fn(&EntropyStats) -> &[f64]| {
+        entropy
+            .filter(|_| returned.has(stat))
+            .map(|e| Nested::floats(&e.shape, values(e)))
+    };
     let mut out = answer::McOutput {
-        mean: Nested::floats(shape, &s.mean),
-        variance: Nested::floats(shape, &s.variance),
-        std: Nested::floats(shape, &s.std),
-        predictive_entropy: entropy.map(|e| Nested::floats(&e.shape, &e.predictive_entropy)),
-        expected_entropy: entropy.map(|e| Nested::floats(&e.shape, &e.expected_entropy)),
-        mutual_information: entropy.map(|e| Nested::floats(&e.shape, &e.mutual_information)),
-        summary: entropy.and_then(|e| e.summary.as_ref()).map(|r| {
-            let named = r.named().into_iter();
-            ByName(named.map(|(n, shape, v)| (n, Nested::floats(shape, v))).collect())
-        }),
-        samples: s.samples.as_ref().map(|raw| {
-            let shape: Vec<usize> = [s.count].iter().chain(shape).copied().collect();
-            Nested::new(shape, Leaves::Floats(raw.into()))
-        }),
+        mean: per_element(Statistic::Mean, &s.mean),
+        variance: per_element(Statistic::Variance, &s.variance),
+        std: per_element(Statistic::Std, &s.std),
+        predictive_entropy: per_position(Statistic::PredictiveEntropy, |e| &e.predictive_entropy),
+        expected_entropy: per_position(Statistic::ExpectedEntropy, |e| &e.expected_entropy),
+        mutual_information: per_position(Statistic::MutualInformation, |e| &e.mutual_information),
+        summary: entropy
+            .and_then(|e| e.summary.as_ref())
+            .filter(|_| returned.has(Statistic::Summary))
+            .map(|r| {
+                let named = r.named().into_iter();
+                ByName(named.map(|(n, shape, v)| (n, Nested::floats(shape, v))).collect())
+            }),
+        samples: s
+            .samples
+            .as_ref()
+            .filter(|_| returned.has(Statistic::Samples))
+            .map(|raw| {
+                let shape: Vec<usize> = [s.count].iter().chain(shape).copied().collect();
+                Nested::new(shape, Leaves::Floats(raw.into()))
+            }),
         intervals: None,
         prediction_sets: None,
         refer: None,
@@ -95,6 +112,16 @@ fn mc_output<'a>(o: &'a McOutput, calibrated: Option<&'a Calibrated>) -> answer:
             out.refer = Some(Nested::new(rows, Leaves::Bools(sets.refer[..].into())));
             out.refer_threshold = Some(sets.refer_threshold);
             out.refer_target_error = Some(sets.refer_target_error);
+        }
+        Some(Calibrated::Labels(l)) => {
+            let by_level = l
+                .sets
+                .iter()
+                .map(|(level, per_label)| (level_key(*level), Nested::new(shape, Leaves::Sets(per_label))));
+            out.prediction_sets = Some(ByName(by_level.collect()));
+            out.refer = Some(Nested::new(rows, Leaves::Bools(l.refer[..].into())));
+            out.refer_threshold = Some(l.refer_threshold);
+            out.refer_target_error = Some(l.refer_target_error);
         }
         None => {}
     }

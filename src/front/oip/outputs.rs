@@ -10,7 +10,9 @@
 //! with a calibration adds, for a regression output, `y.interval_0.95_lower` and
 //! `y.interval_0.95_upper` per level (FP64, shaped like `y`; ±inf where unbounded), and for
 //! a probability output `y.set_0.95` per level, a BOOL membership mask shaped like `y`
-//! (sets are ragged, a mask is a tensor), and `y.refer` (BOOL, one per row).
+//! (sets are ragged, a mask is a tensor), and `y.refer` (BOOL, one per row); for a
+//! multi-label output `y.set_0.95` is shaped like `y` with a last axis of 2: whether
+//! "absent" and whether "present" is in each label's set.
 
 use serde_json::Value;
 use tract_onnx::prelude::*;
@@ -18,7 +20,7 @@ use tract_onnx::prelude::*;
 use crate::core::guarantees::Calibrated;
 use crate::core::tensors::{DataType, f32_bytes, f64_bytes, tensor_bytes};
 use crate::core::view::{Dim, LoadedModel, OutputKind, TensorSpec};
-use crate::core::view::{OutputCalibration, level_key};
+use crate::core::view::{OutputCalibration, Statistic, level_key};
 use crate::core::{Answer, MODEL_VERSION};
 use crate::error::Error;
 use crate::front::answer::{EvalMode, McMode, McRun};
@@ -169,6 +171,15 @@ pub fn output_meta(model: &LoadedModel) -> Result<Vec<OutputMeta>, Error> {
                 }
                 out.push(mc_only(format!("{}.{REFER}", spec.name), DataType::Bool, rows));
             }
+            Some(OutputCalibration::Labels(p)) => {
+                // Per label, whether "absent" and whether "present" is in its set.
+                let mut pairs = shape.clone();
+                pairs.push(2);
+                for l in &p.sets {
+                    out.push(mc_only(set_name(&spec.name, l.level), DataType::Bool, pairs.clone()));
+                }
+                out.push(mc_only(format!("{}.{REFER}", spec.name), DataType::Bool, rows));
+            }
             None => {}
         }
         let mut samples = vec![-1];
@@ -309,7 +320,10 @@ pub fn answer_outputs(model: &LoadedModel, answer: Answer) -> Result<(Vec<OutTen
         Answer::McDropout(answer) => {
             let run = McRun::of(&answer);
             let mut out = vec![];
-            for ((o, spec), calibrated) in answer.outputs.into_iter().zip(&model.outputs).zip(&answer.calibrated) {
+            let (requested, return_samples) = (answer.request.requested, answer.request.return_samples);
+            let outputs = answer.outputs.into_iter().zip(&model.outputs).zip(&answer.calibrated);
+            for (i, ((o, spec), calibrated)) in outputs.enumerate() {
+                let returned = model.returned(i, requested, return_samples);
                 let s = o.stats;
                 let bools = |name: String, shape: Vec<usize>, values: Vec<bool>| OutTensor {
                     name,
@@ -323,22 +337,30 @@ pub fn answer_outputs(model: &LoadedModel, answer: Answer) -> Result<(Vec<OutTen
                     shape,
                     data: OutData::Floats(values),
                 };
-                out.push(OutTensor {
-                    name: o.name.clone(),
-                    datatype: mean_datatype(spec),
-                    shape: o.shape.clone(),
-                    data: OutData::Floats(s.mean),
-                });
+                if returned.has(Statistic::Mean) {
+                    out.push(OutTensor {
+                        name: o.name.clone(),
+                        datatype: mean_datatype(spec),
+                        shape: o.shape.clone(),
+                        data: OutData::Floats(s.mean),
+                    });
+                }
                 // The same names, in the same order, as output_meta() lists.
-                for (suffix, values) in STATS.into_iter().zip([s.variance, s.std]) {
-                    out.push(floats(format!("{}.{suffix}", o.name), o.shape.clone(), values));
+                for (stat, values) in [(Statistic::Variance, s.variance), (Statistic::Std, s.std)] {
+                    if returned.has(stat) {
+                        out.push(floats(format!("{}.{}", o.name, stat.name()), o.shape.clone(), values));
+                    }
                 }
                 if let Some(e) = s.entropy {
-                    let per_position = [e.predictive_entropy, e.expected_entropy, e.mutual_information];
-                    for (suffix, values) in ENTROPIES.into_iter().zip(per_position) {
-                        out.push(floats(format!("{}.{suffix}", o.name), e.shape.clone(), values));
+                    let per_position = [
+                        (Statistic::PredictiveEntropy, e.predictive_entropy),
+                        (Statistic::ExpectedEntropy, e.expected_entropy),
+                        (Statistic::MutualInformation, e.mutual_information),
+                    ];
+                    for (stat, values) in per_position.into_iter().filter(|(stat, _)| returned.has(*stat)) {
+                        out.push(floats(format!("{}.{}", o.name, stat.name()), e.shape.clone(), values));
                     }
-                    if let Some(summary) = &e.summary {
+                    if let Some(summary) = e.summary.as_ref().filter(|_| returned.has(Statistic::Summary)) {
                         for (statistic, shape, values) in summary.named() {
                             out.push(floats(
                                 summary_name(&o.name, statistic),
@@ -370,9 +392,21 @@ pub fn answer_outputs(model: &LoadedModel, answer: Answer) -> Result<(Vec<OutTen
                         }
                         out.push(bools(format!("{}.{REFER}", o.name), rows, sets.refer.clone()));
                     }
+                    Some(Calibrated::Labels(l)) => {
+                        let mut pairs = o.shape.clone();
+                        pairs.push(2);
+                        for (level, per_label) in &l.sets {
+                            let mask = per_label
+                                .iter()
+                                .flat_map(|set| [set.contains(&0), set.contains(&1)])
+                                .collect();
+                            out.push(bools(set_name(&o.name, *level), pairs.clone(), mask));
+                        }
+                        out.push(bools(format!("{}.{REFER}", o.name), rows, l.refer.clone()));
+                    }
                     None => {}
                 }
-                if let Some(raw) = s.samples {
+                if let Some(raw) = s.samples.filter(|_| returned.has(Statistic::Samples)) {
                     let mut shape = vec![s.count];
                     shape.extend(&o.shape);
                     out.push(floats(format!("{}.{SAMPLES}", o.name), shape, raw));

@@ -213,6 +213,9 @@ fn decode_inner(body: Bytes, header_length: Option<&str>, label: &mut ModeLabel)
                 .collect::<Result<Vec<_>, Error>>()
         })
         .transpose()?;
+    params.outputs = outputs
+        .as_ref()
+        .map(|o: &Vec<OutputRequest>| o.iter().map(|o| o.name.clone()).collect());
 
     Ok(InferRequest {
         id: header.id,

@@ -169,7 +169,8 @@ pub struct InferRequest {
     #[schema(schema_with = any_value)]
     id: Option<Value>,
     /// `mc_samples` (integer >= 2), `seed` (integer), `return_samples` (boolean) choose MC
-    /// dropout; `binary_data_output` (boolean) asks for binary outputs.
+    /// dropout; `statistics` (comma-separated names) chooses its statistics, as `outputs`
+    /// can by name; `binary_data_output` (boolean) asks for binary outputs.
     #[schema(schema_with = request_parameters)]
     parameters: Option<Value>,
     inputs: Vec<InferInput>,
@@ -183,6 +184,7 @@ fn request_parameters() -> RefOr<Schema> {
             "mc_samples": {"type": ["integer", "string"]},
             "seed": {"type": ["integer", "string"]},
             "return_samples": {"type": ["boolean", "string"]},
+            "statistics": {"type": "string"},
             "binary_data_output": {"type": "boolean"},
         },
         "additionalProperties": {"type": ["string", "number", "integer", "boolean"]},

@@ -1,19 +1,26 @@
 //! The load-time memory estimates against what a pass really allocates, counted by a
-//! global allocator. One test in its own binary: the counter is process-wide.
+//! global allocator. The counter is process-wide, so the tests of this binary take turns
+//! ([`SERIAL`]).
 
 mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::*;
 use mcd_serve::engine::footprint::ENCODED_BYTES_PER_VALUE;
 use mcd_serve::engine::model::{InputRows, LoadedModel, McSamples};
 use mcd_serve::engine::repo::load_model;
+use mcd_serve::engine::spec::Dim;
 use mcd_serve::engine::statistics::Requested;
 use mcd_serve::front::native::decode::parse_request;
 use mcd_serve::front::values::Nested;
 use serde_json::{Value, json};
+use tract_onnx::prelude::{Tensor, tract_ndarray};
+
+/// Held by each test while it measures.
+static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Counts live heap bytes and their high-water mark.
 struct Counting;
@@ -68,10 +75,11 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1 << 20) as f64
 }
 
-/// Every estimate bounds what the pass allocates, and is within a small factor of it (an
-/// estimate ten times too high would refuse requests that fit).
+/// Every estimate bounds what the pass allocates, and is at most 1.5x over it (an estimate
+/// that summed every tensor was 1.6-3.7x over, and refused requests that fit).
 #[test]
 fn pass_and_answer_estimates_bound_what_passes_allocate() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let rows = 4096;
     for name in ["breast_cancer", "diabetes", "digits_cnn"] {
         let path = models_dir().join(format!("{name}.onnx"));
@@ -89,8 +97,8 @@ fn pass_and_answer_estimates_bound_what_passes_allocate() {
         );
         assert!(measured <= estimate, "{name} eval: {measured} > {estimate}");
         assert!(
-            estimate <= 4 * measured,
-            "{name} eval: {estimate} is over 4x {measured}"
+            estimate * 2 <= 3 * measured,
+            "{name} eval: {estimate} is over 1.5x {measured}"
         );
 
         let session = model.mc_session().unwrap();
@@ -113,7 +121,10 @@ fn pass_and_answer_estimates_bound_what_passes_allocate() {
                 pass as f64 / measured as f64
             );
             assert!(measured <= estimate, "{name} MC-{k}: {measured} > {estimate}");
-            assert!(pass <= 4 * measured, "{name} MC-{k}: {pass} is over 4x {measured}");
+            assert!(
+                pass * 2 <= 3 * measured,
+                "{name} MC-{k}: {pass} is over 1.5x {measured}"
+            );
         }
     }
     // The encoding of answer values: their text, written straight from the buffer.
@@ -124,4 +135,124 @@ fn pass_and_answer_estimates_bound_what_passes_allocate() {
         measured as f64 / 1e6
     );
     assert!(measured <= 1_000_000 * ENCODED_BYTES_PER_VALUE);
+}
+
+/// `rows` rows of random floats in [0, 1) (zeros for integer inputs: token ids and masks,
+/// for which 0 is always valid), other symbols at 1 as the estimate takes them.
+fn random_rows(model: &LoadedModel, rows: usize) -> mcd_serve::engine::model::InputRows {
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let tensors = model
+        .inputs
+        .iter()
+        .map(|spec| {
+            let shape: Vec<usize> = spec
+                .shape
+                .iter()
+                .map(|d| match d {
+                    Dim::Fixed(n) => *n,
+                    Dim::Symbol(s) if Some(s) == model.batch_symbol.as_ref() => rows,
+                    Dim::Symbol(_) => 1,
+                })
+                .collect();
+            if !spec.datum.is_float() {
+                return Tensor::zero_dt(spec.datum, &shape).unwrap();
+            }
+            let values = tract_ndarray::ArrayD::from_shape_fn(shape, |_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                (seed >> 40) as f32 / (1u64 << 24) as f32
+            });
+            Tensor::from(values).cast_to_dt(spec.datum).unwrap().into_owned()
+        })
+        .collect();
+    model.input_rows(tensors).unwrap()
+}
+
+/// Whether `estimate` is at most `factor` times `measured`, or within 1 MiB of it: passes
+/// of a few hundred KB (a U-Net's one row) are noise beside a budget of 512 MiB, and a
+/// fixed allowance for kernel scratch makes them look far over.
+fn close(estimate: u64, measured: u64, factor: f64) -> bool {
+    estimate as f64 <= factor * measured as f64 || estimate <= measured + (1 << 20)
+}
+
+/// How far over the measurement an estimate may be. SqueezeNet's first ReLU runs in place
+/// (measured: its pass peaks at the convolution's output alone), while Inception's, after
+/// a padded convolution, allocates its output (its pass peaks at both): the plan does not
+/// say which, so the estimate counts both and is 1.97x over on SqueezeNet.
+fn over(name: &str) -> f64 {
+    if name == "light_squeezenet" { 2.0 } else { 1.5 }
+}
+
+/// The estimate of a pass follows the tensors tract holds at its peak, on real
+/// architectures: convolutions at full image size (VGG19's shapes), U-Nets whose skip
+/// connections stay live across the network, a DenseNet whose concatenations grow, a
+/// transformer. It never falls under what the pass allocates, and is never more than 1.5
+/// times it: an estimate that summed every tensor (VGG19: 2.3x at one row, 1025.7 MiB
+/// against 440 MiB measured, before) or that forgot a tensor tract keeps (the last
+/// reader's inputs, an im2col buffer) fails one side or the other.
+#[test]
+fn pass_estimates_follow_tensor_lifetimes_on_real_models() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(shared) = shared_models() else { return };
+    let mut checked = 0;
+    let mut wrong = vec![];
+    for (file, rows) in [
+        ("onnx-light-models/light_vgg19.onnx", &[1][..]),
+        ("onnx-light-models/light_inception_v1.onnx", &[1]),
+        ("onnx-light-models/light_squeezenet.onnx", &[1]),
+        ("medical/monai_basicunet_seg.onnx", &[1, 4]),
+        ("medical/monai_densenet_multilabel.onnx", &[1, 4]),
+        ("medical/bert_tiny_cls.onnx", &[1, 16]),
+    ] {
+        let path = shared.join(file);
+        let name = path.file_stem().unwrap().to_str().unwrap().to_string();
+        let model = load_model(&name, &path).unwrap();
+        for &rows in rows {
+            let b = random_rows(&model, rows);
+            // The first run of a size builds its plan: measure the second.
+            model.eval_session().run(&b).unwrap();
+            let (_, measured) = peak_of(|| model.eval_session().run(&b).unwrap());
+            let estimate = model.eval_pass_bytes(rows);
+            println!(
+                "{name}: eval of {rows} rows: estimate {:.2} MiB, measured {:.2} MiB ({:.2}x)",
+                mib(estimate),
+                mib(measured),
+                estimate as f64 / measured as f64
+            );
+            if measured > estimate || !close(estimate, measured, over(&name)) {
+                wrong.push(format!(
+                    "{name} eval of {rows}: estimate {estimate}, measured {measured}"
+                ));
+            }
+            checked += 1;
+            let Ok(session) = model.mc_session() else { continue };
+            for k in [2, 8] {
+                let n = McSamples::new(k).unwrap();
+                let per_pass = model
+                    .mc_split(rows, b.tensors().iter().map(|t| t.len()).sum(), 1)
+                    .min(k);
+                session.run_in_passes(&b, n, 1, false, per_pass).unwrap();
+                let (_, measured) = peak_of(|| session.run_in_passes(&b, n, 1, false, per_pass).unwrap());
+                let pass = model.mc_pass_bytes(rows, per_pass);
+                let estimate = pass + model.mc_statistics_bytes(rows);
+                println!(
+                    "{name}: MC-{k} of {rows} rows, {per_pass} samples a pass: estimate {:.2} MiB (pass {:.2}), \
+                     measured {:.2} MiB ({:.2}x)",
+                    mib(estimate),
+                    mib(pass),
+                    mib(measured),
+                    estimate as f64 / measured as f64
+                );
+                if measured > estimate || !close(estimate, measured, over(&name)) {
+                    wrong.push(format!(
+                        "{name} MC-{k} of {rows}: estimate {estimate}, measured {measured}"
+                    ));
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "under the measurement or over 1.5x it: {wrong:#?}");
+    assert!(checked >= 10);
 }

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use tract_onnx::prelude::*;
 
-use crate::engine::footprint::{self, Bilinear};
+use crate::engine::footprint::{self, Peak};
 use crate::engine::kernels::Reductions;
 
 pub type Plan = Arc<TypedRunnableModel>;
@@ -40,8 +40,9 @@ pub struct Plans {
     /// Keyed by (rows, samples); samples is 1 for graphs without a samples symbol.
     pinned: Mutex<HashMap<(usize, usize), (Plan, u64)>>,
     clock: AtomicU64,
-    /// Every node output's bytes, by (rows, samples): the graph's share of a pass's peak.
-    bytes: Bilinear,
+    /// The peak of the tensors the plan holds, by (rows, samples): the graph's share of a
+    /// pass's peak.
+    bytes: Peak,
     /// The sums whose bits a row's place in the pass can move; None without a batch symbol
     /// (every pass of such a model has the same shape).
     reductions: Option<Reductions>,
@@ -60,8 +61,8 @@ impl Plans {
         let symbol = batch_symbol.and_then(|s| typed.symbols.get(s));
         let samples = samples_symbol.and_then(|s| typed.symbols.get(s));
         let capacity = (MEMORY_BUDGET_BYTES / (2 * file_bytes.max(1))).min(MAX_SIZES as u64) as usize;
-        let bytes = footprint::graph_bytes(&typed, symbol.as_ref(), samples.as_ref())?;
         let symbolic = typed.clone().into_optimized()?.into_runnable()?;
+        let bytes = footprint::plan_peak(&symbolic, symbol.as_ref(), samples.as_ref())?;
         let reductions = symbol
             .as_ref()
             .map(|b| Reductions::of(symbolic.model(), b, samples.as_ref()))
@@ -101,9 +102,9 @@ impl Plans {
             .unwrap_or_default()
     }
 
-    /// The sum of every node output's bytes, by (rows, samples) of a pass.
-    pub fn bytes(&self) -> Bilinear {
-        self.bytes
+    /// The peak of the tensors a pass holds, by (rows, samples).
+    pub fn bytes(&self) -> Peak {
+        self.bytes.clone()
     }
 
     /// The plan for a batch of `rows` (times `samples`, for a shared-trunk graph; pass 1

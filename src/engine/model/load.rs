@@ -18,6 +18,7 @@ use session::Trunk;
 impl LoadedModel {
     pub fn load(name: &str, path: &Path, config: ModelConfig) -> anyhow::Result<LoadedModel> {
         crate::engine::kernels::pin();
+        let started = std::time::Instant::now();
         let onnx = tract_onnx::onnx();
         let proto = onnx.proto_model_for_path(path).context("reading the ONNX protobuf")?;
         // External weights are read relative to the model's folder ("." for a bare file name).
@@ -80,6 +81,11 @@ impl LoadedModel {
             cut_activations(eval_typed, &server_activation).context("cutting the eval graph at its logits")?;
         let eval_plans =
             Plans::new(eval_typed, batch_symbol.as_deref(), None, file_bytes).context("optimizing the eval graph")?;
+        tracing::debug!(
+            model = name,
+            seconds = started.elapsed().as_secs_f64(),
+            "load: eval plan built"
+        );
         let probed = probe_sites(&onnx, &mut surgery, dir)?;
         let mc = build_mc(
             &onnx,
@@ -90,6 +96,11 @@ impl LoadedModel {
             &server_activation,
             batch_symbol.as_deref(),
             file_bytes,
+        );
+        tracing::debug!(
+            model = name,
+            seconds = started.elapsed().as_secs_f64(),
+            "load: MC plans built"
         );
         let mut model = LoadedModel {
             name: name.to_string(),
@@ -118,6 +129,11 @@ impl LoadedModel {
             },
         };
         model.self_check();
+        tracing::debug!(
+            model = name,
+            seconds = started.elapsed().as_secs_f64(),
+            "load: self-checks done"
+        );
         // After the self-check: it may replace the shared-trunk MC graph by the full one.
         model.memory = model.memory_model();
         Ok(model)

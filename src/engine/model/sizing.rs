@@ -105,6 +105,11 @@ impl LoadedModel {
         returned
     }
 
+    /// The estimated bytes of an MC answer's accumulators and statistics, before encoding.
+    pub fn mc_statistics_bytes(&self, rows: usize) -> u64 {
+        self.memory.mc_statistics(rows)
+    }
+
     /// The estimated bytes of an eval answer's encoding.
     pub fn eval_answer_bytes(&self, rows: usize) -> u64 {
         self.memory.eval_answer(rows)
@@ -153,10 +158,9 @@ impl LoadedModel {
     /// 0 when not even one fits.
     fn samples_in_budget(&self, rows: usize) -> usize {
         let budget = self.pass_budget();
-        let base = self.mc_pass_bytes(rows, 0);
-        let step = self.mc_pass_bytes(rows, 1).saturating_sub(base).max(1);
-        // Linear in the samples: base + step·k (see `engine::footprint`).
-        (budget.saturating_sub(base) / step).min(usize::MAX as u64) as usize
+        // The pass's bytes grow with the samples, but not on one line: the peak is the
+        // largest of several linear functions (see `engine::footprint`), so search.
+        most(MAX_PASS_INPUT_ELEMENTS, |k| self.mc_pass_bytes(rows, k) <= budget)
     }
 
     /// Samples per MC pass of a request of `rows` rows holding `input_elements` input
@@ -183,9 +187,7 @@ impl LoadedModel {
             return rows;
         }
         let budget = self.pass_budget();
-        let base = self.eval_pass_bytes(0);
-        let step = self.eval_pass_bytes(1).saturating_sub(base).max(1);
-        let per_pass = ((budget.saturating_sub(base) / step) as usize).clamp(1, rows.max(1));
+        let per_pass = most(rows, |r| self.eval_pass_bytes(r) <= budget).clamp(1, rows.max(1));
         aligned(per_pass, granularity).min(rows.max(1))
     }
 
@@ -201,6 +203,17 @@ impl LoadedModel {
             .unwrap_or(1);
         self.eval.plans.granularity(&batch.symbols).max(mc)
     }
+}
+
+/// The largest n in 0..=max with `fits(n)`, for `fits` true up to some n and false above
+/// it; 0 when `fits(1)` is false. A binary search: about 25 steps at most.
+pub(super) fn most(max: usize, fits: impl Fn(usize) -> bool) -> usize {
+    let (mut lo, mut hi) = (0, max);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if fits(mid) { lo = mid } else { hi = mid - 1 }
+    }
+    lo
 }
 
 /// Samples apart that keep a row's alignment, for a model of row granularity `granularity`
@@ -245,5 +258,13 @@ mod tests {
         // Below one step the pass still holds a step: the bits come first.
         assert_eq!(aligned(3, 4), 4);
         assert_eq!(aligned(7, 1), 7);
+    }
+
+    #[test]
+    fn most_finds_the_last_that_fits() {
+        assert_eq!(most(100, |n| n <= 37), 37);
+        assert_eq!(most(100, |n| n <= 500), 100);
+        assert_eq!(most(100, |_| false), 0);
+        assert_eq!(most(0, |_| true), 0);
     }
 }

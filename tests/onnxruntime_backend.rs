@@ -116,7 +116,13 @@ async fn bundled_models_on_onnxruntime_equal_tract_and_the_references() {
         let (s2, eval_tract, _) = tract.post(&path, &body).await;
         assert_eq!((s1, s2), (200, 200), "{eval} {eval_tract}");
         let mut worst = 0.0;
-        compare(&eval["outputs"], &eval_tract["outputs"], name, &mut worst, &mut problems);
+        compare(
+            &eval["outputs"],
+            &eval_tract["outputs"],
+            name,
+            &mut worst,
+            &mut problems,
+        );
         let got = f64s(&eval["outputs"][r["output_name"].as_str().unwrap()]);
         let want = f64s(&r["outputs"]);
         assert_eq!(got.len(), want.len(), "{name}");
@@ -135,7 +141,10 @@ async fn bundled_models_on_onnxruntime_equal_tract_and_the_references() {
         let mut mc_worst = 0.0;
         compare(&a["outputs"], &b["outputs"], name, &mut mc_worst, &mut problems);
         let (_, again, _) = ort.post(&mc, &body).await;
-        assert_eq!(again["outputs"], a["outputs"], "{name}: the same seed gave another answer");
+        assert_eq!(
+            again["outputs"], a["outputs"],
+            "{name}: the same seed gave another answer"
+        );
         println!("{name}: eval vs tract {worst:.2e}, vs reference {reference_err:.2e}; MC-20 vs tract {mc_worst:.2e}");
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
@@ -172,7 +181,10 @@ async fn model_json_chooses_the_backend_and_an_unknown_one_is_refused() {
     assert_eq!(status, 200);
     assert_eq!(meta["backend"], "onnxruntime");
     let (status, _, _) = s
-        .post("/models/breast_cancer/predict?mc_samples=4&seed=1", &json!({"inputs": [vec![0.0; 30]]}))
+        .post(
+            "/models/breast_cancer/predict?mc_samples=4&seed=1",
+            &json!({"inputs": [vec![0.0; 30]]}),
+        )
         .await;
     assert_eq!(status, 200);
     let (status, body) = s.get("/models/diabetes").await;
@@ -224,7 +236,10 @@ fn a_missing_library_stops_the_server_with_the_reason() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(exited.is_some_and(|s| !s.success()), "the server kept running or exited 0: {text}");
+    assert!(
+        exited.is_some_and(|s| !s.success()),
+        "the server kept running or exited 0: {text}"
+    );
     assert!(
         text.contains("loading onnxruntime from /nonexistent/libonnxruntime.so.1.31.1"),
         "{text}"
@@ -286,7 +301,11 @@ fn shared_models_on_onnxruntime_equal_tract_and_pytorch() {
         let ort_load = t0.elapsed();
         let tract = load_model_on(file, &path, Backend::Tract).unwrap_or_else(|e| panic!("{file}: {e}"));
         assert_eq!(ort.backend, Backend::Onnxruntime);
-        assert!(ort.mc_unavailable_reason().is_none(), "{file}: {:?}", ort.mc_unavailable_reason());
+        assert!(
+            ort.mc_unavailable_reason().is_none(),
+            "{file}: {:?}",
+            ort.mc_unavailable_reason()
+        );
         for c in &ort.checks {
             let trunk_skipped = c.check.as_str() == "mc_shared_trunk" && c.result == Outcome::Skipped;
             assert!(

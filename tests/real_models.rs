@@ -9,7 +9,6 @@ use std::path::Path;
 use common::*;
 use mcd_serve::engine::model::{Dim, LoadedModel, McSamples, ModelConfig, Outcome, to_f64};
 use mcd_serve::engine::onnx_graph::SiteKind;
-use mcd_serve::engine::repo::{load_dir, load_model};
 use tract_onnx::prelude::*;
 
 fn read_pb(path: &Path) -> Tensor {
@@ -231,7 +230,7 @@ fn training_mode_node_tests_drop_the_right_share_under_mc() {
             dropout_ratios: HashMap::from([("r".to_string(), r)]),
             ..Default::default()
         };
-        let m = LoadedModel::load(case, &base.join("model.onnx"), config).unwrap();
+        let m = load_with(case, &base.join("model.onnx"), config).unwrap();
         let x_t = read_pb(&base.join("test_data_set_0/input_0.pb"));
         let x = to_f64(&x_t).unwrap();
         let b = m.input_rows(vec![x_t]).unwrap();

@@ -107,7 +107,12 @@ mod tests {
             assert_eq!(b.as_str().parse::<Backend>().unwrap(), b);
             assert_eq!(serde_json::to_string(&b).unwrap(), format!("\"{b}\""));
         }
-        assert!("ort".parse::<Backend>().unwrap_err().contains("'tract' or 'onnxruntime'"));
+        assert!(
+            "ort"
+                .parse::<Backend>()
+                .unwrap_err()
+                .contains("'tract' or 'onnxruntime'")
+        );
     }
 
     #[test]

@@ -104,7 +104,11 @@ impl Plans {
     }
 
     pub fn backend(&self) -> Backend {
-        if self.ort.is_some() { Backend::Onnxruntime } else { Backend::Tract }
+        if self.ort.is_some() {
+            Backend::Onnxruntime
+        } else {
+            Backend::Tract
+        }
     }
 
     /// One pass of `rows` (times `samples`, for a shared-trunk graph; pass 1 otherwise) on

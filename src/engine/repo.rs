@@ -170,7 +170,8 @@ pub fn load_folder(
             .and_then(|p| p.models.get(&name))
             .filter(|m| m.healthy())
             .cloned();
-        let loaded = inside_folder(dir, &path).and_then(|()| load_model_on(&name, &path, backend).and_then(with_calibration));
+        let loaded =
+            inside_folder(dir, &path).and_then(|()| load_model_on(&name, &path, backend).and_then(with_calibration));
         let failure = match loaded {
             Ok(m) if m.healthy() || old.is_none() => {
                 repo.load_times.insert(name.clone(), start.elapsed());

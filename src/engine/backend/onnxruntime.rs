@@ -31,9 +31,11 @@ fn library() -> Result<PathBuf, String> {
     }
     match std::env::var_os("ORT_DYLIB_PATH") {
         Some(p) if !p.is_empty() => Ok(PathBuf::from(p)),
-        _ => Err("no onnxruntime library given: set --ort-lib or MCD_ORT_LIB (or ORT_DYLIB_PATH) to the path of \
+        _ => Err(
+            "no onnxruntime library given: set --ort-lib or MCD_ORT_LIB (or ORT_DYLIB_PATH) to the path of \
                   libonnxruntime.so.1.31.1 (README, \"Backends\")"
-            .to_string()),
+                .to_string(),
+        ),
     }
 }
 
@@ -86,8 +88,7 @@ impl OrtGraph {
     /// load, with onnxruntime's reason.
     pub fn new(proto: &ModelProto, folder: &Path) -> Result<OrtGraph, String> {
         let graph = proto.graph.as_ref().ok_or("the model has no graph")?;
-        let initializers: std::collections::HashSet<&str> =
-            graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        let initializers: std::collections::HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
         // The order tract gives its inputs in: the graph's inputs that are not weights.
         let inputs: Vec<String> = graph
             .input
@@ -112,7 +113,11 @@ impl OrtGraph {
         if have != want {
             return Err(format!("onnxruntime sees the inputs {have:?}, the server {want:?}"));
         }
-        graph.idle.lock().expect("session pool poisoned: this is a bug").push(session);
+        graph
+            .idle
+            .lock()
+            .expect("session pool poisoned: this is a bug")
+            .push(session);
         Ok(graph)
     }
 
@@ -149,7 +154,10 @@ impl OrtGraph {
             None => self.open().map_err(anyhow::Error::msg)?,
         };
         let result = self.run_on(&mut session, &inputs);
-        self.idle.lock().expect("session pool poisoned: this is a bug").push(session);
+        self.idle
+            .lock()
+            .expect("session pool poisoned: this is a bug")
+            .push(session);
         result
     }
 

@@ -366,8 +366,8 @@ pub(super) fn build_mc(
         // samples as tract's shared trunk (which the load-time check proves equal to the full
         // graph), only each sample recomputes the trunk.
         let ort = OrtGraph::new(&proto, folder).map_err(|e| format!("onnxruntime cannot run the MC graph: {e}"))?;
-        let plans = Plans::on_onnxruntime(full, batch_symbol, ort)
-            .map_err(|e| format!("sizing the MC graph failed: {e:#}"))?;
+        let plans =
+            Plans::on_onnxruntime(full, batch_symbol, ort).map_err(|e| format!("sizing the MC graph failed: {e:#}"))?;
         return Ok(McPlan {
             plans,
             batch: batch_led(batch_symbol, &masks),

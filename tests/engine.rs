@@ -949,3 +949,31 @@ fn passes_sized_by_the_memory_budget_give_the_bits_of_one_pass() {
         }
     }
 }
+
+/// A build without the `onnxruntime` feature refuses the backend wherever it is asked for,
+/// with the reason: `--backend onnxruntime` stops the server at startup (settings check), and
+/// a model whose `model.json` names it is refused at load, never served on tract instead.
+#[cfg(not(feature = "onnxruntime"))]
+#[test]
+fn onnxruntime_is_refused_in_a_build_without_the_feature() {
+    let mut args = mcd_serve::config::ServeArgs::for_models(models_dir());
+    args.backend = mcd_serve::engine::backend::Backend::Onnxruntime;
+    let e = args.check().unwrap_err();
+    assert!(
+        e.contains("--backend is onnxruntime") && e.contains("without the `onnxruntime` cargo feature"),
+        "{e}"
+    );
+    let dir = model_folder(&[models_dir().join("breast_cancer.onnx")]);
+    std::fs::write(
+        dir.path().join("breast_cancer.model.json"),
+        r#"{"backend": "onnxruntime"}"#,
+    )
+    .unwrap();
+    let e = mcd_serve::engine::repo::load_model("breast_cancer", &dir.path().join("breast_cancer.onnx"))
+        .err()
+        .expect("refused at load");
+    assert!(
+        e.contains("backend 'onnxruntime' is not available") && e.contains("cargo feature"),
+        "{e}"
+    );
+}

@@ -3,8 +3,9 @@
 #   docker build -t mcd-serve .
 #   docker run --rm -p 8080:8080 -p 8081:8081 mcd-serve
 #
-# Stage 1 compiles a release binary with the pinned Rust toolchain; stage 2 is
-# a slim Debian runtime: no compiler, nothing installed, not root.
+# Stage 1 compiles a release binary with the pinned Rust toolchain (and the onnxruntime
+# backend, whose library it takes from the hash-pinned wheel); stage 2 is a slim Debian
+# runtime: no compiler, nothing installed, not root.
 
 # ---------------------------------------------------------------------------
 FROM rust:1.95.0-slim-bookworm AS builder
@@ -13,6 +14,23 @@ WORKDIR /build
 # them (they are 3/4 of the binary's 160 MB). Without debug info cargo strips it, keeping
 # the symbols, so panics still name their functions.
 ENV CARGO_PROFILE_RELEASE_DEBUG=false
+
+# 0. libonnxruntime.so for `--backend onnxruntime`, from the hash-pinned onnxruntime wheel
+#    on PyPI (Debian has no package; the `ort` crate loads the library at run time, so
+#    nothing is downloaded by the cargo build). Its own layer: cached until the pin changes.
+#    `pip download` only fetches and checks the wheel; nothing is installed.
+COPY .ci/onnxruntime-requirements.txt /tmp/onnxruntime-requirements.txt
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3-pip \
+ && rm -rf /var/lib/apt/lists/* \
+ && pip3 download --no-cache-dir --no-deps --require-hashes --only-binary=:all: \
+      --platform manylinux_2_28_x86_64 --python-version 3.11 --implementation cp \
+      -r /tmp/onnxruntime-requirements.txt -d /tmp/wheel \
+ && python3 -m zipfile -e /tmp/wheel/onnxruntime-1.31.1-*.whl /tmp/ort \
+ && install -D -m 0644 /tmp/ort/onnxruntime/capi/libonnxruntime.so.1.31.1 \
+      /out/lib/libonnxruntime.so.1.31.1 \
+ && rm -rf /tmp/wheel /tmp/ort
 
 # 1. Dependency layer: only the manifests, with stub sources, so that the
 #    (slow) compilation of all crates.io dependencies is cached until
@@ -24,7 +42,7 @@ RUN mkdir -p src benches \
  && echo 'fn main() {}' > src/main.rs \
  && : > src/lib.rs \
  && echo 'fn main() {}' > benches/engine.rs \
- && cargo build --release --locked --bin mcd-serve \
+ && cargo build --release --locked --features onnxruntime --bin mcd-serve \
  && rm -rf src benches
 
 # 2. The real sources. Remove the stub build of our own crate so cargo cannot
@@ -35,7 +53,7 @@ RUN rm -rf target/release/.fingerprint/mcd-serve-* \
            target/release/deps/mcd_serve-* \
            target/release/deps/libmcd_serve-* \
            target/release/mcd-serve \
- && cargo build --release --locked --bin mcd-serve \
+ && cargo build --release --locked --features onnxruntime --bin mcd-serve \
  && install -D -m 0755 target/release/mcd-serve /out/mcd-serve
 
 # ---------------------------------------------------------------------------
@@ -51,9 +69,13 @@ RUN groupadd --system --gid 10001 mcd \
             --home-dir /nonexistent --shell /usr/sbin/nologin mcd
 
 COPY --from=builder /out/mcd-serve /usr/local/bin/mcd-serve
+# The onnxruntime backend's library (tract stays the default: `--backend onnxruntime` or
+# MCD_BACKEND=onnxruntime picks it). It needs only libstdc++ and libgcc, which the base has.
+COPY --from=builder /out/lib/ /usr/local/lib/onnxruntime/
 COPY --chown=root:root models /app/models
 
 ENV MCD_MODELS=/app/models \
+    MCD_ORT_LIB=/usr/local/lib/onnxruntime/libonnxruntime.so.1.31.1 \
     MCD_ADDR=0.0.0.0:8080 \
     MCD_LOG_FORMAT=json
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the shipped Dockerfile with podman (no Docker engine here), runs the image
 # read-only as UID 10001, waits for the image's own HEALTHCHECK, sends an eval, an MC and
-# an OIP request, then stops it and checks the drain in its logs and the exit code. Then
+# an OIP request, runs it again with the onnxruntime backend (same MC answer), then stops
+# the first and checks the drain in its logs and the exit code. Then
 # plays the Kubernetes Deployment's own pod spec on the same image (.ci/kube-play.sh).
 #
 #   bash .ci/container.sh      (as root; ../shared/CONTAINERS.md explains every setting)
@@ -19,6 +20,8 @@ RUNTIME_BASE=docker.io/library/debian:bookworm-slim
 BUILDER_BASE=docker.io/library/rust:1.95.0-slim-bookworm
 IMAGE=localhost/mcd-serve:ci
 NAME="mcd-serve-ci-$$"
+# The same image with the onnxruntime backend chosen (its library is in the image).
+ORT_NAME="mcd-serve-ci-ort-$$"
 # The Deployment's name in .ci/kube-play.sh; podman names its pod KUBE_NAME-pod-0.
 KUBE_NAME="mcd-serve-kube-$$"
 SUITE=bookworm
@@ -69,6 +72,7 @@ cleanup() {
   local rc=$?
   set +e
   "${PODMAN[@]}" rm -f --time 0 "$NAME" >/dev/null 2>&1
+  "${PODMAN[@]}" rm -f --time 0 "$ORT_NAME" >/dev/null 2>&1
   "${PODMAN[@]}" pod rm -f "$KUBE_NAME-pod-0" >/dev/null 2>&1
   "${PODMAN[@]}" rmi -f "$IMAGE" >/dev/null 2>&1
   # The build's intermediate (stage and layer) images: whatever is new since the build began,
@@ -229,6 +233,38 @@ assert abs(sum(p["data"]) - 1) < 1e-4, p
 print("    oip:", json.dumps(a))
 EOF
 stage "eval, MC and OIP requests"
+
+# --- the onnxruntime backend in the image -------------------------------------------------
+# The image carries libonnxruntime (MCD_ORT_LIB is set): MCD_BACKEND=onnxruntime must load
+# every model on it, and answer the same seeded MC request as the tract container above.
+ORT_PORT="$(free_port)"
+ORT_BASE="http://127.0.0.1:$ORT_PORT"
+"${PODMAN[@]}" run -d --name "$ORT_NAME" --read-only --user 10001:10001 --network host "${ULIMITS[@]}" \
+  -e MCD_ADDR="127.0.0.1:$ORT_PORT" -e MCD_GRPC_ADDR= -e MCD_BACKEND=onnxruntime \
+  "$IMAGE" >/dev/null
+deadline=$((SECONDS + 60))
+until curl -sf -o /dev/null "$ORT_BASE/health/ready"; do
+  if [[ "$(podman inspect --format '{{.State.Running}}' "$ORT_NAME")" != true ]]; then
+    podman logs "$ORT_NAME" >&2 || true
+    die "the onnxruntime container exited before becoming ready"
+  fi
+  ((SECONDS < deadline)) || { podman logs "$ORT_NAME" >&2; die "the onnxruntime container was not ready within 60s"; }
+  sleep 0.5
+done
+curl -sf -o "$WORK/ort-meta.body" "$ORT_BASE/models/breast_cancer" || die "ort: GET /models/breast_cancer failed"
+post ort-mc "$ORT_BASE/predict?mc_samples=$MC_SAMPLES&seed=1" "{\"inputs\": [$B]}"
+python3 - "$WORK/ort-meta.body" "$WORK/ort-mc.body" "$WORK/mc.body" <<'EOF' || die "ort: unexpected answer"
+import json, sys
+meta, a, b = (json.load(open(f)) for f in sys.argv[1:4])
+assert meta["backend"] == "onnxruntime" and meta["healthy"], meta
+# Same seed, same masks: the samples agree within float rounding (tests/onnxruntime_backend.rs).
+for k in ("mean", "variance"):
+    for x, y in zip(a["outputs"]["probabilities"][k][0], b["outputs"]["probabilities"][k][0]):
+        assert abs(x - y) <= 1e-5 * max(abs(y), 1), (k, x, y)
+print("    onnxruntime mc:", json.dumps(a))
+EOF
+"${PODMAN[@]}" rm -f --time 5 "$ORT_NAME" >/dev/null
+stage "the onnxruntime backend (MCD_BACKEND=onnxruntime)"
 
 # --- stop and drain --------------------------------------------------------------------
 t0=$SECONDS

@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::core::Limits;
+use crate::engine::backend::Backend;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -149,6 +150,16 @@ pub struct ServeArgs {
     /// scraper reaches). Empty: on the main address.
     #[arg(long, env = "MCD_METRICS_ADDR", default_value = "")]
     pub metrics_addr: String,
+    /// The runtime that runs models' passes: `tract` (built in) or `onnxruntime` (needs a
+    /// build with the `onnxruntime` feature and `--ort-lib`). A model's `model.json` may
+    /// name its own (`"backend"`).
+    #[arg(long, env = "MCD_BACKEND", default_value = "tract")]
+    pub backend: Backend,
+    /// Path of `libonnxruntime.so` (1.31 or newer, e.g. from the onnxruntime wheel), loaded
+    /// at startup when the onnxruntime backend is the default, else when a model asks for
+    /// it. Unset: `ORT_DYLIB_PATH`.
+    #[arg(long, env = "MCD_ORT_LIB")]
+    pub ort_lib: Option<PathBuf>,
 }
 
 /// The longest connection timeout: a day (a longer one is a typo, or no timeout at all).
@@ -230,6 +241,9 @@ impl ServeArgs {
                 self.drift_alpha
             ));
         }
+        if let Err(e) = self.backend.compiled() {
+            wrong.push(format!("--backend is {}: {e}", self.backend));
+        }
         if wrong.is_empty() {
             Ok(())
         } else {
@@ -256,6 +270,7 @@ impl ServeArgs {
                 window: self.drift_window,
                 alpha: self.drift_alpha,
             },
+            backend: self.backend,
         }
     }
 

@@ -14,9 +14,12 @@ use tracing_subscriber::fmt::format::{Writer, debug_fn};
 
 use crate::config::LogFormat;
 
-/// Installs the process's subscriber (level from `RUST_LOG`, `info` by default).
+/// Installs the process's subscriber (level from `RUST_LOG`, `info` by default, `warn` for
+/// onnxruntime's own messages).
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // ONNX Runtime (the `ort` target) reports each arena it grows at info level, for every
+    // pass that needs more memory: by default only its warnings reach the log.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,ort=warn"));
     match format {
         LogFormat::Json => tracing_subscriber::fmt()
             .json()

@@ -11,6 +11,7 @@ use crate::config::ServeArgs;
 use crate::core::Core;
 use crate::core::auth::ApiKeys;
 use crate::core::models_folder::{default_model, model_names};
+use crate::engine::backend::Backend;
 use crate::front::http::{metrics_router, router, router_without_metrics};
 use crate::front::{connections, grpc, grpc_preface};
 
@@ -63,6 +64,12 @@ pub async fn serve_listeners(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     args.check().map_err(|e| anyhow::anyhow!("invalid settings: {e}"))?;
+    crate::engine::backend::set_onnxruntime_library(args.ort_lib.clone());
+    if args.backend == Backend::Onnxruntime {
+        // Loaded now, so that a missing or wrong library stops the server with the reason
+        // instead of failing every model.
+        crate::engine::backend::init_onnxruntime().map_err(|e| anyhow::anyhow!("--backend onnxruntime: {e}"))?;
+    }
     let Listeners { http, grpc, metrics } = listeners;
     let names = model_names(&args.models, args.model_name.as_deref())
         .with_context(|| format!("reading the models folder {}", args.models.display()))?;

@@ -46,7 +46,7 @@ fn models() -> Vec<(String, PathBuf, HashMap<&'static str, usize>)> {
 }
 
 fn load(path: &std::path::Path) -> LoadedModel {
-    let model = LoadedModel::load("m", path, ModelConfig::default()).unwrap();
+    let model = load_with("m", path, ModelConfig::default()).unwrap();
     let check = model
         .checks
         .iter()

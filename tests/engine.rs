@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use common::*;
 use mcd_serve::engine::model::{Dim, InputRows, LoadedModel, McOutput, McSamples, ModelConfig, Outcome, to_f64};
 use mcd_serve::engine::onnx_graph::SiteKind;
-use mcd_serve::engine::repo::load_model;
 use mcd_serve::front::native::decode::parse_request;
 use serde_json::{Value, json};
 
@@ -399,7 +398,7 @@ fn a_ratio_given_as_graph_input_refuses_mc_unless_the_config_fixes_it() {
         dropout_ratios: HashMap::from([("ratio".to_string(), 0.25)]),
         ..Default::default()
     };
-    let model = LoadedModel::load("r", &path, config).unwrap();
+    let model = load_with("r", &path, config).unwrap();
     assert!(model.mc_unavailable_reason().is_none());
     let out = &mc(&model, &batch(&model, json!([x])), 400, 1, true)[0];
     let samples = out.stats.samples.as_ref().unwrap();
@@ -617,6 +616,9 @@ fn mc_in_passes(model: &LoadedModel, b: &InputRows, n: usize, seed: u64, per_pas
 /// `mc_samples=8` are the first 8 of `mc_samples=20`.
 #[test]
 fn shared_trunk_batched_and_sequential_passes_give_the_same_samples() {
+    if tract_only("shared_trunk_batched_and_sequential_passes_give_the_same_samples") {
+        return;
+    }
     let refs = read_json(&fixture("reference_outputs.json"));
     for name in ["breast_cancer", "diabetes", "digits_cnn"] {
         let model = load(&models_dir().join(format!("{name}.onnx")));
@@ -657,6 +659,9 @@ fn shared_trunk_batched_and_sequential_passes_give_the_same_samples() {
 /// the full graph and the report says why.
 #[test]
 fn shared_trunk_is_skipped_with_a_reason_when_it_does_not_apply() {
+    if tract_only("shared_trunk_is_skipped_with_a_reason_when_it_does_not_apply") {
+        return;
+    }
     for (file, why) in [
         ("linear_dropout.onnx", "no trunk to share"),
         ("fixed_batch.onnx", "fixes the batch size"),
@@ -899,7 +904,7 @@ fn an_unrecognised_random_op_is_refused_at_load_and_never_served() {
     let err = load_model("noise", &path).err().expect("refused at load");
     assert!(err.contains("RandomNormalLike node 'noise_RandomNormalLike'"), "{err}");
     let dir = model_folder(&[path, fixture("linear_dropout.onnx")]);
-    let repo = mcd_serve::engine::repo::load_dir(dir.path(), None).unwrap();
+    let repo = load_dir(dir.path(), None).unwrap();
     assert!(!repo.models.contains_key("random_normal_like"));
     assert!(repo.models.contains_key("linear_dropout"));
     assert_eq!(repo.failures.len(), 1);
@@ -943,4 +948,32 @@ fn passes_sized_by_the_memory_budget_give_the_bits_of_one_pass() {
             assert_eq!(bits(&x.stats.mean), bits(&y.stats.mean), "{name}");
         }
     }
+}
+
+/// A build without the `onnxruntime` feature refuses the backend wherever it is asked for,
+/// with the reason: `--backend onnxruntime` stops the server at startup (settings check), and
+/// a model whose `model.json` names it is refused at load, never served on tract instead.
+#[cfg(not(feature = "onnxruntime"))]
+#[test]
+fn onnxruntime_is_refused_in_a_build_without_the_feature() {
+    let mut args = mcd_serve::config::ServeArgs::for_models(models_dir());
+    args.backend = mcd_serve::engine::backend::Backend::Onnxruntime;
+    let e = args.check().unwrap_err();
+    assert!(
+        e.contains("--backend is onnxruntime") && e.contains("without the `onnxruntime` cargo feature"),
+        "{e}"
+    );
+    let dir = model_folder(&[models_dir().join("breast_cancer.onnx")]);
+    std::fs::write(
+        dir.path().join("breast_cancer.model.json"),
+        r#"{"backend": "onnxruntime"}"#,
+    )
+    .unwrap();
+    let e = mcd_serve::engine::repo::load_model("breast_cancer", &dir.path().join("breast_cancer.onnx"))
+        .err()
+        .expect("refused at load");
+    assert!(
+        e.contains("backend 'onnxruntime' is not available") && e.contains("cargo feature"),
+        "{e}"
+    );
 }

@@ -37,6 +37,8 @@ fn every_flag_reads_its_mcd_environment_variable() {
         ("MCD_IDLE_TIMEOUT_SECS", "11"),
         ("MCD_BODY_READ_TIMEOUT_SECS", "13"),
         ("MCD_GRPC_KEEPALIVE_SECS", "17"),
+        ("MCD_BACKEND", "onnxruntime"),
+        ("MCD_ORT_LIB", "/opt/ort/libonnxruntime.so.1.31.1"),
     ];
     for (k, v) in vars {
         // SAFETY: the only test of this binary; nothing else reads the environment meanwhile.
@@ -66,12 +68,15 @@ fn every_flag_reads_its_mcd_environment_variable() {
     assert_eq!(timeouts.idle, Duration::from_secs(11));
     assert_eq!(timeouts.body_read, Duration::from_secs(13));
     assert_eq!(serve.grpc_keepalive_secs, 17.0);
+    assert_eq!(serve.backend, mcd_serve::engine::backend::Backend::Onnxruntime);
+    assert_eq!(serve.ort_lib, Some(PathBuf::from("/opt/ort/libonnxruntime.so.1.31.1")));
     let limits = serve.limits();
     assert_eq!(limits.request_timeout, Duration::from_millis(2500));
     assert_eq!(limits.workers, 3);
     assert_eq!(limits.max_batch_delay, Duration::from_micros(250));
     assert_eq!(limits.max_pass_rows, 64);
     assert_eq!((limits.drift.window, limits.drift.alpha), (50, 0.05));
+    assert_eq!(limits.backend, mcd_serve::engine::backend::Backend::Onnxruntime);
     match Cli::parse_from(["mcd-serve", "healthcheck"]).command {
         Some(Command::Healthcheck { url, timeout_secs }) => {
             assert_eq!(url, "http://127.0.0.1:1/ready");

@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use common::*;
 use mcd_serve::config::ServeArgs;
 use mcd_serve::engine::model::{LoadedModel, McSamples};
-use mcd_serve::engine::repo::load_model;
 use mcd_serve::front::grpc::pb;
 use pb::grpc_inference_service_client::GrpcInferenceServiceClient;
 use pb::infer_parameter::ParameterChoice;

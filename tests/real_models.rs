@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use common::*;
+use mcd_serve::engine::backend::Backend;
 use mcd_serve::engine::model::{Dim, LoadedModel, McSamples, ModelConfig, Outcome, to_f64};
 use mcd_serve::engine::onnx_graph::SiteKind;
-use mcd_serve::engine::repo::{load_dir, load_model};
 use tract_onnx::prelude::*;
 
 fn read_pb(path: &Path) -> Tensor {
@@ -108,7 +108,8 @@ fn every_real_model_loads_or_is_refused_for_its_reason() {
         let model = check_expectation(&dir, &file, want);
         // A transformer block with a symbolic batch: its attention projections run once per
         // row (the shared trunk), verified at load against the full graph with equal masks.
-        if file.ends_with("self_attention_megatron_basic_test.onnx") {
+        // (The shared trunk is tract's: on onnxruntime MC runs the full graph.)
+        if file.ends_with("self_attention_megatron_basic_test.onnx") && test_backend() == Backend::Tract {
             let model = model.unwrap();
             let c = model
                 .checks
@@ -231,7 +232,7 @@ fn training_mode_node_tests_drop_the_right_share_under_mc() {
             dropout_ratios: HashMap::from([("r".to_string(), r)]),
             ..Default::default()
         };
-        let m = LoadedModel::load(case, &base.join("model.onnx"), config).unwrap();
+        let m = load_with(case, &base.join("model.onnx"), config).unwrap();
         let x_t = read_pb(&base.join("test_data_set_0/input_0.pb"));
         let x = to_f64(&x_t).unwrap();
         let b = m.input_rows(vec![x_t]).unwrap();
@@ -335,7 +336,10 @@ fn torch_exports_match_pytorch_in_eval_and_mc() {
             m.sites
         );
         for c in &m.checks {
-            assert_eq!(c.result, Outcome::Pass, "{name}: {} {}", c.check.as_str(), c.detail);
+            // On onnxruntime MC runs the full graph: the shared-trunk check says so.
+            let full_graph = m.backend != Backend::Tract && c.check.as_str() == "mc_shared_trunk";
+            let want = if full_graph { Outcome::Skipped } else { Outcome::Pass };
+            assert_eq!(c.result, want, "{name}: {} {}", c.check.as_str(), c.detail);
         }
         let n2 = spec["mc_samples"].as_u64().unwrap() as f64;
         let b = m.input_rows(vec![json_tensor(&spec["input"])]).unwrap();
@@ -404,7 +408,9 @@ fn torch_exports_match_pytorch_in_eval_and_mc() {
         if *name == "cnn_dropout2d_dynamo" {
             // The Dropout2d sits after the first convolution: the trunk is Conv and Relu.
             let trunk = m.checks.iter().find(|c| c.check.as_str() == "mc_shared_trunk").unwrap();
-            assert!(trunk.detail.starts_with("2 trunk nodes"), "{}", trunk.detail);
+            if m.backend == Backend::Tract {
+                assert!(trunk.detail.starts_with("2 trunk nodes"), "{}", trunk.detail);
+            }
             assert_eq!(
                 m.sites[0].mask_shape,
                 Some(vec![

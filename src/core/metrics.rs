@@ -224,8 +224,11 @@ impl Metrics {
             model_info: reg(
                 &registry,
                 IntGaugeVec::new(
-                    Opts::new("mcd_model_info", "Loaded models; value 1."),
-                    &["model", "dropout_sites"],
+                    Opts::new(
+                        "mcd_model_info",
+                        "Loaded models; value 1. `backend` is the runtime that runs the model's passes.",
+                    ),
+                    &["model", "dropout_sites", "backend"],
                 )
                 .expect("valid gauge"),
             ),
@@ -367,7 +370,11 @@ impl Metrics {
         self.model_info.reset();
         for (name, model) in &repo.models {
             self.model_info
-                .with_label_values(&[name.as_str(), &model.sampling_sites().to_string()])
+                .with_label_values(&[
+                    name.as_str(),
+                    &model.sampling_sites().to_string(),
+                    model.backend.as_str(),
+                ])
                 .set(1);
             for c in &model.checks {
                 self.mode_checks

@@ -63,6 +63,8 @@ pub struct Limits {
     pub max_pass_rows: usize,
     /// Drift windows (a model's `model.json` may set its own window) and their α.
     pub drift: drift::DriftSettings,
+    /// The runtime of models whose `model.json` names none.
+    pub backend: crate::engine::backend::Backend,
 }
 
 /// The protocol a request came by: the `protocol` label of the request metrics.

@@ -20,7 +20,7 @@ pub fn default_model(names: &[String], requested: Option<&str>) -> Result<Option
 impl Core {
     /// Loads the whole folder (at start) and installs what loaded.
     pub fn load_folder(&self, dir: &Path, only: Option<&str>) {
-        match repo::load_folder(dir, only, None, None) {
+        match repo::load_folder(dir, only, None, None, self.limits.backend) {
             Ok(r) => self.install(r),
             Err(e) => tracing::error!(error = %e, "reading the models folder failed"),
         }
@@ -31,7 +31,7 @@ impl Core {
     pub fn reload_folder(&self, dir: &Path, only: Option<&str>) -> &'static str {
         let previous = self.repo();
         let keep = self.default_model.as_deref();
-        let result = match repo::load_folder(dir, only, previous.as_deref(), keep) {
+        let result = match repo::load_folder(dir, only, previous.as_deref(), keep, self.limits.backend) {
             Ok(r) => {
                 let partial = !r.failures.is_empty();
                 self.install(r);

@@ -4,6 +4,8 @@
 //! - [`onnx_graph`]: graph surgery before tract sees a file (Dropout to Identity or to a
 //!   mask multiply, BatchNorm to running statistics).
 //! - [`model`]: eval and MC plans, mode-typed sessions, load-time self-checks.
+//! - [`backend`]: what runs a pass of a rewritten graph: tract, or onnxruntime (the
+//!   `onnxruntime` feature).
 //! - [`plans`], [`trunk`]: plans per batch size; the shared deterministic trunk of MC.
 //! - [`decomposed`]: dropout written as random ops (PyTorch's spatial and alpha dropout);
 //!   every other random op is refused.
@@ -16,6 +18,7 @@
 //! - [`conformal`]: conformal intervals, prediction sets and referral, and their file.
 //! - [`drift_reference`]: the reference sample dataset-shift tests compare served rows with.
 
+pub mod backend;
 pub mod conformal;
 pub mod drift_reference;
 pub mod error;

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use tract_onnx::prelude::*;
 
+use crate::engine::backend::{Backend, OrtGraph};
 use crate::engine::footprint::{self, Peak};
 use crate::engine::kernels::Reductions;
 
@@ -46,6 +47,8 @@ pub struct Plans {
     /// The sums whose bits a row's place in the pass can move; None without a batch symbol
     /// (every pass of such a model has the same shape).
     reductions: Option<Reductions>,
+    /// Set when onnxruntime runs this graph's passes; tract's graph then only sizes them.
+    ort: Option<OrtGraph>,
 }
 
 impl Plans {
@@ -76,7 +79,56 @@ impl Plans {
             clock: AtomicU64::new(0),
             bytes,
             reductions,
+            ort: None,
         })
+    }
+
+    /// The same graph run by onnxruntime (`graph`, built from the same rewritten ONNX):
+    /// tract's typed graph only sizes its passes (the memory estimate stays tract's), and
+    /// is never optimised, so loading costs no tract plan.
+    pub fn on_onnxruntime(typed: TypedModel, batch_symbol: Option<&str>, graph: OrtGraph) -> TractResult<Plans> {
+        let symbol = batch_symbol.and_then(|s| typed.symbols.get(s));
+        let bytes = footprint::graph_sum(&typed, symbol.as_ref(), None)?;
+        Ok(Plans {
+            typed: None,
+            symbolic: typed.into_runnable()?,
+            capacity: 0,
+            pinned: Mutex::new(HashMap::new()),
+            clock: AtomicU64::new(0),
+            bytes,
+            // tract's reduction analysis describes tract's kernels: onnxruntime's are
+            // others. Its rows' independence is what the load-time `batch_invariant`
+            // check measures on the probe.
+            reductions: None,
+            ort: Some(graph),
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        if self.ort.is_some() {
+            Backend::Onnxruntime
+        } else {
+            Backend::Tract
+        }
+    }
+
+    /// One pass of `rows` (times `samples`, for a shared-trunk graph; pass 1 otherwise) on
+    /// this graph's backend.
+    pub fn run(&self, rows: usize, samples: usize, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        if let Some(graph) = &self.ort {
+            return graph.run(inputs);
+        }
+        let plan = self.get(rows, samples)?;
+        run(&plan, inputs)
+    }
+
+    /// The tract plan a pass of this size runs, for the kernel audit; None on onnxruntime,
+    /// whose kernels tract does not choose.
+    pub fn audited(&self, rows: usize, samples: usize) -> TractResult<Option<Plan>> {
+        if self.ort.is_some() {
+            return Ok(None);
+        }
+        self.get(rows, samples).map(Some)
     }
 
     /// How many rows apart two places of a row must be for its answer to keep its bits, in

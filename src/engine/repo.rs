@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::engine::backend::Backend;
 use crate::engine::conformal::Calibrates;
 use crate::engine::model::{LoadedModel, ModelConfig};
 
@@ -93,6 +94,11 @@ pub fn config_path(model_path: &Path) -> PathBuf {
 /// Loads one model and its optional config. A panic inside the ONNX loader (it has
 /// `unimplemented!` paths for exotic tensor types) becomes a load error for this file only.
 pub fn load_model(name: &str, path: &Path) -> Result<LoadedModel, String> {
+    load_model_on(name, path, Backend::Tract)
+}
+
+/// As [`load_model`], on `default` unless the model's config names a backend.
+pub fn load_model_on(name: &str, path: &Path, default: Backend) -> Result<LoadedModel, String> {
     let cfg_path = config_path(path);
     let config = if cfg_path.is_file() {
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| format!("reading {}: {e}", cfg_path.display()))?;
@@ -100,7 +106,7 @@ pub fn load_model(name: &str, path: &Path) -> Result<LoadedModel, String> {
     } else {
         ModelConfig::default()
     };
-    match std::panic::catch_unwind(AssertUnwindSafe(|| LoadedModel::load(name, path, config))) {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| LoadedModel::load_on(name, path, config, default))) {
         Ok(Ok(m)) => Ok(m),
         Ok(Err(e)) => Err(format!("{e:#}")),
         Err(panic) => {
@@ -132,10 +138,11 @@ fn with_calibration(mut m: LoadedModel) -> Result<LoadedModel, String> {
 /// Loads every model in `dir`. A file that fails keeps the previous good version, if one
 /// is given, serving under its name; other files load regardless.
 pub fn load_dir(dir: &Path, previous: Option<&ModelRepo>) -> std::io::Result<ModelRepo> {
-    load_folder(dir, None, previous, None)
+    load_folder(dir, None, previous, None, Backend::Tract)
 }
 
-/// As [`load_dir`], with the folder's single model served as `model_name` when given.
+/// As [`load_dir`], with the folder's single model served as `model_name` when given, and
+/// models whose config names no backend run on `backend`.
 ///
 /// On a reload (`previous` given) nothing that serves is lost to a bad folder:
 /// - a file that fails to load, or loads but fails its eval self-checks, keeps its last
@@ -148,6 +155,7 @@ pub fn load_folder(
     model_name: Option<&str>,
     previous: Option<&ModelRepo>,
     keep: Option<&str>,
+    backend: Backend,
 ) -> std::io::Result<ModelRepo> {
     let found = scan_named(dir, model_name)?;
     if found.is_empty() {
@@ -163,7 +171,8 @@ pub fn load_folder(
             .and_then(|p| p.models.get(&name))
             .filter(|m| m.healthy())
             .cloned();
-        let loaded = inside_folder(dir, &path).and_then(|()| load_model(&name, &path).and_then(with_calibration));
+        let loaded =
+            inside_folder(dir, &path).and_then(|()| load_model_on(&name, &path, backend).and_then(with_calibration));
         let failure = match loaded {
             Ok(m) if m.healthy() || old.is_none() => {
                 repo.load_times.insert(name.clone(), start.elapsed());

@@ -36,6 +36,10 @@ pub struct ModelConfig {
     pub background_class: Option<usize>,
     /// Output kinds by output name, overriding what the graph shows (see [`OutputKind`]).
     pub output_kinds: HashMap<String, DeclaredKind>,
+    /// The runtime that runs this model's passes (`"tract"` or `"onnxruntime"`), over the
+    /// server's `--backend`. A model the backend cannot run is refused, never moved to the
+    /// other one.
+    pub backend: Option<crate::engine::backend::Backend>,
 }
 
 /// An output kind as `<stem>.model.json` declares it: `{"kind": "categorical",

@@ -7,6 +7,54 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mcd_serve::config::ServeArgs;
+use mcd_serve::engine::backend::Backend;
+use mcd_serve::engine::model::{LoadedModel, ModelConfig};
+use mcd_serve::engine::repo::ModelRepo;
+
+/// The backend the engine-level tests load models on: `MCD_BACKEND` (default tract), the
+/// variable the server reads, so that CI runs the same tests on each backend. With
+/// onnxruntime the library is `MCD_ORT_LIB`'s.
+pub fn test_backend() -> Backend {
+    let backend = match std::env::var("MCD_BACKEND") {
+        Ok(s) if !s.is_empty() => s.parse().unwrap_or_else(|e| panic!("MCD_BACKEND: {e}")),
+        _ => Backend::Tract,
+    };
+    if backend == Backend::Onnxruntime {
+        backend
+            .compiled()
+            .unwrap_or_else(|e| panic!("MCD_BACKEND=onnxruntime: {e}"));
+        let lib = std::env::var_os("MCD_ORT_LIB").filter(|p| !p.is_empty()).unwrap_or_else(|| {
+            panic!("MCD_BACKEND=onnxruntime needs MCD_ORT_LIB, the path of libonnxruntime.so.1.31.1 (README, \"Backends\")")
+        });
+        mcd_serve::engine::backend::set_onnxruntime_library(Some(lib.into()));
+    }
+    backend
+}
+
+/// True (with a `SKIPPED` line) when [`test_backend`] is not tract: for tests of what only
+/// tract does (the shared trunk, its kernels and plans).
+pub fn tract_only(test: &str) -> bool {
+    let backend = test_backend();
+    if backend != Backend::Tract {
+        announce_skip(&format!("SKIPPED {test}: tests tract only, the backend is {backend}"));
+    }
+    backend != Backend::Tract
+}
+
+/// [`mcd_serve::engine::repo::load_model`] on [`test_backend`].
+pub fn load_model(name: &str, path: &Path) -> Result<LoadedModel, String> {
+    mcd_serve::engine::repo::load_model_on(name, path, test_backend())
+}
+
+/// [`LoadedModel::load`] on [`test_backend`].
+pub fn load_with(name: &str, path: &Path, config: ModelConfig) -> anyhow::Result<LoadedModel> {
+    LoadedModel::load_on(name, path, config, test_backend())
+}
+
+/// [`mcd_serve::engine::repo::load_dir`] on [`test_backend`].
+pub fn load_dir(dir: &Path, previous: Option<&ModelRepo>) -> std::io::Result<ModelRepo> {
+    mcd_serve::engine::repo::load_folder(dir, None, previous, None, test_backend())
+}
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -40,7 +40,7 @@ impl LoadedModel {
             };
             let rows = |idx: &[usize]| -> TractResult<InputRows> { probe_rows(self, probe, idx) };
             let full = eval(probe)?;
-            plans.push(self.eval.plans.get(probe.rows, 1)?);
+            plans.extend(self.eval.plans.audited(probe.rows, 1)?);
             for r in 0..probe.rows {
                 let alone = eval(&rows(&[r])?)?;
                 let pair = eval(&rows(&[r, r])?)?;
@@ -59,8 +59,8 @@ impl LoadedModel {
                     ));
                 }
             }
-            plans.push(self.eval.plans.get(1, 1)?);
-            plans.push(self.eval.plans.get(2, 1)?);
+            plans.extend(self.eval.plans.audited(1, 1)?);
+            plans.extend(self.eval.plans.audited(2, 1)?);
             let Ok(plan) = &self.mc else { return Ok(()) };
             let session = McSession { model: self, plan };
             let k = McSamples::new(4).expect("4 samples");
@@ -112,7 +112,7 @@ impl LoadedModel {
                     }
                 }
             }
-            plans.push(plan.plans.get(probe.rows, k.get())?);
+            plans.extend(plan.plans.audited(probe.rows, k.get())?);
             Ok(())
         })();
         if let Err(e) = outcome {
@@ -141,7 +141,7 @@ impl LoadedModel {
             )
         };
         let single = if self.layout.pad_single_eval {
-            "; tract's one-row plan differs from larger ones here, so a one-row eval runs in a pass of two"
+            "; the one-row plan differs from larger ones here, so a one-row eval runs in a pass of two"
         } else {
             ""
         };
@@ -151,7 +151,13 @@ impl LoadedModel {
             "probe rows alone and in a pass of two give the same bits"
         };
         if problems.is_empty() {
-            pass(CHECK, &format!("pinned FMA kernels; {reductions}{single}; {probed}"))
+            // tract's kernels are pinned by the engine; onnxruntime's are its own, and the
+            // probe is all that speaks for them.
+            let kernels = match self.backend {
+                crate::engine::backend::Backend::Tract => "pinned FMA kernels",
+                crate::engine::backend::Backend::Onnxruntime => "onnxruntime's kernels",
+            };
+            pass(CHECK, &format!("{kernels}; {reductions}{single}; {probed}"))
         } else {
             self.layout.merge = false;
             fail(

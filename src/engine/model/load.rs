@@ -9,6 +9,7 @@ use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
 
 use super::*;
+use crate::engine::backend::{Backend, OrtGraph};
 use crate::engine::footprint::ModelMemory;
 use crate::engine::onnx_graph::{self, FactAt, MASK_INPUT_PREFIX, MaskInput, ProbeLookup};
 use crate::engine::plans::Plans;
@@ -16,7 +17,19 @@ use crate::engine::trunk;
 use session::Trunk;
 
 impl LoadedModel {
+    /// Loads on tract, unless the model's config names another backend.
     pub fn load(name: &str, path: &Path, config: ModelConfig) -> anyhow::Result<LoadedModel> {
+        Self::load_on(name, path, config, Backend::Tract)
+    }
+
+    /// Loads on the backend the model's config names, else on `default` (the server's
+    /// `--backend`). A backend that this build lacks, or that cannot run the graph, refuses
+    /// the model with the reason.
+    pub fn load_on(name: &str, path: &Path, config: ModelConfig, default: Backend) -> anyhow::Result<LoadedModel> {
+        let backend = config.backend.unwrap_or(default);
+        backend
+            .compiled()
+            .map_err(|e| anyhow::anyhow!("backend '{backend}' is not available: {e}"))?;
         crate::engine::kernels::pin();
         let started = std::time::Instant::now();
         let onnx = tract_onnx::onnx();
@@ -79,8 +92,24 @@ impl LoadedModel {
         let output_kinds = found.into_iter().map(|f| f.kind).collect();
         let (eval_typed, eval_activation) =
             cut_activations(eval_typed, &server_activation).context("cutting the eval graph at its logits")?;
-        let eval_plans =
-            Plans::new(eval_typed, batch_symbol.as_deref(), None, file_bytes).context("optimizing the eval graph")?;
+        let eval_plans = match backend {
+            Backend::Tract => Plans::new(eval_typed, batch_symbol.as_deref(), None, file_bytes)
+                .context("optimizing the eval graph")?,
+            Backend::Onnxruntime => {
+                // The same graph tract runs: the eval graph, cut at the logits where the
+                // server applies the activation.
+                let mut proto = surgery.eval_proto.clone();
+                let graph = proto.graph.as_mut().expect("has graph");
+                for (ix, cut) in eval_activation.iter().enumerate() {
+                    if let (Some(_), Some((_, logits))) = (cut, &server_activation[ix]) {
+                        graph.output[ix].name = logits.clone();
+                    }
+                }
+                let ort = OrtGraph::new(&proto, folder)
+                    .map_err(|e| anyhow::anyhow!("onnxruntime cannot run the eval graph: {e}"))?;
+                Plans::on_onnxruntime(eval_typed, batch_symbol.as_deref(), ort).context("sizing the eval graph")?
+            }
+        };
         tracing::debug!(
             model = name,
             seconds = started.elapsed().as_secs_f64(),
@@ -96,6 +125,7 @@ impl LoadedModel {
             &server_activation,
             batch_symbol.as_deref(),
             file_bytes,
+            (backend, folder),
         );
         tracing::debug!(
             model = name,
@@ -111,6 +141,7 @@ impl LoadedModel {
             probability_classes,
             output_kinds,
             batch_symbol,
+            backend,
             sites: surgery.sites,
             fixes: surgery.fixes,
             checks: vec![],
@@ -262,6 +293,17 @@ pub(super) fn probe_sites(
     Ok(Ok(out))
 }
 
+/// The batch symbol when it leads every mask (see [`McPlan::batch`]).
+fn batch_led(batch_symbol: Option<&str>, masks: &[MaskInput]) -> Option<String> {
+    batch_symbol
+        .filter(|b| {
+            masks
+                .iter()
+                .all(|m| matches!(m.shape.first(), Some(Dim::Symbol(s)) if s == b))
+        })
+        .map(str::to_string)
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn build_mc(
     onnx: &tract_onnx::Onnx,
@@ -272,6 +314,7 @@ pub(super) fn build_mc(
     server_activation: &[Option<(kinds::Activation, String)>],
     batch_symbol: Option<&str>,
     file_bytes: u64,
+    (backend, folder): (Backend, &Path),
 ) -> Result<McPlan, String> {
     if surgery.sites.is_empty() {
         return Err("the model has no Dropout nodes".into());
@@ -334,6 +377,23 @@ pub(super) fn build_mc(
         .mc_proto(&masks, &logits_outputs)
         .map_err(|e| format!("{e:#}"))?;
     let full = typed(onnx, &proto, dir).map_err(|e| format!("building the MC graph failed: {e:#}"))?;
+    if backend == Backend::Onnxruntime {
+        // The full graph, fed the rows tiled once per sample: the same masks give the same
+        // samples as tract's shared trunk (which the load-time check proves equal to the full
+        // graph), only each sample recomputes the trunk.
+        let ort = OrtGraph::new(&proto, folder).map_err(|e| format!("onnxruntime cannot run the MC graph: {e}"))?;
+        let plans =
+            Plans::on_onnxruntime(full, batch_symbol, ort).map_err(|e| format!("sizing the MC graph failed: {e:#}"))?;
+        return Ok(McPlan {
+            plans,
+            batch: batch_led(batch_symbol, &masks),
+            masks,
+            activation,
+            trunk: Trunk::Full(
+                "the onnxruntime backend runs the full graph (the shared trunk is tract's only, for now)".into(),
+            ),
+        });
+    }
     let shared = match batch_symbol {
         None => Err("the file fixes the batch size (or an output has no batch axis)".to_string()),
         Some(b) => {
@@ -354,13 +414,7 @@ pub(super) fn build_mc(
     // Samples share a pass only when the batch leads every mask, so that each sample owns
     // a block of every mask. A mask without the batch in front (or without it at all) would
     // otherwise be drawn across samples, or even shared by them.
-    let batch = batch_symbol
-        .filter(|b| {
-            masks
-                .iter()
-                .all(|m| matches!(m.shape.first(), Some(Dim::Symbol(s)) if s == b))
-        })
-        .map(str::to_string);
+    let batch = batch_led(batch_symbol, &masks);
     let (plans, trunk) = match shared {
         Ok((plans, trunk_nodes, tiled)) => (
             plans,

@@ -44,6 +44,8 @@ pub struct LoadedModel {
     /// Per output: what its values are, which decides its uncertainty statistics.
     pub output_kinds: Vec<OutputKind>,
     pub batch_symbol: Option<String>,
+    /// The runtime that runs this model's passes.
+    pub backend: crate::engine::backend::Backend,
     pub sites: Vec<DropoutSite>,
     pub fixes: Vec<String>,
     pub checks: Vec<CheckResult>,

@@ -9,7 +9,7 @@ use super::*;
 use crate::engine::error::{EngineError, pass_failed};
 use crate::engine::masks::{MaskSampler, MaskSpec};
 use crate::engine::onnx_graph::MaskInput;
-use crate::engine::plans::{self, Plans};
+use crate::engine::plans::Plans;
 use crate::engine::uncertainty::{Accumulator, OutputStats};
 use kinds::Activation;
 use sizing::{aligned, pass_sizes, sample_step};
@@ -77,11 +77,7 @@ impl McPlan {
         masks: Vec<TValue>,
     ) -> TractResult<TVec<TValue>> {
         let tile = !shared && k > 1;
-        let plan = if shared {
-            plans.get(batch.rows, k)?
-        } else {
-            plans.get(batch.rows * k, 1)?
-        };
+        let (rows, samples) = if shared { (batch.rows, k) } else { (batch.rows * k, 1) };
         let mut inputs = batch
             .tensors
             .iter()
@@ -94,7 +90,7 @@ impl McPlan {
             })
             .collect::<TractResult<TVec<TValue>>>()?;
         inputs.extend(masks);
-        plans::run(&plan, inputs)
+        plans.run(rows, samples, inputs)
     }
 
     /// Masks for one pass of samples `first .. first + k` of `batch`.
@@ -227,8 +223,7 @@ impl EvalSession<'_> {
     /// One pass over `batch` with the plan for its own size.
     pub(super) fn plan_pass(&self, batch: &InputRows) -> TractResult<TVec<TValue>> {
         let inputs: TVec<TValue> = batch.tensors.iter().map(|t| t.clone().into_tvalue()).collect();
-        let plan = self.plan.plans.get(batch.rows, 1)?;
-        let outs = plans::run(&plan, inputs)?;
+        let outs = self.plan.plans.run(batch.rows, 1, inputs)?;
         outs.into_iter()
             .zip(&self.plan.activation)
             .map(|(t, activation)| {

@@ -104,6 +104,8 @@ pub struct ModelMetadata<'a> {
     pub output_kinds: serde_json::Map<String, serde_json::Value>,
     /// The symbolic batch dimension, if the model has one.
     pub batch_dim: Option<&'a str>,
+    /// The runtime that runs the model's passes: `tract` or `onnxruntime`.
+    pub backend: &'static str,
     /// The dropout sites found in the graph.
     #[schema(schema_with = any_objects)]
     pub dropout_sites: AsValue<'a, [DropoutSite]>,
@@ -135,6 +137,7 @@ impl<'a> ModelMetadata<'a> {
             probability_outputs: m.probability_output_names(),
             output_kinds: m.output_kinds_by_name(),
             batch_dim: m.batch_symbol.as_deref(),
+            backend: m.backend.as_str(),
             dropout_sites: AsValue(&m.sites),
             graph_fixes: &m.fixes,
             self_checks: AsValue(&m.checks),

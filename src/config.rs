@@ -100,6 +100,11 @@ pub struct ServeArgs {
     /// Inference threads (default: the number of cores).
     #[arg(long, env = "MCD_WORKERS")]
     pub workers: Option<usize>,
+    /// Threads a pass may use when it runs alone (no other pass running): tract splits its
+    /// large products between them (default: the number of cores; 1: every pass on its
+    /// worker's thread). Passes that run beside others keep one thread each.
+    #[arg(long, env = "MCD_PASS_THREADS")]
+    pub pass_threads: Option<usize>,
     /// Microseconds an inference worker holding a request waits for more requests to share
     /// its pass (Triton's `max_queue_delay_microseconds`). 0: never wait; requests that
     /// arrive while a pass runs are still merged into the next one.
@@ -211,6 +216,9 @@ impl ServeArgs {
         if let Some(w) = self.workers {
             at_least("--workers", w as u64, 1, "0 would run nothing");
         }
+        if let Some(t) = self.pass_threads {
+            at_least("--pass-threads", t as u64, 1, "a pass runs on at least its own thread");
+        }
         if !(self.request_timeout_secs.is_finite() && self.request_timeout_secs > 0.0) {
             wrong.push(format!(
                 "--request-timeout-secs is {}; it must be a number of seconds above 0",
@@ -272,6 +280,12 @@ impl ServeArgs {
             },
             backend: self.backend,
         }
+    }
+
+    /// Threads a lone pass may use: `--pass-threads`, else the number of cores.
+    pub fn pass_threads(&self) -> usize {
+        self.pass_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
     }
 
     /// The HTTP connection timeouts; [`check`](Self::check) has passed.

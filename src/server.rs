@@ -64,6 +64,9 @@ pub async fn serve_listeners(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     args.check().map_err(|e| anyhow::anyhow!("invalid settings: {e}"))?;
+    // Process-wide, as tract's executor is: a second server in the same process (tests)
+    // keeps the first one's pool.
+    crate::engine::cores::set_pass_threads(args.pass_threads());
     crate::engine::backend::set_onnxruntime_library(args.ort_lib.clone());
     if args.backend == Backend::Onnxruntime {
         // Loaded now, so that a missing or wrong library stops the server with the reason

@@ -71,6 +71,8 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     pub auth_failures: IntCounterVec,
     pub panics: prometheus::IntCounter,
+    /// Passes by the threads they ran on, caught up from `engine::cores` at each scrape.
+    pub passes: IntCounterVec,
     pub startup_seconds: Histogram,
     pub drift: crate::core::drift::DriftMetrics,
 }
@@ -278,6 +280,14 @@ impl Metrics {
                 )
                 .expect("valid counter"),
             ),
+            passes: reg(
+                &registry,
+                counter(
+                    "mcd_passes_total",
+                    "Inference passes by where they ran: `pool` (alone, on --pass-threads threads) or `own` (beside other passes, on the worker's thread).",
+                    &["threads"],
+                ),
+            ),
             startup_seconds: reg(
                 &registry,
                 Histogram::with_opts(
@@ -429,6 +439,11 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
+        let (pool, own) = crate::engine::cores::passes();
+        for (label, total) in [("pool", pool), ("own", own)] {
+            let c = self.passes.with_label_values(&[label]);
+            c.inc_by(total.saturating_sub(c.get()));
+        }
         let mut buf = vec![];
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)

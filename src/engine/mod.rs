@@ -20,6 +20,7 @@
 
 pub mod backend;
 pub mod conformal;
+pub mod cores;
 pub mod drift_reference;
 pub mod error;
 pub mod footprint;

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use tract_onnx::prelude::*;
 
 use crate::engine::backend::{Backend, OrtGraph};
+use crate::engine::cores;
 use crate::engine::footprint::{self, Peak};
 use crate::engine::kernels::Reductions;
 
@@ -116,10 +117,10 @@ impl Plans {
     /// this graph's backend.
     pub fn run(&self, rows: usize, samples: usize, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         if let Some(graph) = &self.ort {
-            return graph.run(inputs);
+            return cores::run_pass(false, || graph.run(inputs));
         }
         let plan = self.get(rows, samples)?;
-        run(&plan, inputs)
+        cores::run_pass(true, || run(&plan, inputs))
     }
 
     /// The tract plan a pass of this size runs, for the kernel audit; None on onnxruntime,

@@ -73,6 +73,8 @@ pub struct CheckResult {
     pub check: Check,
     pub result: Outcome,
     pub detail: String,
+    /// Wall time the check took at load, so a slow load shows which check it spent on.
+    pub seconds: f64,
 }
 
 impl LoadedModel {
@@ -120,12 +122,21 @@ impl LoadedModel {
                         check,
                         result: Outcome::Fail,
                         detail: format!("could not build a probe input: {e}"),
+                        seconds: 0.0,
                     });
                 }
                 self.checks = checks;
                 return;
             }
         };
+        // Each check's wall time: `timed` stamps the check just pushed with the time since `t`.
+        fn timed(checks: &mut [CheckResult], t: &mut std::time::Instant) {
+            if let Some(last) = checks.last_mut() {
+                last.seconds = t.elapsed().as_secs_f64();
+            }
+            *t = std::time::Instant::now();
+        }
+        let mut t = std::time::Instant::now();
         let eval = self.eval_session().run(&probe);
         checks.push(match &eval {
             Err(e) => fail(Check::EvalDeterministic, format!("eval failed on the probe input: {e}")),
@@ -150,6 +161,7 @@ impl LoadedModel {
                 }
             },
         });
+        timed(&mut checks, &mut t);
         checks.push(match (&eval, &self.batch_symbol) {
             (_, None) => skipped(
                 Check::EvalRowIndependent,
@@ -158,10 +170,12 @@ impl LoadedModel {
             (Err(_), _) => fail(Check::EvalRowIndependent, "eval failed on the probe input".into()),
             (Ok(full), Some(_)) => self.check_rows(&probe, full),
         });
+        timed(&mut checks, &mut t);
         checks.push(match &mut self.mc {
             Err(reason) => skipped(Check::McSharedTrunk, reason),
             Ok(plan) => check_shared_trunk(plan, &probe),
         });
+        timed(&mut checks, &mut t);
         checks.push(match (&eval, &self.mc) {
             (_, Err(reason)) => skipped(Check::McMatchesEval, reason),
             (Err(_), _) => fail(Check::McMatchesEval, "eval failed on the probe input".into()),
@@ -176,10 +190,13 @@ impl LoadedModel {
                 },
             },
         });
-        let live = match &self.mc {
+        timed(&mut checks, &mut t);
+        let mut live = match &self.mc {
             Err(reason) => skipped(Check::McLive, reason),
             Ok(plan) => check_live(plan, &probe),
         };
+        live.seconds = t.elapsed().as_secs_f64();
+        t = std::time::Instant::now();
         if live.result == Outcome::Fail {
             self.mc = Err(live.detail.clone());
         }
@@ -191,6 +208,7 @@ impl LoadedModel {
         }
         checks.push(live);
         checks.push(self.check_batch_invariant(&probe));
+        timed(&mut checks, &mut t);
         self.checks = checks;
     }
 
@@ -250,6 +268,7 @@ pub(super) fn pass(check: Check, detail: &str) -> CheckResult {
         check,
         result: Outcome::Pass,
         detail: detail.to_string(),
+        seconds: 0.0,
     }
 }
 pub(super) fn fail(check: Check, detail: String) -> CheckResult {
@@ -257,6 +276,7 @@ pub(super) fn fail(check: Check, detail: String) -> CheckResult {
         check,
         result: Outcome::Fail,
         detail,
+        seconds: 0.0,
     }
 }
 pub(super) fn skipped(check: Check, detail: &str) -> CheckResult {
@@ -264,6 +284,7 @@ pub(super) fn skipped(check: Check, detail: &str) -> CheckResult {
         check,
         result: Outcome::Skipped,
         detail: detail.to_string(),
+        seconds: 0.0,
     }
 }
 

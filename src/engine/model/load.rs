@@ -147,6 +147,7 @@ impl LoadedModel {
             checks: vec![],
             calibration: None,
             drift_reference: None,
+            load_seconds: 0.0,
             eval: EvalPlan {
                 plans: eval_plans,
                 activation: eval_activation,
@@ -167,6 +168,7 @@ impl LoadedModel {
         );
         // After the self-check: it may replace the shared-trunk MC graph by the full one.
         model.memory = model.memory_model();
+        model.load_seconds = started.elapsed().as_secs_f64();
         Ok(model)
     }
 }

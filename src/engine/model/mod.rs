@@ -53,6 +53,9 @@ pub struct LoadedModel {
     pub calibration: Option<crate::engine::conformal::ModelCalibration>,
     /// What dataset-shift tests compare served rows with (see `engine::drift_reference`).
     pub drift_reference: Option<crate::engine::drift_reference::DriftReference>,
+    /// Seconds the load took: reading, surgery, plans and self-checks (each check's own
+    /// share is in `checks`).
+    pub load_seconds: f64,
     eval: EvalPlan,
     mc: Result<McPlan, String>,
     /// What the pass and answer estimates are built from, fixed at load.

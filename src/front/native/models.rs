@@ -111,6 +111,9 @@ pub struct ModelMetadata<'a> {
     pub dropout_sites: AsValue<'a, [DropoutSite]>,
     /// Rewrites made to the graph at load time.
     pub graph_fixes: &'a [String],
+    /// Seconds the model's load took (plans and self-checks; each check's own in
+    /// `self_checks`).
+    pub load_seconds: f64,
     /// The load-time self-checks and their outcomes.
     #[schema(schema_with = any_objects)]
     pub self_checks: AsValue<'a, [CheckResult]>,
@@ -138,6 +141,7 @@ impl<'a> ModelMetadata<'a> {
             output_kinds: m.output_kinds_by_name(),
             batch_dim: m.batch_symbol.as_deref(),
             backend: m.backend.as_str(),
+            load_seconds: m.load_seconds,
             dropout_sites: AsValue(&m.sites),
             graph_fixes: &m.fixes,
             self_checks: AsValue(&m.checks),

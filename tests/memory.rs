@@ -557,3 +557,57 @@ async fn grpc_messages_reserve_their_decode_as_they_arrive() {
     );
     s.stop().await;
 }
+
+/// VGG19 at full size (548 MB of weights, 224×224 activations through 16 convolutions):
+/// its one-row eval is admitted at the default budget and its peak stays under it. An
+/// estimate that summed every tensor (967 MiB) refused it with 413. The load's own peak
+/// is printed: it is what a pod's limit must cover beside the budget (README, "Memory").
+#[tokio::test]
+async fn a_one_row_eval_of_vgg19_is_admitted_at_the_default_budget() {
+    let _serial = SERIAL.lock().await;
+    let Some(shared) = shared_models() else { return };
+    let dir = model_folder(&[shared.join("onnx-light-models/light_vgg19.onnx")]);
+    let server = spawn(dir.path(), &["--request-timeout-secs", "600"]);
+    let pid = server.child.id();
+    let client = reqwest::Client::new();
+    // Loading builds and self-checks plans for 548 MB of weights: minutes on a shared
+    // machine, so a longer wait than `wait_status` gives.
+    let ready = format!("{}/health/ready", server.base);
+    let mut up = false;
+    for _ in 0..1200 {
+        if client.get(&ready).send().await.is_ok_and(|r| r.status() == 200) {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    assert!(up, "VGG19 never became ready");
+    let load_peak = status_bytes(pid, "VmHWM");
+    let idle = status_bytes(pid, "VmRSS");
+    let n = 3 * 224 * 224;
+    let x: Vec<f32> = (0..n).map(|i| i as f32 / n as f32).collect();
+    let image: Vec<Vec<Vec<f32>>> = x
+        .chunks(224 * 224)
+        .map(|plane| plane.chunks(224).map(<[f32]>::to_vec).collect())
+        .collect();
+    reset_peak(pid);
+    let (status, body) = post(&client, &server.base, "light_vgg19", "", &json!([image])).await;
+    assert_eq!(status, 200, "{body}");
+    let outputs = body["outputs"].as_object().unwrap();
+    let (_, out) = outputs.iter().next().unwrap();
+    assert_eq!(nested_shape(out).iter().product::<usize>(), 1000, "{out}");
+    let peak = status_bytes(pid, "VmHWM");
+    println!(
+        "light_vgg19: load peak {:.1} MiB, idle {:.1} MiB, eval peak {:.1} MiB (budget {:.1} MiB)",
+        mib(load_peak),
+        mib(idle),
+        mib(peak),
+        mib(BUDGET)
+    );
+    assert!(
+        peak <= idle + BUDGET,
+        "the eval's peak RSS {:.1} MiB is over the idle {:.1} MiB plus the budget",
+        mib(peak),
+        mib(idle)
+    );
+}

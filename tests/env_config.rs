@@ -23,6 +23,7 @@ fn every_flag_reads_its_mcd_environment_variable() {
         ("MCD_REQUEST_TIMEOUT_SECS", "2.5"),
         ("MCD_BODY_LIMIT_BYTES", "4096"),
         ("MCD_WORKERS", "3"),
+        ("MCD_PASS_THREADS", "5"),
         ("MCD_MAX_BATCH_DELAY_US", "250"),
         ("MCD_MAX_PASS_ROWS", "64"),
         ("MCD_LOG_FORMAT", "json"),
@@ -58,6 +59,8 @@ fn every_flag_reads_its_mcd_environment_variable() {
     assert_eq!(serve.request_timeout_secs, 2.5);
     assert_eq!(serve.body_limit_bytes, 4096);
     assert_eq!(serve.workers, Some(3));
+    assert_eq!(serve.pass_threads, Some(5));
+    assert_eq!(serve.pass_threads(), 5);
     assert_eq!(serve.log_format, LogFormat::Json);
     assert_eq!(serve.shutdown_drain_secs, 0.25);
     assert_eq!(serve.api_key_file, Some(PathBuf::from("/run/secrets/keys")));

@@ -13,8 +13,9 @@ Method (bench/bench.py's, at a larger scale)
 - Each backend gets its own server process, started one after the other (not at once, so
   they do not slow each other's loading): `--models DIR --addr 127.0.0.1:PORT --grpc-addr=
   --backend B [--ort-lib L] --request-timeout-secs 600` (BERT-base MC-20 can take longer
-  than the default 30 s on a busy machine), every other setting the default (workers =
-  cores, 512 MiB memory budget). Load time: process start to `GET /health/ready` = 200
+  than the default 30 s on a busy machine) --max-memory-bytes 4 GiB (at the default 512 MiB
+  the onnxruntime backend, which has no shared trunk, refuses DenseNet121 MC-20 of one row
+  with 413), every other setting the default (workers = cores). Load time: process start to `GET /health/ready` = 200
   (every model loaded and self-checked); per model, the server's log line for it when it
   has one. Memory: VmRSS / VmHWM of the server process from /proc, after load and at the end.
 - onnxruntime in-process ("ORT Python"): per model an eval session (default optimisations,
@@ -230,8 +231,8 @@ class Server:
         finally:
             c.close()
 
-    def predict(self, model, body, mc_seed=None):
-        q = f"?mc_samples={MC_N}&seed={mc_seed}" if mc_seed is not None else ""
+    def predict(self, model, body, mc_seed=None, extra=""):
+        q = f"?mc_samples={MC_N}&seed={mc_seed}{extra}" if mc_seed is not None else ""
         st, data = self.request("POST", f"/models/{model}/predict{q}", body)
         if st != 200:
             raise SystemExit(f"{self.name}: {model}{q} answered {st}: {data[:500]!r}")
@@ -241,6 +242,17 @@ class Server:
         t = time.perf_counter()
         self.predict(model.stem, model.body_cache)
         return time.perf_counter() - t
+
+    def tp_eval(self, model):
+        """One eval request for the throughput loop: True if answered, False if refused
+        with 429 (at capacity: counted, and the client waits 10 ms before the next)."""
+        st, data = self.request("POST", f"/models/{model.stem}/predict", model.body_cache)
+        if st == 429:
+            time.sleep(0.01)
+            return False
+        if st != 200:
+            raise SystemExit(f"{self.name}: {model.stem} answered {st}: {data[:500]!r}")
+        return True
 
     def time_mc(self, model, seed):
         t = time.perf_counter()
@@ -284,7 +296,8 @@ def check_answers(server, model, ortp):
             raise SystemExit(f"ABORT: {server.name}'s eval answer for {model.stem} differs from {what}: "
                              f"{got.tolist()} vs {ref.tolist()}")
     worst = float(np.max(np.abs(got - want)))
-    mc = json.loads(server.predict(model.stem, model.body_cache, mc_seed=1))
+    # (a row of labels answers mean, entropies and summary by default: ask for std)
+    mc = json.loads(server.predict(model.stem, model.body_cache, mc_seed=1, extra="&statistics=mean,std"))
     std = float(np.max(np.asarray(mc["outputs"][model.output]["std"], dtype=np.float64)))
     if not std > 0:
         raise SystemExit(f"ABORT: {server.name}'s MC-{MC_N} answer for {model.stem} has zero spread")
@@ -296,9 +309,11 @@ def check_answers(server, model, ortp):
 
 def closed_loop(fn, conns, duration):
     """conns threads call fn() back to back until duration has passed; returns requests
-    completed per second (up to the last completion) and the count."""
+    completed per second (up to the last completion), the count, and how many fn refused
+    (returned False: a 429)."""
     stop_at = time.monotonic() + duration
     counts = [0] * conns
+    refused = [0] * conns
     last = [0.0] * conns
     errors = []
     start = time.monotonic()
@@ -306,7 +321,9 @@ def closed_loop(fn, conns, duration):
     def worker(i):
         try:
             while time.monotonic() < stop_at:
-                fn()
+                if fn() is False:
+                    refused[i] += 1
+                    continue
                 counts[i] += 1
                 last[i] = time.monotonic()
         except BaseException as e:  # noqa: BLE001 - reported below
@@ -321,7 +338,7 @@ def closed_loop(fn, conns, duration):
         raise errors[0]
     n = sum(counts)
     end = max(last) if n else time.monotonic()
-    return n / (end - start) if n else 0.0, n
+    return n / (end - start) if n else 0.0, n, sum(refused)
 
 
 # --------------------------------------------------------------------------- main
@@ -357,6 +374,9 @@ def main():
     ap.add_argument("--mc-rounds", type=int, default=3)
     ap.add_argument("--tp-seconds", type=float, default=6.0, help="seconds per throughput cell")
     ap.add_argument("--conns", default="1,4")
+    ap.add_argument("--max-memory-bytes", default=str(4 << 30),
+                    help="the servers' --max-memory-bytes (default 4 GiB: at the default 512 MiB the "
+                         "onnxruntime backend refuses DenseNet121 MC-20 of one row with 413)")
     ap.add_argument("--server-arg", action="append", default=[], help="extra server flag (repeatable)")
     ap.add_argument("--skip-python", action="store_true", help="leave ORT Python out")
     ap.add_argument("--out", default=str(HERE / "results.md"))
@@ -391,7 +411,8 @@ def main():
     try:
         # -- loading, one engine after the other
         for b in backends:
-            s = Server(args.server, models_dir, b, args.ort_lib, tmp, args.server_arg)
+            s = Server(args.server, models_dir, b, args.ort_lib, tmp,
+                       ["--max-memory-bytes", args.max_memory_bytes] + args.server_arg)
             servers.append(s)
             s.wait_ready()
             mem[(s.name, "after load")] = proc_mem(s.pid)
@@ -456,10 +477,10 @@ def main():
                 order = engines[cell % len(engines):] + engines[:cell % len(engines)]
                 cell += 1
                 for e in order:
-                    fn = ortps[m.stem].time_eval if e == "py" else (lambda e=e, m=m: e.time_eval(m))
-                    rps, n = closed_loop(fn, c, args.tp_seconds)
-                    tp[(eng_name(e), m.stem, c)] = (rps, n)
-                    log(f"throughput {eng_name(e)} {m.stem} c={c}: {rps:.2f} req/s ({n} requests)")
+                    fn = ortps[m.stem].time_eval if e == "py" else (lambda e=e, m=m: e.tp_eval(m))
+                    rps, n, refused = closed_loop(fn, c, args.tp_seconds)
+                    tp[(eng_name(e), m.stem, c)] = (rps, n, refused)
+                    log(f"throughput {eng_name(e)} {m.stem} c={c}: {rps:.2f} req/s ({n} requests, {refused} refused 429)")
         loads.append(("after throughput", loadavg()))
         snaps.append(("throughput", cpu_snapshot(pids())))
         for s in servers:
@@ -507,14 +528,18 @@ def main():
         cells = []
         for n in names:
             for c in conns:
-                rps, cnt = tp.get((n, m.stem, c), (None, 0))
-                cells.append("n/a" if rps is None else f"{rps:.2f} ({cnt})")
+                rps, cnt, refused = tp.get((n, m.stem, c), (None, 0, 0))
+                cells.append("n/a" if rps is None else f"{rps:.2f} ({cnt}{f', {refused}×429' if refused else ''})")
         out.append(f"| {m.stem} | " + " | ".join(cells) + " |")
-    out.append("\n(in brackets: requests completed)\n")
+    out.append("\n(in brackets: requests completed, and requests refused with 429 `overloaded`, after which "
+               "that client waited 10 ms and sent the next; refused requests are not counted as done)\n")
     out.append("## Load time and resident memory\n")
     out.append("Servers: one process with all three models; load = process start to `/health/ready` 200 "
                "(every model loaded and self-checked). ORT Python: both sessions of each model; its memory is "
                f"this Python process (numpy + onnxruntime, {fmt_mb(py_base['rss'])} before any session).\n")
+    for sv in servers:
+        out.append(f"- {sv.name}: `{' '.join(sv.cmd)}`")
+    out.append("")
     out.append("| engine | load, all models | per model | RSS after load | RSS at the end | peak (VmHWM) |")
     out.append("|---|---:|---|---:|---:|---:|")
     for s in servers:

@@ -137,8 +137,10 @@ mod tests {
                 })
             });
             wait_started.recv().unwrap();
-            assert!(!cores.run(true, on_pool), "a pass beside a running one");
+            let beside = cores.run(true, on_pool);
+            // Released before asserting, so that a failure fails and does not hang.
             finish.send(()).unwrap();
+            assert!(!beside, "a pass beside a running one");
         });
         assert!(cores.run(true, on_pool), "alone again once the other has ended");
         assert_eq!(cores.wide.load(Ordering::Relaxed), 2);

@@ -182,23 +182,8 @@ pub fn plan_peak(plan: &TypedSimplePlan, batch: Option<&Symbol>, samples: Option
             freed_at[step].push(n);
         }
     }
-    let others: Vec<Symbol> = model
-        .symbols
-        .all_symbols()
-        .into_iter()
-        .filter(|s| Some(s) != batch && Some(s) != samples)
-        .collect();
     let steps_at = |r: i64, s: i64| -> TractResult<Vec<i128>> {
-        let mut values = SymbolValues::default();
-        for o in &others {
-            values.set(o, 1);
-        }
-        if let Some(b) = batch {
-            values.set(b, r);
-        }
-        if let Some(k) = samples {
-            values.set(k, s);
-        }
+        let values = symbol_values(model, batch, samples, r, s);
         let mut bytes = vec![0i128; model.nodes.len()];
         let mut live = 0i128;
         let mut steps = Vec::with_capacity(order.len());
@@ -351,23 +336,8 @@ impl ModelMemory {
 /// onnxruntime runs, whose memory planner and arena are its own, so tract's tensor lifetimes
 /// (`plan_peak`) do not describe them and no counting allocator here sees them.
 pub fn graph_sum(model: &TypedModel, batch: Option<&Symbol>, samples: Option<&Symbol>) -> TractResult<Peak> {
-    let others: Vec<Symbol> = model
-        .symbols
-        .all_symbols()
-        .into_iter()
-        .filter(|s| Some(s) != batch && Some(s) != samples)
-        .collect();
     let at = |r: i64, s: i64| -> TractResult<i128> {
-        let mut values = SymbolValues::default();
-        for o in &others {
-            values.set(o, 1);
-        }
-        if let Some(b) = batch {
-            values.set(b, r);
-        }
-        if let Some(k) = samples {
-            values.set(k, s);
-        }
+        let values = symbol_values(model, batch, samples, r, s);
         let mut total = 0i128;
         for node in &model.nodes {
             for output in &node.outputs {
@@ -387,18 +357,36 @@ pub fn graph_sum(model: &TypedModel, batch: Option<&Symbol>, samples: Option<&Sy
         }
         Ok(total)
     };
-    let (f11, f21, f12, f22) = (at(1, 1)?, at(2, 1)?, at(1, 2)?, at(2, 2)?);
-    let rs = f22 - f21 - f12 + f11;
-    let r = f21 - f11 - rs;
-    let s = f12 - f11 - rs;
-    let fixed = f11 - r - s - rs;
-    let clamp = |v: i128| v.clamp(0, u64::MAX as i128) as u64;
-    Ok(Peak::of([Bilinear {
-        fixed: clamp(fixed),
-        per_row: clamp(r),
-        per_sample: clamp(s),
-        per_row_sample: clamp(rs),
-    }]))
+    Ok(Peak::of([Bilinear::through(
+        at(1, 1)?,
+        at(2, 1)?,
+        at(1, 2)?,
+        at(2, 2)?,
+    )]))
+}
+
+/// The batch symbol at `rows`, the samples symbol at `samples`, every other symbol at 1 (a
+/// known gap: see the module's comment).
+fn symbol_values(
+    model: &TypedModel,
+    batch: Option<&Symbol>,
+    samples: Option<&Symbol>,
+    rows: i64,
+    sample_count: i64,
+) -> SymbolValues {
+    let mut values = SymbolValues::default();
+    for o in model.symbols.all_symbols() {
+        if Some(&o) != batch && Some(&o) != samples {
+            values.set(&o, 1);
+        }
+    }
+    if let Some(b) = batch {
+        values.set(b, rows);
+    }
+    if let Some(k) = samples {
+        values.set(k, sample_count);
+    }
+    values
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use common::*;
-use mcd_serve::engine::model::{Dim, InputRows, LoadedModel, McOutput, McPart, McSamples, ModelConfig, to_f64};
+use mcd_serve::engine::model::{InputRows, LoadedModel, McOutput, McPart, McSamples, ModelConfig, to_f64};
 use tract_onnx::prelude::*;
 
 /// The models: (name, file, values of symbolic non-batch dims).
@@ -69,15 +69,7 @@ fn batch(m: &LoadedModel, rows: usize, salt: u64, dims: &HashMap<&str, usize>) -
         .inputs
         .iter()
         .map(|spec| {
-            let shape: Vec<usize> = spec
-                .shape
-                .iter()
-                .map(|d| match d {
-                    Dim::Fixed(n) => *n,
-                    Dim::Symbol(s) if Some(s) == m.batch_symbol.as_ref() => rows,
-                    Dim::Symbol(s) => dims.get(s.as_str()).copied().unwrap_or(3),
-                })
-                .collect();
+            let shape = input_shape(m, spec, rows, |s| dims.get(s).copied().unwrap_or(3));
             let n: usize = shape.iter().product();
             if spec.datum.is_float() {
                 let v: Vec<f32> = (0..n).map(|_| (next() * 2.0 - 1.0) as f32).collect();

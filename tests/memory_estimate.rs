@@ -12,7 +12,6 @@ use common::*;
 use mcd_serve::engine::footprint::ENCODED_BYTES_PER_VALUE;
 use mcd_serve::engine::model::{InputRows, LoadedModel, McSamples};
 use mcd_serve::engine::repo::load_model;
-use mcd_serve::engine::spec::Dim;
 use mcd_serve::engine::statistics::Requested;
 use mcd_serve::front::native::decode::parse_request;
 use mcd_serve::front::values::Nested;
@@ -145,15 +144,7 @@ fn random_rows(model: &LoadedModel, rows: usize) -> mcd_serve::engine::model::In
         .inputs
         .iter()
         .map(|spec| {
-            let shape: Vec<usize> = spec
-                .shape
-                .iter()
-                .map(|d| match d {
-                    Dim::Fixed(n) => *n,
-                    Dim::Symbol(s) if Some(s) == model.batch_symbol.as_ref() => rows,
-                    Dim::Symbol(_) => 1,
-                })
-                .collect();
+            let shape = input_shape(model, spec, rows, |_| 1);
             if !spec.datum.is_float() {
                 return Tensor::zero_dt(spec.datum, &shape).unwrap();
             }

@@ -1,11 +1,11 @@
-//! Loads ONNX files and prints what the server learns about each: `cargo run --example inspect -- FILE...`
-use mcd_serve::engine::model::{LoadedModel, ModelConfig};
+//! Loads ONNX files (with their `.model.json`) and prints what the server learns about each: `cargo run --example inspect -- FILE...`
+use mcd_serve::engine::repo::load_model;
 
 fn main() {
     for arg in std::env::args().skip(1) {
         let path = std::path::Path::new(&arg);
         let t = std::time::Instant::now();
-        match LoadedModel::load("m", path, ModelConfig::default()) {
+        match load_model("m", path) {
             Err(e) => println!("{arg}: REFUSED: {e:#}"),
             Ok(m) => {
                 println!("{arg}: loaded in {:?}", t.elapsed());
@@ -18,6 +18,7 @@ fn main() {
                     println!("  check {} {:?}: {}", c.check.as_str(), c.result, c.detail);
                 }
                 println!("  mc: {:?}", m.mc_unavailable_reason());
+                println!("  passes: {:?}", m.passes());
             }
         }
     }

@@ -4,7 +4,7 @@
 //! protocol, and `tools/module_graph.py` can check that no arrow skips the core.
 
 pub use crate::engine::conformal::{self, CalibrationFile, OutputCalibration, level_key};
-pub use crate::engine::model::{CheckResult, LoadedModel, McOutput};
+pub use crate::engine::model::{CheckResult, LoadedModel, McOutput, Passes};
 pub use crate::engine::onnx_graph::DropoutSite;
 pub use crate::engine::repo::{LoadFailure, ModelRepo, load_model};
 pub use crate::engine::spec::{Dim, OutputKind, TensorSpec, shape_string, to_f64};

@@ -30,6 +30,7 @@ pub mod model;
 pub mod onnx_graph;
 pub mod plans;
 pub mod repo;
+pub mod row_passes;
 pub mod row_summary;
 pub mod spec;
 pub mod statistics;

@@ -24,8 +24,18 @@ use crate::engine::backend::{Backend, OrtGraph};
 use crate::engine::cores;
 use crate::engine::footprint::{self, Peak};
 use crate::engine::kernels::Reductions;
+use crate::engine::row_passes::{self, ROW_BY_ROW_FMA};
+use crate::engine::spec::PassMode;
 
 pub type Plan = Arc<TypedRunnableModel>;
+
+/// What sizes a model's plans besides its graph: its file and its config's `passes`.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanOptions {
+    pub file_bytes: u64,
+    /// None: row by row from [`ROW_BY_ROW_FMA`] multiply-adds a row.
+    pub passes: Option<PassMode>,
+}
 
 /// Keep specialised plans for at most this many batch sizes...
 const MAX_SIZES: usize = 16;
@@ -51,17 +61,24 @@ pub struct Plans {
     reductions: Option<Reductions>,
     /// Set when onnxruntime runs this graph's passes; tract's graph then only sizes them.
     ort: Option<OrtGraph>,
+    /// A pass of several rows runs as one pass per row of the one-row plan
+    /// ([`crate::engine::row_passes`]).
+    row_by_row: bool,
+    /// Multiply-adds of one row of a pass (of one sample of a row, for a shared-trunk
+    /// graph: what each further sample adds); None when tract's cost model cannot say.
+    row_fma: Option<u64>,
 }
 
 impl Plans {
     /// `batch_symbol` is the name of the batch dimension, if the model has one;
     /// `samples_symbol` the number of MC samples in a pass of a shared-trunk graph
-    /// ([`crate::engine::trunk`]); `file_bytes` sizes the cache.
+    /// ([`crate::engine::trunk`]); `options.file_bytes` sizes the cache, and
+    /// `options.passes` can ask for row by row or batched passes.
     pub fn new(
         typed: TypedModel,
         batch_symbol: Option<&str>,
         samples_symbol: Option<&str>,
-        file_bytes: u64,
+        PlanOptions { file_bytes, passes }: PlanOptions,
     ) -> TractResult<Plans> {
         let symbol = batch_symbol.and_then(|s| typed.symbols.get(s));
         let samples = samples_symbol.and_then(|s| typed.symbols.get(s));
@@ -76,6 +93,33 @@ impl Plans {
             .as_ref()
             .map(|b| Reductions::of(symbolic.model(), b, samples.as_ref()))
             .transpose()?;
+        let row_fma = match &symbol {
+            None => None,
+            Some(b) => {
+                let one = |n: i64| -> TractResult<Option<u64>> {
+                    let mut values = HashMap::from([(b.clone(), TDim::Val(1))]);
+                    if let Some(s) = &samples {
+                        values.insert(s.clone(), TDim::Val(n));
+                    }
+                    row_passes::fma(&typed, &values)
+                };
+                match &samples {
+                    None => one(1)?,
+                    // What a second sample adds: the stochastic part of one sample-row.
+                    Some(_) => one(2)?.zip(one(1)?).map(|(two, one)| two.saturating_sub(one)),
+                }
+            }
+        };
+        // Row by row needs the one-row plan, hence the per-size plans (a capacity).
+        let row_by_row = match &symbol {
+            Some(b) if samples.is_none() && capacity > 0 => {
+                let large = row_fma.is_some_and(|f| f >= ROW_BY_ROW_FMA);
+                passes.map_or(large, |p| p == PassMode::RowByRow) && row_passes::batch_leads_everything(&typed, b)?
+            }
+            _ => false,
+        };
+        // A row that always runs alone keeps its bits wherever it sits in a pass.
+        let reductions = reductions.filter(|_| !row_by_row);
         let typed = symbol.filter(|_| capacity > 0).map(|s| (typed, s, samples));
         Ok(Plans {
             typed,
@@ -86,6 +130,8 @@ impl Plans {
             bytes,
             reductions,
             ort: None,
+            row_by_row,
+            row_fma,
         })
     }
 
@@ -107,6 +153,8 @@ impl Plans {
             // check measures on the probe.
             reductions: None,
             ort: Some(graph),
+            row_by_row: false,
+            row_fma: None,
         })
     }
 
@@ -119,8 +167,19 @@ impl Plans {
     }
 
     /// One pass of `rows` (times `samples`, for a shared-trunk graph; pass 1 otherwise) on
-    /// this graph's backend.
+    /// this graph's backend: row by row when the graph is large ([`row_passes`]).
     pub fn run(&self, rows: usize, samples: usize, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        if self.row_by_row && rows > 1 && self.ort.is_none() {
+            let plan = self.get(1, 1)?;
+            return cores::run_pass(true, || row_passes::run(rows, inputs, |row| run(&plan, row)));
+        }
+        self.run_batched(rows, samples, inputs)
+    }
+
+    /// One pass of all `rows` at once, even for a graph that serves row by row: what the
+    /// load-time `eval_row_independent` check compares single rows with (a BatchNorm on batch
+    /// statistics only shows in a batch).
+    pub fn run_batched(&self, rows: usize, samples: usize, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         if let Some(graph) = &self.ort {
             return cores::run_pass(false, || graph.run(inputs));
         }
@@ -128,11 +187,24 @@ impl Plans {
         cores::run_pass(true, || run(&plan, inputs))
     }
 
+    /// Whether passes of several rows run one row at a time ([`row_passes`]).
+    pub fn row_by_row(&self) -> bool {
+        self.row_by_row
+    }
+
+    /// Multiply-adds of one row (for a shared-trunk graph: of each further sample of a row).
+    pub fn row_fma(&self) -> Option<u64> {
+        self.row_fma
+    }
+
     /// The tract plan a pass of this size runs, for the kernel audit; None on onnxruntime,
     /// whose kernels tract does not choose.
     pub fn audited(&self, rows: usize, samples: usize) -> TractResult<Option<Plan>> {
         if self.ort.is_some() {
             return Ok(None);
+        }
+        if self.row_by_row {
+            return self.get(1, 1).map(Some);
         }
         self.get(rows, samples).map(Some)
     }

@@ -40,6 +40,18 @@ pub struct ModelConfig {
     /// server's `--backend`. A model the backend cannot run is refused, never moved to the
     /// other one.
     pub backend: Option<crate::engine::backend::Backend>,
+    /// How tract runs a pass of several rows: `"batched"` (one pass) or `"row_by_row"` (one
+    /// pass of the one-row plan per row). Default: row by row from
+    /// [`crate::engine::row_passes::ROW_BY_ROW_FMA`] multiply-adds a row.
+    pub passes: Option<PassMode>,
+}
+
+/// A model's choice of how tract runs a pass of several rows ([`crate::engine::row_passes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PassMode {
+    Batched,
+    RowByRow,
 }
 
 /// An output kind as `<stem>.model.json` declares it: `{"kind": "categorical",

@@ -168,7 +168,12 @@ impl LoadedModel {
                 "the file fixes the batch size (or an output has no batch axis)",
             ),
             (Err(_), _) => fail(Check::EvalRowIndependent, "eval failed on the probe input".into()),
-            (Ok(full), Some(_)) => self.check_rows(&probe, full),
+            // The probe in one batched pass, even when the model serves row by row: a
+            // BatchNorm on batch statistics only shows in a batch.
+            (Ok(_), Some(_)) => match self.eval_session().batched_pass(&probe) {
+                Ok(full) => self.check_rows(&probe, &full),
+                Err(e) => fail(Check::EvalRowIndependent, format!("eval of the probe in one pass failed: {e}")),
+            },
         });
         timed(&mut checks, &mut t);
         checks.push(match &mut self.mc {

@@ -12,7 +12,7 @@ use super::*;
 use crate::engine::backend::{Backend, OrtGraph};
 use crate::engine::footprint::ModelMemory;
 use crate::engine::onnx_graph::{self, FactAt, MASK_INPUT_PREFIX, MaskInput, ProbeLookup};
-use crate::engine::plans::Plans;
+use crate::engine::plans::{PlanOptions, Plans};
 use crate::engine::trunk;
 use session::Trunk;
 
@@ -72,6 +72,10 @@ impl LoadedModel {
         let found = kinds::output_kinds(&proto, &config, &outputs)?;
         let probability_classes = probability_outputs(&outputs, &found);
         let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let options = PlanOptions {
+            file_bytes,
+            passes: config.passes,
+        };
 
         // Both graphs stop at the logits of a Softmax or Sigmoid output, and the server
         // applies the activation itself, in f64. For MC, tract's Softmax has a cost per row
@@ -93,7 +97,7 @@ impl LoadedModel {
         let (eval_typed, eval_activation) =
             cut_activations(eval_typed, &server_activation).context("cutting the eval graph at its logits")?;
         let eval_plans = match backend {
-            Backend::Tract => Plans::new(eval_typed, batch_symbol.as_deref(), None, file_bytes)
+            Backend::Tract => Plans::new(eval_typed, batch_symbol.as_deref(), None, options)
                 .context("optimizing the eval graph")?,
             Backend::Onnxruntime => {
                 // The same graph tract runs: the eval graph, cut at the logits where the
@@ -124,7 +128,7 @@ impl LoadedModel {
             &inputs,
             &server_activation,
             batch_symbol.as_deref(),
-            file_bytes,
+            options,
             (backend, folder),
         );
         tracing::debug!(
@@ -315,7 +319,7 @@ pub(super) fn build_mc(
     inputs: &[TensorSpec],
     server_activation: &[Option<(kinds::Activation, String)>],
     batch_symbol: Option<&str>,
-    file_bytes: u64,
+    options: PlanOptions,
     (backend, folder): (Backend, &Path),
 ) -> Result<McPlan, String> {
     if surgery.sites.is_empty() {
@@ -401,7 +405,7 @@ pub(super) fn build_mc(
         Some(b) => {
             let mask_inputs: Vec<usize> = (full.inputs.len() - masks.len()..full.inputs.len()).collect();
             match trunk::share(&full, b, &mask_inputs) {
-                Ok(Some(t)) => Plans::new(t.model, batch_symbol, Some(trunk::SAMPLES_SYMBOL), file_bytes)
+                Ok(Some(t)) => Plans::new(t.model, batch_symbol, Some(trunk::SAMPLES_SYMBOL), options)
                     .map(|p| (p, t.trunk_nodes, t.tiled))
                     .map_err(|e| format!("optimizing the shared-trunk graph failed: {e:#}")),
                 Ok(None) => {
@@ -412,11 +416,30 @@ pub(super) fn build_mc(
         }
     };
     let full =
-        Plans::new(full, batch_symbol, None, file_bytes).map_err(|e| format!("building the MC graph failed: {e:#}"))?;
+        Plans::new(full, batch_symbol, None, options).map_err(|e| format!("building the MC graph failed: {e:#}"))?;
     // Samples share a pass only when the batch leads every mask, so that each sample owns
     // a block of every mask. A mask without the batch in front (or without it at all) would
     // otherwise be drawn across samples, or even shared by them.
     let batch = batch_led(batch_symbol, &masks);
+    // A shared trunk runs every sample of a row in one batched pass of the stochastic part.
+    // When the full graph runs row by row and that part is at least half of a row's work,
+    // sharing saves less than batching costs (engine::row_passes: DenseNet121's trunk is its
+    // stem, and its dense blocks ran 2.9x slower per row batched), so samples run one row
+    // per pass through the full graph.
+    let shared = match shared {
+        Ok((plans, ..))
+            if let (true, Some(row), Some(sample)) = (full.row_by_row(), full.row_fma(), plans.row_fma())
+                && 2 * sample >= row =>
+        {
+            Err(format!(
+                "each sample's stochastic part is {:.0}% of a row's {:.1} M multiply-adds, so samples run one \
+                 row per pass through the full graph (row by row), not in one batched pass after a shared trunk",
+                100.0 * sample as f64 / row.max(1) as f64,
+                row as f64 / 1e6
+            ))
+        }
+        other => other,
+    };
     let (plans, trunk) = match shared {
         Ok((plans, trunk_nodes, tiled)) => (
             plans,

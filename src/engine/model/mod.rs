@@ -96,6 +96,18 @@ impl InputRows {
     }
 }
 
+/// How the model's passes of several rows run ([`LoadedModel::passes`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Passes {
+    /// `batched` or `row_by_row`.
+    pub eval: &'static str,
+    /// The same for MC passes; None without MC.
+    pub mc: Option<&'static str>,
+    /// One row's multiply-adds by tract's cost model (None where a dimension other than the
+    /// batch is symbolic, or on onnxruntime).
+    pub multiply_adds_per_row: Option<u64>,
+}
+
 impl LoadedModel {
     /// Whether the eval checks all passed; a model that fails them is not served
     /// ([`Check::gates_health`]).
@@ -113,6 +125,17 @@ impl LoadedModel {
             .map(|c| format!("{}: {}", c.check.as_str(), c.detail))
             .collect::<Vec<_>>()
             .join("; ")
+    }
+
+    /// How a pass of several rows runs: in one batched pass, or row by row
+    /// ([`crate::engine::row_passes`]); for the model's metadata.
+    pub fn passes(&self) -> Passes {
+        let shape = |row_by_row: bool| if row_by_row { "row_by_row" } else { "batched" };
+        Passes {
+            eval: shape(self.eval.plans.row_by_row()),
+            mc: self.mc.as_ref().ok().map(|p| shape(p.plans.row_by_row())),
+            multiply_adds_per_row: self.eval.plans.row_fma(),
+        }
     }
 
     pub fn mc_unavailable_reason(&self) -> Option<&str> {

@@ -223,7 +223,19 @@ impl EvalSession<'_> {
     /// One pass over `batch` with the plan for its own size.
     pub(super) fn plan_pass(&self, batch: &InputRows) -> TractResult<TVec<TValue>> {
         let inputs: TVec<TValue> = batch.tensors.iter().map(|t| t.clone().into_tvalue()).collect();
-        let outs = self.plan.plans.run(batch.rows, 1, inputs)?;
+        self.activate(self.plan.plans.run(batch.rows, 1, inputs)?)
+    }
+
+    /// One pass over all of `batch` at once, even on a graph that serves row by row
+    /// ([`crate::engine::row_passes`]): for the check that rows are independent.
+    pub(super) fn batched_pass(&self, batch: &InputRows) -> TractResult<Vec<NamedTensor>> {
+        let inputs: TVec<TValue> = batch.tensors.iter().map(|t| t.clone().into_tvalue()).collect();
+        let outs = self.activate(self.plan.plans.run_batched(batch.rows, 1, inputs)?)?;
+        Ok(self.model.name_outputs(outs))
+    }
+
+    /// The plan's outputs with the activations the server owns applied.
+    fn activate(&self, outs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         outs.into_iter()
             .zip(&self.plan.activation)
             .map(|(t, activation)| {
@@ -317,8 +329,10 @@ impl McDraw<'_> {
         for k in pass_sizes(n, per_pass) {
             // tract's plan for a pass of one row (one sample of a one-row request) differs
             // from its larger plans, and can give other bits (measured: 1-4 ulps on the
-            // MONAI DenseNet). Such a pass also draws the next sample, and drops it.
-            let run = if batch_led && k * self.batch.rows == 1 { 2 } else { k };
+            // MONAI DenseNet). Such a pass also draws the next sample, and drops it; unless
+            // every pass runs row by row through that one-row plan anyway.
+            let lone = batch_led && k * self.batch.rows == 1 && !self.plan.plans.row_by_row();
+            let run = if lone { 2 } else { k };
             let masks = pass_failed(self.plan.sample_masks(self.batch, self.done, run, &mut self.sampler))?;
             let outs = pass_failed(self.plan.run(self.batch, run, masks))?;
             for (o, (mut shape, values)) in outs.into_iter().enumerate() {

@@ -14,7 +14,7 @@ use crate::core::Core;
 use crate::core::view::CalibrationFile;
 use crate::core::view::DropoutSite;
 use crate::core::view::{self, ModelRepo};
-use crate::core::view::{CheckResult, Dim, LoadedModel};
+use crate::core::view::{CheckResult, Dim, LoadedModel, Passes};
 use crate::front::rest::ErrorBody;
 use crate::front::schema::{any_object, any_objects, json_schema};
 
@@ -106,6 +106,10 @@ pub struct ModelMetadata<'a> {
     pub batch_dim: Option<&'a str>,
     /// The runtime that runs the model's passes: `tract` or `onnxruntime`.
     pub backend: &'static str,
+    /// How a pass of several rows runs: `{"eval": "batched" | "row_by_row", "mc": ...,
+    /// "multiply_adds_per_row": n}`. Large tract graphs run row by row (see the README).
+    #[schema(value_type = Object)]
+    pub passes: Passes,
     /// The dropout sites found in the graph.
     #[schema(schema_with = any_objects)]
     pub dropout_sites: AsValue<'a, [DropoutSite]>,
@@ -142,6 +146,7 @@ impl<'a> ModelMetadata<'a> {
             batch_dim: m.batch_symbol.as_deref(),
             backend: m.backend.as_str(),
             load_seconds: m.load_seconds,
+            passes: m.passes(),
             dropout_sites: AsValue(&m.sites),
             graph_fixes: &m.fixes,
             self_checks: AsValue(&m.checks),

@@ -21,8 +21,13 @@ fn rows_of(m: &LoadedModel, rows: usize) -> mcd_serve::engine::model::InputRows 
                 })
                 .collect();
             let len: usize = shape.iter().product();
-            let t = Tensor::from_shape(&shape, &(0..len).map(|i| ((i % 17) as f32) / 17.0).collect::<Vec<_>>()).unwrap();
-            if spec.datum.is_float() { t } else { Tensor::zero_dt(spec.datum, &shape).unwrap() }
+            let t =
+                Tensor::from_shape(&shape, &(0..len).map(|i| ((i % 17) as f32) / 17.0).collect::<Vec<_>>()).unwrap();
+            if spec.datum.is_float() {
+                t
+            } else {
+                Tensor::zero_dt(spec.datum, &shape).unwrap()
+            }
         })
         .collect();
     m.input_rows(tensors).unwrap()

@@ -13,7 +13,12 @@ fn main() -> TractResult<()> {
     if std::env::var("DUMP").is_ok() {
         for n in model.eval_order()? {
             let node = model.node(n);
-            println!("{} {} {:?}", node.op().name(), node.name, model.outlet_fact(OutletId::new(n, 0))?.shape);
+            println!(
+                "{} {} {:?}",
+                node.op().name(),
+                node.name,
+                model.outlet_fact(OutletId::new(n, 0))?.shape
+            );
         }
     }
     let model = model.into_runnable()?;

@@ -172,7 +172,10 @@ impl LoadedModel {
             // BatchNorm on batch statistics only shows in a batch.
             (Ok(_), Some(_)) => match self.eval_session().batched_pass(&probe) {
                 Ok(full) => self.check_rows(&probe, &full),
-                Err(e) => fail(Check::EvalRowIndependent, format!("eval of the probe in one pass failed: {e}")),
+                Err(e) => fail(
+                    Check::EvalRowIndependent,
+                    format!("eval of the probe in one pass failed: {e}"),
+                ),
             },
         });
         timed(&mut checks, &mut t);

@@ -97,8 +97,9 @@ impl LoadedModel {
         let (eval_typed, eval_activation) =
             cut_activations(eval_typed, &server_activation).context("cutting the eval graph at its logits")?;
         let eval_plans = match backend {
-            Backend::Tract => Plans::new(eval_typed, batch_symbol.as_deref(), None, options)
-                .context("optimizing the eval graph")?,
+            Backend::Tract => {
+                Plans::new(eval_typed, batch_symbol.as_deref(), None, options).context("optimizing the eval graph")?
+            }
             Backend::Onnxruntime => {
                 // The same graph tract runs: the eval graph, cut at the logits where the
                 // server applies the activation.

@@ -47,8 +47,13 @@ pub struct Plans {
     /// The typed, unoptimised graph with its symbolic batch (and, for a shared-trunk MC
     /// graph, its samples symbol), to specialise from.
     typed: Option<(TypedModel, Symbol, Option<Symbol>)>,
-    /// The optimised symbolic plan, for models without a batch symbol.
-    symbolic: Plan,
+    /// The optimised plan with a symbolic batch, for graphs that keep no per-size plans (no
+    /// batch symbol, or weights too large to cache plans of). None otherwise: it was built
+    /// to size passes and analyse reductions, and its packed copy of the weights is not kept
+    /// (ResNet-50: 94 MB per graph).
+    symbolic: Option<Plan>,
+    /// The graph's symbols, to read a pass's symbol values by name.
+    symbols: SymbolScope,
     capacity: usize,
     /// Keyed by (rows, samples); samples is 1 for graphs without a samples symbol.
     pinned: Mutex<HashMap<(usize, usize), (Plan, u64)>>,
@@ -87,12 +92,6 @@ impl Plans {
         // 548 MB from 9 KB). Sized by the file, DenseNet121 kept 16 plans of its 32 MB.
         let weights = weight_bytes(&typed).max(file_bytes);
         let capacity = (MEMORY_BUDGET_BYTES / (2 * weights.max(1))).min(MAX_SIZES as u64) as usize;
-        let symbolic = typed.clone().into_optimized()?.into_runnable()?;
-        let bytes = footprint::plan_peak(&symbolic, symbol.as_ref(), samples.as_ref())?;
-        let reductions = symbol
-            .as_ref()
-            .map(|b| Reductions::of(symbolic.model(), b, samples.as_ref()))
-            .transpose()?;
         let row_fma = match &symbol {
             None => None,
             Some(b) => {
@@ -118,12 +117,29 @@ impl Plans {
             }
             _ => false,
         };
+        let symbols = typed.symbols.clone();
+        // The typed graph stays only to specialise per-size plans from. When it does not
+        // stay, it is optimised in place rather than cloned: the optimiser's packed weights
+        // and the typed graph's own are then not both held (BERT-base: 438 MB each).
+        let (typed, symbolic) = match symbol.clone().filter(|_| capacity > 0) {
+            Some(s) => {
+                let symbolic = typed.clone().into_optimized()?.into_runnable()?;
+                (Some((typed, s, samples.clone())), symbolic)
+            }
+            None => (None, typed.into_optimized()?.into_runnable()?),
+        };
+        let bytes = footprint::plan_peak(&symbolic, symbol.as_ref(), samples.as_ref())?;
         // A row that always runs alone keeps its bits wherever it sits in a pass.
-        let reductions = reductions.filter(|_| !row_by_row);
-        let typed = symbol.filter(|_| capacity > 0).map(|s| (typed, s, samples));
+        let reductions = symbol
+            .as_ref()
+            .filter(|_| !row_by_row)
+            .map(|b| Reductions::of(symbolic.model(), b, samples.as_ref()))
+            .transpose()?;
+        let symbolic = typed.is_none().then_some(symbolic);
         Ok(Plans {
             typed,
             symbolic,
+            symbols,
             capacity,
             pinned: Mutex::new(HashMap::new()),
             clock: AtomicU64::new(0),
@@ -143,7 +159,9 @@ impl Plans {
         let bytes = footprint::graph_sum(&typed, symbol.as_ref(), None)?;
         Ok(Plans {
             typed: None,
-            symbolic: typed.into_runnable()?,
+            // tract's graph only sized the passes: nothing of it needs to stay.
+            symbolic: None,
+            symbols: typed.symbols.clone(),
             capacity: 0,
             pinned: Mutex::new(HashMap::new()),
             clock: AtomicU64::new(0),
@@ -216,10 +234,9 @@ impl Plans {
         let Some(r) = self.reductions.as_ref().filter(|r| !r.is_empty()) else {
             return 1;
         };
-        let model = self.symbolic.model();
         let values: HashMap<Symbol, i64> = symbols
             .iter()
-            .filter_map(|(name, v)| model.symbols.get(name).map(|s| (s, *v as i64)))
+            .filter_map(|(name, v)| self.symbols.get(name).map(|s| (s, *v as i64)))
             .collect();
         r.granularity(&values)
     }
@@ -241,11 +258,11 @@ impl Plans {
     /// otherwise).
     pub fn get(&self, rows: usize, samples: usize) -> TractResult<Plan> {
         let Some((typed, symbol, samples_symbol)) = &self.typed else {
-            return Ok(self.symbolic.clone());
+            return self
+                .symbolic
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("this graph runs on onnxruntime, not tract"));
         };
-        if std::env::var("MCD_SYMBOLIC").is_ok() {
-            return Ok(self.symbolic.clone());
-        }
         let now = self.clock.fetch_add(1, Ordering::Relaxed);
         if let Some((plan, used)) = self
             .pinned

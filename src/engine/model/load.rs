@@ -41,6 +41,9 @@ impl LoadedModel {
         };
         onnx_graph::check_external_data(&proto, folder)?;
         let mut surgery = onnx_graph::analyse(&proto, &config.dropout_ratios)?;
+        // The surgery holds its own copies (the base graph and the eval graph); a file with
+        // its weights inside would otherwise stay in memory three times through the load.
+        drop(proto);
         let dir = folder.to_str();
         let eval_typed = typed(&onnx, &surgery.eval_proto, dir).context("building the eval graph")?;
         let index_limits = onnx_graph::index_limits(surgery.eval_proto.graph.as_ref().expect("has graph"));
@@ -69,7 +72,7 @@ impl LoadedModel {
             .map(|(i, n)| tensor_spec(n, eval_typed.output_fact(i)?))
             .collect::<TractResult<Vec<_>>>()?;
         let batch_symbol = batch_symbol(&inputs, &outputs);
-        let found = kinds::output_kinds(&proto, &config, &outputs)?;
+        let found = kinds::output_kinds(&surgery.eval_proto, &config, &outputs)?;
         let probability_classes = probability_outputs(&outputs, &found);
         let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
         let options = PlanOptions {
@@ -103,7 +106,7 @@ impl LoadedModel {
             Backend::Onnxruntime => {
                 // The same graph tract runs: the eval graph, cut at the logits where the
                 // server applies the activation.
-                let mut proto = surgery.eval_proto.clone();
+                let mut proto = std::mem::take(&mut surgery.eval_proto);
                 let graph = proto.graph.as_mut().expect("has graph");
                 for (ix, cut) in eval_activation.iter().enumerate() {
                     if let (Some(_), Some((_, logits))) = (cut, &server_activation[ix]) {
@@ -115,6 +118,9 @@ impl LoadedModel {
                 Plans::on_onnxruntime(eval_typed, batch_symbol.as_deref(), ort).context("sizing the eval graph")?
             }
         };
+        // The eval graph's protobuf has served (its plans exist): freed before the MC graph
+        // is built, which is when the load holds the most.
+        surgery.eval_proto = Default::default();
         tracing::debug!(
             model = name,
             seconds = started.elapsed().as_secs_f64(),

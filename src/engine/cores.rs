@@ -14,8 +14,10 @@
 //! thread count, and a row of a softmax is one thread's (tract-core 0.23.9 `reduce.rs`,
 //! `softmax/mod.rs`). `tests/pass_threads.rs` checks it answer by answer.
 //!
-//! onnxruntime runs its passes on one intra-op thread each (its thread count is fixed when a
-//! session is created), so this applies to tract only.
+//! onnxruntime's thread count is fixed when a session is created, so this rule is tract's.
+//! With `--pass-threads` above 1, onnxruntime's sessions share one global intra-op pool of
+//! that many threads instead (`engine::backend::onnxruntime`): a lone pass has every core,
+//! and passes running together share the pool's threads rather than each bringing its own.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

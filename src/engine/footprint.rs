@@ -97,6 +97,21 @@ impl Peak {
         &self.steps
     }
 
+    /// A graph that runs a pass of R rows as R passes of one row
+    /// ([`crate::engine::row_passes`]): the one-row pass's peak with its copy of one row of
+    /// the inputs, plus every row's outputs twice (as each pass gives them, and stacked
+    /// into the pass's outputs).
+    pub fn row_by_row(&self, RowBytes { inputs, outputs }: RowBytes) -> Peak {
+        Peak {
+            steps: vec![Bilinear {
+                fixed: self.at(1, 1).saturating_add(inputs),
+                per_row: outputs.saturating_mul(2),
+                per_sample: 0,
+                per_row_sample: 0,
+            }],
+        }
+    }
+
     fn of(steps: impl IntoIterator<Item = Bilinear>) -> Peak {
         let mut kept: Vec<Bilinear> = vec![];
         for b in steps {
@@ -212,7 +227,9 @@ pub fn plan_peak(plan: &TypedSimplePlan, batch: Option<&Symbol>, samples: Option
                 bytes[input.node] = 0;
             }
             live += bytes[n];
-            steps.push(live);
+            // An unoptimised convolution (the graph onnxruntime runs, sized by tract's
+            // typed graph) builds its im2col buffer while it runs.
+            steps.push(live + im2col_bytes(node, &values)?);
             for &f in &freed_at[step] {
                 live -= bytes[f];
             }
@@ -331,38 +348,45 @@ impl ModelMemory {
     }
 }
 
-/// The sum, over every node output of the typed graph, of its bytes (with a convolution's
-/// im2col buffer): a bound that needs no knowledge of the schedule. It sizes passes that
-/// onnxruntime runs, whose memory planner and arena are its own, so tract's tensor lifetimes
-/// (`plan_peak`) do not describe them and no counting allocator here sees them.
-pub fn graph_sum(model: &TypedModel, batch: Option<&Symbol>, samples: Option<&Symbol>) -> TractResult<Peak> {
-    let at = |r: i64, s: i64| -> TractResult<i128> {
-        let values = symbol_values(model, batch, samples, r, s);
-        let mut total = 0i128;
-        for node in &model.nodes {
-            for output in &node.outputs {
-                let fact = &output.fact;
-                let elements = fact.shape.volume().eval_to_i64(&values)?;
-                total += elements as i128 * fact.datum_type.size_of() as i128;
-                // A convolution runs as a matrix product over its im2col buffer: every output
-                // position's receptive field, `C_in · prod(kernel)` values, which no node
-                // output shows (measured on digits_cnn: a third of the eval pass).
-                if let Some(conv) = node.op_as::<tract_onnx::tract_core::ops::cnn::Conv>() {
-                    let spec = &conv.pool_spec;
-                    let positions = elements as i128 / spec.output_channels.max(1) as i128;
-                    let field = spec.input_channels as i128 * spec.kernel_shape.iter().product::<usize>() as i128;
-                    total += positions * field * fact.datum_type.size_of() as i128;
-                }
+/// Bytes of one row of a graph's inputs and of its outputs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RowBytes {
+    pub inputs: u64,
+    pub outputs: u64,
+}
+
+impl RowBytes {
+    /// The graph's inputs and outputs at one row (every other symbol at 1).
+    pub fn of(model: &TypedModel, batch: &Symbol) -> TractResult<RowBytes> {
+        let values = symbol_values(model, Some(batch), None, 1, 1);
+        let bytes = |outlets: &[OutletId]| -> TractResult<u64> {
+            let mut total = 0u64;
+            for o in outlets {
+                let fact = model.outlet_fact(*o)?;
+                total += fact.shape.volume().eval_to_i64(&values)?.max(0) as u64 * fact.datum_type.size_of() as u64;
             }
-        }
-        Ok(total)
+            Ok(total)
+        };
+        Ok(RowBytes {
+            inputs: bytes(&model.inputs)?,
+            outputs: bytes(&model.outputs)?,
+        })
+    }
+}
+
+/// The im2col buffer of a convolution that is still one `Conv` op (an unoptimised graph):
+/// every output position's receptive field, `C_in · prod(kernel)` values, which no node
+/// output shows (measured on digits_cnn: a third of the eval pass). 0 for any other node.
+fn im2col_bytes(node: &TypedNode, values: &SymbolValues) -> TractResult<i128> {
+    let Some(conv) = node.op_as::<tract_onnx::tract_core::ops::cnn::Conv>() else {
+        return Ok(0);
     };
-    Ok(Peak::of([Bilinear::through(
-        at(1, 1)?,
-        at(2, 1)?,
-        at(1, 2)?,
-        at(2, 2)?,
-    )]))
+    let fact = &node.outputs[0].fact;
+    let elements = fact.shape.volume().eval_to_i64(values)? as i128;
+    let spec = &conv.pool_spec;
+    let positions = elements / spec.output_channels.max(1) as i128;
+    let field = spec.input_channels as i128 * spec.kernel_shape.iter().product::<usize>() as i128;
+    Ok(positions * field * fact.datum_type.size_of() as i128)
 }
 
 /// The batch symbol at `rows`, the samples symbol at `samples`, every other symbol at 1 (a

@@ -50,12 +50,25 @@ fn environment() -> Result<&'static Environment, String> {
     ENVIRONMENT
         .get_or_init(|| {
             let path = library()?;
+            let threads = crate::engine::cores::pass_threads();
             let loaded = std::panic::catch_unwind(|| {
-                ort::init_from(&path)
-                    .map_err(|e| e.to_string())?
-                    .with_name("mcd-serve")
-                    .build()
-                    .map_err(|e| e.to_string())
+                let builder = ort::init_from(&path).map_err(|e| e.to_string())?.with_name("mcd-serve");
+                // `--pass-threads` above 1: every session runs on one global intra-op pool
+                // of that many threads (the caller's included), so a pass that runs alone
+                // has every core, and passes that run together share the same threads
+                // instead of each bringing a pool (engine::cores). Spinning off: an idle
+                // pool must not burn the cores tract's passes need.
+                let builder = if threads > 1 {
+                    let pool = ort::environment::GlobalThreadPoolOptions::default()
+                        .with_intra_threads(threads)
+                        .and_then(|p| p.with_inter_threads(1))
+                        .and_then(|p| p.with_spin_control(false))
+                        .map_err(|e| e.to_string())?;
+                    builder.with_global_thread_pool(pool)
+                } else {
+                    builder
+                };
+                builder.build().map_err(|e| e.to_string())
             });
             let env = match loaded {
                 Ok(r) => r,
@@ -127,9 +140,10 @@ impl OrtGraph {
         let built = (|| -> ort::Result<Session> {
             Session::builder(env)?
                 .with_optimization_level(GraphOptimizationLevel::Level3)?
-                // One thread per pass, as tract: the server's workers are the parallelism,
-                // and ONNX Runtime's default (a spinning pool per session, one thread per
-                // core) would fight them for the cores.
+                // One thread per pass when there is no global pool (`--pass-threads 1`):
+                // the server's workers are the parallelism, and ONNX Runtime's default (a
+                // spinning pool per session, one thread per core) would fight them for the
+                // cores. With the global pool (see `environment`) this is not used.
                 .with_intra_threads(1)?
                 .with_intra_op_spinning(false)?
                 // ONNX Runtime logs every graph rewrite at info level (hundreds of lines

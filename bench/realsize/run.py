@@ -13,9 +13,9 @@ Method (bench/bench.py's, at a larger scale)
 - Each backend gets its own server process, started one after the other (not at once, so
   they do not slow each other's loading): `--models DIR --addr 127.0.0.1:PORT --grpc-addr=
   --backend B [--ort-lib L] --request-timeout-secs 600` (BERT-base MC-20 can take longer
-  than the default 30 s on a busy machine) --max-memory-bytes 4 GiB (at the default 512 MiB
-  the onnxruntime backend, which has no shared trunk, refuses DenseNet121 MC-20 of one row
-  with 413), every other setting the default (workers = cores). Load time: process start to `GET /health/ready` = 200
+  than the default 30 s on a busy machine), every other setting the default (workers =
+  cores, --max-memory-bytes 512 MiB, --pass-threads = cores) unless --server-arg says
+  otherwise. Load time: process start to `GET /health/ready` = 200
   (every model loaded and self-checked); per model, the server's log line for it when it
   has one. Memory: VmRSS / VmHWM of the server process from /proc, after load and at the end.
 - onnxruntime in-process ("ORT Python"): per model an eval session (default optimisations,
@@ -374,9 +374,8 @@ def main():
     ap.add_argument("--mc-rounds", type=int, default=3)
     ap.add_argument("--tp-seconds", type=float, default=6.0, help="seconds per throughput cell")
     ap.add_argument("--conns", default="1,4")
-    ap.add_argument("--max-memory-bytes", default=str(4 << 30),
-                    help="the servers' --max-memory-bytes (default 4 GiB: at the default 512 MiB the "
-                         "onnxruntime backend refuses DenseNet121 MC-20 of one row with 413)")
+    ap.add_argument("--max-memory-bytes", default=str(512 << 20),
+                    help="the servers' --max-memory-bytes (default: the server's own, 512 MiB)")
     ap.add_argument("--server-arg", action="append", default=[], help="extra server flag (repeatable)")
     ap.add_argument("--skip-python", action="store_true", help="leave ORT Python out")
     ap.add_argument("--out", default=str(HERE / "results.md"))

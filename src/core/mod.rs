@@ -105,8 +105,9 @@ pub fn check_version(model: &str, version: Option<&str>) -> Result<(), Error> {
 /// The body of a request, still in its protocol's form. Decoding runs on the worker
 /// pool, after admission: a 64 MiB JSON body is CPU work.
 pub trait Inputs: Send + 'static {
-    /// An upper bound on the request's rows, known before decoding: the admission cost.
-    fn rows_bound(&self) -> usize;
+    /// An upper bound on the request's rows, known before decoding: the admission cost and
+    /// the memory reserved before the body is decoded.
+    fn rows_bound(&self, model: &LoadedModel) -> usize;
     /// The model's inputs, in its input order.
     fn decode(self, model: &LoadedModel) -> Result<Vec<Tensor>, Error>;
 }
@@ -439,7 +440,7 @@ impl Core {
             }
         };
         // Read once: for a native body the bound is a scan of the whole body.
-        let rows_bound = request.inputs.rows_bound().max(1);
+        let rows_bound = request.inputs.rows_bound(&model).max(1);
         let admitted = self
             .admission
             .admit((rows_bound as u64).saturating_mul(samples as u64))?;

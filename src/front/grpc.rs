@@ -81,7 +81,7 @@ pub async fn health(
 struct GrpcInputs(Vec<WireTensor>);
 
 impl Inputs for GrpcInputs {
-    fn rows_bound(&self) -> usize {
+    fn rows_bound(&self, _: &LoadedModel) -> usize {
         rows_bound(self.0.iter().map(|t| t.shape.as_slice()))
     }
 

@@ -65,14 +65,51 @@ async fn predict_named(
 struct JsonBody(Bytes);
 
 impl Inputs for JsonBody {
-    fn rows_bound(&self) -> usize {
-        // Cheap upper bound before parsing: rows cannot outnumber '[' characters.
-        self.0.iter().filter(|&&b| b == b'[').count()
+    fn rows_bound(&self, model: &LoadedModel) -> usize {
+        // Cheap upper bounds before parsing: rows cannot outnumber '[' characters, nor the
+        // body's numbers divided by the numbers a row needs (a number is followed by a ',' or
+        // closes an array). The first alone counts an image's nested arrays: 677 "rows" for
+        // one 3x224x224 image, whose reservation then took the whole memory budget while it
+        // was decoded, and every concurrent request got 429.
+        let (mut brackets, mut commas) = (0usize, 0usize);
+        for &b in self.0.iter() {
+            match b {
+                b'[' => brackets += 1,
+                b',' => commas += 1,
+                _ => {}
+            }
+        }
+        let per_row = numbers_per_row(model);
+        brackets.min((commas + brackets) / per_row)
     }
 
     fn decode(self, model: &LoadedModel) -> Result<Vec<tract_onnx::prelude::Tensor>, Error> {
         parse_request(model, &self.0)
     }
+}
+
+/// The numbers one row of the model's inputs holds at least: the product of each input's
+/// fixed dimensions past the batch (a symbolic one counts as 1), over every input.
+fn numbers_per_row(model: &LoadedModel) -> usize {
+    use crate::core::view::Dim;
+    model
+        .inputs
+        .iter()
+        .map(|spec| {
+            let dims = if model.batch_symbol.is_some() {
+                &spec.shape[1..]
+            } else {
+                &spec.shape[..]
+            };
+            dims.iter()
+                .map(|d| match d {
+                    Dim::Fixed(n) => *n,
+                    Dim::Symbol(_) => 1,
+                })
+                .product::<usize>()
+        })
+        .sum::<usize>()
+        .max(1)
 }
 
 /// The query string's pairs, percent-decoded, as mode parameters (text values: the core
@@ -193,6 +230,39 @@ mod props {
                 return Err(TestCaseError::fail("not MC"));
             };
             prop_assert_eq!((mc.samples.bound(), mc.seed, mc.return_samples), (n, seed, ret));
+        }
+    }
+}
+
+#[cfg(test)]
+mod rows_bound_tests {
+    use super::*;
+    use crate::core::Inputs;
+
+    /// The bound before decoding is the rows, not the nested arrays of an image: three
+    /// 1x8x8 digits are 28 '[' (a bound of 28 rows reserved memory for 28); and it never
+    /// falls under the rows, with other numbers in the body or with named inputs.
+    #[test]
+    fn a_native_body_bounds_its_rows_by_its_numbers() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let model = crate::core::view::load_model("digits_cnn", &dir.join("digits_cnn.onnx")).unwrap();
+        let image = |v: f32| vec![vec![vec![v; 8]; 8]];
+        for rows in [1usize, 3, 7] {
+            let images: Vec<_> = (0..rows).map(|r| image(r as f32)).collect();
+            for body in [
+                serde_json::json!({ "inputs": images }),
+                serde_json::json!({ "inputs": { "image": images }, "note": [1, 2, 3] }),
+            ] {
+                let bytes = Bytes::from(serde_json::to_vec(&body).unwrap());
+                let brackets = bytes.iter().filter(|&&b| b == b'[').count();
+                let bound = JsonBody(bytes).rows_bound(&model);
+                // Commas between sibling arrays count too: over by at most the arrays a row
+                // holds per number (9 per 64 here).
+                assert!(
+                    bound >= rows && bound <= rows + rows.div_ceil(4) && bound < brackets,
+                    "{rows} rows: bound {bound} ({brackets} '[')"
+                );
+            }
         }
     }
 }

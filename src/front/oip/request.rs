@@ -254,7 +254,7 @@ fn boolean(v: &Value, what: &str) -> Result<bool, Error> {
 }
 
 impl Inputs for InferInputs {
-    fn rows_bound(&self) -> usize {
+    fn rows_bound(&self, _: &LoadedModel) -> usize {
         rows_bound(self.0.iter().map(|i| i.shape.as_slice()))
     }
 

@@ -1,4 +1,4 @@
-//! Plain tract: one ONNX file at a fixed batch size, optimised, run a few times.
+//! Plain tract, no mcd-serve: one ONNX file with a 3x224x224 image input, specialised to a fixed batch size, optimised and run a few times (`cargo run --release --example tract_batch -- FILE BATCH [RUNS]`, `DUMP=1` prints the plan). It reproduces tract 0.23.9 running DenseNet121 slower per row at batch 2 than at 1 (engine::row_passes).
 use std::time::Instant;
 use tract_onnx::prelude::*;
 

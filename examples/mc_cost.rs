@@ -6,20 +6,12 @@ use mcd_serve::engine::model::{LoadedModel, McSamples, ModelConfig};
 use tract_onnx::prelude::*;
 
 fn rows_of(m: &LoadedModel, rows: usize) -> mcd_serve::engine::model::InputRows {
-    use mcd_serve::engine::spec::Dim;
     let tensors = m
         .inputs
         .iter()
         .map(|spec| {
-            let shape: Vec<usize> = spec
-                .shape
-                .iter()
-                .map(|d| match d {
-                    Dim::Fixed(n) => *n,
-                    Dim::Symbol(s) if Some(s) == m.batch_symbol.as_ref() => rows,
-                    Dim::Symbol(_) => 128,
-                })
-                .collect();
+            // Any other symbol (a sequence length) at 128.
+            let shape = m.input_shape(spec, rows, |_| 128);
             let len: usize = shape.iter().product();
             let t =
                 Tensor::from_shape(&shape, &(0..len).map(|i| ((i % 17) as f32) / 17.0).collect::<Vec<_>>()).unwrap();

@@ -69,7 +69,7 @@ fn batch(m: &LoadedModel, rows: usize, salt: u64, dims: &HashMap<&str, usize>) -
         .inputs
         .iter()
         .map(|spec| {
-            let shape = input_shape(m, spec, rows, |s| dims.get(s).copied().unwrap_or(3));
+            let shape = m.input_shape(spec, rows, |s| dims.get(s).copied().unwrap_or(3));
             let n: usize = shape.iter().product();
             if spec.datum.is_float() {
                 let v: Vec<f32> = (0..n).map(|_| (next() * 2.0 - 1.0) as f32).collect();

@@ -144,7 +144,7 @@ fn random_rows(model: &LoadedModel, rows: usize) -> mcd_serve::engine::model::In
         .inputs
         .iter()
         .map(|spec| {
-            let shape = input_shape(model, spec, rows, |_| 1);
+            let shape = model.input_shape(spec, rows, |_| 1);
             if !spec.datum.is_float() {
                 return Tensor::zero_dt(spec.datum, &shape).unwrap();
             }

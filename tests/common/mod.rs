@@ -470,22 +470,3 @@ pub fn two_sided_z(alpha: f64) -> f64 {
     }
     0.5 * (lo + hi)
 }
-
-/// The shape of input `spec` of `m` for a batch of `rows` rows, its other symbols (a
-/// sequence length, say) at `other(name)`.
-pub fn input_shape(
-    m: &LoadedModel,
-    spec: &mcd_serve::engine::spec::TensorSpec,
-    rows: usize,
-    other: impl Fn(&str) -> usize,
-) -> Vec<usize> {
-    use mcd_serve::engine::spec::Dim;
-    spec.shape
-        .iter()
-        .map(|d| match d {
-            Dim::Fixed(n) => *n,
-            Dim::Symbol(s) if Some(s) == m.batch_symbol.as_ref() => rows,
-            Dim::Symbol(s) => other(s.as_str()),
-        })
-        .collect()
-}

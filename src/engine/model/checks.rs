@@ -83,15 +83,7 @@ impl LoadedModel {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let mut tensors = vec![];
         for spec in &self.inputs {
-            let shape: Vec<usize> = spec
-                .shape
-                .iter()
-                .map(|d| match d {
-                    Dim::Fixed(n) => *n,
-                    Dim::Symbol(s) if Some(s) == self.batch_symbol.as_ref() => rows,
-                    Dim::Symbol(s) => self.config.probe_dims.get(s).copied().unwrap_or(1),
-                })
-                .collect();
+            let shape = self.input_shape(spec, rows, |s| self.config.probe_dims.get(s).copied().unwrap_or(1));
             let len: usize = shape.iter().product();
             let floats: Vec<f32> = (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect();
             let t = Tensor::from_shape(&shape, &floats)?;

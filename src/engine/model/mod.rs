@@ -138,6 +138,29 @@ impl LoadedModel {
         }
     }
 
+    /// The shape of `spec`, one of this model's inputs, for a batch of `rows` rows, its
+    /// other symbols (a sequence length, say) at `other(name)`.
+    pub fn input_shape(&self, spec: &TensorSpec, rows: usize, other: impl Fn(&str) -> usize) -> Vec<usize> {
+        spec.shape
+            .iter()
+            .map(|d| match d {
+                Dim::Fixed(n) => *n,
+                Dim::Symbol(s) if Some(s) == self.batch_symbol.as_ref() => rows,
+                Dim::Symbol(s) => other(s),
+            })
+            .collect()
+    }
+
+    /// The values one row of the inputs holds at least: each input's elements at one row
+    /// with its other symbols at 1, summed.
+    pub fn input_values_per_row(&self) -> usize {
+        self.inputs
+            .iter()
+            .map(|spec| self.input_shape(spec, 1, |_| 1).iter().product::<usize>())
+            .sum::<usize>()
+            .max(1)
+    }
+
     pub fn mc_unavailable_reason(&self) -> Option<&str> {
         self.mc.as_ref().err().map(String::as_str)
     }

@@ -79,37 +79,12 @@ impl Inputs for JsonBody {
                 _ => {}
             }
         }
-        let per_row = numbers_per_row(model);
-        brackets.min((commas + brackets) / per_row)
+        brackets.min((commas + brackets) / model.input_values_per_row())
     }
 
     fn decode(self, model: &LoadedModel) -> Result<Vec<tract_onnx::prelude::Tensor>, Error> {
         parse_request(model, &self.0)
     }
-}
-
-/// The numbers one row of the model's inputs holds at least: the product of each input's
-/// fixed dimensions past the batch (a symbolic one counts as 1), over every input.
-fn numbers_per_row(model: &LoadedModel) -> usize {
-    use crate::core::view::Dim;
-    model
-        .inputs
-        .iter()
-        .map(|spec| {
-            let dims = if model.batch_symbol.is_some() {
-                &spec.shape[1..]
-            } else {
-                &spec.shape[..]
-            };
-            dims.iter()
-                .map(|d| match d {
-                    Dim::Fixed(n) => *n,
-                    Dim::Symbol(_) => 1,
-                })
-                .product::<usize>()
-        })
-        .sum::<usize>()
-        .max(1)
 }
 
 /// The query string's pairs, percent-decoded, as mode parameters (text values: the core

@@ -360,12 +360,11 @@ impl RowBytes {
     pub fn of(model: &TypedModel, batch: &Symbol) -> TractResult<RowBytes> {
         let values = symbol_values(model, Some(batch), None, 1, 1);
         let bytes = |outlets: &[OutletId]| -> TractResult<u64> {
-            let mut total = 0u64;
+            let mut total = 0i128;
             for o in outlets {
-                let fact = model.outlet_fact(*o)?;
-                total += fact.shape.volume().eval_to_i64(&values)?.max(0) as u64 * fact.datum_type.size_of() as u64;
+                total += fact_bytes(model.outlet_fact(*o)?, &values, false)?;
             }
-            Ok(total)
+            Ok(total.max(0) as u64)
         };
         Ok(RowBytes {
             inputs: bytes(&model.inputs)?,

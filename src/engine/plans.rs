@@ -69,8 +69,8 @@ pub struct Plans {
     /// A pass of several rows runs as one pass per row of the one-row plan
     /// ([`crate::engine::row_passes`]).
     row_by_row: bool,
-    /// Multiply-adds of one row of a pass (of one sample of a row, for a shared-trunk
-    /// graph: what each further sample adds); None when tract's cost model cannot say.
+    /// Multiply-adds of one row of a pass; None for a shared-trunk graph, or when tract's
+    /// cost model cannot say.
     row_fma: Option<u64>,
 }
 
@@ -92,22 +92,9 @@ impl Plans {
         // 548 MB from 9 KB). Sized by the file, DenseNet121 kept 16 plans of its 32 MB.
         let weights = weight_bytes(&typed).max(file_bytes);
         let capacity = (MEMORY_BUDGET_BYTES / (2 * weights.max(1))).min(MAX_SIZES as u64) as usize;
-        let row_fma = match &symbol {
-            None => None,
-            Some(b) => {
-                let one = |n: i64| -> TractResult<Option<u64>> {
-                    let mut values = HashMap::from([(b.clone(), TDim::Val(1))]);
-                    if let Some(s) = &samples {
-                        values.insert(s.clone(), TDim::Val(n));
-                    }
-                    row_passes::fma(&typed, &values)
-                };
-                match &samples {
-                    None => one(1)?,
-                    // What a second sample adds: the stochastic part of one sample-row.
-                    Some(_) => one(2)?.zip(one(1)?).map(|(two, one)| two.saturating_sub(one)),
-                }
-            }
+        let row_fma = match (&symbol, &samples) {
+            (Some(b), None) => row_passes::fma(&typed, &HashMap::from([(b.clone(), TDim::Val(1))]))?,
+            _ => None,
         };
         // Row by row needs the one-row plan, hence the per-size plans (a capacity).
         let row_by_row = match &symbol {
@@ -197,7 +184,7 @@ impl Plans {
     /// One pass of `rows` (times `samples`, for a shared-trunk graph; pass 1 otherwise) on
     /// this graph's backend: row by row when the graph is large ([`row_passes`]).
     pub fn run(&self, rows: usize, samples: usize, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        if self.row_by_row && rows > 1 && self.ort.is_none() {
+        if self.row_by_row && rows > 1 {
             let plan = self.get(1, 1)?;
             return cores::run_pass(true, || row_passes::run(rows, inputs, |row| run(&plan, row)));
         }
@@ -220,9 +207,24 @@ impl Plans {
         self.row_by_row
     }
 
-    /// Multiply-adds of one row (for a shared-trunk graph: of each further sample of a row).
+    /// Multiply-adds of one row (None for a shared-trunk graph).
     pub fn row_fma(&self) -> Option<u64> {
         self.row_fma
+    }
+
+    /// For a shared-trunk graph kept for per-size plans: the multiply-adds each further
+    /// sample of a row adds (its stochastic part), from tract's cost model at one row and
+    /// one and two samples. None otherwise, or when the cost model cannot say. Asked only
+    /// when the choice between this graph and the full one depends on it.
+    pub fn sample_fma(&self) -> TractResult<Option<u64>> {
+        let Some((typed, batch, Some(samples))) = &self.typed else {
+            return Ok(None);
+        };
+        let at = |n: i64| {
+            let values = HashMap::from([(batch.clone(), TDim::Val(1)), (samples.clone(), TDim::Val(n))]);
+            row_passes::fma(typed, &values)
+        };
+        Ok(at(2)?.zip(at(1)?).map(|(two, one)| two.saturating_sub(one)))
     }
 
     /// The tract plan a pass of this size runs, for the kernel audit; None on onnxruntime,

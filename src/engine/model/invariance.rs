@@ -70,23 +70,23 @@ impl LoadedModel {
                     .map(|v| v.iter().map(|x| x.to_bits()).collect())
                     .collect()
             };
-            // Passes of two samples would run the same one-row passes as one pass does.
-            if granularity == 1 && plan.batch.is_some() && !plan.plans.row_by_row() {
-                let one = stats(
-                    session
-                        .run_in_passes(probe, k, 7, false, k.get())
-                        .map_err(|e| anyhow::anyhow!("{e}"))?,
-                );
-                let two = stats(
-                    session
-                        .run_in_passes(probe, k, 7, false, 2)
-                        .map_err(|e| anyhow::anyhow!("{e}"))?,
-                );
-                if one != two {
-                    problems.push("MC samples drawn in passes of two differ from one pass".into());
-                }
-            }
             if granularity == 1 && plan.batch.is_some() {
+                // Passes of two samples would run the same one-row passes as one pass does.
+                if !plan.plans.row_by_row() {
+                    let one = stats(
+                        session
+                            .run_in_passes(probe, k, 7, false, k.get())
+                            .map_err(|e| anyhow::anyhow!("{e}"))?,
+                    );
+                    let two = stats(
+                        session
+                            .run_in_passes(probe, k, 7, false, 2)
+                            .map_err(|e| anyhow::anyhow!("{e}"))?,
+                    );
+                    if one != two {
+                        problems.push("MC samples drawn in passes of two differ from one pass".into());
+                    }
+                }
                 let parts = [rows(&[0])?, rows(&[1, 2])?];
                 let merged = session
                     .run_merged(

@@ -435,7 +435,8 @@ pub(super) fn build_mc(
     // per pass through the full graph.
     let shared = match shared {
         Ok((plans, ..))
-            if let (true, Some(row), Some(sample)) = (full.row_by_row(), full.row_fma(), plans.row_fma())
+            if full.row_by_row()
+                && let (Some(row), Ok(Some(sample))) = (full.row_fma(), plans.sample_fma())
                 && 2 * sample >= row =>
         {
             Err(format!(

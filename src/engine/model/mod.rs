@@ -100,9 +100,9 @@ impl InputRows {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Passes {
     /// `batched` or `row_by_row`.
-    pub eval: &'static str,
+    pub eval: PassMode,
     /// The same for MC passes; None without MC.
-    pub mc: Option<&'static str>,
+    pub mc: Option<PassMode>,
     /// One row's multiply-adds by tract's cost model (None where a dimension other than the
     /// batch is symbolic, or on onnxruntime).
     pub multiply_adds_per_row: Option<u64>,
@@ -130,7 +130,13 @@ impl LoadedModel {
     /// How a pass of several rows runs: in one batched pass, or row by row
     /// ([`crate::engine::row_passes`]); for the model's metadata.
     pub fn passes(&self) -> Passes {
-        let shape = |row_by_row: bool| if row_by_row { "row_by_row" } else { "batched" };
+        let shape = |row_by_row: bool| {
+            if row_by_row {
+                PassMode::RowByRow
+            } else {
+                PassMode::Batched
+            }
+        };
         Passes {
             eval: shape(self.eval.plans.row_by_row()),
             mc: self.mc.as_ref().ok().map(|p| shape(p.plans.row_by_row())),

@@ -52,7 +52,7 @@ def quantity_bytes(q):
 # The pod memory rule (README, Memory; docs/deploy.md): the limit holds the request budget,
 # the idle process with request bodies and allocator slack (BASE_BYTES), and the models as
 # they load, LOAD_FACTOR times their files' bytes. Measured load peaks on tract (AMD EPYC
-# Zen 4), whole process: BERT-base 1,475 MiB for 438 MB of files (3.4x), ResNet-50 552 MiB
+# Zen 4, AVX-512), whole process: BERT-base 1,475 MiB for 438 MB of files (3.4x), ResNet-50 552 MiB
 # for 94 MB, DenseNet121 215 MiB for 29 MB; models load one after another.
 LOAD_FACTOR = 4
 BASE_BYTES = 256 << 20

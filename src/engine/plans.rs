@@ -150,8 +150,8 @@ impl Plans {
         let symbol = batch_symbol.and_then(|s| typed.symbols.get(s));
         // onnxruntime plans its memory by tensor lifetimes too; tract's unoptimised graph,
         // in its order, has at least the tensors onnxruntime's optimised one keeps
-        // (measured on DenseNet121 and ResNet-50: resident memory grew by at most 39 MB
-        // over an MC-20 or an 8-row eval, under this estimate; README, Memory).
+        // (measured on DenseNet121 and ResNet-50: peak resident memory grew by at most
+        // 45 MiB over an MC-20 or an 8-row eval, under this estimate; README, Memory).
         let symbols = typed.symbols.clone();
         let bytes = footprint::plan_peak(&*typed.into_runnable()?, symbol.as_ref(), None)?;
         Ok(Plans {

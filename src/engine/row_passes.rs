@@ -6,7 +6,7 @@
 //! a lazy im2col; at more rows tract folds the batch into the product's rows, which costs
 //! two transposes per convolution, materialises every im2col, and leaves the BatchNorm and
 //! ReLU unfused (tract 0.23.9, DenseNet121 at 224x224: 761 plan nodes at one row, 1,066 at
-//! two, with 122 `MoveAxis`). Measured on one core (AMD EPYC Zen 4): DenseNet121 eval takes
+//! two, with 122 `MoveAxis`). Measured on one core (AMD EPYC Zen 4, AVX-512): DenseNet121 eval takes
 //! 87 ms at one row and 252 ms per row at two (280 ms per row at 20), so an MC-20 of one
 //! image took 6.8 s as one pass of 20 rows and takes 20 passes of one row in about 1.9 s.
 //!
@@ -27,9 +27,11 @@ use std::collections::HashMap;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::Cost;
 
-/// One row's multiply-adds from which a graph runs row by row: 20 million, about 2 ms of
-/// one core. The bundled models are far below (digits_cnn: under 1 M); the real-size set
-/// far above (ResNet-50 4.1 G, DenseNet121 2.9 G, BERT-base at 128 tokens 11 G).
+/// One row's multiply-adds from which a graph runs row by row: 20 million, under a
+/// millisecond of one core at DenseNet121's pace (2.8 G in 87 ms). The bundled models are
+/// far below (digits_cnn: 0.1 M); the real-size image models far above (ResNet-50 4.1 G,
+/// DenseNet121 2.8 G). BERT-base's cost stays symbolic in its sequence length, so it is
+/// never counted and stays batched.
 pub const ROW_BY_ROW_FMA: u64 = 20_000_000;
 
 /// Multiply-adds of one pass of `typed` with its symbols at `values`, by tract's cost
